@@ -1,0 +1,23 @@
+"""All Numba compile options live here, so every kernel is built the same way."""
+
+import numba
+
+# No "nnan"/"ninf": -inf logits (masked classes) and NaN propagation must keep their
+# IEEE meaning. "reassoc" lets LLVM reorder the row sums (each row is still summed by
+# one thread in a fixed order, so results do not depend on the thread count);
+# "contract" allows FMA; "nsz"/"arcp" are harmless here.
+FASTMATH = frozenset({"nsz", "arcp", "contract", "reassoc"})
+
+# error_model="numpy": x / 0 gives inf/NaN instead of raising, which keeps exception
+# checks out of the inner loops. nogil: callers may run us from several threads.
+OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
+
+
+def jit(fn):
+    """A serial helper or kernel."""
+    return numba.njit(**OPTIONS)(fn)
+
+
+def parallel(fn):
+    """A kernel whose prange loop is spread over Numba's thread pool."""
+    return numba.njit(parallel=True, **OPTIONS)(fn)

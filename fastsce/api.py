@@ -1,0 +1,113 @@
+"""Public API: validate, normalise, dispatch to the fused kernels, reduce."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from fastsce import _kernels
+from fastsce._validate import Problem, check_labels, check_out, check_problem
+
+__all__ = ["cross_entropy", "cross_entropy_with_grad"]
+
+# Numba's default "workqueue" thread pool aborts on concurrent launches from several
+# Python threads. Each call already uses every core, so serialising launches costs nothing.
+_launch_lock = threading.Lock()
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """Softmax cross-entropy loss of a batch of logits, with PyTorch's semantics.
+
+    Parameters
+    ----------
+    logits : (N, K) float32 or float64 array
+        Unnormalised scores. C-contiguous is the fast path; other layouts are copied once.
+        ``-inf`` marks a masked class.
+    target : (N,) integer array of class indices, or (N, K) float array of probabilities
+        Told apart by shape, as in ``torch.nn.functional.cross_entropy``. Probabilities
+        of another float dtype are converted to the logits' dtype.
+    weight : (K,) array, optional
+        Non-negative, finite per-class weights (converted to the logits' dtype).
+    ignore_index : int
+        Rows whose class index equals this contribute nothing. As in PyTorch, only the
+        default -100 is accepted with probability targets.
+    reduction : {"mean", "sum", "none"}
+        "mean" divides by the summed weight of the counted rows (N for probabilities).
+    label_smoothing : float in [0, 1]
+        Mixes the target with the uniform distribution over the K classes.
+
+    Returns
+    -------
+    loss : scalar of the logits' dtype, or (N,) array for ``reduction="none"``.
+
+    Only the loss is computed: no gradient is formed or written.
+    """
+    problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
+    check_labels(problem)
+    return _run(problem, grad=None)
+
+
+def cross_entropy_with_grad(
+    logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, out=None
+):
+    """Loss and its gradient with respect to the logits, in one fused pass per row.
+
+    Takes the arguments of :func:`cross_entropy`, plus:
+
+    out : (N, K) C-contiguous writeable array of the logits' dtype, optional
+        Where to write the gradient. ``out=logits`` computes it in place, overwriting
+        the logits and allocating no second (N, K) buffer.
+
+    Returns
+    -------
+    (loss, grad) : ``grad`` has the logits' shape and dtype (it is ``out`` when given).
+        For ``reduction="none"`` row n of ``grad`` is the gradient of row n's loss.
+    """
+    problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
+    check_labels(problem)
+    if out is None:
+        out = np.empty(problem.shape, problem.logits.dtype)
+    else:
+        check_out(out, problem)
+    return _run(problem, grad=out), out
+
+
+def _run(problem: Problem, grad: np.ndarray | None):
+    n, k = problem.shape
+    z = np.ascontiguousarray(problem.logits)  # no copy on the fast path (and for out=logits)
+    dtype = z.dtype
+    w = np.ones(k, dtype) if problem.weight is None else problem.weight
+    eps = problem.label_smoothing
+    row_loss = np.empty(n, np.float64)
+
+    if problem.soft:
+        denominator = float(n)
+    else:
+        denominator = _kernels.counted_weight(problem.target, problem.ignore_index, w)
+    if problem.reduction == "mean":
+        scale = 1.0 / denominator if denominator else np.nan  # 0 / 0, as PyTorch
+    else:
+        scale = 1.0
+
+    with _launch_lock:
+        if problem.soft:
+            t = np.ascontiguousarray(problem.target)
+            if grad is None:
+                _kernels.soft_loss(z, t, w, eps, row_loss)
+            else:
+                _kernels.soft_loss_grad(z, t, w, eps, scale, row_loss, grad)
+        else:
+            w_sum = float(w.sum(dtype=np.float64))
+            args = (z, problem.target, problem.ignore_index, w, w_sum, eps)
+            if grad is None:
+                _kernels.hard_loss(*args, row_loss)
+            else:
+                _kernels.hard_loss_grad(*args, scale, row_loss, grad)
+
+    if problem.reduction == "none":
+        return row_loss.astype(dtype)
+    total = row_loss.sum()  # serial and in float64: the same bits for any thread count
+    if problem.reduction == "sum":
+        return dtype.type(total)
+    return dtype.type(total / denominator if denominator else np.nan)
