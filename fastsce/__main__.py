@@ -1,0 +1,78 @@
+"""``python -m fastsce``: run the fused kernel and the NumPy reference on a synthetic
+batch, check that they agree, and print the time of each and the speed ratio."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastsce", description=__doc__)
+    parser.add_argument("--rows", "-n", type=int, default=8192, help="batch size N (default 8192)")
+    parser.add_argument("--classes", "-k", type=int, default=1000, help="number of classes K (default 1000)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (default 10)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.rows < 1 or args.classes < 1 or args.repeat < 1:
+        parser.error("--rows, --classes and --repeat must be positive")
+
+    import numba
+
+    import fastsce
+    from fastsce import reference
+
+    rng = np.random.default_rng(args.seed)
+    dtype = np.dtype(args.dtype)
+    n, k = args.rows, args.classes
+    logits = (3 * rng.standard_normal((n, k))).astype(dtype)
+    target = rng.integers(0, k, n)
+    print(
+        f"fastsce {fastsce.__version__} (numba {numba.__version__}, numpy {np.__version__}, "
+        f"{numba.get_num_threads()} threads): {n} x {k} {dtype} logits, integer targets, mean"
+    )
+
+    t0 = time.perf_counter()
+    loss, grad = fastsce.cross_entropy_with_grad(logits, target)
+    t_first = time.perf_counter() - t0
+    ref_loss, ref_grad = reference.cross_entropy_with_grad(logits, target)
+
+    tol = reference.TOLERANCE[dtype]
+    loss_ok = np.allclose(loss, ref_loss, **tol)
+    grad_ok = np.allclose(grad, ref_grad, **tol)
+    print(f"loss: fastsce {float(loss):.9g}, reference {float(ref_loss):.9g}")
+    print(
+        f"max |grad - reference grad| = {np.max(np.abs(grad - ref_grad)):.3g} "
+        f"(tolerance rtol={tol['rtol']:g}, atol={tol['atol']:g})"
+    )
+
+    out = np.empty_like(logits)
+    t_fast = _median_time(lambda: fastsce.cross_entropy_with_grad(logits, target, out=out), args.repeat)
+    t_ref = _median_time(lambda: reference.cross_entropy_with_grad(logits, target), args.repeat)
+    print(f"first call (compiles, or loads the on-disk cache): {t_first:.2f} s")
+    print(f"median of {args.repeat} calls, loss + gradient:")
+    print(f"  fastsce    {t_fast * 1e3:9.3f} ms")
+    print(f"  reference  {t_ref * 1e3:9.3f} ms")
+    print(f"  fastsce is {t_ref / t_fast:.1f}x faster than the NumPy reference")
+    if loss_ok and grad_ok:
+        print("OK: fastsce agrees with the reference")
+        return 0
+    print("MISMATCH: fastsce disagrees with the reference", file=sys.stderr)
+    return 1
+
+
+def _median_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
