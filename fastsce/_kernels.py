@@ -25,6 +25,14 @@ from fastsce._jit import jit, parallel
 
 
 @jit
+def _times(w, x):
+    """w * x with 0 * inf = 0: a zero weight removes a -inf log-probability; NaN stays NaN."""
+    if w == 0 and math.isinf(x):
+        return 0.0
+    return w * x
+
+
+@jit
 def _row_max(z):
     # NaN never wins a comparison, but a NaN logit still makes exp(z - m) NaN below.
     m = z[0]
@@ -58,15 +66,14 @@ def _weighted_shift_sum(z, w, m):
     """sum_j w_j (z_j - m), a term with w_j = 0 adding 0 even where z_j = -inf."""
     s = 0.0
     for j in range(z.size):
-        if w[j] != 0:
-            s += w[j] * (z[j] - m)
+        s += _times(w[j], z[j] - m)
     return s
 
 
 @jit
 def _hard_row_loss(k, w_y, zy_shift, log_s, w_sum, w_shift_sum, eps):
     """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), with lse - z = log_s - (z - m)."""
-    loss = w_y * (log_s - zy_shift)
+    loss = _times(w_y, log_s - zy_shift)
     if eps > 0:
         loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift_sum)
     return loss
@@ -146,8 +153,7 @@ def _soft_row(zi, ti, w, m, c1, c0, gi, store):
         s += e
         wt = w[j] * (c1 * ti[j] + c0)
         a += wt
-        if wt != 0:  # a zero target probability adds nothing, even where z_j = -inf
-            b += wt * d
+        b += _times(wt, d)  # a zero target probability adds nothing, even where z_j = -inf
     return s, a, b
 
 

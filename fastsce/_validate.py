@@ -27,6 +27,7 @@ class Problem:
     ignore_index: int
     reduction: str
     label_smoothing: float
+    given: dict  # the user's target and weight arrays before conversion, for overlap checks
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -35,9 +36,9 @@ class Problem:
 
 def check_problem(logits, target, weight, ignore_index, reduction, label_smoothing) -> Problem:
     logits = _check_logits(logits)
-    n, k = logits.shape
-    target, soft = _check_target(target, logits)
-    weight = _check_weight(weight, logits)
+    given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
+    target, soft = _check_target(given["target"], logits)
+    weight = _check_weight(given["weight"], logits)
     ignore_index = _check_ignore_index(ignore_index)
     if soft and ignore_index != -100:  # as PyTorch: probabilities have no class to ignore
         raise ValueError(
@@ -47,7 +48,7 @@ def check_problem(logits, target, weight, ignore_index, reduction, label_smoothi
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
     label_smoothing = _check_label_smoothing(label_smoothing)
-    return Problem(logits, target, soft, weight, ignore_index, reduction, label_smoothing)
+    return Problem(logits, target, soft, weight, ignore_index, reduction, label_smoothing, given)
 
 
 def check_labels(problem: Problem) -> None:
@@ -88,7 +89,7 @@ def check_out(out, problem: Problem) -> np.ndarray:
     in_place = _same_memory(out, logits)
     if not in_place and np.shares_memory(out, logits):
         raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
-    for name, arr in (("target", problem.target), ("weight", problem.weight)):
+    for name, arr in problem.given.items():
         if arr is not None and np.shares_memory(out, arr):
             raise ValueError(f"out overlaps {name}; pass a separate array as out")
     return out
@@ -170,6 +171,9 @@ def _check_weight(weight, logits: np.ndarray) -> np.ndarray | None:
 def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an integer; got {ignore_index!r}")
+    info = np.iinfo(np.int64)
+    if not info.min <= ignore_index <= info.max:
+        raise ValueError(f"ignore_index must fit in a 64-bit integer; got {ignore_index!r}")
     return int(ignore_index)
 
 

@@ -105,9 +105,10 @@ def _run(problem: Problem, grad: np.ndarray | None):
             else:
                 _kernels.hard_loss_grad(*args, scale, row_loss, grad)
 
-    if problem.reduction == "none":
-        return row_loss.astype(dtype)
-    total = row_loss.sum()  # serial and in float64: the same bits for any thread count
-    if problem.reduction == "sum":
-        return dtype.type(total)
-    return dtype.type(total / denominator if denominator else np.nan)
+    with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
+        if problem.reduction == "none":
+            return row_loss.astype(dtype)
+        total = row_loss.sum()  # serial and in float64: the same bits for any thread count
+        if problem.reduction == "sum":
+            return dtype.type(total)
+        return dtype.type(total / denominator if denominator else np.nan)

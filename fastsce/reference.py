@@ -50,9 +50,10 @@ def cross_entropy_with_grad(
 
 
 def _times(a, b):
-    """a * b with the convention 0 * inf = 0 (a zero weight or probability removes the term)."""
+    """a * b with 0 * inf = 0: a zero weight or probability removes a -inf log-probability
+    (as in scipy.special.xlogy). NaN stays NaN."""
     with np.errstate(invalid="ignore"):
-        return np.where(a == 0, 0, a * b)
+        return np.where((a == 0) & np.isinf(b), 0, a * b)
 
 
 def _solve(problem: Problem, want_grad: bool):
