@@ -1,0 +1,258 @@
+"""Bad arguments: the right exception, a message naming the culprit, the same from the fast
+API and the reference, and no input array touched (for successful calls too)."""
+
+import numpy as np
+import pytest
+
+from _cases import IMPLS, assert_close, assert_unchanged, make_logits, make_probs, snapshot
+
+N, K = 4, 3
+FUNCTIONS = ("cross_entropy", "cross_entropy_with_grad")
+
+
+def logits(dtype=np.float64, shape=(N, K)):
+    return make_logits(np.random.default_rng(0), *shape, dtype=dtype)
+
+
+def labels(*values, dtype=np.int64):
+    return np.array(values or (0, 2, 1, 0), dtype)
+
+
+def probs(dtype=np.float64):
+    return make_probs(np.random.default_rng(1), N, K, dtype)
+
+
+def read_only(a):
+    a.flags.writeable = False
+    return a
+
+
+def out_overlapping_target():
+    """An (N, K) float64 out whose last N elements are the int64 class-index target."""
+    buf = np.zeros(N * K * 8, np.uint8)
+    out = buf.view(np.float64).reshape(N, K)
+    target = buf[(N * K - N) * 8 :].view(np.int64)
+    target[:] = labels()
+    return logits(), target, dict(out=out)
+
+
+def out_overlapping_int32_target():
+    """As above with an int32 target, which the API converts: the user's array is what counts."""
+    buf = np.zeros(N * K * 8, np.uint8)
+    out = buf.view(np.float64).reshape(N, K)
+    target = buf[N * K * 8 - N * 4 :].view(np.int32)
+    target[:] = labels()
+    return logits(), target, dict(out=out)
+
+
+def out_overlapping_logits():
+    buf = logits(shape=(N + 1, K))
+    return buf[:N], labels(), dict(out=buf[1:])
+
+
+def out_is_soft_target():
+    t = probs()
+    return logits(), t, dict(out=t)
+
+
+def out_is_weight_row():
+    out = np.ones((N, K))
+    return logits(), labels(), dict(weight=out[0], out=out)
+
+
+def bad(exc, fragments, build, id):
+    """One bad call: build() -> (logits, target, kwargs); fragments must all be in the message."""
+    return pytest.param(exc, fragments, build, id=id)
+
+
+def options(**kwargs):
+    """A builder: good logits and class indices, the given keyword arguments."""
+    return lambda: (logits(), labels(), dict(kwargs))
+
+
+def targets(target):
+    """A builder: good logits, the given target."""
+    return lambda: (logits(), target, {})
+
+
+BAD = [
+    # class indices outside [0, K) that are not ignore_index: IndexError naming the first
+    bad(IndexError, ["target[1] = 3", "K=3"], targets(labels(0, 3, 1, 5)), "label-eq-K"),
+    bad(IndexError, ["target[2] = -1"], targets(labels(0, 1, -1, 2)), "label-negative"),
+    bad(IndexError, ["target[3] = 7"], targets(labels(0, 1, 2, 7, dtype=np.int32)), "label-int32"),
+    bad(
+        IndexError,
+        ["target[1] = -100", "ignore_index=1"],
+        lambda: (logits(), labels(0, -100, 1, 2), dict(ignore_index=1)),
+        "label-minus100-not-ignored",
+    ),
+    bad(
+        IndexError,
+        ["target[1] = 18446744073709551615"],
+        targets(labels(0, 2**64 - 1, 1, 0, dtype=np.uint64)),
+        "label-uint64-max",
+    ),
+    # shape mismatches: ValueError naming both shapes
+    bad(ValueError, ["(5,)", "(4, 3)"], targets(labels(0, 1, 2, 0, 1)), "target-too-long"),
+    bad(ValueError, ["(4, 1)", "(4, 3)"], targets(labels()[:, None]), "target-column"),
+    bad(ValueError, ["(4, 4)", "(4, 3)"], targets(np.full((N, 4), 0.25)), "soft-target-wrong-K"),
+    bad(ValueError, ["()", "(4, 3)"], targets(np.int64(0)), "target-scalar"),
+    bad(ValueError, ["(2,)", "(4, 3)"], options(weight=np.ones(2)), "weight-short"),
+    bad(ValueError, ["(1, 3)", "(4, 3)"], options(weight=np.ones((1, K))), "weight-2d"),
+    bad(ValueError, ["(3, 3)", "(4, 3)"], options(out=np.empty((3, K))), "out-shape"),
+    # logits of a non-float32/64 dtype: TypeError naming the dtype
+    *[
+        bad(TypeError, ["logits", dtype], lambda dtype=dtype: (logits().astype(dtype), labels(), {}), f"logits-{dtype}")
+        for dtype in ("int32", "int64", "bool", "complex64", "complex128", "float16")
+    ],
+    # target dtypes
+    bad(TypeError, ["int64", "float"], targets(np.ones((N, K), np.int64)), "soft-target-int"),
+    bad(TypeError, ["bool"], targets(np.ones((N, K), bool)), "soft-target-bool"),
+    bad(TypeError, ["float64", "integer"], targets(labels().astype(np.float64)), "index-target-float"),
+    bad(TypeError, ["bool", "integer"], targets(labels().astype(bool)), "index-target-bool"),
+    # weights
+    bad(ValueError, ["weight[1]", "-0.5"], options(weight=[1.0, -0.5, 1.0]), "weight-negative"),
+    bad(ValueError, ["weight[2]", "nan"], options(weight=[1.0, 1.0, np.nan]), "weight-nan"),
+    bad(ValueError, ["weight[0]", "inf"], options(weight=[np.inf, 1.0, 1.0]), "weight-inf"),
+    bad(ValueError, ["weight[1]", "-inf"], options(weight=[1.0, -np.inf, 1.0]), "weight-minus-inf"),
+    bad(TypeError, ["weight", "complex"], options(weight=np.ones(K, complex)), "weight-complex"),
+    # out
+    bad(ValueError, ["float32", "float64"], options(out=np.empty((N, K), np.float32)), "out-dtype"),
+    bad(ValueError, ["C-contiguous"], options(out=np.empty((N, K), order="F")), "out-fortran"),
+    bad(ValueError, ["C-contiguous"], options(out=np.empty((N, 2 * K))[:, ::2]), "out-strided"),
+    bad(ValueError, ["read-only"], options(out=read_only(np.empty((N, K)))), "out-read-only"),
+    bad(ValueError, ["numpy.ndarray", "list"], options(out=[[0.0] * K] * N), "out-list"),
+    bad(ValueError, ["overlaps target"], out_overlapping_target, "out-overlaps-index-target"),
+    bad(ValueError, ["overlaps target"], out_overlapping_int32_target, "out-overlaps-int32-target"),
+    bad(ValueError, ["overlaps target"], out_is_soft_target, "out-is-soft-target"),
+    bad(ValueError, ["overlaps weight"], out_is_weight_row, "out-overlaps-weight"),
+    bad(ValueError, ["overlaps logits"], out_overlapping_logits, "out-partially-overlaps-logits"),
+    # reduction, label_smoothing, ignore_index
+    *[
+        bad(ValueError, ["reduction", repr(r)], options(reduction=r), f"reduction-{r}")
+        for r in ("avg", "MEAN", None, 1)
+    ],
+    *[
+        bad(ValueError, ["label_smoothing", repr(eps)], options(label_smoothing=eps), f"smoothing-{eps}")
+        for eps in (-0.1, 1.0000001, 2.0, np.nan, np.inf)
+    ],
+    *[
+        bad(TypeError, ["label_smoothing", repr(eps)], options(label_smoothing=eps), f"smoothing-{eps!r}")
+        for eps in ("0.1", None, [0.1], True)
+    ],
+    *[
+        bad(TypeError, ["ignore_index", repr(ii)], options(ignore_index=ii), f"ignore-index-{ii!r}")
+        for ii in ("1", 1.0, None, True)
+    ],
+    # logits rank and K = 0: ValueError with the shape
+    bad(ValueError, ["2-D", "(3,)"], lambda: (logits(shape=(1, K))[0], labels(0), {}), "logits-1d"),
+    bad(ValueError, ["2-D", "(2, 3, 4)"], lambda: (np.zeros((2, 3, 4)), labels(0, 1), {}), "logits-3d"),
+    bad(ValueError, ["2-D", "()"], lambda: (np.float64(1.0), labels(0), {}), "logits-0d"),
+    bad(ValueError, ["(4, 0)"], lambda: (np.zeros((N, 0)), labels(), {}), "K-0"),
+    # probability targets have no class to ignore
+    *[
+        bad(ValueError, [f"ignore_index={ii}"], lambda i=ii: (logits(), probs(), dict(ignore_index=i)), f"soft-ii{ii}")
+        for ii in (1, -1, 0)
+    ],
+]
+
+
+def calls(kwargs):
+    """(implementation, function name) pairs that accept kwargs (out only with the gradient)."""
+    return [(impl, fn) for impl in IMPLS for fn in FUNCTIONS if fn == "cross_entropy_with_grad" or "out" not in kwargs]
+
+
+@pytest.mark.parametrize("exc, fragments, build", BAD)
+def test_bad_input_raises_the_same_error_everywhere(exc, fragments, build):
+    messages = {}
+    for impl, fn in calls(build()[2]):
+        z, t, kwargs = build()
+        before = snapshot(z, t, *kwargs.values())
+        with pytest.raises(Exception) as info:
+            getattr(IMPLS[impl], fn)(z, t, **kwargs)
+        assert type(info.value) is exc, f"{impl}.{fn} raised {info.value!r}"
+        for fragment in fragments:
+            assert fragment in str(info.value), f"{impl}.{fn}: {fragment!r} not in {str(info.value)!r}"
+        assert_unchanged(before)
+        messages[impl, fn] = str(info.value)
+    assert len(set(messages.values())) == 1, messages
+
+
+@pytest.mark.parametrize("ignore_index", (2**63, 2**64, -(2**63) - 1), ids=("2^63", "2^64", "-2^63-1"))
+def test_ignore_index_outside_int64_is_handled_alike(ignore_index):
+    """No int64 class index equals such an ignore_index (PyTorch rejects it with ValueError).
+
+    Either every implementation rejects it with the same TypeError/ValueError naming
+    ignore_index, or every one accepts it and ignores no row (= the default -100 here).
+    """
+    outcomes = {}
+    for impl, fn in calls({}):
+        call = getattr(IMPLS[impl], fn)
+        try:
+            result = call(logits(), labels(), ignore_index=ignore_index)
+        except Exception as e:  # whatever happens is compared below
+            outcomes[impl, fn] = f"{type(e).__name__}: {str(e)[:200]}"
+        else:
+            outcomes[impl, fn] = "returned"
+            expected = call(logits(), labels())
+            if fn == "cross_entropy":
+                result, expected = (result,), (expected,)
+            for got, want in zip(result, expected, strict=True):
+                assert_close(got, want)
+    kinds = {outcome.split(":")[0] for outcome in outcomes.values()}
+    assert len(kinds) == 1, outcomes
+    assert kinds <= {"returned", "TypeError", "ValueError"}, outcomes
+    assert all(o == "returned" or "ignore_index" in o for o in outcomes.values()), outcomes
+
+
+# --- accepted inputs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("logits_dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("target_dtype", (np.float16, np.float32, np.float64), ids=("t16", "t32", "t64"))
+def test_soft_targets_of_another_float_dtype_are_converted(impl, logits_dtype, target_dtype):
+    z, t = logits(logits_dtype), probs(target_dtype)
+    before = snapshot(z, t)
+    for fn in FUNCTIONS:
+        got = getattr(IMPLS[impl], fn)(z, t, label_smoothing=0.1)
+        want = getattr(IMPLS[impl], fn)(z, t.astype(logits_dtype), label_smoothing=0.1)
+        if fn == "cross_entropy":
+            got, want = (got,), (want,)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b, strict=True)
+    assert_unchanged(before)
+
+
+def fortran(a):
+    return np.asfortranarray(a)
+
+
+VALID = {
+    "int64": lambda: (logits(), labels(), {}),
+    "int32-strided": lambda: (logits(), labels(0, 9, 2, 9, 1, 9, 0, 9, dtype=np.int32)[::2], {}),
+    "uint8": lambda: (logits(), labels(dtype=np.uint8), {}),
+    "ignore-in": lambda: (logits(), labels(0, 1, 1, 2), dict(ignore_index=1, reduction="none")),
+    "weight-int": lambda: (logits(), labels(), dict(weight=np.array([1, 0, 3]))),
+    "weight-f32-smoothing": lambda: (logits(), labels(), dict(weight=np.ones(K, np.float32), label_smoothing=0.2)),
+    "soft": lambda: (logits(), probs(), dict(reduction="sum")),
+    "soft-f32-for-f64": lambda: (logits(), probs(np.float32), {}),
+    "soft-fortran": lambda: (fortran(logits(np.float32)), fortran(probs(np.float32)), dict(weight=[1.0, 2.0, 3.0])),
+    "transposed-logits": lambda: (logits(shape=(K, N)).T, labels(), dict(reduction="none")),
+}
+
+
+@pytest.mark.parametrize(
+    "fn, use_out",
+    [(fn, False) for fn in FUNCTIONS] + [("cross_entropy_with_grad", True)],
+    ids=(*FUNCTIONS, "cross_entropy_with_grad-out"),
+)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", VALID)
+def test_successful_calls_leave_inputs_untouched(name, impl, fn, use_out):
+    z, t, kwargs = VALID[name]()
+    before = snapshot(z, t, *kwargs.values())
+    if use_out:
+        kwargs["out"] = np.full(z.shape, np.nan, z.dtype)
+    getattr(IMPLS[impl], fn)(z, t, **kwargs)
+    assert_unchanged(before)

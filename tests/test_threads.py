@@ -1,0 +1,50 @@
+"""Concurrent calls from several Python threads give the results of serial calls, bit for bit."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from _cases import DTYPES, IMPLS, REDUCTIONS, make_case
+
+fast = IMPLS["fast"]
+N_CALLS = 32
+N_WORKERS = 4
+ROUNDS = 3  # each round a fresh pool, so the interleavings differ
+
+
+def cases():
+    """32 different problems: every dtype, reduction, target kind, with and without out=."""
+    result = []
+    for i in range(N_CALLS):
+        case = make_case(
+            (200, 37, 1, 500)[i % 4],
+            (300, 1000, 7, 64)[i // 4 % 4],
+            DTYPES[i % 2],
+            soft=i % 3 == 0,
+            weighted=i % 5 < 3,
+            ignore_index=-100 if i % 3 == 0 or i % 4 else 1,
+            label_smoothing=(0.0, 0.1)[i // 2 % 2],
+            reduction=REDUCTIONS[i % 3],
+            seed=i,
+        )
+        result.append((case, i % 4 == 1))
+    return result
+
+
+def run(case, use_out):
+    """Loss only, then loss and gradient (into a fresh out= buffer for some calls)."""
+    out = np.empty_like(case.logits) if use_out else None
+    loss_only = case.loss(fast)
+    loss, grad = case.loss_grad(fast, out=out)
+    return loss_only, loss, grad
+
+
+def test_concurrent_calls_match_serial_calls_bitwise():
+    work = cases()
+    serial = [run(case, use_out) for case, use_out in work]
+    for _ in range(ROUNDS):
+        with ThreadPoolExecutor(max_workers=N_WORKERS) as pool:
+            concurrent = list(pool.map(lambda item: run(*item), work))
+        for i, (got, want) in enumerate(zip(concurrent, serial, strict=True)):
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, b, strict=True, err_msg=f"call {i}")
