@@ -8,6 +8,10 @@ import numba
 # FMA; "nsz"/"arcp" are harmless here.
 FASTMATH = frozenset({"nsz", "arcp", "contract"})
 
+# Loop helpers that only sum or take maxima may let LLVM reorder those into vector lanes.
+# They hold no loss formula; the exp they call keeps its own flags when inlined.
+VECTOR_FASTMATH = FASTMATH | {"reassoc"}
+
 # error_model="numpy": x / 0 gives inf/NaN instead of raising, which keeps exception
 # checks out of the inner loops. nogil: callers may run us from several threads.
 OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
@@ -16,6 +20,11 @@ OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH), error_model="nump
 def jit(fn):
     """A serial helper or kernel."""
     return numba.njit(**OPTIONS)(fn)
+
+
+def vector(fn):
+    """A loop helper whose sums and maxima may be reordered into SIMD lanes."""
+    return numba.njit(**{**OPTIONS, "fastmath": set(VECTOR_FASTMATH)})(fn)
 
 
 def parallel(fn):

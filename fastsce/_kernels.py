@@ -1,11 +1,15 @@
 """Private jitted kernels: one pass per row, fused max / exp-sum / loss / gradient.
 
-Every kernel takes C-contiguous logits ``z`` (N, K), a row loop spread with
-``prange``, and writes one float64 loss per row into ``row_loss``; the caller
-reduces that (N,) array serially, so the batch sum is the same whatever the
-thread count. Each row is read from memory once: the max pass brings it into
-cache, later passes over the same row hit L1/L2. The gradient buffer ``g`` may be
-``z`` itself (in-place): every pass reads z[j] before it writes g[j].
+Every kernel takes C-contiguous logits ``z`` (N, K), spreads rows over threads with
+``prange``, and writes one float64 loss per row into ``row_loss``; the caller reduces
+that (N,) array serially, so the batch sum is the same whatever the thread count.
+Each row is read from memory once: the max pass brings it into cache, later passes over
+the same row hit L1/L2. The gradient buffer ``g`` may be ``z`` itself (``in_place``):
+all reads of a row's logits happen before, or at the same index as, its writes.
+
+The loops over a row are SIMD loops (fastsce._simd): a vectorised exp, a lane-wise
+max, and sums kept in the logits' dtype over blocks of at most BLOCK terms, each block
+total then added in float64 (float64-grade sums at float32 vector width).
 
 Arguments shared by the kernels:
   w      (K,) class weights in z's dtype (ones when the user gave none)
@@ -18,10 +22,16 @@ import math
 
 from numba import prange
 
-from fastsce._jit import jit, parallel
+from fastsce._jit import jit, parallel, vector
+from fastsce._simd import exp_nonpositive, like, maximum, prefer_512bit
+
+# Terms summed in the logits' dtype before the total moves to float64: float32 lanes
+# over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
+# halve the vector width of the exp loop (measured 0.54 vs 0.25 ns per element).
+BLOCK = 1024
 
 
-# --- row helpers ---------------------------------------------------------------------
+# --- SIMD loops over one row (or one block of it) ---------------------------------------------
 
 
 @jit
@@ -32,54 +42,157 @@ def _times(w, x):
     return w * x
 
 
-@jit
+@vector
 def _row_max(z):
-    # NaN never wins a comparison, but a NaN logit still makes exp(z - m) NaN below.
+    prefer_512bit()
     m = z[0]
     for j in range(1, z.size):
-        if z[j] > m:
-            m = z[j]
+        m = maximum(m, z[j])  # NaN-propagating: a NaN logit makes the row NaN
     return m
 
 
-@jit
-def _sum_exp(z, m, lo, hi):
-    s = 0.0  # float64 accumulator: a float32 sum over K ~ 1e5 terms would lose digits
-    for j in range(lo, hi):
-        s += math.exp(z[j] - m)
+@vector
+def _sum_exp_block(z, m):
+    prefer_512bit()
+    s = like(0, z)
+    for j in range(z.size):
+        s += exp_nonpositive(z[j] - m)
     return s
 
 
-@jit
-def _store_exp(z, m, g, lo, hi):
-    """g[j] = exp(z[j] - m) for j in [lo, hi); returns their float64 sum."""
-    s = 0.0
-    for j in range(lo, hi):
-        e = math.exp(z[j] - m)
+@vector
+def _store_exp_block(z, m, g):
+    prefer_512bit()
+    s = like(0, z)
+    for j in range(z.size):
+        e = exp_nonpositive(z[j] - m)
         g[j] = e
         s += e
     return s
 
 
-@jit
-def _weighted_shift_sum(z, w, m):
-    """sum_j w_j (z_j - m), a term with w_j = 0 adding 0 even where z_j = -inf."""
-    s = 0.0
+@vector
+def _exp_in_place_block(g, m):
+    # Its own loop: with z and g the same array LLVM's overlap check would fall back
+    # to scalar code.
+    prefer_512bit()
+    s = like(0, g)
+    for j in range(g.size):
+        e = exp_nonpositive(g[j] - m)
+        g[j] = e
+        s += e
+    return s
+
+
+@vector
+def _weighted_shift_block(z, w, m):
+    """sum_j w_j (z_j - m), a zero weight adding 0 even where z_j = -inf."""
+    prefer_512bit()
+    s = like(0, z)
+    zero = like(0, z)
     for j in range(z.size):
-        s += _times(w[j], z[j] - m)
+        s += w[j] * (z[j] - m) if w[j] != 0 else zero
+    return s
+
+
+@vector
+def _scale(g, a):
+    prefer_512bit()
+    for j in range(g.size):
+        g[j] = a * g[j]
+
+
+@vector
+def _scale_minus_weight(g, a, b, w):
+    """g = a g - b w."""
+    prefer_512bit()
+    for j in range(g.size):
+        g[j] = a * g[j] - b * w[j]
+
+
+@vector
+def _soft_block(z, t, w, m, c1, c0, g, store):
+    """Over a block: sum exp(z - m), A = sum w t', B = sum w t' (z - m), t' = c1 t + c0;
+    with ``store`` also g[j] = exp(z_j - m). A zero w t' adds 0 to B even where z_j = -inf."""
+    prefer_512bit()
+    s = like(0, z)
+    a = like(0, z)
+    b = like(0, z)
+    zero = like(0, z)
+    for j in range(z.size):
+        d = z[j] - m
+        e = exp_nonpositive(d)
+        if store:
+            g[j] = e
+        s += e
+        wt = w[j] * (c1 * t[j] + c0)
+        a += wt
+        b += wt * d if wt != 0 else zero
+    return s, a, b
+
+
+# --- float64 totals of the block sums -------------------------------------------------------
+
+
+@jit
+def _sum_exp(z, m):
+    s = 0.0
+    for lo in range(0, z.size, BLOCK):
+        s += _sum_exp_block(z[lo : lo + BLOCK], m)
     return s
 
 
 @jit
-def _hard_row_loss(k, w_y, zy_shift, log_s, w_sum, w_shift_sum, eps):
-    """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), with lse - z = log_s - (z - m)."""
-    loss = _times(w_y, log_s - zy_shift)
+def _store_exp(z, m, g, in_place):
+    """g[j] = exp(z[j] - m); returns their float64 sum. z is g when in_place."""
+    s = 0.0
+    for lo in range(0, z.size, BLOCK):
+        if in_place:
+            s += _exp_in_place_block(g[lo : lo + BLOCK], m)
+        else:
+            s += _store_exp_block(z[lo : lo + BLOCK], m, g[lo : lo + BLOCK])
+    return s
+
+
+@jit
+def _weighted_shift_sum(z, w, m):
+    s = 0.0
+    for lo in range(0, z.size, BLOCK):
+        s += _weighted_shift_block(z[lo : lo + BLOCK], w[lo : lo + BLOCK], m)
+    return s
+
+
+@jit
+def _soft_sums(z, t, w, m, c1, c0, g, store):
+    s = 0.0
+    a = 0.0
+    b = 0.0
+    for lo in range(0, z.size, BLOCK):
+        hi = lo + BLOCK
+        ds, da, db = _soft_block(z[lo:hi], t[lo:hi], w[lo:hi], m, c1, c0, g[lo:hi], store)
+        s += ds
+        a += da
+        b += db
+    return s, a, b
+
+
+# --- integer targets --------------------------------------------------------------------------
+
+
+@jit
+def _hard_row_loss(k, w_y, zy, log_s, w_sum, w_shift_sum, eps):
+    """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log_s - (z - m)."""
+    loss = _times(w_y, log_s - zy)
     if eps > 0:
         loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift_sum)
     return loss
 
 
-# --- integer targets --------------------------------------------------------------------
+@jit
+def _target_shift(zi, y, m):
+    # In float64: exact for float32 logits, so e_y = exp(z_y - m) and the loss keep
+    # their digits when the target dominates the row.
+    return float(zi[y]) - float(m)
 
 
 @parallel
@@ -93,12 +206,13 @@ def hard_loss(z, target, ignore_index, w, w_sum, eps, row_loss):
         zi = z[i]
         m = _row_max(zi)
         w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
-        log_s = math.log(_sum_exp(zi, m, 0, k))
-        row_loss[i] = _hard_row_loss(k, w[y], zi[y] - m, log_s, w_sum, w_shift_sum, eps)
+        zy = _target_shift(zi, y, m)
+        s = _sum_exp(zi[:y], m) + _sum_exp(zi[y + 1 :], m) + math.exp(zy)
+        row_loss[i] = _hard_row_loss(k, w[y], zy, math.log(s), w_sum, w_shift_sum, eps)
 
 
 @parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g):
+def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, in_place):
     n, k = z.shape
     for i in prange(n):
         y = target[i]
@@ -110,82 +224,64 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g):
         zi = z[i]
         m = _row_max(zi)
         w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
-        zy_shift = zi[y] - m  # read before g (maybe z itself) is overwritten
+        zy = _target_shift(zi, y, m)  # read before g (maybe z itself) is overwritten
         # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
         # when p_y is close to 1, where 1 - p_y would cancel.
-        s_other = _store_exp(zi, m, gi, 0, y) + _store_exp(zi, m, gi, y + 1, k)
-        e_y = math.exp(zy_shift)
+        s_other = _store_exp(zi[:y], m, gi[:y], in_place) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place)
+        e_y = math.exp(zy)
         s = s_other + e_y
-        log_s = math.log(s)
-        w_y = w[y]
-        row_loss[i] = _hard_row_loss(k, w_y, zy_shift, log_s, w_sum, w_shift_sum, eps)
+        w_y = float(w[y])
+        row_loss[i] = _hard_row_loss(k, w_y, zy, math.log(s), w_sum, w_shift_sum, eps)
 
         # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K]
         hard = (1 - eps) * w_y * scale
         a = (hard + eps * w_sum / k * scale) / s
         if eps > 0:
             b = eps / k * scale
-            for j in range(k):
-                gi[j] = a * gi[j] - b * w[j]
+            _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
             gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y)
         else:
-            for j in range(k):
-                gi[j] = a * gi[j]
+            _scale(gi, like(a, gi))
             gi[y] = -hard * (s_other / s)
 
 
-# --- probability targets ----------------------------------------------------------------
-
-
-@jit
-def _soft_row(zi, ti, w, m, c1, c0, gi, store):
-    """One pass over a row: sum exp(z - m), A = sum w t', B = sum w t' (z - m), t' = c1 t + c0.
-
-    With store, also writes gi[j] = exp(z_j - m). Returns (s, A, B)."""
-    s = 0.0
-    a = 0.0
-    b = 0.0
-    for j in range(zi.size):
-        d = zi[j] - m
-        e = math.exp(d)
-        if store:
-            gi[j] = e
-        s += e
-        wt = w[j] * (c1 * ti[j] + c0)
-        a += wt
-        b += _times(wt, d)  # a zero target probability adds nothing, even where z_j = -inf
-    return s, a, b
+# --- probability targets ----------------------------------------------------------------------
 
 
 @parallel
 def soft_loss(z, t, w, eps, row_loss):
     n, k = z.shape
-    c1, c0 = 1 - eps, eps / k
+    c1, c0 = like(1 - eps, z), like(eps / k, z)
     for i in prange(n):
         zi = z[i]
         m = _row_max(zi)
-        s, a, b = _soft_row(zi, t[i], w, m, c1, c0, zi, False)
+        s, a, b = _soft_sums(zi, t[i], w, m, c1, c0, zi, False)
         row_loss[i] = a * math.log(s) - b
 
 
 @parallel
 def soft_loss_grad(z, t, w, eps, scale, row_loss, g):
     n, k = z.shape
-    c1, c0 = 1 - eps, eps / k
+    c1, c0 = like(1 - eps, z), like(eps / k, z)
     for i in prange(n):
         zi = z[i]
         ti = t[i]
         gi = g[i]
         m = _row_max(zi)
-        s, a, b = _soft_row(zi, ti, w, m, c1, c0, gi, True)
+        s, a, b = _soft_sums(zi, ti, w, m, c1, c0, gi, True)
         row_loss[i] = a * math.log(s) - b
         # g_j = scale (p_j sum_k w_k t'_k - w_j t'_j)
-        pa = scale * a / s
-        for j in range(k):
-            gi[j] = pa * gi[j] - scale * (w[j] * (c1 * ti[j] + c0))
+        _soft_grad(gi, ti, w, like(scale * a / s, gi), like(scale, gi), c1, c0)
 
 
-# --- the "mean" denominator -------------------------------------------------------------
+@vector
+def _soft_grad(g, t, w, pa, scale, c1, c0):
+    prefer_512bit()
+    for j in range(g.size):
+        g[j] = pa * g[j] - scale * (w[j] * (c1 * t[j] + c0))
+
+
+# --- the "mean" denominator -------------------------------------------------------------------
 
 
 @jit

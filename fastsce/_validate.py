@@ -86,7 +86,7 @@ def check_out(out, problem: Problem) -> np.ndarray:
         raise ValueError("out must be C-contiguous; allocate it with np.empty_like(logits, order='C')")
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
-    in_place = _same_memory(out, logits)
+    in_place = same_memory(out, logits)
     if not in_place and np.shares_memory(out, logits):
         raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
     for name, arr in problem.given.items():
@@ -95,7 +95,7 @@ def check_out(out, problem: Problem) -> np.ndarray:
     return out
 
 
-def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     return (
         a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
         and a.shape == b.shape

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from fastsce import _kernels
-from fastsce._validate import Problem, check_labels, check_out, check_problem
+from fastsce._validate import Problem, check_labels, check_out, check_problem, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -103,7 +103,7 @@ def _run(problem: Problem, grad: np.ndarray | None):
             if grad is None:
                 _kernels.hard_loss(*args, row_loss)
             else:
-                _kernels.hard_loss_grad(*args, scale, row_loss, grad)
+                _kernels.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z))
 
     with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
         if problem.reduction == "none":

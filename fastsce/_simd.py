@@ -1,0 +1,177 @@
+"""Vectorisable building blocks for the kernels: exp, max, and 512-bit loops.
+
+The llvmlite wheels ship without SVML, so ``math.exp`` in a loop stays a scalar libm
+call (~6 ns per element here) and keeps the loop from vectorising; a ``max()`` or
+``if z > m`` reduction does not vectorise either. The pieces below are plain arithmetic
+that LLVM turns into AVX-512/AVX2 code (checked with ``inspect_asm``: vfmadd*ps,
+vpslld, vmaxps on zmm registers, no calls in the loop).
+"""
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from fastsce._jit import jit
+
+# --- bit casts and LLVM intrinsics ---------------------------------------------------
+
+
+def _bitcast(src, dst, dst_ir):
+    @intrinsic
+    def cast(typingctx, x):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], dst_ir)
+
+        return dst(src), codegen
+
+    return cast
+
+
+_i32_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
+_f32_as_i32 = _bitcast(types.float32, types.int32, ir.IntType(32))
+_i64_as_f64 = _bitcast(types.int64, types.float64, ir.DoubleType())
+_f64_as_i64 = _bitcast(types.float64, types.int64, ir.IntType(64))
+
+
+@intrinsic
+def maximum(typingctx, a, b):
+    """IEEE maximum (llvm.maximum): NaN-propagating, and unlike ``max()`` or a compare
+    and branch, LLVM vectorises a reduction over it (vmaxps) without fast-math nnan."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = args[0].type
+        name = "llvm.maximum.f32" if ty == ir.FloatType() else "llvm.maximum.f64"
+        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ty, [ty, ty]), name)
+        return builder.call(fn, args)
+
+    return a(a, b), codegen
+
+
+_HAS_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+@intrinsic
+def prefer_512bit(typingctx):
+    """Call first thing in a loop helper: lets LLVM use 512-bit vectors in that function.
+
+    LLVM's tuning for Skylake-SP and later sets prefer-256-bit, so loops get ymm even on
+    AVX-512 machines; measured here the exp loop runs 1.37x faster on zmm. This adds the
+    function attribute "prefer-vector-width"="512" (set.add: llvmlite's attribute set
+    only knows keyword attributes). A no-op without AVX-512F.
+    """
+
+    def codegen(context, builder, sig, args):
+        if _HAS_AVX512:
+            set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+# --- exp for x <= 0 ------------------------------------------------------------------
+#
+# exp(x) = 2^n exp(r), n = round(x / ln2), r = x - n ln2 (ln2 split in two, Cody-Waite),
+# exp(r) = 1 + r q(r) with q a near-minimax polynomial on |r| <= ln2 / 2. n comes from
+# the "magic number" rounding t = x log2(e) + 1.5 * 2^p + bias: n + bias sits in the low
+# bits of t, so 2^n is bits(t) shifted into the exponent field (no float-to-int
+# conversion, so NaN cannot make LLVM poison). Results below the smallest normal number
+# are flushed to 0 (so are exp(-inf) and anything underflowing); NaN propagates.
+# Measured max error over [threshold, 0] against float64/long double: 0.93 ulp (float32),
+# 0.90 ulp (float64). These helpers must not be compiled with "reassoc" (or inlined into
+# a function that has it with inline="always"): it folds (a + M) - M to a.
+
+_F = np.float32
+_L2E_F = _F(1.4426950408889634)
+_MAGIC_F = _F(12582912.0 + 127.0)  # 1.5 * 2^23 + exponent bias
+_LN2_HI_F = _F(0.693359375)
+_LN2_LO_F = _F(-2.12194440e-4)
+_MIN_F = _F(-87.33)  # exp below this is under the smallest normal float32: 0
+_Q_F = tuple(
+    _F(c)
+    for c in (
+        0.0013933649996309251,
+        0.008369155667697397,
+        0.041666464925285904,
+        0.1666650519575811,
+        0.500000001346581,
+        1.00000001077804,
+    )
+)
+_Q5_F, _Q4_F, _Q3_F, _Q2_F, _Q1_F, _Q0_F = _Q_F
+_ONE_F = _F(1.0)
+_ZERO_F = _F(0.0)
+
+
+@jit
+def _exp_f32(x):
+    t = x * _L2E_F + _MAGIC_F
+    n = t - _MAGIC_F
+    r = x - n * _LN2_HI_F
+    r = r - n * _LN2_LO_F
+    q = ((((_Q5_F * r + _Q4_F) * r + _Q3_F) * r + _Q2_F) * r + _Q1_F) * r + _Q0_F
+    v = (q * r + _ONE_F) * _i32_as_f32(_f32_as_i32(t) << np.int32(23))
+    return _ZERO_F if x < _MIN_F else v
+
+
+_L2E_D = 1.4426950408889634
+_MAGIC_D = 6755399441055744.0 + 1023.0  # 1.5 * 2^52 + exponent bias
+_LN2_HI_D = 6.93147180369123816490e-01  # fdlibm's split: 32 trailing zero bits
+_LN2_LO_D = 1.90821492927058770002e-10
+_MIN_D = -708.39
+_Q_D = (
+    2.5105217004720745e-08,
+    2.7626371065696354e-07,
+    2.7557255400206422e-06,
+    2.480150431378554e-05,
+    0.00019841269874820627,
+    0.001388888893251478,
+    0.008333333333326136,
+    0.041666666666573066,
+    0.1666666666666667,
+    0.5000000000000006,
+    1.0,
+)
+_Q10_D, _Q9_D, _Q8_D, _Q7_D, _Q6_D, _Q5_D, _Q4_D, _Q3_D, _Q2_D, _Q1_D, _Q0_D = _Q_D
+
+
+@jit
+def _exp_f64(x):
+    t = x * _L2E_D + _MAGIC_D
+    n = t - _MAGIC_D
+    r = x - n * _LN2_HI_D
+    r = r - n * _LN2_LO_D
+    q = _Q10_D * r + _Q9_D
+    q = ((((q * r + _Q8_D) * r + _Q7_D) * r + _Q6_D) * r + _Q5_D) * r + _Q4_D
+    q = (((q * r + _Q3_D) * r + _Q2_D) * r + _Q1_D) * r + _Q0_D
+    v = (q * r + 1.0) * _i64_as_f64(_f64_as_i64(t) << np.int64(52))
+    return 0.0 if x < _MIN_D else v
+
+
+def exp_nonpositive(x):
+    """exp(x) for x <= 0 in x's precision, vectorisable; see the notes above."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(exp_nonpositive)
+def _exp_nonpositive(x):
+    if x == types.float32:
+        return lambda x: _exp_f32(x)
+    if x == types.float64:
+        return lambda x: _exp_f64(x)
+    return None
+
+
+def like(x, a):
+    """x converted to the element type of array a (float32 lanes stay float32)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(like)
+def _like(x, a):
+    if a.dtype == types.float32:
+        return lambda x, a: np.float32(x)
+    return lambda x, a: np.float64(x)
