@@ -1,16 +1,11 @@
 """Benchmark configuration, and a summary of ratios measured in this same run."""
 
 import numba
-import numpy as np
-import pytest
+
+from fastsce import _impls
 
 # (N, K): small K is dominated by per-row overhead, large K by memory bandwidth.
-SHAPES = [(65536, 10), (16384, 100), (8192, 1000), (1024, 32000), (256, 128256)]
-
-
-def make_batch(n, k, dtype=np.float32, seed=0):
-    rng = np.random.default_rng(seed)
-    return (3 * rng.standard_normal((n, k))).astype(dtype), rng.integers(0, k, n)
+SHAPES = list(_impls.DEFAULT_SHAPES)
 
 
 def pytest_terminal_summary(terminalreporter, config):
