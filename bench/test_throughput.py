@@ -1,9 +1,12 @@
 """Loss + gradient throughput against the NumPy reference, memcpy, PyTorch and JAX.
 
     python -m pytest bench/ --benchmark-group-by=group
+    python -m pytest bench/ --benchmark-json=bench.json && python -m fastsce bench --from-json bench.json
 
-The implementations are those of fastsce._impls. Every benchmark checks its output
-against the reference; the first (compiling) call is made before timing starts.
+The implementations are those of ``python -m fastsce bench`` (fastsce._impls). Every
+benchmark checks its output against the reference; the first (compiling) call is made
+before timing starts. ``extra_info`` carries the shape, dtype and implementation, and
+``checked`` once the output has passed, for ``--from-json``.
 """
 
 import os
@@ -11,12 +14,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
+import numpy as np
 import pytest
 from conftest import SHAPES
 
-from fastsce import _impls
+from fastsce import _impls, _report
 
+DTYPE = np.dtype(np.float32)
 _expected = {}
 
 
@@ -33,13 +39,20 @@ def test_loss_and_grad(benchmark, shape, impl):
     implementation = _impls.IMPLEMENTATIONS[impl]
     if not implementation.available():
         pytest.skip(f"{implementation.requires} is not installed")
-    logits, labels = _impls.make_batch(*shape)
+    n, k = shape
+    logits, labels = _impls.make_batch(n, k, DTYPE)
     run = implementation.build(logits, labels)
+    t0 = time.perf_counter()
     run()  # warm-up: compile / trace outside the timing
-    benchmark.group = f"{shape[0]}x{shape[1]} float32"
+    first_call = time.perf_counter() - t0
+    benchmark.group = f"{n}x{k} {DTYPE}"
+    benchmark.extra_info.update(n=n, k=k, dtype=str(DTYPE), impl=impl, first_call_s=first_call)
+    if impl == "fastsce":
+        benchmark.extra_info["extra_memory"] = _report.extra_memory(run)
     result = benchmark(run)
 
     implementation.check(result, logits, _reference_result(shape, logits, labels))
+    benchmark.extra_info["checked"] = True
 
 
 COMPILE_SCRIPT = textwrap.dedent(
@@ -68,4 +81,5 @@ def test_first_call_latency(benchmark, tmp_path, cache):
     if cache == "warm":
         run()
     benchmark.group = "first call in a new process (both dtypes)"
+    benchmark.extra_info["first_call_in_new_process"] = cache
     benchmark.pedantic(run, setup=empty_cache if cache == "cold" else None, rounds=3, iterations=1)

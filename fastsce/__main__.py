@@ -1,5 +1,8 @@
 """``python -m fastsce``: run the fused kernel and the NumPy reference on a synthetic
-batch, check that they agree, and print the time of each and the speed ratio."""
+batch, check that they agree, and print the time of each and the speed ratio.
+
+``python -m fastsce bench``: a benchmark report against memcpy, the reference, PyTorch
+and JAX over a grid of shapes (``python -m fastsce bench --help``)."""
 
 from __future__ import annotations
 
@@ -9,16 +12,47 @@ import time
 
 import numpy as np
 
+# The check job's options (option -> attribute) and their defaults, filled in after
+# parsing so that they can be told apart from options given before a subcommand.
+_CHECK_OPTIONS = {"--rows": "rows", "--classes": "classes", "--dtype": "check_dtype", "--repeat": "check_repeat"}
+_CHECK_OPTIONS["--seed"] = "seed"
+CHECK_DEFAULTS = {"rows": 8192, "classes": 1000, "check_dtype": "float32", "check_repeat": 10, "seed": 0}
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastsce", description=__doc__)
-    parser.add_argument("--rows", "-n", type=int, default=8192, help="batch size N (default 8192)")
-    parser.add_argument("--classes", "-k", type=int, default=1000, help="number of classes K (default 1000)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--repeat", type=int, default=10, help="timed calls per implementation (default 10)")
-    parser.add_argument("--seed", type=int, default=0)
+    from fastsce import _report
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fastsce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", "-n", type=int, metavar="N", help="batch size N (default 8192)")
+    parser.add_argument("--classes", "-k", type=int, metavar="K", help="number of classes K (default 1000)")
+    parser.add_argument("--dtype", dest="check_dtype", choices=["float32", "float64"], help="default float32")
+    parser.add_argument("--repeat", dest="check_repeat", type=int, metavar="R", help="timed calls per implementation (default 10)")
+    parser.add_argument("--seed", type=int, help="random seed of the batch (default 0)")
+    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench}")
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark report: fastsce against memcpy, the reference, PyTorch, JAX",
+        description=_report.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _report.add_arguments(bench)
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.classes < 1 or args.repeat < 1:
+
+    given = [option for option, dest in _CHECK_OPTIONS.items() if getattr(args, dest) is not None]
+    if args.command == "bench":
+        if given:
+            parser.error(f"{', '.join(given)}: options of the check job (no subcommand); give bench's options after 'bench'")
+        return _report.run(args, bench)
+    for dest, default in CHECK_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    return _check(args, parser)
+
+
+def _check(args, parser) -> int:
+    if args.rows < 1 or args.classes < 1 or args.check_repeat < 1:
         parser.error("--rows, --classes and --repeat must be positive")
 
     import numba
@@ -27,7 +61,7 @@ def main(argv=None) -> int:
     from fastsce import reference
 
     rng = np.random.default_rng(args.seed)
-    dtype = np.dtype(args.dtype)
+    dtype = np.dtype(args.check_dtype)
     n, k = args.rows, args.classes
     logits = (3 * rng.standard_normal((n, k))).astype(dtype)
     target = rng.integers(0, k, n)
@@ -51,10 +85,10 @@ def main(argv=None) -> int:
     )
 
     out = np.empty_like(logits)
-    t_fast = _median_time(lambda: fastsce.cross_entropy_with_grad(logits, target, out=out), args.repeat)
-    t_ref = _median_time(lambda: reference.cross_entropy_with_grad(logits, target), args.repeat)
+    t_fast = _median_time(lambda: fastsce.cross_entropy_with_grad(logits, target, out=out), args.check_repeat)
+    t_ref = _median_time(lambda: reference.cross_entropy_with_grad(logits, target), args.check_repeat)
     print(f"first call (compiles, or loads the on-disk cache): {t_first:.2f} s")
-    print(f"median of {args.repeat} calls, loss + gradient:")
+    print(f"median of {args.check_repeat} calls, loss + gradient:")
     print(f"  fastsce    {t_fast * 1e3:9.3f} ms")
     print(f"  reference  {t_ref * 1e3:9.3f} ms")
     print(f"  fastsce is {t_ref / t_fast:.1f}x faster than the NumPy reference")
