@@ -28,7 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", "-n", type=int, metavar="N", help="batch size N (default 8192)")
     parser.add_argument("--classes", "-k", type=int, metavar="K", help="number of classes K (default 1000)")
     parser.add_argument("--dtype", dest="check_dtype", choices=["float32", "float64"], help="default float32")
-    parser.add_argument("--repeat", dest="check_repeat", type=int, metavar="R", help="timed calls per implementation (default 10)")
+    parser.add_argument(
+        "--repeat", dest="check_repeat", type=int, metavar="R", help="timed calls per implementation (default 10)"
+    )
     parser.add_argument("--seed", type=int, help="random seed of the batch (default 0)")
     commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench}")
     bench = commands.add_parser(
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     given = [option for option, dest in _CHECK_OPTIONS.items() if getattr(args, dest) is not None]
     if args.command == "bench":
         if given:
-            parser.error(f"{', '.join(given)}: options of the check job (no subcommand); give bench's options after 'bench'")
+            parser.error(f"{', '.join(given)}: options of the check job (no subcommand); bench's go after 'bench'")
         return _report.run(args, bench)
     for dest, default in CHECK_DEFAULTS.items():
         if getattr(args, dest) is None:

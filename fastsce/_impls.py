@@ -183,7 +183,7 @@ IMPLEMENTATIONS = {
         Implementation("fastsce-loss", "fastsce.cross_entropy: loss only, no gradient", _fastsce_loss, "loss"),
         Implementation("reference", "fastsce.reference.cross_entropy_with_grad (plain NumPy)", _reference, "loss+grad"),
         Implementation(
-            "torch", "torch F.cross_entropy + .backward() on CPU tensors sharing the arrays", _torch, "loss+grad", "torch"
+            "torch", "F.cross_entropy + .backward() on CPU tensors sharing the arrays", _torch, "loss+grad", "torch"
         ),
         Implementation("jax", "jax.jit(jax.value_and_grad(logsumexp - picked logit)) on CPU", _jax, "loss+grad", "jax"),
     )

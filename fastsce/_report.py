@@ -44,9 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shapes", type=_parse_shapes, metavar="NxK,...", help=f"comma-separated NxK shapes (default {default_shapes})"
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
-    parser.add_argument("--repeat", type=int, metavar="R", help="timed rounds per implementation (default 15; 3 with --quick)")
-    parser.add_argument("--threads", type=int, metavar="T", help="numba (and torch) threads for the run (default: as configured)")
-    parser.add_argument("--impls", type=_parse_impls, metavar="NAME,...", help=f"comma-separated subset of {names} (default: all installed)")
+    parser.add_argument(
+        "--repeat", type=int, metavar="R", help="timed rounds per implementation (default 15; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--threads", type=int, metavar="T", help="numba (and torch) threads for the run (default: as configured)"
+    )
+    parser.add_argument(
+        "--impls",
+        type=_parse_impls,
+        metavar="NAME,...",
+        help=f"comma-separated subset of {names} (default: all installed)",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report as GitHub Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every median, ratio and the environment as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot throughput against K (needs matplotlib)")
@@ -101,7 +110,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             limit = numba.config.NUMBA_NUM_THREADS
             if not 1 <= args.threads <= limit:
                 parser.error(f"--threads must be in [1, {limit}] (NUMBA_NUM_THREADS), got {args.threads}")
-        report = measure(shapes, np.dtype(args.dtype or "float32"), repeat, names, threads=args.threads, progress=Progress())
+        dtype = np.dtype(args.dtype or "float32")
+        report = measure(shapes, dtype, repeat, names, threads=args.threads, progress=Progress())
 
     sys.stdout.write(format_text(report))
     if args.markdown:
@@ -447,7 +457,7 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
             "first_call_s": info.get("first_call_s"),
             "checked": checked,
             "unchecked": not checked,
-            "error": None if checked else "not marked as checked against the reference (the check failed or did not run)",
+            "error": None if checked else "not marked as checked against the reference (check failed or did not run)",
         }
         if not checked:
             problems.append(f"{n}x{k} {dtype}: {name}: {entry['results'][name]['error']}")
@@ -466,7 +476,9 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
         env["python"] = machine.get("python_version", "?")
     report = {
         "format": FORMAT,
-        "source": " ".join(filter(None, ["pytest-benchmark", data.get("version"), f"({source})", data.get("datetime")])),
+        "source": " ".join(
+            filter(None, ["pytest-benchmark", data.get("version"), f"({source})", data.get("datetime")])
+        ),
         "dtype": ", ".join(sorted(dtypes)),
         "repeat": None,
         "interleaved": False,
