@@ -1,0 +1,257 @@
+"""``python -m fastsce bench``: the report files, --from-json on real pytest-benchmark
+output of bench/, and loud failure when an implementation's output is wrong."""
+
+import dataclasses
+import importlib.util
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+from fastsce import _impls, _report
+from fastsce.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+AVAILABLE = [name for name, impl in _impls.IMPLEMENTATIONS.items() if impl.available()]
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _python(*args, timeout=300):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_report(report, shapes, names):
+    """Every shape and implementation present, checked, with ratios that follow from the medians."""
+    assert [(e["n"], e["k"]) for e in report["shapes"]] == [tuple(s) for s in shapes]
+    assert report["implementations"] == names
+    assert report["problems"] == []
+    assert report["environment"]["numba_threads"] >= 1
+    for entry in report["shapes"]:
+        results = entry["results"]
+        assert list(results) == names
+        nbytes = entry["n"] * entry["k"] * np.dtype(entry["dtype"]).itemsize
+        assert entry["logits_bytes"] == nbytes
+        for name, r in results.items():
+            assert r["checked"] is True and r["error"] is None, name
+            assert r["median_s"] > 0 and r["min_s"] <= r["median_s"]
+            assert math.isclose(r["x_memcpy"], r["median_s"] / results["memcpy"]["median_s"])
+            assert math.isclose(r["fastsce_speedup"], r["median_s"] / results["fastsce"]["median_s"])
+            assert math.isclose(r["gb_per_s"], nbytes / r["median_s"] / 1e9)
+            assert r["x_memcpy"] > 0 and r["fastsce_speedup"] > 0
+        memory = entry["fastsce_extra_memory"]
+        assert memory["bytes"] >= 0
+        assert math.isclose(memory["percent_of_logits"], 100 * memory["bytes"] / nbytes)
+
+
+def test_quick_report_writes_markdown_json_and_plot(tmp_path):
+    md, js, png = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.png"
+    args = ["-m", "fastsce", "bench", "--quick", "--repeat", "2", "--markdown", str(md), "--json", str(js)]
+    if HAS_MATPLOTLIB:
+        args += ["--plot", str(png)]
+    done = _python(*args)
+    assert done.returncode == 0, done.stderr
+
+    report = json.loads(js.read_text())
+    assert report["source"] == "python -m fastsce bench" and report["repeat"] == 2
+    _check_report(report, _impls.QUICK_SHAPES, AVAILABLE)
+    assert report["first_call_s"]["fastsce"] > 0
+
+    text, markdown = done.stdout, md.read_text()
+    assert "MISMATCH" not in text + markdown + done.stderr
+    for n, k in _impls.QUICK_SHAPES:
+        assert f"{n} x {k}" in text and f"**{n} x {k}**" in markdown
+    assert "| shape | implementation | median ms | x memcpy |" in markdown
+    assert markdown.count("| ok |") == len(_impls.QUICK_SHAPES) * len(AVAILABLE)
+    for name in AVAILABLE:
+        assert f"| {name} |" in markdown
+    # the markdown's ratio cells are the JSON's, rounded
+    first = report["shapes"][0]["results"]["reference"]
+    assert f"| reference | {first['median_s'] * 1e3:.3f} | {first['x_memcpy']:.2f} |" in markdown
+    assert report["environment"]["cpu"] in markdown and f"NumPy {np.__version__}" in markdown
+    if HAS_MATPLOTLIB:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_from_json_renders_real_pytest_benchmark_output(tmp_path):
+    """bench/ on its smallest shape, then the same report from its JSON file."""
+    js = tmp_path / "bench.json"
+    done = _python(
+        "-m", "pytest", "bench/", "-q", "-k", "65536x10", "-p", "no:cacheprovider",
+        f"--benchmark-json={js}", "--benchmark-max-time=0.02", "--benchmark-min-rounds=3",
+        "--benchmark-warmup=off",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fastsce report: ratios of the medians of this run" in done.stdout  # bench/'s own summary
+
+    md, out = tmp_path / "r.md", tmp_path / "r.json"
+    assert main(["bench", "--from-json", str(js), "--markdown", str(md), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["source"].startswith("pytest-benchmark") and not report["interleaved"]
+    _check_report(report, [(65536, 10)], AVAILABLE)
+    assert report["environment"]["numba"] == numba.__version__  # recorded by bench/conftest.py
+    assert "**65536 x 10**" in md.read_text()
+
+
+def _bench_json(checked):
+    def bench(impl, median, **extra):
+        info = dict(n=100, k=7, dtype="float32", impl=impl, **extra)
+        return {
+            "group": "100x7 float32",
+            "name": f"test_loss_and_grad[100x7-{impl}]",
+            "param": f"100x7-{impl}",
+            "extra_info": info,
+            "stats": {"median": median, "min": median / 2, "rounds": 5, "iterations": 1},
+        }
+
+    return {
+        "machine_info": {"cpu": {"brand_raw": "Test CPU"}, "python_version": "3.x"},
+        "benchmarks": [
+            bench("memcpy", 1e-6, checked=True),
+            bench("fastsce", 4e-6, checked=True, extra_memory={"bytes": 800, "nrt_allocations": 0}),
+            bench("reference", 2e-5, checked=checked),
+            {"group": "other", "name": "test_first_call_latency[cold]", "extra_info": {}, "stats": {"median": 1}},
+        ],
+        "datetime": "2026-01-01T00:00:00",
+        "version": "5.3.1",
+    }
+
+
+def test_from_json_ratios_and_unchecked_entries(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(_bench_json(checked=True)))
+    assert main(["bench", "--from-json", str(path), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    results = report["shapes"][0]["results"]
+    assert results["reference"]["x_memcpy"] == pytest.approx(20)
+    assert results["reference"]["fastsce_speedup"] == pytest.approx(5)
+    assert report["shapes"][0]["fastsce_extra_memory"]["percent_of_logits"] == pytest.approx(800 / 2800 * 100)
+    assert "Test CPU" in capsys.readouterr().out
+
+    # a benchmark whose check did not pass (bench/ sets checked only after it) fails the report
+    path.write_text(json.dumps(_bench_json(checked=False)))
+    assert main(["bench", "--from-json", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert "UNCHECKED" in captured.out and "reference" in captured.err and "MISMATCH" in captured.err
+
+
+def _wrong(impl, how):
+    def build(logits, labels):
+        run = impl.build(logits, labels)
+
+        def wrong():
+            if how == "raise":
+                raise RuntimeError("broken build")
+            loss, grad = run()
+            if how == "loss":
+                return loss * 1.001, grad
+            grad = grad.copy()
+            grad[-1, -1] += 1e-3 if how == "grad" else 1
+            return loss, grad
+
+        return wrong
+
+    return dataclasses.replace(impl, build=build)
+
+
+@pytest.mark.parametrize(
+    ("name", "how"), [("fastsce", "grad"), ("fastsce", "loss"), ("memcpy", "copy"), ("reference", "raise")]
+)
+def test_wrong_output_is_reported_and_fails(tmp_path, monkeypatch, capsys, name, how):
+    monkeypatch.setitem(_impls.IMPLEMENTATIONS, name, _wrong(_impls.IMPLEMENTATIONS[name], how))
+    js = tmp_path / "r.json"
+    argv = ["bench", "--shapes", "64x10,8x300", "--repeat", "1", "--impls", "memcpy,fastsce,reference"]
+    assert main([*argv, "--json", str(js)]) == 1
+    captured = capsys.readouterr()
+    assert "MISMATCH" in captured.err and name in captured.err
+    assert "MISMATCH" in captured.out
+    for entry in json.loads(js.read_text())["shapes"]:
+        results = entry["results"]
+        assert results[name]["checked"] is False and name in results[name]["error"]
+        assert all(r["checked"] for other, r in results.items() if other != name)
+        assert ("median_s" in results[name]) == (how != "raise")  # what raises is not timed
+
+
+def test_check_rejects_wrong_outputs_directly():
+    logits, labels = _impls.make_batch(50, 9)
+    expected = _impls.reference_result(logits, labels)
+    impl = _impls.IMPLEMENTATIONS["fastsce"]
+    impl.check(impl.build(logits, labels)(), logits, expected)
+    loss, grad = expected
+    with pytest.raises(_impls.Mismatch, match="gradient"):
+        impl.check((loss, grad[:, :-1]), logits, expected)
+    with pytest.raises(_impls.Mismatch, match="no gradient"):
+        impl.check((loss, None), logits, expected)
+    with pytest.raises(_impls.Mismatch, match="pair"):
+        impl.check(loss, logits, expected)
+    with pytest.raises(_impls.Mismatch, match="copy"):
+        _impls.IMPLEMENTATIONS["memcpy"].check((None, logits + 1), logits, expected)
+
+
+def test_threads_option_is_used_and_restored(tmp_path):
+    before = numba.get_num_threads()
+    js = tmp_path / "r.json"
+    argv = ["bench", "--shapes", "64x10", "--repeat", "1", "--threads", "1", "--impls", "memcpy,fastsce"]
+    assert main([*argv, "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["environment"]["numba_threads"] == 1
+    assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--impls", "fastsce,nope"],
+        ["bench", "--shapes", "10x"],
+        ["bench", "--shapes", "0x10"],
+        ["bench", "--from-json", "x.json", "--quick"],
+        ["bench", "--threads", "0"],
+        ["--rows", "10", "bench"],
+    ],
+)
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_no_subcommand_is_still_the_check_job(capsys):
+    assert main(["--rows", "64", "--classes", "5", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "64 x 5 float32 logits" in out and "OK: fastsce agrees with the reference" in out
+
+
+def test_text_report_lists_every_row():
+    report = _report.from_pytest_benchmark(_bench_json(checked=True))
+    text = _report.format_text(report)
+    assert text.count("\n100 x 7") == 1  # the shape names its group once
+    assert "fastsce speedup" in text and "800 B" in text
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--quick", "--plot", "x.png"])
+    assert exc.value.code == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_progress_line_updates_in_place_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = _report.Progress(stream)
+    progress.update("round 1/15 of a long line")
+    progress.update("round 2/15")
+    progress.done()
+    text = stream.getvalue()
+    assert text.startswith("\rround 1/15") and "\rround 2/15" in text and "\n" not in text
+    assert text.endswith("\r")  # the line is cleared, the table starts on a clean line
