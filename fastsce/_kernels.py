@@ -20,6 +20,7 @@ Arguments shared by the kernels:
 
 import math
 
+import numpy as np
 from numba import prange
 
 from fastsce._jit import jit, parallel, vector
@@ -86,13 +87,15 @@ def _exp_in_place_block(g, m):
 
 @vector
 def _weighted_shift_block(z, w, m):
-    """sum_j w_j (z_j - m), a zero weight adding 0 even where z_j = -inf."""
+    """(sum_j w_j (z_j - m), sum_j w_j), a zero weight adding 0 even where z_j = -inf."""
     prefer_512bit()
     s = like(0, z)
+    w_sum = like(0, z)
     zero = like(0, z)
     for j in range(z.size):
         s += w[j] * (z[j] - m) if w[j] != 0 else zero
-    return s
+        w_sum += w[j]
+    return s, w_sum
 
 
 @vector
@@ -135,14 +138,6 @@ def _soft_block(z, t, w, m, c1, c0, g, store):
 
 
 @jit
-def _sum_exp(z, m):
-    s = 0.0
-    for lo in range(0, z.size, BLOCK):
-        s += _sum_exp_block(z[lo : lo + BLOCK], m)
-    return s
-
-
-@jit
 def _store_exp(z, m, g, in_place):
     """g[j] = exp(z[j] - m); returns their float64 sum. z is g when in_place."""
     s = 0.0
@@ -158,8 +153,69 @@ def _store_exp(z, m, g, in_place):
 def _weighted_shift_sum(z, w, m):
     s = 0.0
     for lo in range(0, z.size, BLOCK):
-        s += _weighted_shift_block(z[lo : lo + BLOCK], w[lo : lo + BLOCK], m)
+        s += _weighted_shift_block(z[lo : lo + BLOCK], w[lo : lo + BLOCK], m)[0]
     return s
+
+
+@jit
+def _row_stats(z, y, w, eps, g, block_max, in_place):
+    """Reading the row once: its max m, sum_{j != y} exp(z_j - m) and, with smoothing,
+    sum_j w_j (z_j - m) (0 otherwise).
+
+    Block by block, each block read while in L1: when a block raises the running max,
+    the sums so far are rescaled to it (the "online softmax"), so a row longer than the
+    cache comes from memory only once. The target class is left out of the sum (pass
+    y = -1 to keep every class). With a non-empty ``block_max`` it also writes
+    g = exp(z - M_b), M_b the running max when block b was read, kept in block_max[b];
+    _rescale_blocks turns that into the gradient.
+    """
+    store = block_max.size > 0
+    m = like(-math.inf, z)
+    s_other = 0.0
+    w_shift = 0.0
+    w_seen = 0.0
+    for lo in range(0, z.size, BLOCK):
+        block = z[lo : lo + BLOCK]
+        g_block = g[lo : lo + BLOCK]
+        new_max = _row_max(block)
+        if not new_max <= m:  # a larger max, or NaN (which then spreads to the row)
+            s_other *= math.exp(float(m) - float(new_max))
+            w_shift += _times(w_seen, float(m) - float(new_max))
+            m = new_max
+        if eps > 0:  # before the stores below overwrite an in-place block
+            ds, dw = _weighted_shift_block(block, w[lo : lo + BLOCK], m)
+            if m != -math.inf:  # else every z here is -inf: counted through w_seen
+                w_shift += ds
+            w_seen += dw
+        if store:
+            block_max[lo // BLOCK] = m
+        if m == -math.inf:  # nothing finite yet: every exp here is 0
+            if store:
+                g_block[:] = 0
+            continue
+        t = y - lo
+        if store and 0 <= t < block.size:
+            s_other += _store_exp(block[:t], m, g_block[:t], in_place)
+            s_other += _store_exp(block[t + 1 :], m, g_block[t + 1 :], in_place)
+        elif store:
+            s_other += _store_exp(block, m, g_block, in_place)
+        elif 0 <= t < block.size:
+            s_other += _sum_exp_block(block[:t], m) + _sum_exp_block(block[t + 1 :], m)
+        else:
+            s_other += _sum_exp_block(block, m)
+    return m, s_other, w_shift
+
+
+@jit
+def _rescale_blocks(g, block_max, m, a, b, w, eps):
+    """g = a exp(M_b - m) g - b w block by block: the gradient from _row_stats' stores."""
+    for lo in range(0, g.size, BLOCK):
+        hi = lo + BLOCK
+        factor = like(a * math.exp(float(block_max[lo // BLOCK]) - float(m)), g)
+        if eps > 0:
+            _scale_minus_weight(g[lo:hi], factor, like(b, g), w[lo:hi])
+        else:
+            _scale(g[lo:hi], factor)
 
 
 @jit
@@ -188,32 +244,27 @@ def _hard_row_loss(k, w_y, zy, log_s, w_sum, w_shift_sum, eps):
     return loss
 
 
-@jit
-def _target_shift(zi, y, m):
-    # In float64: exact for float32 logits, so e_y = exp(z_y - m) and the loss keep
-    # their digits when the target dominates the row.
-    return float(zi[y]) - float(m)
-
-
 @parallel
 def hard_loss(z, target, ignore_index, w, w_sum, eps, row_loss):
     n, k = z.shape
+    no_blocks = np.empty(0, z.dtype)
     for i in prange(n):
         y = target[i]
         if y == ignore_index:
             row_loss[i] = 0.0
             continue
         zi = z[i]
-        m = _row_max(zi)
-        w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
-        zy = _target_shift(zi, y, m)
-        s = _sum_exp(zi[:y], m) + _sum_exp(zi[y + 1 :], m) + math.exp(zy)
-        row_loss[i] = _hard_row_loss(k, w[y], zy, math.log(s), w_sum, w_shift_sum, eps)
+        m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, zi, no_blocks, False)
+        zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
+        row_loss[i] = _hard_row_loss(k, w[y], zy, math.log(s_other + math.exp(zy)), w_sum, w_shift_sum, eps)
 
 
 @parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, in_place):
+def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, in_place, long_rows):
+    """long_rows: rows too long to stay in cache between passes. Their max and exp-sum
+    then come from one read (_row_stats), and one more pass rescales the stored exps."""
     n, k = z.shape
+    n_blocks = (k + BLOCK - 1) // BLOCK if long_rows else 0
     for i in prange(n):
         y = target[i]
         gi = g[i]
@@ -222,12 +273,17 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, i
             gi[:] = 0
             continue
         zi = z[i]
-        m = _row_max(zi)
-        w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
-        zy = _target_shift(zi, y, m)  # read before g (maybe z itself) is overwritten
         # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
         # when p_y is close to 1, where 1 - p_y would cancel.
-        s_other = _store_exp(zi[:y], m, gi[:y], in_place) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place)
+        zy_raw = zi[y]  # read before g (maybe z itself) is overwritten
+        if long_rows:
+            block_max = np.empty(n_blocks, z.dtype)
+            m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place)
+        else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
+            m = _row_max(zi)
+            w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
+            s_other = _store_exp(zi[:y], m, gi[:y], in_place) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place)
+        zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
         e_y = math.exp(zy)
         s = s_other + e_y
         w_y = float(w[y])
@@ -236,13 +292,14 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, i
         # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K]
         hard = (1 - eps) * w_y * scale
         a = (hard + eps * w_sum / k * scale) / s
-        if eps > 0:
-            b = eps / k * scale
+        b = eps / k * scale
+        if long_rows:
+            _rescale_blocks(gi, block_max, m, a, b, w, eps)
+        elif eps > 0:
             _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
-            gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y)
         else:
             _scale(gi, like(a, gi))
-            gi[y] = -hard * (s_other / s)
+        gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y)
 
 
 # --- probability targets ----------------------------------------------------------------------

@@ -15,6 +15,10 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 # Python threads. Each call already uses every core, so serialising launches costs nothing.
 _launch_lock = threading.Lock()
 
+# A gradient row longer than this is computed in two reads of the logits instead of
+# three passes (the third would miss the cache): see _kernels.hard_loss_grad.
+LONG_ROW_BYTES = 1 << 20
+
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Softmax cross-entropy loss of a batch of logits, with PyTorch's semantics.
@@ -103,7 +107,8 @@ def _run(problem: Problem, grad: np.ndarray | None):
             if grad is None:
                 _kernels.hard_loss(*args, row_loss)
             else:
-                _kernels.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z))
+                long_rows = k * dtype.itemsize > LONG_ROW_BYTES
+                _kernels.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z), long_rows)
 
     with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
         if problem.reduction == "none":
