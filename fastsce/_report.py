@@ -205,6 +205,7 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
     progress = progress or _Silent()
     dtype = np.dtype(dtype)
     names = list(names)
+    load_start = _load_average()
     saved_threads = numba.get_num_threads()
     torch_threads = None
     try:
@@ -232,7 +233,7 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
             "implementations": names,
             "descriptions": {name: _impls.IMPLEMENTATIONS[name].description for name in names},
             "first_call_s": first_call,
-            "environment": environment(),
+            "environment": {**environment(), "load_average_start": load_start, "load_average_end": _load_average()},
             "shapes": entries,
             "problems": problems,
         }
@@ -378,6 +379,14 @@ def _derive(entry: dict) -> dict:
 
 
 # --- environment ------------------------------------------------------------------------
+
+
+def _load_average():
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def cpu_model() -> str:
@@ -556,6 +565,12 @@ def _header_lines(report):
     else:
         how = f"medians from {report['source']}, not interleaved"
     lines = [f"CPU: {cpu}, {threads}", versions, f"{report['dtype']} logits, integer labels, mean reduction; {how}"]
+    load = env.get("load_average_start")
+    if load is not None:
+        text = f"load average (1 min) {load:.2f} before the run, {env.get('load_average_end', 0):.2f} after"
+        if load >= 0.5 * (env.get("cpu_count") or 1):
+            text += " -- WARNING: the CPU was busy before the run; times are unreliable, parallel ones most"
+        lines.append(text)
     first = report.get("first_call_s", {})
     if "fastsce" in first:
         text = f"fastsce first call of the run (compiles, or loads the on-disk cache): {first['fastsce']:.3f} s"
