@@ -1,0 +1,277 @@
+"""Integer-target kernels for few classes: the SIMD lanes run across rows, not along one.
+
+With K ~ 10 a row-wise loop never fills a 16-lane vector, and each row pays a scalar
+libm exp and log. Here rows go in tiles of R = 64 (four zmm vectors of float32, eight of
+float64): a tile is gathered transposed into a small scratch T (K, R), so that every step
+(max, exp, sums, log, loss, gradient) is a lane-wise operation over the tile's rows,
+repeated for each class j, with no horizontal reduction and no remainder loop; the
+gradient goes back transposed. The last N % R rows run as a zero-padded tile.
+
+``hard_loss`` and ``hard_loss_grad`` take the arguments of, and compute the same
+things as, fastsce._kernels.hard_loss / hard_loss_grad (see that module for the
+argument list): per-row float64 losses in ``row_loss``, reduced serially by the caller,
+and every row's result independent of its tile and of the thread count.
+
+Per row, as in the row-wise kernels: m = max_j z_j (NaN-propagating); the target's
+shift z_y - m in float64 (exact for float32 logits); s_other = sum_{j != y} exp(z_j - m)
+with each exp in the logits' dtype and the sum in float64 (the target is left out by
+setting its T entry to -inf once the max is known); e_y = exp(z_y - m) and
+log(s_other + e_y) in float64 (vectorised: fastsce._simd.log_normal); the target's
+gradient -s_other / s without cancellation. Ignored rows get loss 0 and a zero row.
+"""
+
+import math
+
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from fastsce._jit import jit, parallel
+from fastsce._simd import exp_nonpositive, like, log_normal, maximum, prefer_512bit
+
+# From this many classes on, a tile's gradient is written row by row (vectorised along
+# the row) instead of class by class (a scatter per class).
+ROWS_OUT_K = 16
+
+# Tiles per prange iteration: the scratch is allocated once per chunk.
+TILES_PER_CHUNK = 32
+
+
+def tile_rows(z):
+    """Rows per tile: four 512-bit vectors of z's dtype (64 float32, 32 float64)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(tile_rows)
+def _tile_rows(z):
+    if z.dtype == types.float32:
+        return lambda z: 64
+    return lambda z: 64
+
+
+# --- lane-wise passes over a tile: T is (K, R), one row of T per class ---------------------------
+#
+# Inner loops run over the R lanes (rows of the tile) with a constant trip count, and
+# index only with loop counters that start at 0 (row views T[j], no j * R + r): Numba's
+# negative-index wraparound then folds away instead of turning the loads into gathers.
+# R = 64, not one vector (16 / 8): LLVM fully unrolls short constant loops before the
+# loop vectoriser runs, and the SLP vectoriser then gives up on the unrolled code (it
+# cannot rule out that T and the lane arrays overlap); 64-lane loops stay loops, and the
+# loop vectoriser emits zmm code behind a runtime overlap check (checked with
+# inspect_asm: vgatherdps / vmaxps / vfmadd...ps / vscatterdps on zmm, both dtypes).
+
+
+@jit
+def _load_tile(zt, T):
+    """T[j, r] = zt[r, j]: a gather per class."""
+    prefer_512bit()
+    for j in range(T.shape[0]):
+        tj = T[j]
+        zj = zt[:, j]
+        for r in range(tile_rows(T)):
+            tj[r] = zj[r]
+
+
+@jit
+def _store_tile(T, gt):
+    """gt[r, j] = T[j, r]. Few classes: a scatter per class; more: row by row, a gather
+    along each row (faster from ROWS_OUT_K classes on, and for float64)."""
+    prefer_512bit()
+    k = T.shape[0]
+    if k < ROWS_OUT_K:
+        for j in range(k):
+            tj = T[j]
+            gj = gt[:, j]
+            for r in range(tile_rows(T)):
+                gj[r] = tj[r]
+    else:
+        for r in range(tile_rows(T)):
+            gr = gt[r]
+            tr = T[:, r]
+            for j in range(k):
+                gr[j] = tr[j]
+
+
+@jit
+def _lane_max(T, m):
+    prefer_512bit()
+    t0 = T[0]
+    for r in range(tile_rows(T)):
+        m[r] = t0[r]
+    for j in range(1, T.shape[0]):
+        tj = T[j]
+        for r in range(tile_rows(T)):
+            m[r] = maximum(m[r], tj[r])  # NaN-propagating: a NaN logit makes the row NaN
+
+
+@jit
+def _lane_weighted_shift(T, w, m, total):
+    """total[r] = sum_j w_j (T[j, r] - m[r]), each term in T's dtype, summed in float64;
+    a zero weight adds 0 even where T[j, r] = -inf."""
+    prefer_512bit()
+    for r in range(tile_rows(T)):
+        total[r] = 0.0
+    for j in range(T.shape[0]):
+        wj = w[j]
+        if wj != 0:
+            tj = T[j]
+            for r in range(tile_rows(T)):
+                total[r] += float(wj * (tj[r] - m[r]))
+
+
+@jit
+def _lane_exp_sum(T, m, total, store):
+    """total[r] = sum_j exp(T[j, r] - m[r]), each exp in T's dtype, summed in float64
+    (a lane sums its row's terms one after another: float32 sums would lose ~sqrt(K)
+    ulps); with ``store`` also T[j, r] = exp(T[j, r] - m[r])."""
+    prefer_512bit()
+    for r in range(tile_rows(T)):
+        total[r] = 0.0
+    for j in range(T.shape[0]):
+        tj = T[j]
+        if store:
+            for r in range(tile_rows(T)):
+                e = exp_nonpositive(tj[r] - m[r])
+                tj[r] = e
+                total[r] += float(e)
+        else:
+            for r in range(tile_rows(T)):
+                total[r] += float(exp_nonpositive(tj[r] - m[r]))
+
+
+@jit
+def _lane_grad(T, a, b, w):
+    """T[j, r] = a[r] T[j, r] - b w_j."""
+    prefer_512bit()
+    for j in range(T.shape[0]):
+        tj = T[j]
+        bw = b * w[j]
+        for r in range(tile_rows(T)):
+            tj[r] = a[r] * tj[r] - bw
+
+
+# --- per-row (lane) float64 arithmetic ----------------------------------------------------------
+
+
+@jit
+def _times(w, x):
+    """w * x with 0 * inf = 0: a zero weight removes a -inf log-probability; NaN stays NaN."""
+    return 0.0 if w == 0 and math.isinf(x) else w * x
+
+
+@jit
+def _lane_loss(k, live, w_y, zy, s_other, w_sum, w_shift, eps, scale, grad, row_loss, a, gy, like_z):
+    """For each lane: the loss into row_loss (0 for an ignored row) and, with ``grad``,
+    the gradient's factor a = scale ((1 - eps) w_y + eps W / K) / s (in z's dtype) and
+    the target's entry gy = scale [-(1 - eps) w_y s_other / s + (eps / K) (W e_y / s - w_y)]."""
+    prefer_512bit()
+    b = eps / k * scale
+    for r in range(tile_rows(like_z)):
+        e_y = exp_nonpositive(zy[r])
+        s = s_other[r] + e_y
+        # The rounding error of s (TwoSum), added back to first order: log(s_other + e_y)
+        # keeps its relative digits when the target dominates and the loss is tiny.
+        t = s - s_other[r]
+        err = (s_other[r] - (s - t)) + (e_y - t)
+        inv_s = 1.0 / s  # one division: vdivpd is slow
+        log_s = log_normal(s) + err * inv_s
+        # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log_s - (z - m)
+        loss = _times(w_y[r], log_s - zy[r])
+        if eps > 0:
+            loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift[r])
+        row_loss[r] = loss if live[r] else 0.0
+        if grad:
+            hard = (1 - eps) * w_y[r] * scale
+            a[r] = like((hard + eps * w_sum / k * scale) * inv_s, like_z)
+            gy[r] = -hard * (s_other[r] * inv_s) + b * (w_sum * (e_y * inv_s) - w_y[r])
+
+
+# --- one tile ------------------------------------------------------------------------------------
+
+
+@jit
+def _tile(zt, yt, ignore_index, w, w_sum, eps, scale, lt, gt, grad, T, m, a, live, w_y, zy, s_other, w_shift, gy):
+    """Rows zt (R, K) with targets yt (R,): losses into lt (R,), gradient into gt (R, K)
+    (which may be zt itself: zt is read whole before gt is written)."""
+    k = zt.shape[1]
+    _load_tile(zt, T)
+    _lane_max(T, m)
+    if eps > 0:
+        _lane_weighted_shift(T, w, m, w_shift)
+    for r in range(tile_rows(T)):
+        y = yt[r]
+        if y == ignore_index:
+            live[r] = 0.0
+            w_y[r] = 0.0
+            zy[r] = 0.0
+        else:
+            live[r] = 1.0
+            w_y[r] = w[y]
+            zy[r] = float(T[y, r]) - float(m[r])  # exact for float32 logits
+            T[y, r] = -np.inf  # leaves the target out of s_other
+    _lane_exp_sum(T, m, s_other, grad)
+    _lane_loss(k, live, w_y, zy, s_other, w_sum, w_shift, eps, scale, grad, lt, a, gy, T)
+    if grad:
+        _lane_grad(T, a, like(eps / k * scale, T), w)
+        _store_tile(T, gt)
+        for r in range(tile_rows(T)):
+            y = yt[r]
+            if y == ignore_index:
+                gt[r] = 0
+            else:
+                gt[r, y] = gy[r]
+
+
+@jit
+def _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, grad):
+    """Rows lo .. hi: full tiles, then the rest (< R rows) as one zero-padded tile."""
+    R = tile_rows(z)
+    k = z.shape[1]
+    T = np.empty((k, R), z.dtype)
+    m = np.empty(R, z.dtype)
+    a = np.empty(R, z.dtype)
+    lanes = np.empty((6, R), np.float64)
+    live, w_y, zy, s_other, w_shift, gy = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
+    tiles = (hi - lo) // R
+    for t in range(tiles):
+        i = lo + t * R
+        j = i + R
+        _tile(
+            z[i:j], target[i:j], ignore_index, w, w_sum, eps, scale, row_loss[i:j], g[i:j], grad,
+            T, m, a, live, w_y, zy, s_other, w_shift, gy,
+        )  # fmt: skip
+    i = lo + tiles * R
+    rest = hi - i
+    if rest > 0:
+        zp = np.zeros((R, k), z.dtype)
+        zp[:rest] = z[i:hi]
+        yp = np.full(R, ignore_index, target.dtype)
+        yp[:rest] = target[i:hi]
+        lp = np.empty(R, np.float64)
+        gp = np.empty((R, k), z.dtype) if grad else zp
+        _tile(zp, yp, ignore_index, w, w_sum, eps, scale, lp, gp, grad, T, m, a, live, w_y, zy, s_other, w_shift, gy)
+        row_loss[i:hi] = lp[:rest]
+        if grad:
+            g[i:hi] = gp[:rest]
+
+
+# --- the kernels ----------------------------------------------------------------------------------
+
+
+@parallel
+def hard_loss(z, target, ignore_index, w, w_sum, eps, row_loss):
+    n = z.shape[0]
+    step = TILES_PER_CHUNK * tile_rows(z)
+    for c in prange((n + step - 1) // step):
+        lo = c * step
+        _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, z, lo, min(lo + step, n), False)
+
+
+@parallel
+def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, in_place):
+    # in_place needs nothing special: a tile is read whole before its gradient is written.
+    n = z.shape[0]
+    step = TILES_PER_CHUNK * tile_rows(z)
+    for c in prange((n + step - 1) // step):
+        lo = c * step
+        _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, min(lo + step, n), True)
