@@ -205,7 +205,7 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
     progress = progress or _Silent()
     dtype = np.dtype(dtype)
     names = list(names)
-    load_start = _load_average()
+    whole_run = _OtherCpu()
     saved_threads = numba.get_num_threads()
     torch_threads = None
     try:
@@ -233,7 +233,8 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
             "implementations": names,
             "descriptions": {name: _impls.IMPLEMENTATIONS[name].description for name in names},
             "first_call_s": first_call,
-            "environment": {**environment(), "load_average_start": load_start, "load_average_end": _load_average()},
+            "environment": environment(),
+            "other_cpu_percent": whole_run.percent(),
             "shapes": entries,
             "problems": problems,
         }
@@ -283,6 +284,7 @@ def _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, prob
     timed = list(runs)
     samples = {name: [] for name in timed}
     gc.collect()
+    others = _OtherCpu()
     for r in range(repeat):
         progress.update(f"{label}: timing round {r + 1}/{repeat}")
         order = timed[r % len(timed) :] + timed[: r % len(timed)]  # rotate: no fixed neighbours
@@ -298,11 +300,14 @@ def _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, prob
             finally:
                 if gc_was_enabled:
                     gc.enable()
+    other_cpu = others.percent()
     for name in timed:
         results[name].update(median_s=float(np.median(samples[name])), min_s=min(samples[name]), rounds=repeat)
     del runs, expected, logits
     gc.collect()
-    return _derive({"n": n, "k": k, "dtype": str(dtype), "results": results, "fastsce_extra_memory": memory})
+    entry = {"n": n, "k": k, "dtype": str(dtype), "results": results, "fastsce_extra_memory": memory}
+    entry["other_cpu_percent"] = other_cpu
+    return _derive(entry)
 
 
 def extra_memory(fn) -> dict:
@@ -381,12 +386,32 @@ def _derive(entry: dict) -> dict:
 # --- environment ------------------------------------------------------------------------
 
 
-def _load_average():
-    """The 1-minute load average, or None where the OS has none."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
+class _OtherCpu:
+    """How busy the machine was with other work while we measured: the share of all CPUs'
+    time, from creation to :meth:`percent`, spent by other processes (and stolen by the
+    hypervisor), from /proc/stat minus this process's own CPU time. None without /proc."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+            hz = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, AttributeError):
+            return None
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        own = os.times()
+        return busy / hz, sum(ticks) / hz, own.user + own.system
+
+    def percent(self):
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        busy, total, own = (e - s for e, s in zip(end, self.start))
+        return round(100 * max(0.0, busy - own) / total, 1) if total > 0 else None
 
 
 def cpu_model() -> str:
@@ -565,11 +590,17 @@ def _header_lines(report):
     else:
         how = f"medians from {report['source']}, not interleaved"
     lines = [f"CPU: {cpu}, {threads}", versions, f"{report['dtype']} logits, integer labels, mean reduction; {how}"]
-    load = env.get("load_average_start")
-    if load is not None:
-        text = f"load average (1 min) {load:.2f} before the run, {env.get('load_average_end', 0):.2f} after"
-        if load >= 0.5 * (env.get("cpu_count") or 1):
-            text += " -- WARNING: the CPU was busy before the run; times are unreliable, parallel ones most"
+    other = report.get("other_cpu_percent")
+    if other is not None:
+        text = f"other processes used {other:.0f}% of the CPU time during the run"
+        busy = [e for e in report["shapes"] if (e.get("other_cpu_percent") or 0) > BUSY_PERCENT]
+        if busy:
+            worst = max(busy, key=lambda e: e["other_cpu_percent"])
+            text += (
+                f"; WARNING: over {BUSY_PERCENT}% while timing "
+                + ", ".join(f"{e['n']} x {e['k']}" for e in busy)
+                + f" (up to {worst['other_cpu_percent']:.0f}%): those times are unreliable"
+            )
         lines.append(text)
     first = report.get("first_call_s", {})
     if "fastsce" in first:
@@ -585,6 +616,8 @@ def _header_lines(report):
         )
     return lines
 
+
+BUSY_PERCENT = 10  # other processes' share of the CPU above which the header warns
 
 LEGEND = [
     "x memcpy = median / median of memcpy (np.copyto of the logits, a floor for reading logits and writing a gradient)",

@@ -33,6 +33,7 @@ def _check_report(report, shapes, names):
     assert report["problems"] == []
     assert report["environment"]["numba_threads"] >= 1
     for entry in report["shapes"]:
+        assert entry.get("other_cpu_percent") is None or 0 <= entry["other_cpu_percent"] <= 100
         results = entry["results"]
         assert list(results) == names
         nbytes = entry["n"] * entry["k"] * np.dtype(entry["dtype"]).itemsize
