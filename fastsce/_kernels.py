@@ -24,7 +24,7 @@ import numpy as np
 from numba import prange
 
 from fastsce._jit import jit, parallel, vector
-from fastsce._simd import exp_nonpositive, like, maximum, prefer_512bit
+from fastsce._simd import exp_nonpositive, exp_shifted, like, maximum, prefer_512bit, times
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
@@ -33,14 +33,6 @@ BLOCK = 1024
 
 
 # --- SIMD loops over one row (or one block of it) ---------------------------------------------
-
-
-@jit
-def _times(w, x):
-    """w * x with 0 * inf = 0: a zero weight removes a -inf log-probability; NaN stays NaN."""
-    if w == 0 and math.isinf(x):
-        return 0.0
-    return w * x
 
 
 @vector
@@ -54,6 +46,8 @@ def _row_max(z):
 
 @vector
 def _sum_exp_block(z, m):
+    # Loss only: the plain exp of the rounded z - m is enough here (its error grows with
+    # |z - m|, where the terms no longer matter to the sum) and 10% faster.
     prefer_512bit()
     s = like(0, z)
     for j in range(z.size):
@@ -66,7 +60,7 @@ def _store_exp_block(z, m, g):
     prefer_512bit()
     s = like(0, z)
     for j in range(z.size):
-        e = exp_nonpositive(z[j] - m)
+        e = exp_shifted(z[j], m)
         g[j] = e
         s += e
     return s
@@ -79,7 +73,7 @@ def _exp_in_place_block(g, m):
     prefer_512bit()
     s = like(0, g)
     for j in range(g.size):
-        e = exp_nonpositive(g[j] - m)
+        e = exp_shifted(g[j], m)
         g[j] = e
         s += e
     return s
@@ -124,7 +118,7 @@ def _soft_block(z, t, w, m, c1, c0, g, store):
     zero = like(0, z)
     for j in range(z.size):
         d = z[j] - m
-        e = exp_nonpositive(d)
+        e = exp_shifted(z[j], m)
         if store:
             g[j] = e
         s += e
@@ -180,7 +174,7 @@ def _row_stats(z, y, w, eps, g, block_max, in_place):
         new_max = _row_max(block)
         if not new_max <= m:  # a larger max, or NaN (which then spreads to the row)
             s_other *= math.exp(float(m) - float(new_max))
-            w_shift += _times(w_seen, float(m) - float(new_max))
+            w_shift += times(w_seen, float(m) - float(new_max))
             m = new_max
         if eps > 0:  # before the stores below overwrite an in-place block
             ds, dw = _weighted_shift_block(block, w[lo : lo + BLOCK], m)
@@ -238,7 +232,7 @@ def _soft_sums(z, t, w, m, c1, c0, g, store):
 @jit
 def _hard_row_loss(k, w_y, zy, log_s, w_sum, w_shift_sum, eps):
     """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log_s - (z - m)."""
-    loss = _times(w_y, log_s - zy)
+    loss = times(w_y, log_s - zy)
     if eps > 0:
         loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift_sum)
     return loss

@@ -7,6 +7,8 @@ that LLVM turns into AVX-512/AVX2 code (checked with ``inspect_asm``: vfmadd*ps,
 vpslld, vmaxps on zmm registers, no calls in the loop).
 """
 
+import math
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -163,6 +165,43 @@ def _exp_nonpositive(x):
     if x == types.float64:
         return lambda x: _exp_f64(x)
     return None
+
+
+@jit
+def _exp_diff_f32(z, m):
+    # z - m rounded to float32 is off by up to |z - m| 2^-24, which exp turns into that
+    # much relative error (64 ulp at z - m = -100). TwoSum recovers the rounding error
+    # and it joins the reduced argument: 0.93 ulp again, for ~8% more time in the loop.
+    d = z - m
+    bb = d - z
+    err = (z - (d - bb)) - (m + bb)
+    t = d * _L2E_F + _MAGIC_F
+    n = t - _MAGIC_F
+    r = d - n * _LN2_HI_F
+    r = (r - n * _LN2_LO_F) + err
+    q = ((((_Q5_F * r + _Q4_F) * r + _Q3_F) * r + _Q2_F) * r + _Q1_F) * r + _Q0_F
+    v = (q * r + _ONE_F) * _i32_as_f32(_f32_as_i32(t) << np.int32(23))
+    return _ZERO_F if d < _MIN_F else v
+
+
+def exp_shifted(z, m):
+    """exp(z - m) for z <= m, as if z - m were exact; vectorisable."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(exp_shifted)
+def _exp_shifted(z, m):
+    if z == types.float32 and m == types.float32:
+        return lambda z, m: _exp_diff_f32(z, m)
+    if z == types.float64 and m == types.float64:  # rounding z - m costs 1e-16 |z - m|
+        return lambda z, m: _exp_f64(z - m)
+    return None
+
+
+@jit
+def times(w, x):
+    """w * x with 0 * inf = 0: a zero weight removes a -inf log-probability; NaN stays NaN."""
+    return 0.0 if w == 0 and math.isinf(x) else w * x
 
 
 def like(x, a):

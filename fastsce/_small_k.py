@@ -20,14 +20,12 @@ log(s_other + e_y) in float64 (vectorised: fastsce._simd.log_normal); the target
 gradient -s_other / s without cancellation. Ignored rows get loss 0 and a zero row.
 """
 
-import math
-
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
 from fastsce._jit import jit, parallel
-from fastsce._simd import exp_nonpositive, like, log_normal, maximum, prefer_512bit
+from fastsce._simd import exp_nonpositive, exp_shifted, like, log_normal, maximum, prefer_512bit, times
 
 # From this many classes on, a tile's gradient is written row by row (vectorised along
 # the row) instead of class by class (a scatter per class).
@@ -131,12 +129,12 @@ def _lane_exp_sum(T, m, total, store):
         tj = T[j]
         if store:
             for r in range(tile_rows(T)):
-                e = exp_nonpositive(tj[r] - m[r])
+                e = exp_shifted(tj[r], m[r])
                 tj[r] = e
                 total[r] += float(e)
         else:
             for r in range(tile_rows(T)):
-                total[r] += float(exp_nonpositive(tj[r] - m[r]))
+                total[r] += float(exp_shifted(tj[r], m[r]))
 
 
 @jit
@@ -151,12 +149,6 @@ def _lane_grad(T, a, b, w):
 
 
 # --- per-row (lane) float64 arithmetic ----------------------------------------------------------
-
-
-@jit
-def _times(w, x):
-    """w * x with 0 * inf = 0: a zero weight removes a -inf log-probability; NaN stays NaN."""
-    return 0.0 if w == 0 and math.isinf(x) else w * x
 
 
 @jit
@@ -176,7 +168,7 @@ def _lane_loss(k, live, w_y, zy, s_other, w_sum, w_shift, eps, scale, grad, row_
         inv_s = 1.0 / s  # one division: vdivpd is slow
         log_s = log_normal(s) + err * inv_s
         # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log_s - (z - m)
-        loss = _times(w_y[r], log_s - zy[r])
+        loss = times(w_y[r], log_s - zy[r])
         if eps > 0:
             loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift[r])
         row_loss[r] = loss if live[r] else 0.0

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from fastsce import _kernels
+from fastsce import _kernels, _small_k
 from fastsce._validate import Problem, check_labels, check_out, check_problem, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
@@ -18,6 +18,13 @@ _launch_lock = threading.Lock()
 # A gradient row longer than this is computed in two reads of the logits instead of
 # three passes (the third would miss the cache): see _kernels.hard_loss_grad.
 LONG_ROW_BYTES = 1 << 20
+
+# Up to these K, integer-target rows are vectorised across rows (fastsce._small_k)
+# rather than along them: measured break-even, 2 threads, N * K ~ 1.6M.
+SMALL_K = {  # logits dtype: (loss only, loss and gradient)
+    np.dtype(np.float32): (128, 100),
+    np.dtype(np.float64): (100, 64),
+}
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
@@ -104,8 +111,11 @@ def _run(problem: Problem, grad: np.ndarray | None):
         else:
             w_sum = float(w.sum(dtype=np.float64))
             args = (z, problem.target, problem.ignore_index, w, w_sum, eps)
+            small_loss, small_grad = SMALL_K[dtype]
             if grad is None:
-                _kernels.hard_loss(*args, row_loss)
+                (_small_k if k <= small_loss else _kernels).hard_loss(*args, row_loss)
+            elif k <= small_grad:
+                _small_k.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z))
             else:
                 long_rows = k * dtype.itemsize > LONG_ROW_BYTES
                 _kernels.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z), long_rows)
