@@ -24,7 +24,7 @@ import numpy as np
 from numba import prange
 
 from fastsce._jit import jit, parallel, vector
-from fastsce._simd import exp_nonpositive, exp_shifted, like, maximum, prefer_512bit, times
+from fastsce._simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
@@ -230,11 +230,12 @@ def _soft_sums(z, t, w, m, c1, c0, g, store):
 
 
 @jit
-def _hard_row_loss(k, w_y, zy, log_s, w_sum, w_shift_sum, eps):
-    """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log_s - (z - m)."""
-    loss = times(w_y, log_s - zy)
+def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
+    """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log s - (z - m)."""
+    e_y = math.exp(zy)
+    loss = times(w_y, lse_minus_target(s_other, e_y, zy))
     if eps > 0:
-        loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift_sum)
+        loss = (1 - eps) * loss + eps / k * (w_sum * math.log(s_other + e_y) - w_shift_sum)
     return loss
 
 
@@ -250,7 +251,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, eps, row_loss):
         zi = z[i]
         m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, zi, no_blocks, False)
         zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
-        row_loss[i] = _hard_row_loss(k, w[y], zy, math.log(s_other + math.exp(zy)), w_sum, w_shift_sum, eps)
+        row_loss[i] = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
 
 
 @parallel
@@ -281,7 +282,7 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, i
         e_y = math.exp(zy)
         s = s_other + e_y
         w_y = float(w[y])
-        row_loss[i] = _hard_row_loss(k, w_y, zy, math.log(s), w_sum, w_shift_sum, eps)
+        row_loss[i] = _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps)
 
         # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K]
         hard = (1 - eps) * w_y * scale

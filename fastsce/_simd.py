@@ -5,6 +5,9 @@ call (~6 ns per element here) and keeps the loop from vectorising; a ``max()`` o
 ``if z > m`` reduction does not vectorise either. The pieces below are plain arithmetic
 that LLVM turns into AVX-512/AVX2 code (checked with ``inspect_asm``: vfmadd*ps,
 vpslld, vmaxps on zmm registers, no calls in the loop).
+
+Numba's on-disk cache of a kernel is keyed on the kernel's own source file: after
+editing this module, delete fastsce/__pycache__/*.nb* or the kernels keep the old code.
 """
 
 import math
@@ -80,8 +83,9 @@ def prefer_512bit(typingctx):
 # exp(r) = 1 + r q(r) with q a near-minimax polynomial on |r| <= ln2 / 2. n comes from
 # the "magic number" rounding t = x log2(e) + 1.5 * 2^p + bias: n + bias sits in the low
 # bits of t, so 2^n is bits(t) shifted into the exponent field (no float-to-int
-# conversion, so NaN cannot make LLVM poison). Results below the smallest normal number
-# are flushed to 0 (so are exp(-inf) and anything underflowing); NaN propagates.
+# conversion, so NaN cannot make LLVM poison). While n is a normal exponent (x down to
+# -126.5 ln2 for float32, -1022.5 ln2 for float64) the result is right even where it
+# underflows into the subnormals; below that it is 0, as is exp(-inf). NaN propagates.
 # Measured max error over [threshold, 0] against float64/long double: 0.93 ulp (float32),
 # 0.90 ulp (float64). These helpers must not be compiled with "reassoc" (or inlined into
 # a function that has it with inline="always"): it folds (a + M) - M to a.
@@ -91,7 +95,7 @@ _L2E_F = _F(1.4426950408889634)
 _MAGIC_F = _F(12582912.0 + 127.0)  # 1.5 * 2^23 + exponent bias
 _LN2_HI_F = _F(0.693359375)
 _LN2_LO_F = _F(-2.12194440e-4)
-_MIN_F = _F(-87.33)  # exp below this is under the smallest normal float32: 0
+_MIN_F = _F(-87.68)  # -126.5 ln2: n = -126 is the last normal scale factor
 _Q_F = tuple(
     _F(c)
     for c in (
@@ -123,7 +127,7 @@ _L2E_D = 1.4426950408889634
 _MAGIC_D = 6755399441055744.0 + 1023.0  # 1.5 * 2^52 + exponent bias
 _LN2_HI_D = 6.93147180369123816490e-01  # fdlibm's split: 32 trailing zero bits
 _LN2_LO_D = 1.90821492927058770002e-10
-_MIN_D = -708.39
+_MIN_D = -708.7  # -1022.5 ln2
 _Q_D = (
     2.5105217004720745e-08,
     2.7626371065696354e-07,
@@ -258,3 +262,24 @@ def log_normal(x):
     dk = float(k)
     v = dk * _LN2_HI_LOG - ((hfsq - (s * (hfsq + r) + dk * _LN2_LO_LOG)) - f)
     return v if x < np.inf else x
+
+
+@jit
+def log1p_nonnegative(x):
+    """log(1 + x) for float64 x >= 0, keeping the relative digits of a tiny x; vectorisable.
+
+    u = 1 + x rounds away the low digits of x; dividing that rounding error by u puts
+    them back to first order."""
+    u = 1.0 + x
+    return log_normal(u) - ((u - 1.0) - x) / u
+
+
+@jit
+def lse_minus_target(s_other, e_y, zy):
+    """log(s_other + e_y) - zy with e_y = exp(zy), zy = z_y - max: the integer-target loss
+    log(sum_j exp(z_j - z_y)), as log1p(s_other / e_y) while e_y has not underflowed, so a
+    tiny loss (a confident, right prediction) keeps its relative digits."""
+    if e_y > 1e-30:
+        return log1p_nonnegative(s_other / e_y)
+    return log_normal(s_other + e_y) - zy
+

@@ -25,7 +25,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from fastsce._jit import jit, parallel
-from fastsce._simd import exp_nonpositive, exp_shifted, like, log_normal, maximum, prefer_512bit, times
+from fastsce._simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 
 # From this many classes on, a tile's gradient is written row by row (vectorised along
 # the row) instead of class by class (a scatter per class).
@@ -161,16 +161,11 @@ def _lane_loss(k, live, w_y, zy, s_other, w_sum, w_shift, eps, scale, grad, row_
     for r in range(tile_rows(like_z)):
         e_y = exp_nonpositive(zy[r])
         s = s_other[r] + e_y
-        # The rounding error of s (TwoSum), added back to first order: log(s_other + e_y)
-        # keeps its relative digits when the target dominates and the loss is tiny.
-        t = s - s_other[r]
-        err = (s_other[r] - (s - t)) + (e_y - t)
-        inv_s = 1.0 / s  # one division: vdivpd is slow
-        log_s = log_normal(s) + err * inv_s
-        # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log_s - (z - m)
-        loss = times(w_y[r], log_s - zy[r])
+        inv_s = 1.0 / s
+        # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log s - (z - m)
+        loss = times(w_y[r], lse_minus_target(s_other[r], e_y, zy[r]))
         if eps > 0:
-            loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift[r])
+            loss = (1 - eps) * loss + eps / k * (w_sum * log_normal(s) - w_shift[r])
         row_loss[r] = loss if live[r] else 0.0
         if grad:
             hard = (1 - eps) * w_y[r] * scale
