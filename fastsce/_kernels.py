@@ -1,8 +1,9 @@
 """Private jitted kernels: one pass per row, fused max / exp-sum / loss / gradient.
 
-Every kernel takes C-contiguous logits ``z`` (N, K), spreads rows over threads with
-``prange``, and writes one float64 loss per row into ``row_loss``; the caller reduces
-that (N,) array serially, so the batch sum is the same whatever the thread count.
+Every kernel takes C-contiguous logits ``z`` (N, K) and spreads fixed chunks of
+``chunk_rows`` rows over threads with ``prange``; each chunk adds its rows' float64
+losses in order into ``chunk_loss`` (and stores each in ``row_loss`` unless that is
+empty), and the caller sums the chunks: the same bits whatever the thread count.
 Each row is read from memory once: the max pass brings it into cache, later passes over
 the same row hit L1/L2. The gradient buffer ``g`` may be ``z`` itself (``in_place``):
 all reads of a row's logits happen before, or at the same index as, its writes.
@@ -239,91 +240,102 @@ def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
     return loss
 
 
-@parallel
-def hard_loss(z, target, ignore_index, w, w_sum, eps, row_loss):
-    n, k = z.shape
-    no_blocks = np.empty(0, z.dtype)
-    for i in prange(n):
-        y = target[i]
-        if y == ignore_index:
-            row_loss[i] = 0.0
-            continue
-        zi = z[i]
-        m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, zi, no_blocks, False)
-        zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
-        row_loss[i] = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
+@jit
+def _hard_row(zi, y, k, w, w_sum, eps):
+    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, zi, zi[:0], False)
+    zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
+    return _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
 
 
-@parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, in_place, long_rows):
-    """long_rows: rows too long to stay in cache between passes. Their max and exp-sum
+@jit
+def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, in_place, long_rows):
+    """long_rows: a row too long to stay in cache between passes. Its max and exp-sum
     then come from one read (_row_stats), and one more pass rescales the stored exps."""
-    n, k = z.shape
-    n_blocks = (k + BLOCK - 1) // BLOCK if long_rows else 0
-    for i in prange(n):
-        y = target[i]
-        gi = g[i]
-        if y == ignore_index:
-            row_loss[i] = 0.0
-            gi[:] = 0
-            continue
-        zi = z[i]
-        # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
-        # when p_y is close to 1, where 1 - p_y would cancel.
-        zy_raw = zi[y]  # read before g (maybe z itself) is overwritten
-        if long_rows:
-            block_max = np.empty(n_blocks, z.dtype)
-            m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place)
-        else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
-            m = _row_max(zi)
-            w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
-            s_other = _store_exp(zi[:y], m, gi[:y], in_place) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place)
-        zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
-        e_y = math.exp(zy)
-        s = s_other + e_y
-        w_y = float(w[y])
-        row_loss[i] = _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps)
+    # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
+    # when p_y is close to 1, where 1 - p_y would cancel.
+    zy_raw = zi[y]  # read before g (maybe z itself) is overwritten
+    if long_rows:
+        block_max = np.empty((k + BLOCK - 1) // BLOCK, zi.dtype)
+        m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place)
+    else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
+        m = _row_max(zi)
+        w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
+        s_other = _store_exp(zi[:y], m, gi[:y], in_place) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place)
+    zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
+    e_y = math.exp(zy)
+    s = s_other + e_y
+    w_y = float(w[y])
 
-        # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K]
-        hard = (1 - eps) * w_y * scale
-        a = (hard + eps * w_sum / k * scale) / s
-        b = eps / k * scale
-        if long_rows:
-            _rescale_blocks(gi, block_max, m, a, b, w, eps)
-        elif eps > 0:
-            _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
-        else:
-            _scale(gi, like(a, gi))
-        gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y)
+    # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K]
+    hard = (1 - eps) * w_y * scale
+    a = (hard + eps * w_sum / k * scale) / s
+    b = eps / k * scale
+    if long_rows:
+        _rescale_blocks(gi, block_max, m, a, b, w, eps)
+    elif eps > 0:
+        _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
+    else:
+        _scale(gi, like(a, gi))
+    gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y)
+    return _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps)
+
+
+# The drivers spread fixed chunks of rows over the threads. A chunk sums its rows' losses
+# in row order into chunk_loss (and stores each into row_loss when that is not empty),
+# so the batch total does not depend on the thread count and needs no (N,) buffer.
+
+
+@parallel
+def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chunk_loss):
+    n, k = z.shape
+    for c in prange(chunk_loss.size):
+        total = 0.0
+        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+            y = target[i]
+            loss = 0.0 if y == ignore_index else _hard_row(z[i], y, k, w, w_sum, eps)
+            if row_loss.size:
+                row_loss[i] = loss
+            total += loss
+        chunk_loss[c] = total
+
+
+@parallel
+def hard_loss_grad(
+    z, target, ignore_index, w, w_sum, eps, scale, chunk_rows, row_loss, chunk_loss, g, in_place, long_rows
+):
+    n, k = z.shape
+    for c in prange(chunk_loss.size):
+        total = 0.0
+        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+            y = target[i]
+            if y == ignore_index:
+                loss = 0.0
+                g[i, :] = 0
+            else:
+                loss = _hard_row_grad(z[i], y, g[i], k, w, w_sum, eps, scale, in_place, long_rows)
+            if row_loss.size:
+                row_loss[i] = loss
+            total += loss
+        chunk_loss[c] = total
 
 
 # --- probability targets ----------------------------------------------------------------------
 
 
-@parallel
-def soft_loss(z, t, w, eps, row_loss):
-    n, k = z.shape
-    c1, c0 = like(1 - eps, z), like(eps / k, z)
-    for i in prange(n):
-        zi = z[i]
-        m = _row_max(zi)
-        s, a, b = _soft_sums(zi, t[i], w, m, c1, c0, zi, False)
-        row_loss[i] = a * math.log(s) - b
+@jit
+def _soft_row(zi, ti, w, c1, c0):
+    m = _row_max(zi)
+    s, a, b = _soft_sums(zi, ti, w, m, c1, c0, zi, False)
+    return a * math.log(s) - b
 
 
-@parallel
-def soft_loss_grad(z, t, w, eps, scale, row_loss, g):
-    n, k = z.shape
-    c1, c0 = like(1 - eps, z), like(eps / k, z)
-    for i in prange(n):
-        zi = z[i]
-        ti = t[i]
-        gi = g[i]
-        m = _row_max(zi)
-        s, a, b = _soft_sums(zi, ti, w, m, c1, c0, gi, True)
-        row_loss[i] = a * math.log(s) - b
-        # g_j = scale (p_j sum_k w_k t'_k - w_j t'_j)
-        _soft_grad(gi, ti, w, like(scale * a / s, gi), like(scale, gi), c1, c0)
+@jit
+def _soft_row_grad(zi, ti, gi, w, c1, c0, scale):
+    m = _row_max(zi)
+    s, a, b = _soft_sums(zi, ti, w, m, c1, c0, gi, True)
+    # g_j = scale (p_j sum_k w_k t'_k - w_j t'_j)
+    _soft_grad(gi, ti, w, like(scale * a / s, gi), like(scale, gi), c1, c0)
+    return a * math.log(s) - b
 
 
 @vector
@@ -333,15 +345,56 @@ def _soft_grad(g, t, w, pa, scale, c1, c0):
         g[j] = pa * g[j] - scale * (w[j] * (c1 * t[j] + c0))
 
 
-# --- the "mean" denominator -------------------------------------------------------------------
+@parallel
+def soft_loss(z, t, w, eps, chunk_rows, row_loss, chunk_loss):
+    n, k = z.shape
+    c1, c0 = like(1 - eps, z), like(eps / k, z)
+    for c in prange(chunk_loss.size):
+        total = 0.0
+        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+            loss = _soft_row(z[i], t[i], w, c1, c0)
+            if row_loss.size:
+                row_loss[i] = loss
+            total += loss
+        chunk_loss[c] = total
+
+
+@parallel
+def soft_loss_grad(z, t, w, eps, scale, chunk_rows, row_loss, chunk_loss, g):
+    n, k = z.shape
+    c1, c0 = like(1 - eps, z), like(eps / k, z)
+    for c in prange(chunk_loss.size):
+        total = 0.0
+        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+            loss = _soft_row_grad(z[i], t[i], g[i], w, c1, c0, scale)
+            if row_loss.size:
+                row_loss[i] = loss
+            total += loss
+        chunk_loss[c] = total
+
+
+# --- before the kernels: labels and weights ---------------------------------------------------
 
 
 @jit
-def counted_weight(target, ignore_index, w):
-    """sum of w[y_n] over rows with y_n != ignore_index, in float64, in row order."""
+def label_stats(target, k, ignore_index, w):
+    """(first row whose label is outside [0, K) and not ignore_index, or -1;
+    sum of w[y_n] over the other counted rows in float64, in row order)."""
     total = 0.0
     for i in range(target.size):
         y = target[i]
-        if y != ignore_index:
-            total += w[y]
+        if y == ignore_index:
+            continue
+        if y < 0 or y >= k:
+            return i, total
+        total += w[y]
+    return -1, total
+
+
+@jit
+def float64_sum(w):
+    """sum(w) in float64, in order, without NumPy's cast buffer."""
+    total = 0.0
+    for j in range(w.size):
+        total += w[j]
     return total

@@ -265,21 +265,14 @@ def log_normal(x):
 
 
 @jit
-def log1p_nonnegative(x):
-    """log(1 + x) for float64 x >= 0, keeping the relative digits of a tiny x; vectorisable.
-
-    u = 1 + x rounds away the low digits of x; dividing that rounding error by u puts
-    them back to first order."""
-    u = 1.0 + x
-    return log_normal(u) - ((u - 1.0) - x) / u
-
-
-@jit
 def lse_minus_target(s_other, e_y, zy):
     """log(s_other + e_y) - zy with e_y = exp(zy), zy = z_y - max: the integer-target loss
-    log(sum_j exp(z_j - z_y)), as log1p(s_other / e_y) while e_y has not underflowed, so a
-    tiny loss (a confident, right prediction) keeps its relative digits."""
-    if e_y > 1e-30:
-        return log1p_nonnegative(s_other / e_y)
-    return log_normal(s_other + e_y) - zy
-
+    log(sum_j exp(z_j - z_y)). While e_y has not underflowed it is taken as
+    log1p(s_other / e_y), so a tiny loss (a confident, right prediction) keeps its
+    relative digits: with u = 1 + x rounded, log1p(x) = log(u) - ((u - 1) - x) / u.
+    One log and selects, no branch: the small-K kernels vectorise this across rows."""
+    x = s_other / e_y
+    as_ratio = e_y > 1e-30
+    u = 1.0 + x if as_ratio else s_other + e_y
+    correction = ((u - 1.0) - x) / u if as_ratio else zy
+    return log_normal(u) - correction

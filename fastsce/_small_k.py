@@ -33,6 +33,7 @@ ROWS_OUT_K = 16
 
 # Tiles per prange iteration: the scratch is allocated once per chunk.
 TILES_PER_CHUNK = 32
+CHUNK_ROWS = TILES_PER_CHUNK * 64  # rows per prange step: whole tiles of 64 rows
 
 
 def tile_rows(z):
@@ -211,54 +212,55 @@ def _tile(zt, yt, ignore_index, w, w_sum, eps, scale, lt, gt, grad, T, m, a, liv
 
 @jit
 def _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, grad):
-    """Rows lo .. hi: full tiles, then the rest (< R rows) as one zero-padded tile."""
+    """Rows lo .. hi: full tiles, then the rest (< R rows) as one zero-padded tile.
+    Returns the sum of their losses in row order (each also in row_loss if not empty)."""
     R = tile_rows(z)
     k = z.shape[1]
     T = np.empty((k, R), z.dtype)
     m = np.empty(R, z.dtype)
     a = np.empty(R, z.dtype)
-    lanes = np.empty((6, R), np.float64)
-    live, w_y, zy, s_other, w_shift, gy = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
-    tiles = (hi - lo) // R
-    for t in range(tiles):
-        i = lo + t * R
-        j = i + R
-        _tile(
-            z[i:j], target[i:j], ignore_index, w, w_sum, eps, scale, row_loss[i:j], g[i:j], grad,
-            T, m, a, live, w_y, zy, s_other, w_shift, gy,
-        )  # fmt: skip
-    i = lo + tiles * R
-    rest = hi - i
-    if rest > 0:
-        zp = np.zeros((R, k), z.dtype)
-        zp[:rest] = z[i:hi]
-        yp = np.full(R, ignore_index, target.dtype)
-        yp[:rest] = target[i:hi]
-        lp = np.empty(R, np.float64)
-        gp = np.empty((R, k), z.dtype) if grad else zp
-        _tile(zp, yp, ignore_index, w, w_sum, eps, scale, lp, gp, grad, T, m, a, live, w_y, zy, s_other, w_shift, gy)
-        row_loss[i:hi] = lp[:rest]
-        if grad:
-            g[i:hi] = gp[:rest]
+    lanes = np.empty((7, R), np.float64)
+    live, w_y, zy, s_other, w_shift, gy, lt = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6]
+    total = 0.0
+    for i in range(lo, hi, R):
+        rows = min(R, hi - i)
+        if rows == R:
+            zt, yt, gt = z[i : i + R], target[i : i + R], g[i : i + R]
+        else:  # the last rows, zero-padded to a whole tile whose extra rows are ignored
+            zt = np.zeros((R, k), z.dtype)
+            zt[:rows] = z[i:hi]
+            yt = np.full(R, ignore_index, target.dtype)
+            yt[:rows] = target[i:hi]
+            gt = np.empty((R, k), z.dtype) if grad else zt
+        _tile(zt, yt, ignore_index, w, w_sum, eps, scale, lt, gt, grad, T, m, a, live, w_y, zy, s_other, w_shift, gy)
+        if grad and rows < R:
+            g[i:hi] = gt[:rows]
+        for r in range(rows):
+            total += lt[r]
+            if row_loss.size:
+                row_loss[i + r] = lt[r]
+    return total
 
 
 # --- the kernels ----------------------------------------------------------------------------------
 
 
 @parallel
-def hard_loss(z, target, ignore_index, w, w_sum, eps, row_loss):
+def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chunk_loss):
+    """As _kernels.hard_loss; chunk_rows must be a multiple of the tile (CHUNK_ROWS)."""
     n = z.shape[0]
-    step = TILES_PER_CHUNK * tile_rows(z)
-    for c in prange((n + step - 1) // step):
-        lo = c * step
-        _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, z, lo, min(lo + step, n), False)
+    for c in prange(chunk_loss.size):
+        lo = c * chunk_rows
+        hi = min(lo + chunk_rows, n)
+        chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, z, lo, hi, False)
 
 
 @parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, in_place):
-    # in_place needs nothing special: a tile is read whole before its gradient is written.
+def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, chunk_rows, row_loss, chunk_loss, g, in_place):
+    """As _kernels.hard_loss_grad. in_place needs nothing special: a tile is read whole
+    before its gradient is written."""
     n = z.shape[0]
-    step = TILES_PER_CHUNK * tile_rows(z)
-    for c in prange((n + step - 1) // step):
-        lo = c * step
-        _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, min(lo + step, n), True)
+    for c in prange(chunk_loss.size):
+        lo = c * chunk_rows
+        hi = min(lo + chunk_rows, n)
+        chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, True)

@@ -21,7 +21,7 @@ class Problem:
     """Validated, normalised arguments of one cross-entropy call."""
 
     logits: np.ndarray  # (N, K) float32/float64, as given (any layout)
-    target: np.ndarray  # (N,) int64 class indices, or (N, K) probabilities in logits' dtype
+    target: np.ndarray  # (N,) int32/int64 class indices, or (N, K) probabilities in logits' dtype
     soft: bool  # True for probability targets
     weight: np.ndarray | None  # (K,) in logits' dtype, or None
     ignore_index: int
@@ -51,17 +51,21 @@ def check_problem(logits, target, weight, ignore_index, reduction, label_smoothi
     return Problem(logits, target, soft, weight, ignore_index, reduction, label_smoothing, given)
 
 
-def check_labels(problem: Problem) -> None:
-    """IndexError naming the first class index outside [0, K) that is not ignore_index."""
+def check_labels(problem: Problem, first_bad_row: int | None = None) -> None:
+    """IndexError naming the first class index outside [0, K) that is not ignore_index.
+
+    first_bad_row: that row (-1 for none) when the caller has found it already; the fast
+    path does, in the compiled pass that also sums the label weights."""
     if problem.soft:
         return
     target, k = problem.target, problem.shape[1]
-    bad = (target != problem.ignore_index) & ((target < 0) | (target >= k))
-    if bad.any():
-        row = int(np.argmax(bad))
+    if first_bad_row is None:
+        bad = (target != problem.ignore_index) & ((target < 0) | (target >= k))
+        first_bad_row = int(np.argmax(bad)) if bad.any() else -1
+    if first_bad_row >= 0:
         raise IndexError(
-            f"target[{row}] = {int(target[row])} is not a class index for logits with "
-            f"K={k} classes: labels must lie in [0, {k - 1}] or equal "
+            f"target[{first_bad_row}] = {int(target[first_bad_row])} is not a class index for logits "
+            f"with K={k} classes: labels must lie in [0, {k - 1}] or equal "
             f"ignore_index={problem.ignore_index}"
         )
 
@@ -146,7 +150,9 @@ def _check_target(target, logits: np.ndarray) -> tuple[np.ndarray, bool]:
     if target.dtype == np.uint64 and n and target.max() > np.iinfo(np.int64).max:
         row = int(np.argmax(target > np.iinfo(np.int64).max))
         raise IndexError(f"target[{row}] = {int(target[row])} is not a class index for K={k} classes")
-    return np.ascontiguousarray(target, dtype=np.int64), False
+    # The kernels take int32 and int64 labels as they are; others become int64.
+    native = target.dtype if target.dtype in (np.dtype(np.int32), np.dtype(np.int64)) else np.int64
+    return np.ascontiguousarray(target, dtype=native), False
 
 
 def _check_weight(weight, logits: np.ndarray) -> np.ndarray | None:

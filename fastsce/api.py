@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import numpy as np
@@ -18,6 +19,9 @@ _launch_lock = threading.Lock()
 # A gradient row longer than this is computed in two reads of the logits instead of
 # three passes (the third would miss the cache): see _kernels.hard_loss_grad.
 LONG_ROW_BYTES = 1 << 20
+
+# Rows per prange chunk of the row-wise kernels: about this many logits, at least one row.
+ROW_CHUNK_LOGITS = 1 << 16
 
 # Up to these K, integer-target rows are vectorised across rows (fastsce._small_k)
 # rather than along them: measured break-even, 2 threads, N * K ~ 1.6M.
@@ -55,8 +59,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     Only the loss is computed: no gradient is formed or written.
     """
     problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
-    check_labels(problem)
-    return _run(problem, grad=None)
+    return _run(problem, *_weights(problem), grad=None)
 
 
 def cross_entropy_with_grad(
@@ -76,26 +79,50 @@ def cross_entropy_with_grad(
         For ``reduction="none"`` row n of ``grad`` is the gradient of row n's loss.
     """
     problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
-    check_labels(problem)
+    weights = _weights(problem)
     if out is None:
         out = np.empty(problem.shape, problem.logits.dtype)
     else:
         check_out(out, problem)
-    return _run(problem, grad=out), out
+    return _run(problem, *weights, grad=out), out
 
 
-def _run(problem: Problem, grad: np.ndarray | None):
+@functools.lru_cache(maxsize=8)
+def _ones(k: int, dtype: np.dtype) -> np.ndarray:
+    """The weights of an unweighted call, kept: no K-sized allocation per call. (Left
+    writeable, as user weights are, so the kernels compile once for both; never exposed.)"""
+    return np.ones(k, dtype)
+
+
+def _weights(problem: Problem):
+    """(class weights, their float64 sum, the "mean" denominator), checking the labels
+    in the same compiled pass over them."""
+    n, k = problem.shape
+    dtype = problem.logits.dtype
+    if problem.weight is None:
+        w, w_sum = _ones(k, dtype), float(k)
+    else:
+        w, w_sum = problem.weight, _kernels.float64_sum(problem.weight)
+    if problem.soft:
+        return w, w_sum, float(n)
+    bad_row, denominator = _kernels.label_stats(problem.target, k, problem.ignore_index, w)
+    check_labels(problem, bad_row)
+    return w, w_sum, denominator
+
+
+def _run(problem: Problem, w: np.ndarray, w_sum: float, denominator: float, grad: np.ndarray | None):
     n, k = problem.shape
     z = np.ascontiguousarray(problem.logits)  # no copy on the fast path (and for out=logits)
     dtype = z.dtype
-    w = np.ones(k, dtype) if problem.weight is None else problem.weight
     eps = problem.label_smoothing
-    row_loss = np.empty(n, np.float64)
+    small = not problem.soft and k <= SMALL_K[dtype][grad is not None]
+    # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
+    # only, so the total is the same for any thread count, with O(N / chunk) memory.
+    chunk_rows = _small_k.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
+    chunk_loss = np.empty(-(-n // chunk_rows), np.float64)
+    row_loss = np.empty(n if problem.reduction == "none" else 0, dtype)
+    losses = (chunk_rows, row_loss, chunk_loss)
 
-    if problem.soft:
-        denominator = float(n)
-    else:
-        denominator = _kernels.counted_weight(problem.target, problem.ignore_index, w)
     if problem.reduction == "mean":
         scale = 1.0 / denominator if denominator else np.nan  # 0 / 0, as PyTorch
     else:
@@ -105,25 +132,24 @@ def _run(problem: Problem, grad: np.ndarray | None):
         if problem.soft:
             t = np.ascontiguousarray(problem.target)
             if grad is None:
-                _kernels.soft_loss(z, t, w, eps, row_loss)
+                _kernels.soft_loss(z, t, w, eps, *losses)
             else:
-                _kernels.soft_loss_grad(z, t, w, eps, scale, row_loss, grad)
+                _kernels.soft_loss_grad(z, t, w, eps, scale, *losses, grad)
         else:
-            w_sum = float(w.sum(dtype=np.float64))
             args = (z, problem.target, problem.ignore_index, w, w_sum, eps)
-            small_loss, small_grad = SMALL_K[dtype]
+            kernels = _small_k if small else _kernels
             if grad is None:
-                (_small_k if k <= small_loss else _kernels).hard_loss(*args, row_loss)
-            elif k <= small_grad:
-                _small_k.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z))
+                kernels.hard_loss(*args, *losses)
+            elif small:
+                _small_k.hard_loss_grad(*args, scale, *losses, grad, same_memory(grad, z))
             else:
                 long_rows = k * dtype.itemsize > LONG_ROW_BYTES
-                _kernels.hard_loss_grad(*args, scale, row_loss, grad, same_memory(grad, z), long_rows)
+                _kernels.hard_loss_grad(*args, scale, *losses, grad, same_memory(grad, z), long_rows)
 
+    if problem.reduction == "none":
+        return row_loss
+    total = chunk_loss.sum()  # float64, in a fixed order
     with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
-        if problem.reduction == "none":
-            return row_loss.astype(dtype)
-        total = row_loss.sum()  # serial and in float64: the same bits for any thread count
         if problem.reduction == "sum":
             return dtype.type(total)
         return dtype.type(total / denominator if denominator else np.nan)

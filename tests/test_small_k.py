@@ -1,8 +1,7 @@
 """fastsce._small_k (tiles of rows, SIMD lanes across rows) against the NumPy reference.
 
-The kernels are called directly, with the arguments fastsce.api._run passes to
-fastsce._kernels.hard_loss / hard_loss_grad, and their per-row losses reduced the way
-_run reduces them. N runs over sizes that are not multiples of the tile (the last
+The public API is called with its small-K thresholds raised so that every K here goes
+to these kernels. N runs over sizes that are not multiples of the tile (the last
 N % R rows go through a zero-padded tile).
 """
 
@@ -13,7 +12,8 @@ import numpy as np
 import pytest
 
 from _cases import DTYPES, REDUCTIONS, Case, assert_close, make_case, short
-from fastsce import _small_k, reference
+import fastsce
+from fastsce import _small_k, api, reference
 from fastsce._jit import jit
 from fastsce._simd import log_normal
 
@@ -22,37 +22,31 @@ KS = (1, 2, 3, 10, 16, 17, 31, 64, 100, 128)
 
 
 def run_small(case: Case, grad: bool, in_place: bool = False):
-    """(loss, gradient or None) from the small-K kernels, reduced as fastsce.api._run."""
-    z = np.ascontiguousarray(case.logits)
-    if in_place:
-        z = z.copy()
-    n, k = z.shape
-    dtype = z.dtype
-    kw = case.kwargs
-    ignore_index = kw.get("ignore_index", -100)
-    w = np.ones(k, dtype) if kw.get("weight") is None else np.asarray(kw["weight"]).astype(dtype)
-    eps = kw.get("label_smoothing", 0.0)
-    reduction = kw.get("reduction", "mean")
-    counted = case.target != ignore_index
-    denominator = float(w[case.target[counted]].sum(dtype=np.float64))
-    scale = (1.0 / denominator if denominator else np.nan) if reduction == "mean" else 1.0
-    w_sum = float(w.sum(dtype=np.float64))
-    row_loss = np.empty(n, np.float64)
-    args = (z, case.target, ignore_index, w, w_sum, eps)
-    g = None
-    if grad:
-        g = z if in_place else np.empty_like(z)
-        _small_k.hard_loss_grad(*args, scale, row_loss, g, in_place)
-    else:
-        _small_k.hard_loss(*args, row_loss)
-    with np.errstate(over="ignore"):
-        if reduction == "none":
-            loss = row_loss.astype(dtype)
-        elif reduction == "sum":
-            loss = dtype.type(row_loss.sum())
-        else:
-            loss = dtype.type(row_loss.sum() / denominator if denominator else np.nan)
-    return loss, g
+    """(loss, gradient or None) through the public API, dispatched to the small-K kernels."""
+    saved = api.SMALL_K
+    api.SMALL_K = {dtype: (1 << 30, 1 << 30) for dtype in saved}  # every K is "small"
+    try:
+        if not grad:
+            return case.loss(fastsce), None
+        if in_place:
+            z = case.logits.copy()
+            loss, g = fastsce.cross_entropy_with_grad(z, case.target, **case.kwargs, out=z)
+            assert g is z
+            return loss, g
+        return case.loss_grad(fastsce)
+    finally:
+        api.SMALL_K = saved
+
+
+def test_small_k_kernels_are_really_taken(monkeypatch):
+    seen = []
+    for name in ("hard_loss", "hard_loss_grad"):
+        real = getattr(_small_k, name)
+        monkeypatch.setattr(_small_k, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
+    case = make_case(5, 300)  # beyond the default thresholds
+    run_small(case, grad=True)
+    run_small(case, grad=False)
+    assert seen == ["hard_loss_grad", "hard_loss"]
 
 
 def check(case: Case, in_place=False):
