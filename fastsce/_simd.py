@@ -113,11 +113,12 @@ _ZERO_F = _F(0.0)
 
 
 @jit
-def _exp_f32(x):
+def _exp_f32(x, err):
+    """exp(x + err), err a correction below half an ulp of x (0 folds away under nsz)."""
     t = x * _L2E_F + _MAGIC_F
     n = t - _MAGIC_F
     r = x - n * _LN2_HI_F
-    r = r - n * _LN2_LO_F
+    r = (r - n * _LN2_LO_F) + err
     q = ((((_Q5_F * r + _Q4_F) * r + _Q3_F) * r + _Q2_F) * r + _Q1_F) * r + _Q0_F
     v = (q * r + _ONE_F) * _i32_as_f32(_f32_as_i32(t) << np.int32(23))
     return _ZERO_F if x < _MIN_F else v
@@ -165,7 +166,7 @@ def exp_nonpositive(x):
 @overload(exp_nonpositive)
 def _exp_nonpositive(x):
     if x == types.float32:
-        return lambda x: _exp_f32(x)
+        return lambda x: _exp_f32(x, _ZERO_F)
     if x == types.float64:
         return lambda x: _exp_f64(x)
     return None
@@ -179,13 +180,7 @@ def _exp_diff_f32(z, m):
     d = z - m
     bb = d - z
     err = (z - (d - bb)) - (m + bb)
-    t = d * _L2E_F + _MAGIC_F
-    n = t - _MAGIC_F
-    r = d - n * _LN2_HI_F
-    r = (r - n * _LN2_LO_F) + err
-    q = ((((_Q5_F * r + _Q4_F) * r + _Q3_F) * r + _Q2_F) * r + _Q1_F) * r + _Q0_F
-    v = (q * r + _ONE_F) * _i32_as_f32(_f32_as_i32(t) << np.int32(23))
-    return _ZERO_F if d < _MIN_F else v
+    return _exp_f32(d, err)
 
 
 def exp_shifted(z, m):
