@@ -18,7 +18,7 @@ from fastsce._jit import jit
 from fastsce._simd import log_normal
 
 NS = (0, 1, 15, 17, 1000)
-KS = (1, 2, 3, 10, 16, 17, 31, 64, 100, 128)
+KS = (1, 2, 3, 10, 16, 17, 31, 64, 100, 128, 200)
 
 
 def run_small(case: Case, grad: bool, in_place: bool = False):
