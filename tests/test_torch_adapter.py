@@ -1,0 +1,174 @@
+"""fastsce.torch against torch.nn.functional.cross_entropy: loss, autograd, module, training."""
+
+import numpy as np
+import pytest
+
+from _cases import DTYPES, REDUCTIONS, assert_close, make_case, short
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+fastsce_torch = pytest.importorskip("fastsce.torch")
+
+OPTIONS = {
+    "plain": dict(),
+    "weighted": dict(weighted=True),
+    "ignore-3": dict(ignore_index=3),
+    "ignore-3-weighted-smooth": dict(ignore_index=3, weighted=True, label_smoothing=0.2),
+    "smooth": dict(label_smoothing=0.1),
+    "soft": dict(soft=True),
+    "soft-weighted-smooth": dict(soft=True, weighted=True, label_smoothing=0.3),
+}
+
+
+def tensors(case, requires_grad=True):
+    logits = torch.tensor(case.logits, requires_grad=requires_grad)
+    kwargs = dict(case.kwargs)
+    if kwargs.get("weight") is not None:
+        kwargs["weight"] = torch.tensor(np.asarray(kwargs["weight"], case.dtype))
+    return logits, torch.tensor(case.target), kwargs
+
+
+def loss_and_grad(fn, case):
+    """fn's loss and d/d(logits) of a non-uniformly weighted sum of it (of the loss itself
+    for mean/sum)."""
+    logits, target, kwargs = tensors(case)
+    loss = fn(logits, target, **kwargs)
+    if kwargs["reduction"] == "none":
+        (loss * torch.arange(len(loss), dtype=loss.dtype)).sum().backward()
+    else:
+        (3.5 * loss).backward()
+    return loss, logits.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_matches_torch(dtype, reduction, option):
+    case = make_case(37, 11, dtype, reduction=reduction, **OPTIONS[option])
+    loss, grad = loss_and_grad(fastsce_torch.cross_entropy, case)
+    expected_loss, expected_grad = loss_and_grad(F.cross_entropy, case)
+    assert isinstance(loss, torch.Tensor) and loss.dtype == expected_loss.dtype
+    assert loss.shape == expected_loss.shape == ((37,) if reduction == "none" else ())
+    loss_unit, grad_unit = case.units()
+    scale = 36.0 if reduction == "none" else 3.5
+    assert_close(loss.detach().numpy(), expected_loss.detach().numpy(), unit=loss_unit)
+    assert_close(grad.numpy(), expected_grad.numpy(), unit=grad_unit * scale)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", ["weighted", "ignore-3-weighted-smooth", "soft-weighted-smooth"])
+def test_gradcheck(reduction, option):
+    case = make_case(6, 5, np.float64, reduction=reduction, **OPTIONS[option])
+    logits, target, kwargs = tensors(case)
+    assert torch.autograd.gradcheck(lambda z: fastsce_torch.cross_entropy(z, target, **kwargs), (logits,))
+
+
+def test_no_grad_computes_the_loss_only(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("cross_entropy_with_grad called without autograd")
+
+    monkeypatch.setattr(fastsce_torch.fastsce, "cross_entropy_with_grad", refuse)
+    case = make_case(9, 4, np.float32, weighted=True)
+    logits, target, kwargs = tensors(case)
+    expected = F.cross_entropy(logits, target, **kwargs)
+    with torch.no_grad():
+        loss = fastsce_torch.cross_entropy(logits, target, **kwargs)
+    assert loss.grad_fn is None and not loss.requires_grad
+    assert_close(loss.numpy(), expected.detach().numpy())
+    loss = fastsce_torch.cross_entropy(logits.detach(), target, **kwargs)  # no requires_grad
+    assert_close(loss.numpy(), expected.detach().numpy())
+    with pytest.raises(AssertionError, match="without autograd"):
+        fastsce_torch.cross_entropy(logits, target, **kwargs)
+
+
+def test_non_contiguous_input_and_int32_targets():
+    case = make_case(8, 6, np.float64, ignore_index=2)
+    logits = torch.tensor(np.asfortranarray(case.logits), requires_grad=True)
+    z = logits.t().contiguous().t()  # same values, column-major
+    assert not z.is_contiguous()
+    loss = fastsce_torch.cross_entropy(z, torch.tensor(case.target).to(torch.int32), ignore_index=2)
+    loss.backward()
+    ref = torch.tensor(case.logits, requires_grad=True)
+    expected = F.cross_entropy(ref, torch.tensor(case.target), ignore_index=2)
+    expected.backward()
+    assert_close(loss.detach().numpy(), expected.detach().numpy())
+    assert_close(logits.grad.numpy(), ref.grad.numpy())
+
+
+def test_positional_arguments_match_torch_order():
+    case = make_case(10, 5, np.float64, weighted=True, ignore_index=1)
+    logits, target, kwargs = tensors(case, requires_grad=False)
+    args = (logits, target, kwargs["weight"], None, 1, None, "sum", 0.1)
+    assert_close(fastsce_torch.cross_entropy(*args).numpy(), F.cross_entropy(*args).numpy())
+
+
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [(torch.float16, (7, 5)), (torch.bfloat16, (7, 5)), (torch.float32, (7, 5, 3)), (torch.float64, (5,))],
+    ids=["f16", "bf16", "class-axis", "1d"],
+)
+def test_unsupported_inputs_fall_back_to_torch(dtype, shape):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+    if len(shape) == 1:
+        target = torch.tensor(2)
+    else:
+        target = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=gen)
+    loss = fastsce_torch.cross_entropy(logits, target, reduction="sum", label_smoothing=0.1)
+    expected = F.cross_entropy(logits, target, reduction="sum", label_smoothing=0.1)
+    assert loss.dtype == expected.dtype
+    assert torch.equal(loss, expected)
+    (grad,) = torch.autograd.grad(loss, logits)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert torch.equal(grad, expected_grad)
+
+
+def test_negative_weight_falls_back_to_torch():
+    logits = torch.randn(6, 4, dtype=torch.float64)
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    weight = torch.tensor([1.0, -0.5, 2.0, 1.0], dtype=torch.float64)
+    assert torch.equal(
+        fastsce_torch.cross_entropy(logits, target, weight, reduction="sum"),
+        F.cross_entropy(logits, target, weight, reduction="sum"),
+    )
+
+
+def test_module_in_sequential():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (16,), generator=gen)
+    weight = torch.linspace(0.5, 2.0, 4, dtype=torch.float64)
+    losses, grads = [], []
+    for loss_cls in (fastsce_torch.CrossEntropyLoss, torch.nn.CrossEntropyLoss):
+        torch.manual_seed(2)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 4).double())
+        crit = loss_cls(weight=weight, ignore_index=3, label_smoothing=0.05)
+        assert isinstance(crit, torch.nn.Module)
+        loss = crit(net(x), y)
+        loss.backward()
+        losses.append(loss.detach().numpy())
+        grads.append(net[0].weight.grad.numpy())
+    assert "weight" in fastsce_torch.CrossEntropyLoss(weight=weight).state_dict()
+    assert_close(losses[0], losses[1])
+    assert_close(grads[0], grads[1])
+
+
+def test_training_follows_the_same_loss_curve():
+    rng = np.random.default_rng(3)
+    x = torch.tensor(rng.standard_normal((64, 20)))
+    y = torch.tensor(rng.integers(0, 10, 64))
+    curves = []
+    for loss_fn in (fastsce_torch.cross_entropy, F.cross_entropy):
+        torch.manual_seed(4)
+        model = torch.nn.Linear(20, 10).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        curve = []
+        for _ in range(200):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y, label_smoothing=0.05)
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        curves.append(np.array(curve))
+    assert curves[1][-1] < 0.5 * curves[1][0]  # it did learn
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-10, atol=1e-12)
