@@ -2,7 +2,11 @@
 batch, check that they agree, and print the time of each and the speed ratio.
 
 ``python -m fastsce bench``: a benchmark report against memcpy, the reference, PyTorch
-and JAX over a grid of shapes (``python -m fastsce bench --help``)."""
+and JAX over a grid of shapes (``python -m fastsce bench --help``).
+
+``python -m fastsce loss LOGITS.npy TARGET.npy``: the loss (and optionally gradient and
+per-row losses) of logits and targets in .npy files, in chunks of rows
+(``python -m fastsce loss --help``)."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ CHECK_DEFAULTS = {"rows": 8192, "classes": 1000, "check_dtype": "float32", "chec
 
 
 def main(argv=None) -> int:
-    from fastsce import _report
+    from fastsce import _cli, _report
 
     parser = argparse.ArgumentParser(
         prog="python -m fastsce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -32,7 +36,7 @@ def main(argv=None) -> int:
         "--repeat", dest="check_repeat", type=int, metavar="R", help="timed calls per implementation (default 10)"
     )
     parser.add_argument("--seed", type=int, help="random seed of the batch (default 0)")
-    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench}")
+    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench,loss}")
     bench = commands.add_parser(
         "bench",
         help="benchmark report: fastsce against memcpy, the reference, PyTorch, JAX",
@@ -40,6 +44,13 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _report.add_arguments(bench)
+    loss = commands.add_parser(
+        "loss",
+        help="loss (and gradient) of logits and targets in .npy files, in chunks",
+        description=_cli.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _cli.add_arguments(loss)
     args = parser.parse_args(argv)
 
     given = [option for option, dest in _CHECK_OPTIONS.items() if getattr(args, dest) is not None]
@@ -47,6 +58,10 @@ def main(argv=None) -> int:
         if given:
             parser.error(f"{', '.join(given)}: options of the check job (no subcommand); bench's go after 'bench'")
         return _report.run(args, bench)
+    if args.command == "loss":
+        if given:
+            parser.error(f"{', '.join(given)}: options of the check job (no subcommand); loss's go after 'loss'")
+        return _cli.run(args, loss)
     for dest, default in CHECK_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
