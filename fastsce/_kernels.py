@@ -241,8 +241,10 @@ def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
 
 
 @jit
-def _hard_row(zi, y, k, w, w_sum, eps):
-    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, zi, zi[:0], False)
+def _hard_row(zi, y, k, w, w_sum, eps, no_store):
+    # no_store: an empty writeable array for _row_stats' unused outputs (passing zi
+    # would not compile for read-only logits, which _row_stats could write to)
+    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False)
     zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
     return _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
 
@@ -288,11 +290,12 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, in_place, long_rows):
 @parallel
 def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chunk_loss):
     n, k = z.shape
+    no_store = np.empty(0, z.dtype)
     for c in prange(chunk_loss.size):
         total = 0.0
         for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
             y = target[i]
-            loss = 0.0 if y == ignore_index else _hard_row(z[i], y, k, w, w_sum, eps)
+            loss = 0.0 if y == ignore_index else _hard_row(z[i], y, k, w, w_sum, eps, no_store)
             if row_loss.size:
                 row_loss[i] = loss
             total += loss
@@ -323,9 +326,9 @@ def hard_loss_grad(
 
 
 @jit
-def _soft_row(zi, ti, w, c1, c0):
+def _soft_row(zi, ti, w, c1, c0, no_store):
     m = _row_max(zi)
-    s, a, b = _soft_sums(zi, ti, w, m, c1, c0, zi, False)
+    s, a, b = _soft_sums(zi, ti, w, m, c1, c0, no_store, False)
     return a * math.log(s) - b
 
 
@@ -349,10 +352,11 @@ def _soft_grad(g, t, w, pa, scale, c1, c0):
 def soft_loss(z, t, w, eps, chunk_rows, row_loss, chunk_loss):
     n, k = z.shape
     c1, c0 = like(1 - eps, z), like(eps / k, z)
+    no_store = np.empty(k, z.dtype)  # _soft_sums slices it per block but, here, never writes
     for c in prange(chunk_loss.size):
         total = 0.0
         for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
-            loss = _soft_row(z[i], t[i], w, c1, c0)
+            loss = _soft_row(z[i], t[i], w, c1, c0, no_store)
             if row_loss.size:
                 row_loss[i] = loss
             total += loss

@@ -249,10 +249,13 @@ def _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, g
 def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chunk_loss):
     """As _kernels.hard_loss; chunk_rows must be a multiple of the tile (CHUNK_ROWS)."""
     n = z.shape[0]
+    # A writeable stand-in for the gradient, never written: z itself would not compile
+    # when the logits are read-only (_tile stores into it on the gradient path).
+    no_grad = np.empty((0, z.shape[1]), z.dtype)
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, z, lo, hi, False)
+        chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, no_grad, lo, hi, False)
 
 
 @parallel

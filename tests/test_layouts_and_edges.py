@@ -18,6 +18,7 @@ from _cases import (
     make_logits,
     short,
 )
+from fastsce import api
 
 ref = IMPLS["ref"]
 impls = pytest.mark.parametrize("impl", IMPLS)
@@ -380,3 +381,23 @@ def test_batch_reduction_is_bitwise_identical_for_any_thread_count(dtype, soft, 
     assert numba.get_num_threads() == before
     for a, b in zip(results[1], results[threads], strict=True):
         np.testing.assert_array_equal(a, b, strict=True)
+
+
+@pytest.mark.parametrize("long_rows", [False, True], ids=["rows-in-cache", "long-rows"])
+@pytest.mark.parametrize("k", [10, 1000, 2000])
+@target_kinds
+@dtypes
+def test_read_only_inputs_work_on_every_path(dtype, soft, k, long_rows, monkeypatch):
+    """Read-only arrays (np.load(mmap_mode="r"), frozen buffers) are valid input
+    everywhere: small K, rows in cache, long rows, probability targets."""
+    if long_rows:
+        monkeypatch.setattr(api, "LONG_ROW_BYTES", 0)
+    case = make_case(70, k, dtype, soft=soft, weighted=True, label_smoothing=0.1, reduction="none")
+    expected_loss, expected_grad = case.loss_grad(IMPLS["fast"])
+    expected_loss_only = case.loss(IMPLS["fast"])
+    for array in (case.logits, case.target, case.kwargs["weight"]):
+        array.flags.writeable = False
+    loss, grad = case.loss_grad(IMPLS["fast"])
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad, expected_grad)
+    np.testing.assert_array_equal(case.loss(IMPLS["fast"]), expected_loss_only)
