@@ -398,6 +398,9 @@ def test_read_only_inputs_work_on_every_path(dtype, soft, k, long_rows, monkeypa
     for array in (case.logits, case.target, case.kwargs["weight"]):
         array.flags.writeable = False
     loss, grad = case.loss_grad(IMPLS["fast"])
-    np.testing.assert_array_equal(loss, expected_loss)
-    np.testing.assert_array_equal(grad, expected_grad)
-    np.testing.assert_array_equal(case.loss(IMPLS["fast"]), expected_loss_only)
+    # Read-only arrays are a separate Numba specialization, compiled on its own: the
+    # results may differ in the last bits (seen: 1 float32 ulp), not beyond the tolerance.
+    loss_unit, grad_unit = case.units()
+    assert_close(loss, expected_loss, unit=loss_unit)
+    assert_close(grad, expected_grad, unit=grad_unit)
+    assert_close(case.loss(IMPLS["fast"]), expected_loss_only, unit=loss_unit)
