@@ -37,6 +37,18 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _on_numpy(fn, input, target, weight, ignore_index, reduction, label_smoothing):
+    """fn (fastsce.cross_entropy or cross_entropy_with_grad) on NumPy views of the tensors."""
+    return fn(
+        _numpy(input),
+        _numpy(target),
+        weight=None if weight is None else _numpy(weight),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+
+
 def _supported(input, target, weight) -> bool:
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         return False
@@ -62,13 +74,8 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing):
-        loss, grad = fastsce.cross_entropy_with_grad(
-            _numpy(input),
-            _numpy(target),
-            weight=None if weight is None else _numpy(weight),
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
+        loss, grad = _on_numpy(
+            fastsce.cross_entropy_with_grad, input, target, weight, ignore_index, reduction, label_smoothing
         )
         ctx.grad = torch.from_numpy(grad)
         ctx.reduction = reduction
@@ -114,14 +121,7 @@ def cross_entropy(
         )
     if torch.is_grad_enabled() and input.requires_grad:
         return _CrossEntropy.apply(input, target, weight, ignore_index, reduction, label_smoothing)
-    loss = fastsce.cross_entropy(
-        _numpy(input),
-        _numpy(target),
-        weight=None if weight is None else _numpy(weight),
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-    )
+    loss = _on_numpy(fastsce.cross_entropy, input, target, weight, ignore_index, reduction, label_smoothing)
     return torch.from_numpy(np.asarray(loss))
 
 
