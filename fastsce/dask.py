@@ -117,8 +117,9 @@ class _Job:
             logits = logits.rechunk({1: -1})
         rows = logits.chunks[0]
 
-        soft = tuple(target.shape) == (n, k) if hasattr(target, "shape") else False
-        target = _as_dask(target, "target", lambda a: (rows, -1)[: a.ndim])
+        if not isinstance(target, (da.Array, np.ndarray)):
+            raise TypeError(f"target must be a dask.array.Array or a numpy.ndarray; got {type(target).__name__}")
+        soft = target.shape == (n, k)
         if soft:
             if target.dtype.kind != "f":
                 raise TypeError(
@@ -136,6 +137,7 @@ class _Job:
                 f"target of shape {target.shape} holds class indices and must be an integer array; "
                 f"got dtype {target.dtype}. Convert with target.astype(np.int64)"
             )
+        target = _as_dask(target, "target", lambda a: (rows, -1)[: a.ndim])
         if target.chunks[0] != rows or (soft and len(target.chunks[1]) > 1):
             target = target.rechunk((rows,) + ((k,),) * soft)
 
