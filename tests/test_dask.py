@@ -1,0 +1,235 @@
+"""fastsce.dask against the in-memory call: chunkings, options, laziness, bad input, the
+threaded scheduler, and a LocalCluster of worker processes (one of them killed mid-run)."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from _cases import DTYPES, REDUCTIONS, assert_close, make_case, short
+
+import fastsce
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+fastsce_dask = pytest.importorskip("fastsce.dask")
+
+N, K = 37, 11
+
+# Row chunks (and class chunks) of the (N, K) logits.
+CHUNKINGS = {
+    "one-block": ((N,), (K,)),
+    "uneven": ((20, 5, 12), (K,)),
+    "one-row-chunk": ((16, 1, 20), (K,)),
+    "class-chunks": ((20, 17), (4, 7)),
+}
+
+OPTIONS = {
+    "plain": dict(),
+    "weighted": dict(weighted=True),
+    "ignore-3": dict(ignore_index=3),
+    "ignore-3-weighted-smooth": dict(ignore_index=3, weighted=True, label_smoothing=0.2),
+    "soft": dict(soft=True),
+    "soft-weighted-smooth": dict(soft=True, weighted=True, label_smoothing=0.3),
+}
+
+
+def chunked(case, chunks):
+    """The case's logits and target as Dask arrays with the given chunks."""
+    logits = da.from_array(case.logits, chunks=chunks)
+    target = da.from_array(case.target, chunks=chunks if case.soft else chunks[:1])
+    return logits, target
+
+
+def check(case, loss, grad=None):
+    """The computed Dask results equal the in-memory fastsce call, with its types."""
+    expected_loss, expected_grad = case.loss_grad(fastsce)
+    loss_unit, grad_unit = case.units()
+    assert isinstance(loss, da.Array) and loss.shape == np.shape(expected_loss)
+    loss, grad = dask.compute(loss, grad)
+    assert type(loss) is type(expected_loss) and loss.dtype == expected_loss.dtype
+    assert_close(loss, expected_loss, unit=loss_unit)
+    if grad is not None:
+        assert grad.dtype == expected_grad.dtype and grad.shape == expected_grad.shape
+        assert_close(grad, expected_grad, unit=grad_unit)
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_matches_in_memory(chunking, dtype, reduction, option):
+    case = make_case(N, K, dtype, reduction=reduction, **OPTIONS[option])
+    logits, target = chunked(case, CHUNKINGS[chunking])
+    loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
+    assert grad.chunks[0] == logits.chunks[0]
+    check(case, loss, grad)
+    check(case, fastsce_dask.cross_entropy(logits, target, **case.kwargs))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_numpy_inputs(reduction):
+    case = make_case(N, K, np.float32, reduction=reduction, weighted=True, ignore_index=3)
+    check(case, *fastsce_dask.cross_entropy_with_grad(case.logits, case.target, **case.kwargs))
+    check(case, fastsce_dask.cross_entropy(case.logits, case.target, **case.kwargs))
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+def test_target_chunks_differing_from_the_logits_are_rechunked(soft):
+    case = make_case(N, K, np.float64, soft=soft, weighted=True)
+    logits = da.from_array(case.logits, chunks=(10, K))
+    target = da.from_array(case.target, chunks=(7, 3) if soft else 7)
+    loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
+    assert grad.chunks == logits.chunks  # the target moved, not the logits
+    check(case, loss, grad)
+
+
+@pytest.mark.parametrize("weights", ["ones", "zero-on-counted"])
+def test_nothing_counted_gives_nan_mean(weights):
+    case = make_case(N, K, np.float64, weighted=True)
+    if weights == "ones":
+        case.target[:] = -100  # every row ignored
+    else:
+        case.kwargs["weight"][case.target[case.target >= 0]] = 0.0
+    check(case, *fastsce_dask.cross_entropy_with_grad(*chunked(case, ((20, 17), (K,))), **case.kwargs))
+    check(case, fastsce_dask.cross_entropy(*chunked(case, ((20, 17), (K,))), **case.kwargs))
+
+
+def test_no_rows():
+    case = make_case(0, K, np.float32)
+    check(case, *fastsce_dask.cross_entropy_with_grad(case.logits, case.target))
+
+
+def test_lazy_and_one_call_per_block(monkeypatch):
+    """Nothing runs until compute; loss and gradient together call the kernel once per block."""
+    calls = []
+    real = fastsce.cross_entropy_with_grad
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastsce, "cross_entropy_with_grad", counting)
+    case = make_case(N, K, np.float32, weighted=True)
+    logits, target = chunked(case, CHUNKINGS["uneven"])
+    loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
+    assert calls == []
+    dask.compute(loss, grad)
+    assert sorted(calls) == [5, 12, 20]
+    monkeypatch.undo()
+    check(case, loss, grad)
+
+
+def test_threaded_scheduler_many_blocks():
+    case = make_case(2000, 50, np.float32, weighted=True, label_smoothing=0.1)
+    logits, target = chunked(case, ((100,) * 20, (50,)))
+    loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
+    with dask.config.set(scheduler="threads", num_workers=8):
+        check(case, loss, grad)
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_label_out_of_range_names_the_row_in_the_batch():
+    case = make_case(N, K, np.float64)
+    case.target[25] = K  # in the third block of "uneven" (rows 25..36)
+    logits, target = chunked(case, CHUNKINGS["uneven"])
+    for loss in (
+        fastsce_dask.cross_entropy(logits, target),
+        fastsce_dask.cross_entropy(logits, target, reduction="sum"),
+        fastsce_dask.cross_entropy_with_grad(logits, target)[1],
+        fastsce_dask.cross_entropy_with_grad(logits, target, reduction="none")[1],
+    ):
+        with pytest.raises(IndexError, match=rf"target\[25\] = {K} is not a class index"):
+            loss.compute()
+
+
+@pytest.mark.parametrize(
+    "logits, target, kwargs, error, match",
+    [
+        ([[0.0, 1.0]], [0], {}, TypeError, "dask.array.Array or a numpy.ndarray; got list"),
+        (np.zeros((3, 2), np.int64), np.zeros(3, np.int64), {}, TypeError, "float32 or float64"),
+        (np.zeros((3, 2, 1)), np.zeros(3, np.int64), {}, ValueError, "2-D"),
+        (np.zeros((3, 0)), np.zeros(3, np.int64), {}, ValueError, "at least one class"),
+        (np.zeros((3, 2)), np.zeros(4, np.int64), {}, ValueError, r"target has shape \(4,\)"),
+        (np.zeros((3, 2)), np.zeros(3), {}, TypeError, "integer array"),
+        (np.zeros((3, 2)), np.zeros((3, 2), np.int64), {}, TypeError, "float array"),
+        (np.zeros((3, 2)), [0, 1, 0], {}, TypeError, "target must be"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(reduction="avg"), ValueError, "reduction"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(weight=[1.0, -1.0]), ValueError, "weight"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(label_smoothing=2.0), ValueError, "label_smoothing"),
+        (np.zeros((3, 2)), np.zeros((3, 2)), dict(ignore_index=0), ValueError, "ignore_index"),
+    ],
+    ids=["list", "int-logits", "3d", "no-classes", "short-target", "float-labels", "int-probs",
+         "list-target", "reduction", "weight", "smoothing", "ignore-with-probs"],
+)
+def test_bad_input_raises_before_computing(logits, target, kwargs, error, match):
+    if isinstance(logits, np.ndarray):
+        logits = da.from_array(logits)
+    for fn in (fastsce_dask.cross_entropy, fastsce_dask.cross_entropy_with_grad):
+        with pytest.raises(error, match=match):
+            fn(logits, target, **kwargs)
+
+
+def test_unknown_chunk_sizes():
+    logits = da.from_array(np.zeros((6, 3)), chunks=(2, 3))
+    logits = logits[logits[:, 0] == 0]  # unknown row count per chunk
+    with pytest.raises(ValueError, match="compute_chunk_sizes"):
+        fastsce_dask.cross_entropy(logits, np.zeros(6, np.int64))
+
+
+# --- a cluster of worker processes -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        # The workers run the fastsce under test, not another installed copy.
+        assert set(client.run(lambda: fastsce.__file__).values()) == {fastsce.__file__}
+        yield client
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("option", ["ignore-3-weighted-smooth", "soft-weighted-smooth"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_local_cluster(client, dtype, option, reduction):
+    case = make_case(N, K, dtype, reduction=reduction, **OPTIONS[option])
+    logits, target = chunked(case, CHUNKINGS["one-row-chunk"])
+    loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
+    expected_loss, expected_grad = case.loss_grad(fastsce)
+    loss, grad = dask.compute(loss, grad, scheduler=client)
+    loss_unit, grad_unit = case.units()
+    assert type(loss) is type(expected_loss)
+    assert_close(loss, expected_loss, unit=loss_unit)
+    assert_close(grad, expected_grad, unit=grad_unit)
+
+
+def test_local_cluster_survives_a_killed_worker(client):
+    """SIGKILL one worker process while blocks run: the nanny restarts it, the scheduler
+    reruns its tasks elsewhere, and the answer is unchanged."""
+    case = make_case(3200, 20, np.float32, weighted=True, label_smoothing=0.1, ignore_index=3)
+
+    def slowly(block):  # each block of logits takes a while to "load"
+        time.sleep(0.1)
+        return block
+
+    logits = da.from_array(case.logits, chunks=(100, 20)).map_blocks(slowly, dtype=case.dtype)
+    target = da.from_array(case.target, chunks=100)
+    futures = client.compute(list(fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)))
+    pids = client.run(os.getpid)
+    victim = min(pids.values())
+    time.sleep(0.6)  # 32 blocks x 0.1 s over 2 workers: about 1.6 s in all
+    assert not any(f.done() for f in futures), "finished before the kill: make the blocks slower"
+    os.kill(victim, signal.SIGKILL)
+    loss, grad = client.gather(futures)
+    expected_loss, expected_grad = case.loss_grad(fastsce)
+    loss_unit, grad_unit = case.units()
+    assert_close(loss, expected_loss, unit=loss_unit)
+    assert_close(grad, expected_grad, unit=grad_unit)
+    client.wait_for_workers(2, timeout=60)
+    assert victim not in client.run(os.getpid).values()  # it was really killed and replaced
