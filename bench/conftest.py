@@ -16,6 +16,7 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
+    _option_overheads(terminalreporter, session)
     data = {
         "benchmarks": [bench.as_dict(include_data=False) for bench in session.benchmarks if not bench.has_error],
         "machine_info": {"fastsce": _report.environment()},
@@ -26,3 +27,20 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.section("fastsce report: ratios of the medians of this run")
     terminalreporter.write(_report.format_text(report))
+
+
+def _option_overheads(terminalreporter, session):
+    """bench/test_options.py: each option's median over the plain call's (same shape, kind)."""
+    medians = {}
+    for bench in session.benchmarks:
+        info = bench.extra_info
+        if "option" in info and not bench.has_error:
+            medians[(info["n"], info["k"], info["kind"]), info["option"]] = bench.stats.median
+    if not medians:
+        return
+    terminalreporter.section("fastsce options: median time / plain call's median (this run)")
+    for group in sorted({g for g, _ in medians}):
+        plain = medians.get((group, "plain"))
+        if plain:
+            ratios = ", ".join(f"{o} {t / plain:.2f}" for (g, o), t in medians.items() if g == group and o != "plain")
+            terminalreporter.write_line(f"{group[0]}x{group[1]} {group[2]} ({plain * 1e3:.2f} ms): {ratios}")

@@ -31,6 +31,7 @@ import math
 import numpy as np
 from numba import prange
 
+from fastsce._half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
 from fastsce._jit import jit, parallel, vector
 from fastsce._simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
 
@@ -332,18 +333,28 @@ def _softcap_chain(g, z, a, c_inv):
 
 
 @jit
-def _transform(x, out, a, c):
+def _scale_and_cap(x, out, a, c):
     if c > 0:
         _softcap_row(x, out, a, c)
-    else:
+    elif a != 1.0:
         _scale_row(x, out, like(a, out))
+
+
+@jit
+def _transform(x, out, a, c):
+    """out = the row as the loss sees it, in the compute dtype (float32 for half rows)."""
+    if is_half(x):
+        load_row(x, out)
+        _scale_and_cap(out, out, a, c)
+    else:
+        _scale_and_cap(x, out, a, c)
 
 
 @jit
 def _chain(g, z, a, c):
     if c > 0:
         _softcap_chain(g, z, like(a, g), like(1.0 / c, g))
-    else:
+    elif a != 1.0:
         _scale(g, like(a, g))
 
 
@@ -374,10 +385,11 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
     n, k = z.shape
-    transform = a != 1.0 or c > 0
+    transform = a != 1.0 or c > 0 or is_half(z)
+    zf = float_rows(z)
     for ch in prange(chunk_loss.size):
-        no_store = np.empty(0, z.dtype)
-        zt = np.empty(k if transform else 0, z.dtype)  # the row as the loss sees it
+        no_store = scratch_row(z, 0)
+        zt = scratch_row(z, k if transform else 0)  # the row as the loss sees it
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             y = target[i]
@@ -389,9 +401,9 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
             if live and transform:
                 ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store)
             elif live:
-                ce, lse = _hard_row(z[i], y, k, w, w_sum, eps, no_store)
+                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store)
             elif want_lse:
-                lse = _row_lse(zt, w, no_store) if transform else _row_lse(z[i], w, no_store)
+                lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
 
@@ -402,10 +414,12 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
     n, k = z.shape
-    transform = a != 1.0 or c > 0
+    transform = a != 1.0 or c > 0 or is_half(z)
+    zf = float_rows(z)
     for ch in prange(chunk_loss.size):
-        no_store = np.empty(0, z.dtype)
-        zt = np.empty(k if transform else 0, z.dtype)
+        no_store = scratch_row(z, 0)
+        zt = scratch_row(z, k if transform else 0)
+        gt = scratch_row(z, k if is_half(g) else 0)  # a half gradient row, in float32
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             y = target[i]
@@ -414,14 +428,16 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             if transform and (live or want_lse):
                 _transform(z[i], zt, a, c)  # before g (maybe z itself) is written
             ce = lse = 0.0
+            gi = grad_row(g, i, gt)
             if live and transform:
-                ce, lse = _hard_row_grad(zt, y, g[i], k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, False, long_rows)
-                _chain(g[i], zt, a, c)
+                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, False, long_rows)
+                _chain(gi, zt, a, c)
+                store_grad_row(g, i, gt)
             elif live:
-                ce, lse = _hard_row_grad(z[i], y, g[i], k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows)
+                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows)
             else:
                 if want_lse:
-                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(z[i], w, no_store)
+                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
                 g[i, :] = 0
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
@@ -460,11 +476,12 @@ def soft_loss(z, t, w, v, params, chunk_rows, outs):
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
     n, k = z.shape
-    c1, c0 = like(1 - eps, z), like(eps / k, z)
-    transform = a != 1.0 or c > 0
+    c1, c0 = like(1 - eps, t), like(eps / k, t)
+    transform = a != 1.0 or c > 0 or is_half(z)
+    zf = float_rows(z)
     for ch in prange(chunk_loss.size):
-        no_store = np.empty(k, z.dtype)  # _soft_sums slices it per block but, here, never writes
-        zt = np.empty(k if transform else 0, z.dtype)
+        no_store = scratch_row(z, k)  # _soft_sums slices it per block but, here, never writes
+        zt = scratch_row(z, k if transform else 0)
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             vi = v[i] if v.size else 1.0
@@ -475,9 +492,9 @@ def soft_loss(z, t, w, v, params, chunk_rows, outs):
             if live and transform:
                 ce, lse = _soft_row(zt, t[i], w, c1, c0, no_store)
             elif live:
-                ce, lse = _soft_row(z[i], t[i], w, c1, c0, no_store)
+                ce, lse = _soft_row(zf[i], t[i], w, c1, c0, no_store)
             elif want_lse:
-                lse = _row_lse(zt, w, no_store[:0]) if transform else _row_lse(z[i], w, no_store[:0])
+                lse = _row_lse(zt, w, no_store[:0]) if transform else _row_lse(zf[i], w, no_store[:0])
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
 
@@ -488,11 +505,13 @@ def soft_loss_grad(z, t, w, v, params, chunk_rows, outs, g):
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
     n, k = z.shape
-    c1, c0 = like(1 - eps, z), like(eps / k, z)
-    transform = a != 1.0 or c > 0
+    c1, c0 = like(1 - eps, t), like(eps / k, t)
+    transform = a != 1.0 or c > 0 or is_half(z)
+    zf = float_rows(z)
     for ch in prange(chunk_loss.size):
-        no_store = np.empty(0, z.dtype)
-        zt = np.empty(k if transform else 0, z.dtype)
+        no_store = scratch_row(z, 0)
+        zt = scratch_row(z, k if transform else 0)
+        gt = scratch_row(z, k if is_half(g) else 0)
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             vi = v[i] if v.size else 1.0
@@ -500,14 +519,16 @@ def soft_loss_grad(z, t, w, v, params, chunk_rows, outs, g):
             if transform and (live or want_lse):
                 _transform(z[i], zt, a, c)
             ce = lse = 0.0
+            gi = grad_row(g, i, gt)
             if live and transform:
-                ce, lse = _soft_row_grad(zt, t[i], g[i], w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
-                _chain(g[i], zt, a, c)
+                ce, lse = _soft_row_grad(zt, t[i], gi, w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
+                _chain(gi, zt, a, c)
+                store_grad_row(g, i, gt)
             elif live:
-                ce, lse = _soft_row_grad(z[i], t[i], g[i], w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
+                ce, lse = _soft_row_grad(zf[i], t[i], gi, w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
             else:
                 if want_lse:
-                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(z[i], w, no_store)
+                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
                 g[i, :] = 0
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 
 from fastsce import _kernels, _small_k
+from fastsce._half import bits_view
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
@@ -24,9 +25,9 @@ LONG_ROW_BYTES = 1 << 20
 # Rows per prange chunk of the row-wise kernels: about this many logits, at least one row.
 ROW_CHUNK_LOGITS = 1 << 16
 
-# Logits that are not C-contiguous rows of float32/float64 (another class axis, another
-# layout, float16) are copied into the compute dtype this many at a time (4-8 MB), so a
-# call never holds a second (N, K) array.
+# Logits that are not C-contiguous rows (another class axis, another layout) are copied
+# this many at a time (4-8 MB; float16 / bfloat16 as they are, the kernels convert),
+# so a call never holds a second (N, K) array.
 COPY_BLOCK_LOGITS = 1 << 20
 
 # Up to these K, integer-target rows are vectorised across rows (fastsce._small_k)
@@ -226,22 +227,24 @@ def _index_blocks(lead: tuple[int, ...], rows: int):
 
 def _blocks(problem: Problem, grad: np.ndarray | None):
     """(r0, r1, logits, target, gradient, in_place) per block of rows r0:r1, the arrays
-    as the kernels take them: C-contiguous (rows, K) in the compute dtype.
+    as the kernels take them: C-contiguous (rows, K), in the compute dtype or half.
 
-    The fast path (class-last C-contiguous logits of the compute dtype, and likewise
-    the gradient) is one block of views. Otherwise each block is a copy of its logits,
+    The fast path (class-last C-contiguous logits, and likewise the gradient) is one
+    block of views. Otherwise each block is a copy of its logits,
     its gradient computed into a block buffer and written back into ``grad`` when the
     caller asks for the next block (hence this is a generator)."""
     m, k = problem.shape
     compute = problem.compute
     z_rows = problem.rows
     g_rows = None if grad is None else np.moveaxis(grad, problem.axis, -1)
+    # The kernels read half-precision logits (and write a half gradient) as they are.
+    z_dtype = z_rows.dtype if z_rows.dtype.itemsize == 2 else compute
 
-    def direct(a):
-        return a is None or (a.flags.c_contiguous and a.dtype == compute)
+    def direct(a, dtype):
+        return a is None or (a.flags.c_contiguous and a.dtype == dtype)
 
-    soft_ok = not problem.soft or direct(problem.target)
-    if direct(z_rows) and direct(g_rows) and soft_ok:
+    soft_ok = not problem.soft or direct(problem.target, compute)
+    if direct(z_rows, z_dtype) and direct(g_rows, problem.result) and soft_ok:
         z = z_rows.reshape(m, k)
         t = problem.target.reshape(m, k) if problem.soft else problem.target
         g = None if grad is None else g_rows.reshape(m, k)
@@ -250,7 +253,7 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
     r0 = 0
     for index in _index_blocks(problem.lead, max(1, COPY_BLOCK_LOGITS // k)):
         block = z_rows[index]
-        z = np.array(block, dtype=compute, order="C").reshape(-1, k)  # always a copy
+        z = np.array(block, dtype=z_dtype, order="C").reshape(-1, k)  # always a copy
         r1 = r0 + z.shape[0]
         if problem.soft:
             t = np.ascontiguousarray(problem.target[index], dtype=compute).reshape(-1, k)
@@ -258,7 +261,7 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
             t = problem.target[r0:r1]
         # (The gradient goes to a block of its own, not over the copy: the in-place
         # kernels can round differently, and the layout should not change a result.)
-        g = None if grad is None else np.empty_like(z)
+        g = None if grad is None else np.empty(z.shape, problem.result)
         yield r0, r1, z, t, g, False
         if g is not None:
             g_rows[index] = g.reshape(block.shape)
@@ -287,6 +290,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     plain = problem.z_loss == 0 and a == 1.0 and c == 0 and problem.row_weight is None and not want_lse
+    plain = plain and problem.logits.dtype == compute
     small = plain and not problem.soft and k <= SMALL_K[compute][grad is not None]
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
@@ -299,6 +303,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     chunk_loss, chunk_z = [], []
     with _launch_lock:
         for r0, r1, zb, tb, gb, in_place in _blocks(problem, grad):
+            zb, gb = bits_view(zb), None if gb is None else bits_view(gb)
             n_chunks = -(-(r1 - r0) // chunk_rows)
             chunk_loss.append(np.empty(n_chunks, np.float64))
             chunk_z.append(np.empty(n_chunks, np.float64))

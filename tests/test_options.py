@@ -394,3 +394,38 @@ def test_none_turns_transforms_off(option):
     x = np.random.default_rng(1).standard_normal((5, 6))
     y = np.arange(5)
     assert fast.cross_entropy(x, y, **{option: None}) == fast.cross_entropy(x, y)
+
+
+def test_half_conversions_round_like_numpy():
+    """Every float16 / bfloat16 bit pattern to float32 exactly, and float32 values
+    (random bits, subnormal results, overflow, ties) back to nearest even."""
+    from fastsce import _half
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    rng = np.random.default_rng(0)
+    with np.errstate(invalid="ignore"):
+        neighbours = bits.view(np.float16).astype(np.float32) * np.float32(1 + 2**-11)  # ties and next to them
+    x = np.concatenate(
+        [
+            rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+            (rng.standard_normal(100_000) * 1e-5).astype(np.float32),  # float16 subnormals
+            np.array([0, -0.0, 65504, 65519.99, 65520, 2.98e-8, 2.99e-8, np.inf, -np.inf, np.nan], np.float32),
+            neighbours,
+        ]
+    )
+    finite = ~np.isnan(x)
+    for half, view, load, store in (
+        (np.float16, np.uint16, _half._load_float16, _half._store_float16),
+        *([(HALF["bf16"], np.int16, _half._load_bfloat16, _half._store_bfloat16)] if "bf16" in HALF else []),
+    ):
+        widened = np.empty(bits.size, np.float32)
+        load(bits.view(view), widened)
+        want = bits.view(half).astype(np.float32)
+        same = widened.view(np.uint32) == want.view(np.uint32)
+        assert np.all(same | (np.isnan(want) & np.isnan(widened)))
+        narrowed = np.empty(x.size, view)
+        store(x, narrowed)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = x.astype(half).view(view)
+        assert np.array_equal(narrowed[finite], want[finite])
+        assert np.all(np.isnan(narrowed[~finite].view(half).astype(np.float32)))

@@ -256,3 +256,16 @@ def test_progress_line_updates_in_place_on_a_terminal():
     text = stream.getvalue()
     assert text.startswith("\rround 1/15") and "\rround 2/15" in text and "\n" not in text
     assert text.endswith("\r")  # the line is cleared, the table starts on a clean line
+
+
+def test_option_benchmarks_run_and_check_their_output():
+    """bench/test_options.py on its smallest shape: every option's result checked, and
+    the overhead summary printed."""
+    done = _python(
+        "-m", "pytest", "bench/test_options.py", "-q", "-k", "16384x100", "-p", "no:cacheprovider",
+        "--benchmark-max-time=0.02", "--benchmark-min-rounds=3", "--benchmark-warmup=off",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "20 passed" in done.stdout, done.stdout
+    assert "fastsce options: median time / plain call's median" in done.stdout
+    assert "16384x100 loss+grad" in done.stdout and "softcap" in done.stdout

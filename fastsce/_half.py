@@ -1,0 +1,187 @@
+"""float16 and bfloat16 rows inside the kernels, computed in float32.
+
+Numba has no half-precision arithmetic on the CPU, so half arrays reach the kernels as
+their bit patterns: float16 viewed as uint16, bfloat16 as int16 (the signedness of the
+view is how a kernel tells the two apart, at compile time). A row is converted to
+float32 into a scratch row before anything else and its gradient, formed in float32
+(the target's p_y - 1 as -sum_{j != y} p_j, without cancellation), is rounded once,
+to nearest even, when stored. The conversions are integer and float32 arithmetic that
+vectorises (no lookup table, no branch).
+
+The overloads below let one driver serve float and half rows: for float arrays they
+fold away at compile time.
+"""
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from fastsce._jit import jit, vector
+from fastsce._simd import _f32_as_i32, _i32_as_f32, prefer_512bit
+
+_F32_2_112 = np.float32(2.0**112)  # float16 exponent bias 15 -> float32 bias 127
+_F32_HALF = np.float32(0.5)  # bits 126 << 23: aligns a float16 subnormal's last bit
+
+
+@jit
+def _float16_to_float32(h):
+    """Exact: a float16 subnormal becomes a float32 normal through the * 2^112."""
+    h = np.int32(h) & 0xFFFF
+    sign = (h & 0x8000) << 16
+    bits = (h & 0x7FFF) << 13
+    finite = _i32_as_f32(np.int32(bits)) * _F32_2_112
+    special = _i32_as_f32(np.int32(bits | 0x7F800000))  # inf and NaN (payload kept)
+    f = special if (h & 0x7C00) == 0x7C00 else finite
+    return _i32_as_f32(np.int32(_f32_as_i32(f) | sign))
+
+
+@jit
+def _float32_to_float16(x):
+    """Round to nearest even, with subnormals, overflow to inf and NaN kept NaN."""
+    f = np.int32(_f32_as_i32(x))
+    sign = (f >> 16) & 0x8000
+    f = f & 0x7FFFFFFF
+    # small: a float add rounds the value into a subnormal's place (0.5 = bits 126 << 23)
+    small = np.int32(_f32_as_i32(_i32_as_f32(f) + _F32_HALF)) - np.int32(0x3F000000)
+    # normal: rebias the exponent and round the 13 dropped bits, ties to even
+    normal = (f + np.int32(-0x38000000 + 0xFFF) + ((f >> 13) & 1)) >> 13
+    big = np.int32(0x7E00) if f > 0x7F800000 else np.int32(0x7C00)
+    o = big if f >= 0x47800000 else (small if f < 0x38800000 else normal)
+    return o | sign
+
+
+@jit
+def _bfloat16_to_float32(b):
+    return _i32_as_f32(np.int32(b) << 16)
+
+
+@jit
+def _float32_to_bfloat16(x):
+    """Round to nearest even; a NaN stays a (quiet) NaN."""
+    u = np.int32(_f32_as_i32(x))
+    rounded = (u + np.int32(0x7FFF) + ((u >> 16) & 1)) >> 16
+    nan = (u >> 16) | 0x40
+    return nan if (u & 0x7FFFFFFF) > 0x7F800000 else rounded
+
+
+@vector
+def _load_float16(h, out):
+    prefer_512bit()
+    for j in range(h.size):
+        out[j] = _float16_to_float32(h[j])
+
+
+@vector
+def _load_bfloat16(b, out):
+    prefer_512bit()
+    for j in range(b.size):
+        out[j] = _bfloat16_to_float32(b[j])
+
+
+@vector
+def _store_float16(x, h):
+    prefer_512bit()
+    for j in range(x.size):
+        h[j] = _float32_to_float16(x[j])
+
+
+@vector
+def _store_bfloat16(x, b):
+    prefer_512bit()
+    for j in range(x.size):
+        b[j] = _float32_to_bfloat16(x[j])
+
+
+def _bits(dtype):
+    """0 for a float array, 16 for float16 bits (uint16), -16 for bfloat16 bits (int16)."""
+    if isinstance(dtype, types.Integer):
+        return 16 if not dtype.signed else -16
+    return 0
+
+
+# --- the overloads the drivers call --------------------------------------------------------
+
+
+def is_half(z):
+    """True when z holds half-precision bits (compile-time constant)."""
+
+
+def float_rows(z):
+    """z itself for float rows; for half rows a stand-in never read (they always go
+    through a converted scratch row), so the float code path still compiles."""
+
+
+def scratch_row(z, k):
+    """An empty row of k elements of z's compute dtype."""
+
+
+def load_row(src, dst):
+    """dst = src as floats: a conversion for half rows, a copy otherwise."""
+
+
+def grad_row(g, i, scratch):
+    """Where row i's gradient is formed: g[i] itself, or the float32 scratch for half g."""
+
+
+def store_grad_row(g, i, scratch):
+    """Round a half row's gradient from the scratch into g[i] (nothing for float g)."""
+
+
+@overload(is_half)
+def _is_half(z):
+    half = _bits(z.dtype) != 0
+    return lambda z: half
+
+
+@overload(float_rows)
+def _float_rows(z):
+    if _bits(z.dtype):
+        return lambda z: np.empty((0, z.shape[1]), np.float32)
+    return lambda z: z
+
+
+@overload(scratch_row)
+def _scratch_row(z, k):
+    if _bits(z.dtype):
+        return lambda z, k: np.empty(k, np.float32)
+    return lambda z, k: np.empty(k, z.dtype)
+
+
+@overload(load_row)
+def _load_row(src, dst):
+    bits = _bits(src.dtype)
+    if bits == 16:
+        return lambda src, dst: _load_float16(src, dst)
+    if bits == -16:
+        return lambda src, dst: _load_bfloat16(src, dst)
+
+    def copy(src, dst):
+        dst[:] = src
+
+    return copy
+
+
+@overload(grad_row)
+def _grad_row(g, i, scratch):
+    if _bits(g.dtype):
+        return lambda g, i, scratch: scratch
+    return lambda g, i, scratch: g[i]
+
+
+@overload(store_grad_row)
+def _store_grad_row(g, i, scratch):
+    bits = _bits(g.dtype)
+    if bits == 16:
+        return lambda g, i, scratch: _store_float16(scratch, g[i])
+    if bits == -16:
+        return lambda g, i, scratch: _store_bfloat16(scratch, g[i])
+    return lambda g, i, scratch: None
+
+
+def bits_view(a: np.ndarray) -> np.ndarray:
+    """How a float16 / bfloat16 array is passed to the kernels (others unchanged)."""
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    if a.dtype.name == "bfloat16":
+        return a.view(np.int16)
+    return a
