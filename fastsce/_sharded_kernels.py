@@ -93,7 +93,9 @@ def _fold_hard_block(z, w, eps, m, s, cs, w_seen):
 
 
 @parallel
-def hard_stats(x, target, offset, ignore_index, w, eps, a, c, transformed, chunk_rows, m_out, s_out, a_out, b_out, c_out, held):
+def hard_stats(
+    x, target, offset, ignore_index, w, eps, a, c, transformed, chunk_rows, m_out, s_out, a_out, b_out, c_out, held
+):
     """Per row: m, s, c; and where the row's label y lies in this shard (and is not
     ignore_index) a = w_y, b = w_y (z_y - m), held = 1 (else 0, 0, 0)."""
     n, k = x.shape

@@ -43,7 +43,7 @@ from fastsce._validate import (
 )
 from fastsce.api import _launch_lock
 
-__all__ = ["ShardStats", "partial_stats", "combine", "finish", "finish_grad"]
+__all__ = ["ShardStats", "combine", "finish", "finish_grad", "partial_stats"]
 
 # Rows per prange chunk: about this many logits, at least one row (as fastsce.api).
 _CHUNK_LOGITS = 1 << 16
@@ -258,7 +258,7 @@ def finish_grad(
     _check_same_shard(shard, stats)
     rows = _Rows(stats, reduction, z_loss, sample_weight, where, all_ignored)
     g = _check_out(out, shard)
-    n, k = shard.x.shape
+    k = shard.x.shape[1]
     eps, big_k = stats.label_smoothing, stats.classes
 
     # g_j = v sc [((1 - eps) A + eps W / K) p_j - (1 - eps) w_j t_j - eps w_j / K]
@@ -381,7 +381,9 @@ def _check_flag(name, value) -> None:
 
 def _check_stats(stats, name="stats") -> None:
     if not isinstance(stats, ShardStats):
-        raise TypeError(f"{name} must be a ShardStats from fastsce.partial_stats or fastsce.combine; got {type(stats).__name__}")
+        raise TypeError(
+            f"{name} must be a ShardStats from fastsce.partial_stats or fastsce.combine; got {type(stats).__name__}"
+        )
 
 
 _OPTIONS = ("dtype", "soft", "ignore_index", "label_smoothing", "logit_scale", "softcap")
@@ -513,7 +515,7 @@ def _check_sample_weight(sample_weight, n) -> np.ndarray:
     bad = ~np.isfinite(sw) | (sw < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"sample_weight[{i}] = {sw[i]!r}; sample weights must be finite and >= 0")
+        raise ValueError(f"sample_weight[{i}] = {float(sw[i])!r}; sample weights must be finite and >= 0")
     return sw
 
 
@@ -532,8 +534,7 @@ def _check_held(stats: ShardStats) -> None:
             f"ignore_index={stats.ignore_index}"
         )
     raise IndexError(
-        f"target[{i}] = {y} is a class of {held} shards: shards {covered} overlap. Give each class "
-        "to exactly one shard"
+        f"target[{i}] = {y} is a class of {held} shards: shards {covered} overlap. Give each class to exactly one shard"
     )
 
 
@@ -593,4 +594,3 @@ def _check_out(out, shard: _Shard) -> np.ndarray:
         if arr is not None and np.shares_memory(out, arr):
             raise ValueError(f"out overlaps {name}; pass a separate array as out")
     return out
-
