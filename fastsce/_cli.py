@@ -117,6 +117,10 @@ def _validate(logits, target, weight, args):
     from fastsce import api
     from fastsce._validate import check_problem
 
+    if logits.dtype not in (np.float32, np.float64):
+        raise InputError(f"logits must be float32 or float64 here; got {logits.dtype}")
+    if logits.ndim != 2:
+        raise InputError(f"logits must be 2-D, (N, K); got shape {logits.shape}")
     options = (weight, args.ignore_index, args.reduction, args.label_smoothing)
     soft = target.ndim == 2 and target.shape == logits.shape and target.dtype.kind == "f"
     if soft and logits.ndim == 2 and target.dtype != logits.dtype:
@@ -124,7 +128,7 @@ def _validate(logits, target, weight, args):
         problem = check_problem(logits[:1], target[:1], *options)
         return problem, None, float(logits.shape[0])
     problem = check_problem(logits, target, *options)
-    w, _, denominator = api._weights(problem)  # label check (names the first bad row) and D
+    w, _, denominator, _ = api._weights(problem)  # label check (names the first bad row) and D
     if problem.soft:
         w = None
     return problem, w, denominator

@@ -13,10 +13,17 @@ max, and sums kept in the logits' dtype over blocks of at most BLOCK terms, each
 total then added in float64 (float64-grade sums at float32 vector width).
 
 Arguments shared by the kernels:
-  w      (K,) class weights in z's dtype (ones when the user gave none)
-  w_sum  sum of w, float64
-  eps    label smoothing
-  scale  1 / D for "mean" (NaN when D = 0, as in PyTorch), 1 otherwise
+  w       (K,) class weights in z's dtype (ones when the user gave none)
+  w_sum   sum of w, float64
+  v       (N,) float64 row weights (sample_weight * where), or empty for all ones;
+          a row with v = 0 is skipped like an ignored one
+  params  (eps, z_loss, scale, scale_z, a, c) as float64: label smoothing; the z-loss
+          coefficient; 1 / D and 1 / D_z for "mean" (NaN or 0 when nothing counts), 1
+          otherwise; logit scale a and softcap c (0 for none): the loss sees
+          z = c tanh(a x / c), transformed row by row into a scratch row
+  outs    (row_loss, row_z, lse, chunk_loss, chunk_z): per-row loss, z-term and
+          logsumexp (each empty when not wanted), and per-chunk float64 sums of the
+          cross-entropy and z-terms (kept apart: "mean" divides them by D and D_z)
 """
 
 import math
@@ -246,13 +253,23 @@ def _hard_row(zi, y, k, w, w_sum, eps, no_store):
     # would not compile for read-only logits, which _row_stats could write to)
     m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False)
     zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
-    return _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
+    loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
+    return loss, float(m) + math.log(s_other + math.exp(zy))
 
 
 @jit
-def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, in_place, long_rows):
-    """long_rows: a row too long to stay in cache between passes. Its max and exp-sum
-    then come from one read (_row_stats), and one more pass rescales the stored exps."""
+def _row_lse(zi, w, no_store):
+    """logsumexp of a row, in one read (for rows that are otherwise skipped)."""
+    m, s, _ = _row_stats(zi, -1, w, 0.0, no_store, no_store, False)
+    return float(m) + math.log(s)
+
+
+@jit
+def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows):
+    """(loss, lse) of the row, its gradient into gi. zg: the z-loss's gradient is
+    zg lse p_j (zg = 2 z_loss scale_z v). long_rows: a row too long to stay in cache
+    between passes. Its max and exp-sum then come from one read (_row_stats), and one
+    more pass rescales the stored exps."""
     # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
     # when p_y is close to 1, where 1 - p_y would cancel.
     zy_raw = zi[y]  # read before g (maybe z itself) is overwritten
@@ -266,11 +283,12 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, in_place, long_rows):
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
     e_y = math.exp(zy)
     s = s_other + e_y
+    lse = float(m) + math.log(s)
     w_y = float(w[y])
 
-    # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K]
+    # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K] + zg lse p_j
     hard = (1 - eps) * w_y * scale
-    a = (hard + eps * w_sum / k * scale) / s
+    a = (hard + eps * w_sum / k * scale + zg * lse) / s
     b = eps / k * scale
     if long_rows:
         _rescale_blocks(gi, block_max, m, a, b, w, eps)
@@ -278,48 +296,135 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, in_place, long_rows):
         _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
     else:
         _scale(gi, like(a, gi))
-    gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y)
-    return _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps)
+    gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y) + zg * lse * (e_y / s)
+    return _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps), lse
+
+
+# --- the logits the loss sees: z = c tanh(a x / c) -------------------------------------------
+
+
+@vector
+def _softcap_row(x, out, a, c):
+    """out = c tanh(a x / c), tanh(u) = sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) in
+    float64 (no vector tanh in this Numba build; float64 keeps small |u| from cancelling)."""
+    prefer_512bit()
+    r = a / c
+    for j in range(x.size):
+        u = float(x[j]) * r
+        e = exp_nonpositive(-2.0 * abs(u))
+        out[j] = like(c * math.copysign((1.0 - e) / (1.0 + e), u), out)
+
+
+@vector
+def _scale_row(x, out, a):
+    prefer_512bit()
+    for j in range(x.size):
+        out[j] = a * x[j]
+
+
+@vector
+def _softcap_chain(g, z, a, c_inv):
+    """g = a (1 - (z / c)^2) g: dz/dx of the softcap."""
+    prefer_512bit()
+    for j in range(g.size):
+        q = z[j] * c_inv
+        g[j] = a * (1 - q * q) * g[j]
+
+
+@jit
+def _transform(x, out, a, c):
+    if c > 0:
+        _softcap_row(x, out, a, c)
+    else:
+        _scale_row(x, out, like(a, out))
+
+
+@jit
+def _chain(g, z, a, c):
+    if c > 0:
+        _softcap_chain(g, z, like(a, g), like(1.0 / c, g))
+    else:
+        _scale(g, like(a, g))
 
 
 # The drivers spread fixed chunks of rows over the threads. A chunk sums its rows' losses
-# in row order into chunk_loss (and stores each into row_loss when that is not empty),
-# so the batch total does not depend on the thread count and needs no (N,) buffer.
+# in row order into chunk_loss / chunk_z (and stores each into row_loss etc. when those
+# are not empty), so the batch total does not depend on the thread count and needs no
+# (N,) buffer.
+
+
+@jit
+def _record(i, live, vi, zl, ce, lse, outs, totals):
+    """Row i's weighted loss and z-term into the outputs; returns the updated chunk totals."""
+    row_loss, row_z, lse_out, _, _ = outs
+    ce = vi * ce if live else 0.0
+    zt = vi * zl * lse * lse if live and zl > 0 else 0.0
+    if row_loss.size:
+        row_loss[i] = ce + zt
+    if row_z.size:
+        row_z[i] = zt
+    if lse_out.size:
+        lse_out[i] = lse
+    return totals[0] + ce, totals[1] + zt
 
 
 @parallel
-def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chunk_loss):
+def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
+    eps, zl, _, _, a, c = params
+    chunk_loss, chunk_z = outs[3], outs[4]
+    want_lse = outs[2].size > 0
     n, k = z.shape
-    no_store = np.empty(0, z.dtype)
-    for c in prange(chunk_loss.size):
-        total = 0.0
-        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+    transform = a != 1.0 or c > 0
+    for ch in prange(chunk_loss.size):
+        no_store = np.empty(0, z.dtype)
+        zt = np.empty(k if transform else 0, z.dtype)  # the row as the loss sees it
+        totals = (0.0, 0.0)
+        for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             y = target[i]
-            loss = 0.0 if y == ignore_index else _hard_row(z[i], y, k, w, w_sum, eps, no_store)
-            if row_loss.size:
-                row_loss[i] = loss
-            total += loss
-        chunk_loss[c] = total
+            vi = v[i] if v.size else 1.0
+            live = y != ignore_index and vi != 0
+            if transform and (live or want_lse):
+                _transform(z[i], zt, a, c)
+            ce = lse = 0.0
+            if live and transform:
+                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store)
+            elif live:
+                ce, lse = _hard_row(z[i], y, k, w, w_sum, eps, no_store)
+            elif want_lse:
+                lse = _row_lse(zt, w, no_store) if transform else _row_lse(z[i], w, no_store)
+            totals = _record(i, live, vi, zl, ce, lse, outs, totals)
+        chunk_loss[ch], chunk_z[ch] = totals
 
 
 @parallel
-def hard_loss_grad(
-    z, target, ignore_index, w, w_sum, eps, scale, chunk_rows, row_loss, chunk_loss, g, in_place, long_rows
-):
+def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place, long_rows):
+    eps, zl, scale, scale_z, a, c = params
+    chunk_loss, chunk_z = outs[3], outs[4]
+    want_lse = outs[2].size > 0
     n, k = z.shape
-    for c in prange(chunk_loss.size):
-        total = 0.0
-        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+    transform = a != 1.0 or c > 0
+    for ch in prange(chunk_loss.size):
+        no_store = np.empty(0, z.dtype)
+        zt = np.empty(k if transform else 0, z.dtype)
+        totals = (0.0, 0.0)
+        for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             y = target[i]
-            if y == ignore_index:
-                loss = 0.0
-                g[i, :] = 0
+            vi = v[i] if v.size else 1.0
+            live = y != ignore_index and vi != 0
+            if transform and (live or want_lse):
+                _transform(z[i], zt, a, c)  # before g (maybe z itself) is written
+            ce = lse = 0.0
+            if live and transform:
+                ce, lse = _hard_row_grad(zt, y, g[i], k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, False, long_rows)
+                _chain(g[i], zt, a, c)
+            elif live:
+                ce, lse = _hard_row_grad(z[i], y, g[i], k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows)
             else:
-                loss = _hard_row_grad(z[i], y, g[i], k, w, w_sum, eps, scale, in_place, long_rows)
-            if row_loss.size:
-                row_loss[i] = loss
-            total += loss
-        chunk_loss[c] = total
+                if want_lse:
+                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(z[i], w, no_store)
+                g[i, :] = 0
+            totals = _record(i, live, vi, zl, ce, lse, outs, totals)
+        chunk_loss[ch], chunk_z[ch] = totals
 
 
 # --- probability targets ----------------------------------------------------------------------
@@ -329,16 +434,17 @@ def hard_loss_grad(
 def _soft_row(zi, ti, w, c1, c0, no_store):
     m = _row_max(zi)
     s, a, b = _soft_sums(zi, ti, w, m, c1, c0, no_store, False)
-    return a * math.log(s) - b
+    return a * math.log(s) - b, float(m) + math.log(s)
 
 
 @jit
-def _soft_row_grad(zi, ti, gi, w, c1, c0, scale):
+def _soft_row_grad(zi, ti, gi, w, c1, c0, scale, zg):
     m = _row_max(zi)
     s, a, b = _soft_sums(zi, ti, w, m, c1, c0, gi, True)
-    # g_j = scale (p_j sum_k w_k t'_k - w_j t'_j)
-    _soft_grad(gi, ti, w, like(scale * a / s, gi), like(scale, gi), c1, c0)
-    return a * math.log(s) - b
+    lse = float(m) + math.log(s)
+    # g_j = scale (p_j sum_k w_k t'_k - w_j t'_j) + zg lse p_j
+    _soft_grad(gi, ti, w, like((scale * a + zg * lse) / s, gi), like(scale, gi), c1, c0)
+    return a * math.log(s) - b, lse
 
 
 @vector
@@ -349,50 +455,84 @@ def _soft_grad(g, t, w, pa, scale, c1, c0):
 
 
 @parallel
-def soft_loss(z, t, w, eps, chunk_rows, row_loss, chunk_loss):
+def soft_loss(z, t, w, v, params, chunk_rows, outs):
+    eps, zl, _, _, a, c = params
+    chunk_loss, chunk_z = outs[3], outs[4]
+    want_lse = outs[2].size > 0
     n, k = z.shape
     c1, c0 = like(1 - eps, z), like(eps / k, z)
-    no_store = np.empty(k, z.dtype)  # _soft_sums slices it per block but, here, never writes
-    for c in prange(chunk_loss.size):
-        total = 0.0
-        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
-            loss = _soft_row(z[i], t[i], w, c1, c0, no_store)
-            if row_loss.size:
-                row_loss[i] = loss
-            total += loss
-        chunk_loss[c] = total
+    transform = a != 1.0 or c > 0
+    for ch in prange(chunk_loss.size):
+        no_store = np.empty(k, z.dtype)  # _soft_sums slices it per block but, here, never writes
+        zt = np.empty(k if transform else 0, z.dtype)
+        totals = (0.0, 0.0)
+        for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
+            vi = v[i] if v.size else 1.0
+            live = vi != 0
+            if transform and (live or want_lse):
+                _transform(z[i], zt, a, c)
+            ce = lse = 0.0
+            if live and transform:
+                ce, lse = _soft_row(zt, t[i], w, c1, c0, no_store)
+            elif live:
+                ce, lse = _soft_row(z[i], t[i], w, c1, c0, no_store)
+            elif want_lse:
+                lse = _row_lse(zt, w, no_store[:0]) if transform else _row_lse(z[i], w, no_store[:0])
+            totals = _record(i, live, vi, zl, ce, lse, outs, totals)
+        chunk_loss[ch], chunk_z[ch] = totals
 
 
 @parallel
-def soft_loss_grad(z, t, w, eps, scale, chunk_rows, row_loss, chunk_loss, g):
+def soft_loss_grad(z, t, w, v, params, chunk_rows, outs, g):
+    eps, zl, scale, scale_z, a, c = params
+    chunk_loss, chunk_z = outs[3], outs[4]
+    want_lse = outs[2].size > 0
     n, k = z.shape
     c1, c0 = like(1 - eps, z), like(eps / k, z)
-    for c in prange(chunk_loss.size):
-        total = 0.0
-        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
-            loss = _soft_row_grad(z[i], t[i], g[i], w, c1, c0, scale)
-            if row_loss.size:
-                row_loss[i] = loss
-            total += loss
-        chunk_loss[c] = total
+    transform = a != 1.0 or c > 0
+    for ch in prange(chunk_loss.size):
+        no_store = np.empty(0, z.dtype)
+        zt = np.empty(k if transform else 0, z.dtype)
+        totals = (0.0, 0.0)
+        for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
+            vi = v[i] if v.size else 1.0
+            live = vi != 0
+            if transform and (live or want_lse):
+                _transform(z[i], zt, a, c)
+            ce = lse = 0.0
+            if live and transform:
+                ce, lse = _soft_row_grad(zt, t[i], g[i], w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
+                _chain(g[i], zt, a, c)
+            elif live:
+                ce, lse = _soft_row_grad(z[i], t[i], g[i], w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
+            else:
+                if want_lse:
+                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(z[i], w, no_store)
+                g[i, :] = 0
+            totals = _record(i, live, vi, zl, ce, lse, outs, totals)
+        chunk_loss[ch], chunk_z[ch] = totals
 
 
 # --- before the kernels: labels and weights ---------------------------------------------------
 
 
 @jit
-def label_stats(target, k, ignore_index, w):
-    """(first row whose label is outside [0, K) and not ignore_index, or -1;
-    sum of w[y_n] over the other counted rows in float64, in row order)."""
-    total = 0.0
+def label_stats(target, k, ignore_index, w, v):
+    """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
+    denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
+    float64 and row order). v: row weights, or empty for ones."""
+    d = 0.0
+    d_z = 0.0
     for i in range(target.size):
         y = target[i]
         if y == ignore_index:
             continue
         if y < 0 or y >= k:
-            return i, total
-        total += w[y]
-    return -1, total
+            return i, d, d_z
+        vi = v[i] if v.size else 1.0
+        d += vi * w[y]
+        d_z += vi
+    return -1, d, d_z
 
 
 @jit

@@ -245,10 +245,17 @@ def _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, g
 # --- the kernels ----------------------------------------------------------------------------------
 
 
+# The drivers take the arguments of fastsce._kernels.hard_loss / hard_loss_grad, for the
+# plain options only: no row weights (v empty), no z-loss, no lse output, no logit
+# transform (the API sends those to the row-wise kernels).
+
+
 @parallel
-def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chunk_loss):
-    """As _kernels.hard_loss; chunk_rows must be a multiple of the tile (CHUNK_ROWS)."""
+def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
+    """chunk_rows must be a multiple of the tile (CHUNK_ROWS)."""
     n = z.shape[0]
+    eps = params[0]
+    row_loss, chunk_loss, chunk_z = outs[0], outs[3], outs[4]
     # A writeable stand-in for the gradient, never written: z itself would not compile
     # when the logits are read-only (_tile stores into it on the gradient path).
     no_grad = np.empty((0, z.shape[1]), z.dtype)
@@ -256,14 +263,17 @@ def hard_loss(z, target, ignore_index, w, w_sum, eps, chunk_rows, row_loss, chun
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
         chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, no_grad, lo, hi, False)
+        chunk_z[c] = 0.0
 
 
 @parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, eps, scale, chunk_rows, row_loss, chunk_loss, g, in_place):
-    """As _kernels.hard_loss_grad. in_place needs nothing special: a tile is read whole
-    before its gradient is written."""
+def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
+    """in_place needs nothing special: a tile is read whole before its gradient is written."""
     n = z.shape[0]
+    eps, scale = params[0], params[2]
+    row_loss, chunk_loss, chunk_z = outs[0], outs[3], outs[4]
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
         chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, True)
+        chunk_z[c] = 0.0

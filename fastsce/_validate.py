@@ -13,42 +13,93 @@ from dataclasses import dataclass
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+HALF_DTYPE_NAMES = ("float16", "bfloat16")  # bfloat16: ml_dtypes' NumPy dtype, when given one
 REDUCTIONS = ("mean", "sum", "none")
+ALL_IGNORED = ("nan", "zero")
 
 
 @dataclass(frozen=True)
 class Problem:
-    """Validated, normalised arguments of one cross-entropy call."""
+    """Validated, normalised arguments of one cross-entropy call.
 
-    logits: np.ndarray  # (N, K) float32/float64, as given (any layout)
-    target: np.ndarray  # (N,) int32/int64 class indices, or (N, K) probabilities in logits' dtype
+    The logits are seen as M rows of K classes: ``rows`` is the logits with the class
+    axis moved last (a view), of shape lead + (K,), M = prod(lead).
+    """
+
+    logits: np.ndarray  # as given: any shape with the class axis at ``axis``, any layout
+    axis: int  # the class axis, in [0, logits.ndim)
+    rows: np.ndarray  # np.moveaxis(logits, axis, -1): lead + (K,)
+    target: np.ndarray  # (M,) int32/int64 class indices, or probabilities shaped like ``rows``
     soft: bool  # True for probability targets
-    weight: np.ndarray | None  # (K,) in logits' dtype, or None
+    weight: np.ndarray | None  # (K,) in the compute dtype, or None
     ignore_index: int
     reduction: str
     label_smoothing: float
+    row_weight: np.ndarray | None  # (M,) float64: sample_weight * where, or None
+    z_loss: float
+    logit_scale: float | None
+    softcap: float | None
+    all_ignored: str
+    compute: np.dtype  # float32 (also for float16/bfloat16 logits) or float64
+    result: np.dtype  # dtype of the loss and gradient returned
     given: dict  # the user's target and weight arrays before conversion, for overlap checks
 
     @property
+    def lead(self) -> tuple[int, ...]:
+        return self.rows.shape[:-1]
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self.logits.shape
+        """(M, K): rows and classes."""
+        return int(np.prod(self.lead, dtype=np.int64)), self.rows.shape[-1]
 
 
-def check_problem(logits, target, weight, ignore_index, reduction, label_smoothing) -> Problem:
+def check_problem(
+    logits,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    *,
+    axis=-1,
+    sample_weight=None,
+    where=None,
+    z_loss=0.0,
+    logit_scale=None,
+    softcap=None,
+    all_ignored="nan",
+    dtype=None,
+) -> Problem:
     logits = _check_logits(logits)
+    axis = _check_axis(axis, logits)
+    rows = np.moveaxis(logits, axis, -1)
+    compute = np.dtype(np.float64) if logits.dtype == np.float64 else np.dtype(np.float32)
+    result = _check_dtype(dtype, logits, compute)
     given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
-    target, soft = _check_target(given["target"], logits)
-    weight = _check_weight(given["weight"], logits)
+    target, soft = _check_target(given["target"], logits, axis, rows, compute)
+    weight = _check_weight(given["weight"], logits, axis, compute)
     ignore_index = _check_ignore_index(ignore_index)
     if soft and ignore_index != -100:  # as PyTorch: probabilities have no class to ignore
         raise ValueError(
             f"ignore_index={ignore_index} only applies to class-index targets; target has "
-            f"shape {target.shape} (probabilities). Leave ignore_index at its default -100"
+            f"shape {given['target'].shape} (probabilities). Leave ignore_index at its default -100"
         )
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    label_smoothing = _check_label_smoothing(label_smoothing)
-    return Problem(logits, target, soft, weight, ignore_index, reduction, label_smoothing, given)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("all_ignored", all_ignored, ALL_IGNORED)
+    label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+    z_loss = _check_real("z_loss", z_loss, 0.0, np.inf)
+    if logit_scale is not None:
+        logit_scale = _check_real("logit_scale", logit_scale, -np.inf, np.inf)
+    if softcap is not None:
+        softcap = _check_real("softcap", softcap, 0.0, np.inf)
+        if softcap == 0:
+            raise ValueError(f"softcap must be > 0 (z = softcap * tanh(x / softcap)); got {softcap!r}. Pass None to turn it off")
+    row_weight = _check_row_weight(sample_weight, where, rows.shape[:-1])
+    return Problem(
+        logits, axis, rows, target, soft, weight, ignore_index, reduction, label_smoothing, row_weight,
+        z_loss, logit_scale, softcap, all_ignored, compute, result, given,
+    )
 
 
 def check_labels(problem: Problem, first_bad_row: int | None = None) -> None:
@@ -63,15 +114,30 @@ def check_labels(problem: Problem, first_bad_row: int | None = None) -> None:
         bad = (target != problem.ignore_index) & ((target < 0) | (target >= k))
         first_bad_row = int(np.argmax(bad)) if bad.any() else -1
     if first_bad_row >= 0:
+        where = _index_name(first_bad_row, problem.lead)
         raise IndexError(
-            f"target[{first_bad_row}] = {int(target[first_bad_row])} is not a class index for logits "
+            f"target{where} = {int(target[first_bad_row])} is not a class index for logits "
             f"with K={k} classes: labels must lie in [0, {k - 1}] or equal "
             f"ignore_index={problem.ignore_index}"
         )
 
 
+def check_returns(return_z_loss, return_lse) -> tuple[bool, bool]:
+    for name, flag in (("return_z_loss", return_z_loss), ("return_lse", return_lse)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False; got {flag!r}")
+    return bool(return_z_loss), bool(return_lse)
+
+
+def _index_name(row: int, lead: tuple[int, ...]) -> str:
+    """How the user would index row ``row`` of their target: [5] or [2, 7]."""
+    index = np.unravel_index(row, lead) if lead else ()
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
 def check_out(out, problem: Problem) -> np.ndarray:
-    """The gradient buffer: (N, K), logits' dtype, C-contiguous, writeable.
+    """The gradient buffer: the logits' shape, the result dtype, writeable, any layout
+    (C-contiguous in the class-last layout is the fast path).
 
     It may be the logits array itself (in-place gradient); otherwise it must not
     overlap any input, because the kernel writes it while still reading them.
@@ -84,10 +150,8 @@ def check_out(out, problem: Problem) -> np.ndarray:
             f"out has shape {out.shape} but logits have shape {logits.shape}; "
             "allocate out with np.empty_like(logits)"
         )
-    if out.dtype != logits.dtype:
-        raise ValueError(f"out has dtype {out.dtype} but logits have dtype {logits.dtype}")
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous; allocate it with np.empty_like(logits, order='C')")
+    if out.dtype != problem.result:
+        raise ValueError(f"out has dtype {out.dtype} but the gradient has dtype {problem.result}")
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
     in_place = same_memory(out, logits)
@@ -110,68 +174,123 @@ def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _check_logits(logits) -> np.ndarray:
     logits = np.asarray(logits)
-    if logits.dtype not in FLOAT_DTYPES:
+    if logits.dtype not in FLOAT_DTYPES and logits.dtype.name not in HALF_DTYPE_NAMES:
         raise TypeError(
-            f"logits must be float32 or float64; got dtype {logits.dtype}. "
+            f"logits must be float16, bfloat16, float32 or float64; got dtype {logits.dtype}. "
             "Convert with logits.astype(np.float32)"
         )
-    if logits.ndim != 2:
-        raise ValueError(
-            f"logits must be 2-D with shape (N, K); got shape {logits.shape}. "
-            "Reshape with logits.reshape(-1, K)"
-        )
-    if logits.shape[1] == 0:
-        raise ValueError(f"logits must have at least one class; got shape {logits.shape}")
+    if logits.ndim == 0:
+        raise ValueError("logits must have a class axis; got a 0-d array. Pass shape (K,) or (N, K)")
     return logits
 
 
-def _check_target(target, logits: np.ndarray) -> tuple[np.ndarray, bool]:
-    target = np.asarray(target)
-    n, k = logits.shape
+def _check_axis(axis, logits: np.ndarray) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer; got {axis!r}")
+    if not -logits.ndim <= axis < logits.ndim:
+        raise ValueError(f"axis={axis} is out of range for logits of shape {logits.shape}")
+    axis = int(axis) % logits.ndim
+    if logits.shape[axis] == 0:
+        raise ValueError(f"logits must have at least one class; got shape {logits.shape} with axis={axis}")
+    return axis
+
+
+def _check_dtype(dtype, logits: np.ndarray, compute: np.dtype) -> np.dtype:
+    if dtype is None:
+        return logits.dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy float dtype or None; got {dtype!r}") from None
+    if dtype not in (logits.dtype, compute):
+        raise ValueError(
+            f"dtype={dtype} is not available for {logits.dtype} logits: results come in the "
+            f"logits' dtype ({logits.dtype}) or the dtype they are computed in ({compute})"
+        )
+    return dtype
+
+
+def _check_target(target, logits: np.ndarray, axis: int, rows: np.ndarray, compute: np.dtype) -> tuple[np.ndarray, bool]:
+    lead = rows.shape[:-1]
     if target.shape == logits.shape:  # class probabilities, as PyTorch decides: by shape
-        if target.dtype.kind != "f":
+        if target.dtype.kind != "f" and target.dtype.name != "bfloat16":
             raise TypeError(
                 f"target of shape {target.shape} (same as logits) holds class probabilities "
                 f"and must be a float array; got dtype {target.dtype}. For class indices "
-                "pass a 1-D integer array of shape (N,)"
+                f"pass an integer array of shape {lead}"
             )
-        # Probabilities of another float dtype are converted to the logits' dtype (a copy).
-        return target.astype(logits.dtype, copy=False), True
-    if target.shape != (n,):
+        return np.moveaxis(target, axis, -1), True  # converted to the compute dtype where used
+    if target.shape != lead:
+        hint = ""
+        if logits.ndim > 2 and axis != 1 and target.shape == logits.shape[:1] + logits.shape[2:]:
+            hint = " (for PyTorch's (N, K, d1, ...) layout pass axis=1)"
         raise ValueError(
-            f"target has shape {target.shape} but logits have shape {logits.shape}; "
-            f"target must be class indices of shape ({n},) or probabilities of shape {logits.shape}"
+            f"target has shape {target.shape} but logits have shape {logits.shape} with the classes on "
+            f"axis {axis}; target must be class indices of shape {lead} or probabilities of shape "
+            f"{logits.shape}{hint}"
         )
     if target.dtype.kind not in "iu":
         raise TypeError(
             f"target of shape {target.shape} holds class indices and must be an integer array; "
             f"got dtype {target.dtype}. Convert with target.astype(np.int64)"
         )
-    if target.dtype == np.uint64 and n and target.max() > np.iinfo(np.int64).max:
-        row = int(np.argmax(target > np.iinfo(np.int64).max))
-        raise IndexError(f"target[{row}] = {int(target[row])} is not a class index for K={k} classes")
+    flat = target.reshape(-1)
+    if target.dtype == np.uint64 and flat.size and flat.max() > np.iinfo(np.int64).max:
+        row = int(np.argmax(flat > np.iinfo(np.int64).max))
+        raise IndexError(
+            f"target{_index_name(row, lead)} = {int(flat[row])} is not a class index for "
+            f"K={rows.shape[-1]} classes"
+        )
     # The kernels take int32 and int64 labels as they are; others become int64.
     native = target.dtype if target.dtype in (np.dtype(np.int32), np.dtype(np.int64)) else np.int64
-    return np.ascontiguousarray(target, dtype=native), False
+    return np.ascontiguousarray(flat, dtype=native), False
 
 
-def _check_weight(weight, logits: np.ndarray) -> np.ndarray | None:
+def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype) -> np.ndarray | None:
     if weight is None:
         return None
-    weight = np.asarray(weight)
-    k = logits.shape[1]
+    k = logits.shape[axis]
     if weight.dtype.kind not in "iuf":
         raise TypeError(f"weight must be a real numeric array; got dtype {weight.dtype}")
     if weight.shape != (k,):
         raise ValueError(
-            f"weight has shape {weight.shape} but logits have shape {logits.shape}; "
+            f"weight has shape {weight.shape} but logits have shape {logits.shape} (K={k} classes on axis {axis}); "
             f"weight must have one entry per class, shape ({k},)"
         )
     bad = ~np.isfinite(weight) | (weight < 0)
     if bad.any():
         j = int(np.argmax(bad))
         raise ValueError(f"weight[{j}] = {weight[j]!r}; class weights must be finite and >= 0")
-    return np.ascontiguousarray(weight, dtype=logits.dtype)
+    return np.ascontiguousarray(weight, dtype=compute)
+
+
+def _check_row_weight(sample_weight, where, lead: tuple[int, ...]) -> np.ndarray | None:
+    """sample_weight * where as one float64 (M,) array, or None when neither is given."""
+    v = None
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight)
+        if sample_weight.dtype.kind not in "iuf":
+            raise TypeError(f"sample_weight must be a real numeric array; got dtype {sample_weight.dtype}")
+        if sample_weight.shape != lead:
+            raise ValueError(
+                f"sample_weight has shape {sample_weight.shape}; it needs one weight per row, shape {lead}"
+            )
+        v = np.array(sample_weight, dtype=np.float64).reshape(-1)
+        bad = ~np.isfinite(v) | (v < 0)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"sample_weight{_index_name(row, lead)} = {v[row]!r}; sample weights must be finite and >= 0"
+            )
+    if where is not None:
+        where = np.asarray(where)
+        if where.dtype != np.bool_:
+            raise TypeError(f"where must be a boolean array; got dtype {where.dtype}. Use e.g. mask != 0")
+        if where.shape != lead:
+            raise ValueError(f"where has shape {where.shape}; it needs one flag per row, shape {lead}")
+        mask = where.reshape(-1)
+        v = mask.astype(np.float64) if v is None else np.where(mask, v, 0.0)
+    return v
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -183,10 +302,17 @@ def _check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
-def _check_label_smoothing(label_smoothing) -> float:
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(f"label_smoothing must be a float in [0, 1]; got {label_smoothing!r}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing <= 1.0:  # also rejects NaN
-        raise ValueError(f"label_smoothing must lie in [0, 1]; got {label_smoothing!r}")
-    return label_smoothing
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def _check_real(name: str, value, low: float, high: float) -> float:
+    """A finite real number in [low, high]; bools, NaN and inf are rejected."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float; got {value!r}")
+    value = float(value)
+    if not (low <= value <= high and np.isfinite(value)):
+        limits = " and ".join(f"{op} {b:g}" for op, b in ((">=", low), ("<=", high)) if np.isfinite(b))
+        raise ValueError(f"{name} must be a finite number{' ' + limits if limits else ''}; got {value!r}")
+    return value

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numpy as np
 
 from fastsce import _kernels, _small_k
-from fastsce._validate import Problem, check_labels, check_out, check_problem, same_memory
+from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -23,69 +24,163 @@ LONG_ROW_BYTES = 1 << 20
 # Rows per prange chunk of the row-wise kernels: about this many logits, at least one row.
 ROW_CHUNK_LOGITS = 1 << 16
 
+# Logits that are not C-contiguous rows of float32/float64 (another class axis, another
+# layout, float16) are copied into the compute dtype this many at a time (4-8 MB), so a
+# call never holds a second (N, K) array.
+COPY_BLOCK_LOGITS = 1 << 20
+
 # Up to these K, integer-target rows are vectorised across rows (fastsce._small_k)
 # rather than along them: the measured break-even (2 threads, N * K ~ 1.6M; e.g.
 # float32 loss+grad at K=128: 2.84x memcpy across rows, 3.34x along; at K=160: 3.46x, 3.23x).
-SMALL_K = {  # logits dtype: (loss only, loss and gradient)
+SMALL_K = {  # compute dtype: (loss only, loss and gradient)
     np.dtype(np.float32): (200, 128),
     np.dtype(np.float64): (200, 100),
 }
 
+_NO_ROW_WEIGHTS = np.empty(0, np.float64)
 
-def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+
+def cross_entropy(
+    logits,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    axis=-1,
+    z_loss=0.0,
+    logit_scale=None,
+    softcap=None,
+    sample_weight=None,
+    where=None,
+    all_ignored="nan",
+    return_z_loss=False,
+    return_lse=False,
+    dtype=None,
+):
     """Softmax cross-entropy loss of a batch of logits, with PyTorch's semantics.
 
     Parameters
     ----------
-    logits : (N, K) float32 or float64 array
-        Unnormalised scores. C-contiguous is the fast path; other layouts are copied once.
-        ``-inf`` marks a masked class.
-    target : (N,) integer array of class indices, or (N, K) float array of probabilities
-        Told apart by shape, as in ``torch.nn.functional.cross_entropy``. Probabilities
-        of another float dtype are converted to the logits' dtype.
+    logits : float32, float64, float16 or bfloat16 array, classes along ``axis``
+        Unnormalised scores, e.g. (N, K). C-contiguous with the classes last is the fast
+        path; other layouts are copied a block of rows at a time. float16 and bfloat16
+        (an ``ml_dtypes`` array) are computed in float32. ``-inf`` marks a masked class.
+    target : integer array of class indices, shaped like the logits without the class
+        axis, or a float array of probabilities shaped like the logits
+        Told apart by shape, as in ``torch.nn.functional.cross_entropy``.
     weight : (K,) array, optional
-        Non-negative, finite per-class weights (converted to the logits' dtype).
+        Non-negative, finite per-class weights.
     ignore_index : int
         Rows whose class index equals this contribute nothing. As in PyTorch, only the
         default -100 is accepted with probability targets.
     reduction : {"mean", "sum", "none"}
-        "mean" divides by the summed weight of the counted rows (N for probabilities).
+        "mean" divides by the summed weight of the counted rows: sum of
+        sample_weight * where * weight[target] (the number of rows for probabilities).
+        "none" returns one loss per row, shaped like the class-index target.
     label_smoothing : float in [0, 1]
         Mixes the target with the uniform distribution over the K classes.
+    axis : int
+        The class axis: -1 (NumPy / JAX layout (..., K)) or e.g. 1 for PyTorch's
+        (N, K, d1, ..., dk) with target (N, d1, ..., dk).
+    z_loss : float >= 0
+        Adds z_loss * logsumexp(z_n)^2 for each counted row (PaLM's auxiliary loss).
+        Weighted by the row's sample weight but not its class weight; "mean" divides
+        it by the summed sample weight of the counted rows (their number without
+        sample weights), as Liger-Kernel does.
+    logit_scale : float, optional
+        The loss sees ``logit_scale * logits``.
+    softcap : float > 0, optional
+        The loss sees ``softcap * tanh(logits / softcap)`` (after ``logit_scale``).
+    sample_weight : float array shaped like the rows, optional
+        Non-negative per-row weights; a row of weight 0 is skipped like an ignored one.
+    where : bool array shaped like the rows, optional
+        Rows to include (as optax's ``where``); the others are skipped.
+    all_ignored : {"nan", "zero"}
+        The "mean" loss when no row counts: NaN (0 / 0, as PyTorch) or 0 (as Liger-Kernel).
+    return_z_loss : bool
+        Also return the z-loss term alone (already included in the loss), reduced alike.
+    return_lse : bool
+        Also return logsumexp of every row (ignored rows too) in the compute dtype.
+    dtype : optional
+        dtype of the loss (and gradient): the logits' (default), or float32 for
+        float16 / bfloat16 logits.
 
     Returns
     -------
-    loss : scalar of the logits' dtype, or (N,) array for ``reduction="none"``.
+    loss : scalar, or an array shaped like the rows for ``reduction="none"``;
+    ``(loss, z_loss, lse)`` with the requested extras when ``return_z_loss`` or
+    ``return_lse`` is set.
 
     Only the loss is computed: no gradient is formed or written.
     """
-    problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
-    return _run(problem, *_weights(problem), grad=None)
+    problem = check_problem(
+        logits, target, weight, ignore_index, reduction, label_smoothing, axis=axis,
+        sample_weight=sample_weight, where=where, z_loss=z_loss, logit_scale=logit_scale,
+        softcap=softcap, all_ignored=all_ignored, dtype=dtype,
+    )  # fmt: skip
+    returns = check_returns(return_z_loss, return_lse)
+    loss, z_term, lse = _run(problem, None, returns)
+    return _pack(loss, None, z_term, lse, returns)
 
 
 def cross_entropy_with_grad(
-    logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, out=None
+    logits,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    axis=-1,
+    z_loss=0.0,
+    logit_scale=None,
+    softcap=None,
+    sample_weight=None,
+    where=None,
+    all_ignored="nan",
+    return_z_loss=False,
+    return_lse=False,
+    dtype=None,
+    out=None,
 ):
     """Loss and its gradient with respect to the logits, in one fused pass per row.
 
     Takes the arguments of :func:`cross_entropy`, plus:
 
-    out : (N, K) C-contiguous writeable array of the logits' dtype, optional
-        Where to write the gradient. ``out=logits`` computes it in place, overwriting
-        the logits and allocating no second (N, K) buffer.
+    out : array of the logits' shape and the result dtype, optional
+        Where to write the gradient (any layout; C-contiguous with the classes last is
+        the fast path). ``out=logits`` computes it in place, overwriting the logits and
+        allocating no second (N, K) buffer.
 
     Returns
     -------
-    (loss, grad) : ``grad`` has the logits' shape and dtype (it is ``out`` when given).
-        For ``reduction="none"`` row n of ``grad`` is the gradient of row n's loss.
+    (loss, grad), then z_loss and lse when requested: ``grad`` has the logits' shape
+    and the result dtype (it is ``out`` when given). For ``reduction="none"`` row n of
+    ``grad`` is the gradient of row n's loss. With ``logit_scale`` / ``softcap`` it is
+    the gradient with respect to the logits as given (the chain rule applied).
     """
-    problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
-    weights = _weights(problem)
+    problem = check_problem(
+        logits, target, weight, ignore_index, reduction, label_smoothing, axis=axis,
+        sample_weight=sample_weight, where=where, z_loss=z_loss, logit_scale=logit_scale,
+        softcap=softcap, all_ignored=all_ignored, dtype=dtype,
+    )  # fmt: skip
+    returns = check_returns(return_z_loss, return_lse)
     if out is None:
-        out = np.empty(problem.shape, problem.logits.dtype)
+        out = np.empty(problem.logits.shape, problem.result)
     else:
         check_out(out, problem)
-    return _run(problem, *weights, grad=out), out
+    loss, z_term, lse = _run(problem, out, returns)
+    return _pack(loss, out, z_term, lse, returns)
+
+
+def _pack(loss, grad, z_term, lse, returns):
+    """loss, or (loss, [grad], [z_term], [lse]) with the requested extras, in that order."""
+    extra = [x for x, wanted in zip((z_term, lse), returns) if wanted]
+    if grad is None and not extra:
+        return loss
+    return (loss, *extra) if grad is None else (loss, grad, *extra)
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,61 +191,143 @@ def _ones(k: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _weights(problem: Problem):
-    """(class weights, their float64 sum, the "mean" denominator), checking the labels
-    in the same compiled pass over them."""
-    n, k = problem.shape
-    dtype = problem.logits.dtype
+    """(class weights, their float64 sum, the "mean" denominators D and D_z), checking
+    the labels in the same compiled pass over them."""
+    m, k = problem.shape
     if problem.weight is None:
-        w, w_sum = _ones(k, dtype), float(k)
+        w, w_sum = _ones(k, problem.compute), float(k)
     else:
         w, w_sum = problem.weight, _kernels.float64_sum(problem.weight)
+    v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     if problem.soft:
-        return w, w_sum, float(n)
-    bad_row, denominator = _kernels.label_stats(problem.target, k, problem.ignore_index, w)
+        d = float(m) if problem.row_weight is None else _kernels.float64_sum(v)
+        return w, w_sum, d, d
+    bad_row, d, d_z = _kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
     check_labels(problem, bad_row)
-    return w, w_sum, denominator
+    return w, w_sum, d, d_z
 
 
-def _run(problem: Problem, w: np.ndarray, w_sum: float, denominator: float, grad: np.ndarray | None):
-    n, k = problem.shape
-    z = np.ascontiguousarray(problem.logits)  # no copy on the fast path (and for out=logits)
-    dtype = z.dtype
-    eps = problem.label_smoothing
-    small = not problem.soft and k <= SMALL_K[dtype][grad is not None]
+def _index_blocks(lead: tuple[int, ...], rows: int):
+    """Index tuples over the leading axes, each selecting about ``rows`` consecutive rows
+    (in row-major order) and at least one; () for a single row."""
+    if not lead:
+        yield ()
+        return
+    inner = math.prod(lead[1:])
+    if inner <= rows:
+        step = max(1, rows // max(inner, 1))
+        for a in range(0, lead[0], step):
+            yield (slice(a, min(a + step, lead[0])),)
+    else:
+        for a in range(lead[0]):
+            for rest in _index_blocks(lead[1:], rows):
+                yield (a, *rest)
+
+
+def _blocks(problem: Problem, grad: np.ndarray | None):
+    """(r0, r1, logits, target, gradient, in_place) per block of rows r0:r1, the arrays
+    as the kernels take them: C-contiguous (rows, K) in the compute dtype.
+
+    The fast path (class-last C-contiguous logits of the compute dtype, and likewise
+    the gradient) is one block of views. Otherwise each block is a copy of its logits,
+    its gradient computed into a block buffer and written back into ``grad`` when the
+    caller asks for the next block (hence this is a generator)."""
+    m, k = problem.shape
+    compute = problem.compute
+    z_rows = problem.rows
+    g_rows = None if grad is None else np.moveaxis(grad, problem.axis, -1)
+
+    def direct(a):
+        return a is None or (a.flags.c_contiguous and a.dtype == compute)
+
+    soft_ok = not problem.soft or direct(problem.target)
+    if direct(z_rows) and direct(g_rows) and soft_ok:
+        z = z_rows.reshape(m, k)
+        t = problem.target.reshape(m, k) if problem.soft else problem.target
+        g = None if grad is None else g_rows.reshape(m, k)
+        yield 0, m, z, t, g, g is not None and same_memory(g, z)
+        return
+    r0 = 0
+    for index in _index_blocks(problem.lead, max(1, COPY_BLOCK_LOGITS // k)):
+        block = z_rows[index]
+        z = np.array(block, dtype=compute, order="C").reshape(-1, k)  # always a copy
+        r1 = r0 + z.shape[0]
+        if problem.soft:
+            t = np.ascontiguousarray(problem.target[index], dtype=compute).reshape(-1, k)
+        else:
+            t = problem.target[r0:r1]
+        # (The gradient goes to a block of its own, not over the copy: the in-place
+        # kernels can round differently, and the layout should not change a result.)
+        g = None if grad is None else np.empty_like(z)
+        yield r0, r1, z, t, g, False
+        if g is not None:
+            g_rows[index] = g.reshape(block.shape)
+        r0 = r1
+
+
+def _mean(total: float, d: float, all_ignored: str) -> float:
+    if d:
+        return total / d
+    return np.nan if all_ignored == "nan" else 0.0  # 0 / 0: NaN, as PyTorch; or 0, as Liger
+
+
+def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
+    """(loss, z-term, lse) in the shapes and dtypes returned; the gradient into ``grad``."""
+    m, k = problem.shape
+    compute = problem.compute
+    want_z, want_lse = returns
+    w, w_sum, d, d_z = _weights(problem)
+    none = problem.reduction == "none"
+    if problem.reduction == "mean":
+        scale, scale_z = _mean(1.0, d, problem.all_ignored), _mean(1.0, d_z, problem.all_ignored)
+    else:
+        scale = scale_z = 1.0
+    a = 1.0 if problem.logit_scale is None else problem.logit_scale
+    c = 0.0 if problem.softcap is None else problem.softcap
+    params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
+    v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
+    plain = problem.z_loss == 0 and a == 1.0 and c == 0 and problem.row_weight is None and not want_lse
+    small = plain and not problem.soft and k <= SMALL_K[compute][grad is not None]
+    long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
     # only, so the total is the same for any thread count, with O(N / chunk) memory.
     chunk_rows = _small_k.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
-    chunk_loss = np.empty(-(-n // chunk_rows), np.float64)
-    row_loss = np.empty(n if problem.reduction == "none" else 0, dtype)
-    losses = (chunk_rows, row_loss, chunk_loss)
 
-    if problem.reduction == "mean":
-        scale = 1.0 / denominator if denominator else np.nan  # 0 / 0, as PyTorch
-    else:
-        scale = 1.0
-
+    row_loss = np.empty(m if none else 0, compute)
+    row_z = np.empty(m if none and want_z else 0, compute)
+    lse = np.empty(m if want_lse else 0, compute)
+    chunk_loss, chunk_z = [], []
     with _launch_lock:
-        if problem.soft:
-            t = np.ascontiguousarray(problem.target)
-            if grad is None:
-                _kernels.soft_loss(z, t, w, eps, *losses)
-            else:
-                _kernels.soft_loss_grad(z, t, w, eps, scale, *losses, grad)
-        else:
-            args = (z, problem.target, problem.ignore_index, w, w_sum, eps)
-            kernels = _small_k if small else _kernels
-            if grad is None:
-                kernels.hard_loss(*args, *losses)
+        for r0, r1, zb, tb, gb, in_place in _blocks(problem, grad):
+            n_chunks = -(-(r1 - r0) // chunk_rows)
+            chunk_loss.append(np.empty(n_chunks, np.float64))
+            chunk_z.append(np.empty(n_chunks, np.float64))
+            outs = (row_loss[r0:r1], row_z[r0:r1], lse[r0:r1], chunk_loss[-1], chunk_z[-1])
+            args = (zb, tb, problem.ignore_index, w, w_sum, v[r0:r1], params, chunk_rows, outs)
+            if problem.soft:
+                if grad is None:
+                    _kernels.soft_loss(zb, tb, w, v[r0:r1], params, chunk_rows, outs)
+                else:
+                    _kernels.soft_loss_grad(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
+            elif grad is None:
+                (_small_k if small else _kernels).hard_loss(*args)
             elif small:
-                _small_k.hard_loss_grad(*args, scale, *losses, grad, same_memory(grad, z))
+                _small_k.hard_loss_grad(*args, gb, in_place)
             else:
-                long_rows = k * dtype.itemsize > LONG_ROW_BYTES
-                _kernels.hard_loss_grad(*args, scale, *losses, grad, same_memory(grad, z), long_rows)
+                _kernels.hard_loss_grad(*args, gb, in_place, long_rows)
 
-    if problem.reduction == "none":
-        return row_loss
-    total = chunk_loss.sum()  # float64, in a fixed order
+    result = problem.result
+    lse = lse.reshape(problem.lead) if want_lse else None
+    if none:
+
+        def per_row(x):
+            return x.astype(result, copy=False).reshape(problem.lead)
+
+        return per_row(row_loss), per_row(row_z) if want_z else None, lse
+    ce = float(np.concatenate(chunk_loss).sum())  # float64, in a fixed order
+    z_term = float(np.concatenate(chunk_z).sum()) if problem.z_loss else 0.0
+    if problem.reduction == "mean":
+        ce = _mean(ce, d, problem.all_ignored)
+        z_term = _mean(z_term, d_z, problem.all_ignored) if problem.z_loss else 0.0
     with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
-        if problem.reduction == "sum":
-            return dtype.type(total)
-        return dtype.type(total / denominator if denominator else np.nan)
+        return result.type(ce + z_term), result.type(z_term), lse

@@ -3,50 +3,74 @@
 This is the oracle the fast kernels are tested against and the baseline they are
 benchmarked against. It takes the same arguments, raises the same errors and returns
 the same things as :func:`fastsce.cross_entropy` / :func:`fastsce.cross_entropy_with_grad`.
-It works in the logits' dtype (as PyTorch does) with (N, K) temporaries, and sums
-the batch in float64.
+It works in the logits' dtype (as PyTorch does; float32 for float16 / bfloat16) with
+(M, K) temporaries, and sums the batch in float64.
 
-Notation: z = logits, log p = log_softmax(z), w = class weights (ones if None),
-eps = label_smoothing, K = number of classes, D = the "mean" denominator.
+Notation: x = logits as M rows of K classes (class axis moved last), z = c tanh(a x / c)
+the logits the loss sees (a = logit_scale, c = softcap), log p = log_softmax(z),
+lse = logsumexp(z), w = class weights (ones if None), v = sample_weight * where (ones if
+None), eps = label_smoothing, s = z_loss, D / D_z = the "mean" denominators.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fastsce._validate import Problem, check_labels, check_out, check_problem
+from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
 
 # How closely fastsce matches this reference, per logits dtype, for np.allclose /
 # np.testing.assert_allclose. The reference rounds in the logits' dtype at every step
 # (as PyTorch does), so float32 differences are a few float32 ulps of O(1) quantities.
+# Half-precision results are both rounded from float32, so they differ by at most one ulp
+# of their own (2^-11 relative for float16, 2^-8 for bfloat16), or a subnormal's spacing.
 TOLERANCE = {
     np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14),
+    np.dtype(np.float16): dict(rtol=1e-3, atol=1e-6),
 }
+try:  # bfloat16 arrays come from ml_dtypes (as in JAX); fastsce does not need it
+    import ml_dtypes
+
+    TOLERANCE[np.dtype(ml_dtypes.bfloat16)] = dict(rtol=8e-3, atol=1e-5)
+except ImportError:  # pragma: no cover
+    pass
 
 
-def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    """Loss only; see :func:`fastsce.cross_entropy`."""
-    problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
+def cross_entropy(logits, target, **options):
+    """Loss only; see :func:`fastsce.cross_entropy` (same keyword arguments)."""
+    returns, options = _split_returns(options)
+    problem = check_problem(logits, target, **options)
     check_labels(problem)
-    return _solve(problem, want_grad=False)[0]
+    loss, _, z_term, lse = _solve(problem, want_grad=False)
+    return _pack(loss, None, z_term, lse, returns)
 
 
-def cross_entropy_with_grad(
-    logits, target, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, out=None
-):
-    """Loss and gradient; see :func:`fastsce.cross_entropy_with_grad`."""
-    problem = check_problem(logits, target, weight, ignore_index, reduction, label_smoothing)
+def cross_entropy_with_grad(logits, target, *, out=None, **options):
+    """Loss and gradient; see :func:`fastsce.cross_entropy_with_grad` (same arguments)."""
+    returns, options = _split_returns(options)
+    problem = check_problem(logits, target, **options)
     check_labels(problem)
     if out is not None:
         check_out(out, problem)
-    loss, grad = _solve(problem, want_grad=True)
+    loss, grad, z_term, lse = _solve(problem, want_grad=True)
     if out is not None:
         out[...] = grad
         grad = out
-    return loss, grad
+    return _pack(loss, grad, z_term, lse, returns)
+
+
+def _split_returns(options):
+    options = dict(options)
+    return check_returns(options.pop("return_z_loss", False), options.pop("return_lse", False)), options
+
+
+def _pack(loss, grad, z_term, lse, returns):
+    """loss, or (loss, [grad], [z_term], [lse]): the order of fastsce's functions."""
+    extra = [x for x, wanted in zip((z_term, lse), returns) if wanted]
+    head = [loss] if grad is None else [loss, grad]
+    return head[0] if len(head) == 1 and not extra else (*head, *extra)
 
 
 def _times(a, b):
@@ -57,37 +81,49 @@ def _times(a, b):
 
 
 def _solve(problem: Problem, want_grad: bool):
-    z = problem.logits
-    n, k = z.shape
-    dtype = z.dtype
+    """(loss, grad or None, z-term, lse), straight from the formulas over M = prod(lead) rows."""
+    m, k = problem.shape
+    dtype = problem.compute  # float16 / bfloat16 logits are computed in float32
+    x = problem.rows.reshape(m, k).astype(dtype)
     eps = problem.label_smoothing
     w = np.ones(k, dtype) if problem.weight is None else problem.weight
+    v = np.ones(m) if problem.row_weight is None else problem.row_weight
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        # The logits the loss sees: z = c tanh(a x / c), dz/dx = a (1 - (z / c)^2).
+        a = 1.0 if problem.logit_scale is None else problem.logit_scale
+        z, dz_dx = dtype.type(a) * x, dtype.type(a)
+        if problem.softcap is not None:
+            c = dtype.type(problem.softcap)
+            z = c * np.tanh(z / c)
+            dz_dx = dz_dx * (1 - (z / c) ** 2)
+
         shifted = z - z.max(axis=1, keepdims=True)
-        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_s = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        log_p = shifted - log_s
+        lse = (z.max(axis=1, keepdims=True) + log_s)[:, 0]
         p = np.exp(log_p)
 
         if problem.soft:
             # l_n = -sum_j w_j t_nj log p_nj, with t smoothed to (1 - eps) t + eps / K
-            t = problem.target
+            t = problem.target.reshape(m, k).astype(dtype)
             if eps > 0:
                 t = (1 - eps) * t + dtype.type(eps / k)
-            counted = np.ones(n, dtype=bool)  # ignore_index does not apply to probabilities
+            counted = v > 0  # ignore_index does not apply to probabilities
             row_loss = -_times(w * t, log_p).sum(axis=1)
-            denominator = float(n)
+            denominator = float(v.sum())
             # d l_n / d z_nj = p_nj sum_k w_k t_nk - w_j t_nj
             grad = p * (w * t).sum(axis=1, keepdims=True) - w * t if want_grad else None
         else:
             # l_n = (1 - eps) w_y (-log p_ny) + (eps / K) sum_j w_j (-log p_nj), 0 for ignored rows
-            counted = problem.target != problem.ignore_index
+            counted = (problem.target != problem.ignore_index) & (v > 0)
             y = np.where(counted, problem.target, 0)
             w_y = np.where(counted, w[y], 0).astype(dtype)
-            rows = np.arange(n)
+            rows = np.arange(m)
             row_loss = _times(w_y, -log_p[rows, y])
             if eps > 0:
                 row_loss = (1 - eps) * row_loss + eps / k * -_times(w, log_p).sum(axis=1)
-            denominator = float(w_y.sum(dtype=np.float64))
+            denominator = float((v * w_y).sum(dtype=np.float64))
             if want_grad:
                 one_hot = np.zeros_like(z)
                 one_hot[rows, y] = 1
@@ -98,15 +134,37 @@ def _solve(problem: Problem, want_grad: bool):
             else:
                 grad = None
 
-        row_loss = np.where(counted, row_loss, 0).astype(dtype)
+        # Sample weights scale rows; the z-loss s lse^2 of a counted row is weighted by v_n
+        # alone and its "mean" divides by D_z = sum of v_n over the counted rows.
+        row_loss = np.where(counted, v * row_loss, 0)
+        z_row = np.zeros(m)
+        if problem.z_loss:  # (not 0 * inf when lse^2 overflows)
+            z_row = np.where(counted, v * problem.z_loss * lse.astype(np.float64) ** 2, 0)
+        z_denominator = float(np.where(counted, v, 0).sum())
+        if problem.reduction == "mean":  # 0 / 0 is NaN (as PyTorch) or 0 (all_ignored="zero")
+            nothing = np.nan if problem.all_ignored == "nan" else 0.0
+            scale = 1.0 / denominator if denominator else nothing
+            z_scale = 1.0 / z_denominator if z_denominator else nothing
+        else:
+            scale = z_scale = denominator = z_denominator = 1.0
         if problem.reduction == "none":
-            loss, scale = row_loss, 1.0
-        elif problem.reduction == "sum":
-            loss, scale = dtype.type(row_loss.sum(dtype=np.float64)), 1.0
-        else:  # "mean": 0 / 0 = NaN when nothing is counted, as in PyTorch
-            total = row_loss.sum(dtype=np.float64)
-            loss = dtype.type(total / denominator if denominator else np.nan)
-            scale = 1.0 / denominator if denominator else np.nan
+            loss, z_term = row_loss + z_row, z_row
+        else:
+            loss = row_loss.sum(dtype=np.float64) / denominator if denominator else nothing
+            z_term = 0.0
+            if problem.z_loss:
+                z_term = z_row.sum(dtype=np.float64) / z_denominator if z_denominator else nothing
+            loss = loss + z_term
         if grad is not None:
-            grad = np.where(counted[:, None], grad * scale, 0).astype(dtype)
-    return loss, grad
+            # d (s lse^2) / d z_nj = 2 s lse_n p_nj
+            grad = grad * (v * scale)[:, None]
+            if problem.z_loss:
+                grad = grad + (2 * problem.z_loss * v * z_scale * lse)[:, None] * p
+            grad = np.where(counted[:, None], grad * dz_dx, 0).astype(dtype)
+            grad = np.moveaxis(grad.reshape(problem.rows.shape), -1, problem.axis).astype(problem.result)
+
+    if problem.reduction == "none":
+        loss, z_term = (np.asarray(x).astype(problem.result).reshape(problem.lead) for x in (loss, z_term))
+    else:
+        loss, z_term = problem.result.type(loss), problem.result.type(z_term)
+    return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)

@@ -36,7 +36,7 @@ from fastsce._validate import (
     FLOAT_DTYPES,
     REDUCTIONS,
     _check_ignore_index,
-    _check_label_smoothing,
+    _check_real,
     _check_target,
     _check_weight,
     same_memory,
@@ -302,15 +302,15 @@ class _Shard:
         logits = _check_shard_logits(logits)
         self.offset = _check_offset(class_offset)
         self.given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
-        self.target, self.soft = _check_target(self.given["target"], logits)
-        w = _check_weight(self.given["weight"], logits)
+        self.target, self.soft = _check_target(self.given["target"], logits, 1, logits, logits.dtype)
+        w = _check_weight(self.given["weight"], logits, 1, logits.dtype)
         self.ignore_index = _check_ignore_index(ignore_index)
         if self.soft and self.ignore_index != -100:  # as PyTorch: probabilities have no class to ignore
             raise ValueError(
                 f"ignore_index={self.ignore_index} only applies to class-index targets; target has "
                 f"shape {self.target.shape} (probabilities). Leave ignore_index at its default -100"
             )
-        self.eps = _check_label_smoothing(label_smoothing)
+        self.eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
         self.logit_scale = _check_positive("logit_scale", logit_scale)
         self.softcap = _check_positive("softcap", softcap)
         self.logits = logits
@@ -318,8 +318,8 @@ class _Shard:
         k = logits.shape[1]
         self.w = np.ones(k, logits.dtype) if w is None else w
         self.w_sum = float(k) if w is None else float64_sum(w)
-        if self.soft:
-            self.target = np.ascontiguousarray(self.target)
+        if self.soft:  # probabilities of another float dtype: converted (a copy)
+            self.target = np.ascontiguousarray(self.target, dtype=logits.dtype)
 
     @property
     def transform_args(self):

@@ -103,7 +103,7 @@ BAD = [
     # logits of a non-float32/64 dtype: TypeError naming the dtype
     *[
         bad(TypeError, ["logits", dtype], lambda dtype=dtype: (logits().astype(dtype), labels(), {}), f"logits-{dtype}")
-        for dtype in ("int32", "int64", "bool", "complex64", "complex128", "float16")
+        for dtype in ("int32", "int64", "bool", "complex64", "complex128", "uint16")
     ],
     # target dtypes
     bad(TypeError, ["int64", "float"], targets(np.ones((N, K), np.int64)), "soft-target-int"),
@@ -118,8 +118,6 @@ BAD = [
     bad(TypeError, ["weight", "complex"], options(weight=np.ones(K, complex)), "weight-complex"),
     # out
     bad(ValueError, ["float32", "float64"], options(out=np.empty((N, K), np.float32)), "out-dtype"),
-    bad(ValueError, ["C-contiguous"], options(out=np.empty((N, K), order="F")), "out-fortran"),
-    bad(ValueError, ["C-contiguous"], options(out=np.empty((N, 2 * K))[:, ::2]), "out-strided"),
     bad(ValueError, ["read-only"], options(out=read_only(np.empty((N, K)))), "out-read-only"),
     bad(ValueError, ["numpy.ndarray", "list"], options(out=[[0.0] * K] * N), "out-list"),
     bad(ValueError, ["overlaps target"], out_overlapping_target, "out-overlaps-index-target"),
@@ -144,11 +142,35 @@ BAD = [
         bad(TypeError, ["ignore_index", repr(ii)], options(ignore_index=ii), f"ignore-index-{ii!r}")
         for ii in ("1", 1.0, None, True)
     ],
-    # logits rank and K = 0: ValueError with the shape
-    bad(ValueError, ["2-D", "(3,)"], lambda: (logits(shape=(1, K))[0], labels(0), {}), "logits-1d"),
-    bad(ValueError, ["2-D", "(2, 3, 4)"], lambda: (np.zeros((2, 3, 4)), labels(0, 1), {}), "logits-3d"),
-    bad(ValueError, ["2-D", "()"], lambda: (np.float64(1.0), labels(0), {}), "logits-0d"),
+    # logits rank, class axis and K = 0: ValueError with the shapes
+    bad(ValueError, ["(1,)", "(3,)"], lambda: (logits(shape=(1, K))[0], labels(0), {}), "logits-1d-target-1d"),
+    bad(ValueError, ["(2,)", "(2, 3, 4)"], lambda: (np.zeros((2, 3, 4)), labels(0, 1), {}), "logits-3d-target-1d"),
+    bad(ValueError, ["class axis", "0-d"], lambda: (np.float64(1.0), labels(0), {}), "logits-0d"),
     bad(ValueError, ["(4, 0)"], lambda: (np.zeros((N, 0)), labels(), {}), "K-0"),
+    bad(ValueError, ["axis=1"], lambda: (np.zeros((2, 3, 5)), np.zeros((2, 5), int), {}), "torch-layout-hint"),
+    bad(ValueError, ["axis=2", "(4, 3)"], options(axis=2), "axis-out-of-range"),
+    bad(ValueError, ["axis=-3"], options(axis=-3), "axis-negative-out-of-range"),
+    bad(TypeError, ["axis", "1.0"], options(axis=1.0), "axis-float"),
+    # the options of large-model training
+    *[
+        bad(ValueError, ["z_loss", repr(float(s))], options(z_loss=s), f"z-loss-{s}")
+        for s in (-1e-4, np.nan, np.inf)
+    ],
+    bad(TypeError, ["z_loss"], options(z_loss="1e-4"), "z-loss-str"),
+    *[bad(ValueError, ["softcap", repr(float(c))], options(softcap=c), f"softcap-{c}") for c in (0.0, -30.0, np.inf)],
+    *[bad(ValueError, ["logit_scale"], options(logit_scale=a), f"logit-scale-{a}") for a in (np.nan, -np.inf)],
+    bad(TypeError, ["logit_scale"], options(logit_scale=True), "logit-scale-bool"),
+    bad(ValueError, ["sample_weight[2]", "-1.0"], options(sample_weight=[1.0, 1.0, -1.0, 1.0]), "sample-weight-neg"),
+    bad(ValueError, ["sample_weight[0]", "nan"], options(sample_weight=[np.nan, 1.0, 1.0, 1.0]), "sample-weight-nan"),
+    bad(ValueError, ["sample_weight", "(3,)", "(4,)"], options(sample_weight=np.ones(3)), "sample-weight-short"),
+    bad(TypeError, ["sample_weight", "complex"], options(sample_weight=np.ones(N, complex)), "sample-weight-complex"),
+    bad(TypeError, ["where", "boolean", "int64"], options(where=np.ones(N, np.int64)), "where-int"),
+    bad(ValueError, ["where", "(4, 1)", "(4,)"], options(where=np.ones((N, 1), bool)), "where-shape"),
+    bad(ValueError, ["all_ignored", "'none'"], options(all_ignored="none"), "all-ignored-bad"),
+    bad(TypeError, ["return_lse", "1"], options(return_lse=1), "return-lse-int"),
+    bad(TypeError, ["return_z_loss", "'yes'"], options(return_z_loss="yes"), "return-z-loss-str"),
+    bad(ValueError, ["dtype=float32", "float64"], options(dtype=np.float32), "dtype-narrower"),
+    bad(TypeError, ["dtype"], options(dtype="not a dtype"), "dtype-garbage"),
     # probability targets have no class to ignore
     *[
         bad(ValueError, [f"ignore_index={ii}"], lambda i=ii: (logits(), probs(), dict(ignore_index=i)), f"soft-ii{ii}")
@@ -239,6 +261,17 @@ VALID = {
     "soft-f32-for-f64": lambda: (logits(), probs(np.float32), {}),
     "soft-fortran": lambda: (fortran(logits(np.float32)), fortran(probs(np.float32)), dict(weight=[1.0, 2.0, 3.0])),
     "transposed-logits": lambda: (logits(shape=(K, N)).T, labels(), dict(reduction="none")),
+    "float16": lambda: (logits(np.float16), labels(), dict(label_smoothing=0.1)),
+    "axis-1": lambda: (
+        np.random.default_rng(0).standard_normal((2, K, 2)),
+        labels().reshape(2, 2),
+        dict(axis=1, reduction="none"),
+    ),
+    "every-option": lambda: (
+        logits(np.float32),
+        labels(),
+        dict(z_loss=1e-3, softcap=5.0, logit_scale=0.5, sample_weight=np.arange(N), where=labels() > 0),
+    ),
 }
 
 

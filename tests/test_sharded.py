@@ -3,9 +3,10 @@
 The oracle is the unsharded function: for splits of K into 1..5 shards (a 1-class shard
 among them) and any merge order or tree, finish's loss and the concatenated finish_grad
 outputs equal fastsce.reference.cross_entropy_with_grad (and fastsce.cross_entropy_with_grad)
-within reference.TOLERANCE. The options the reference does not take yet (z_loss,
-logit_scale, softcap, sample_weight, where, all_ignored, return_*) are checked against
-`closed_form`, written in NumPy straight from the formulas, and by finite differences.
+within reference.TOLERANCE. The newer options (z_loss, logit_scale, softcap,
+sample_weight, where, all_ignored, return_*) are checked against the reference and
+against `closed_form`, written in NumPy straight from the formulas, and by finite
+differences.
 """
 
 from __future__ import annotations
@@ -313,6 +314,7 @@ def test_new_options_match_closed_form(options, reduction, soft, dtype):
     else:
         case.target[0] = 8
     loss, grad, z_term, lse = closed_form(case.logits, case.target, **case.kwargs)
+    ref_loss, ref_grad, ref_z, ref_lse = case.loss_grad(reference, return_z_loss=True, return_lse=True)
     for cuts in ([0, 2100], [0, 1, 1030, 2100], [0, 500, 1400, 2099, 2100]):
         got = sharded(case, cuts, return_z_loss=True, return_lse=True)
         (got_loss, got_z, got_lse), got_grad = got[0], got[1]
@@ -322,6 +324,11 @@ def test_new_options_match_closed_form(options, reduction, soft, dtype):
         assert_close(got_z, np.asarray(z_term).astype(dtype), dtype, unit=unit_loss)
         assert_close(got_lse, lse.astype(dtype), dtype, unit=1.0)
         assert_close(got_grad, grad.astype(dtype), dtype, unit=unit_grad)
+        # and against the unsharded reference, which takes these options too
+        assert_close(got_loss, ref_loss, dtype, unit=unit_loss)
+        assert_close(got_z, ref_z, dtype, unit=unit_loss)
+        assert_close(got_lse, ref_lse, dtype, unit=1.0)
+        assert_close(got_grad, ref_grad, dtype, unit=unit_grad)
         assert got_lse.dtype == dtype and got_lse.shape == (17,)
 
 

@@ -1,0 +1,396 @@
+"""The options of large-model training: z_loss, logit_scale, softcap, return_lse, axis,
+sample_weight / where, all_ignored, and float16 / bfloat16 logits.
+
+Fast against the reference on a grid; the reference against central differences and
+closed forms; the class axis and the half-precision dtypes through the block-copy path.
+"""
+
+import numpy as np
+import pytest
+
+from _cases import FD_STEP, FD_TOL, IMPLS, assert_close, assert_unchanged, make_labels, make_probs, seed_of, snapshot
+from fastsce import api, reference
+
+fast, ref = IMPLS["fast"], IMPLS["ref"]
+
+# Option sets, each alone and all together (with class weights and smoothing).
+OPTIONS = {
+    "z": lambda rng, lead: dict(z_loss=1e-2),
+    "scale": lambda rng, lead: dict(logit_scale=0.6),
+    "cap": lambda rng, lead: dict(softcap=3.0),
+    "scale-cap": lambda rng, lead: dict(logit_scale=-1.7, softcap=5.0),
+    "sample-weight": lambda rng, lead: dict(sample_weight=rng.uniform(0, 2, lead) * (rng.random(lead) > 0.2)),
+    "where": lambda rng, lead: dict(where=rng.random(lead) > 0.3),
+    "all": lambda rng, lead: dict(
+        z_loss=1e-3, logit_scale=1.3, softcap=4.0, sample_weight=rng.uniform(0.5, 2, lead), where=rng.random(lead) > 0.2
+    ),
+}
+SHAPES = {"10": (300, 10), "1000": (64, 1000), "long": (3, 40000)}
+
+
+def make(n, k, dtype, soft, seed_parts, scale=4.0):
+    rng = np.random.default_rng(seed_of(*seed_parts))
+    x = (scale * rng.standard_normal((n, k))).astype(dtype)
+    target = make_probs(rng, n, k, np.float64).astype(dtype) if soft else make_labels(rng, n, k)
+    return rng, x, target
+
+
+def results(impl, fn, x, target, **kwargs):
+    """Every output of one call, as a tuple: loss, [grad], z-term, lse."""
+    return getattr(impl, fn)(x, target, return_z_loss=True, return_lse=True, **kwargs)
+
+
+def assert_all_close(got, want, dtype):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        if a.dtype.itemsize == 2:  # compared in float32, with the half dtype's tolerance
+            a, b = a.astype(np.float32), b.astype(np.float32)
+        unit = float(np.max(np.abs(b[np.isfinite(b)]), initial=0.0))
+        assert_close(a, b, dtype, unit=unit)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("option", OPTIONS)
+def test_fast_matches_reference(option, shape, dtype, soft, reduction):
+    n, k = SHAPES[shape]
+    rng, x, target = make(n, k, dtype, soft, (option, shape, soft))
+    kwargs = dict(OPTIONS[option](rng, (n,)), reduction=reduction)
+    if option == "all":
+        kwargs.update(weight=rng.uniform(0.2, 2, k), label_smoothing=0.1)
+    before = snapshot(x, target, *kwargs.values())
+    for fn in ("cross_entropy", "cross_entropy_with_grad"):
+        assert_all_close(results(fast, fn, x, target, **kwargs), results(ref, fn, x, target, **kwargs), dtype)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_long_rows_path_with_options(option, monkeypatch):
+    """Rows read once with a running max (forced here at K = 5000) under every option."""
+    monkeypatch.setattr(api, "LONG_ROW_BYTES", 1024)
+    rng, x, target = make(5, 5000, np.float32, False, (option, "forced-long"))
+    kwargs = OPTIONS[option](rng, (5,))
+    got = results(fast, "cross_entropy_with_grad", x, target, **kwargs)
+    assert_all_close(got, results(ref, "cross_entropy_with_grad", x, target, **kwargs), np.float32)
+
+
+@pytest.mark.parametrize("in_place", (False, True), ids=("out", "in-place"))
+@pytest.mark.parametrize("option", ("cap", "all"))
+def test_out_and_in_place(option, in_place):
+    rng, x, target = make(50, 700, np.float64, False, (option, "out"))
+    kwargs = OPTIONS[option](rng, (50,))
+    want = results(ref, "cross_entropy_with_grad", x, target, **kwargs)
+    buf = x.copy() if in_place else np.empty_like(x)
+    logits = buf if in_place else x
+    got = fast.cross_entropy_with_grad(logits, target, out=buf, return_z_loss=True, return_lse=True, **kwargs)
+    assert got[1] is buf
+    assert_all_close(got, want, np.float64)
+
+
+# --- the reference against the maths ----------------------------------------------------
+
+
+def total(x, target, kwargs):
+    return float(np.sum(ref.cross_entropy(x, target, **kwargs)))
+
+
+FD_OPTIONS = {
+    **{name: OPTIONS[name] for name in ("z", "scale", "cap", "scale-cap", "sample-weight", "all")},
+    "z-weighted-smoothed": lambda rng, lead: dict(z_loss=0.1, weight=rng.uniform(0.2, 2, 5), label_smoothing=0.2),
+}
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+@pytest.mark.parametrize("option", FD_OPTIONS)
+def test_reference_gradient_matches_central_differences(option, soft, reduction):
+    rng, x, target = make(6, 5, np.float64, soft, (option, "fd"), scale=2.0)
+    kwargs = dict(FD_OPTIONS[option](rng, (6,)), reduction=reduction)
+    _, grad = ref.cross_entropy_with_grad(x, target, **kwargs)
+    numeric = np.empty_like(x)
+    for idx in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += FD_STEP
+        down[idx] -= FD_STEP
+        numeric[idx] = (total(up, target, kwargs) - total(down, target, kwargs)) / (2 * FD_STEP)
+    assert np.any(grad != 0)
+    np.testing.assert_allclose(grad, numeric, **FD_TOL)
+
+
+def lse_float64(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+def test_z_loss_adds_s_times_mean_lse_squared(impl, soft):
+    rng, x, target = make(40, 30, np.float64, soft, ("z", impl))
+    base, g0 = IMPLS[impl].cross_entropy_with_grad(x, target)
+    loss, grad, z_term, lse = results(IMPLS[impl], "cross_entropy_with_grad", x, target, z_loss=0.05)
+    counted = np.ones(40, bool) if soft else target != -100
+    exact_lse = lse_float64(x)
+    np.testing.assert_allclose(lse, exact_lse, rtol=1e-14)
+    np.testing.assert_allclose(z_term, 0.05 * np.mean(exact_lse[counted] ** 2), rtol=1e-13)
+    np.testing.assert_allclose(loss, base + z_term, rtol=1e-13)
+    # its gradient: 2 s lse_n p_nj / D_z on counted rows
+    p = np.exp(x - exact_lse[:, None])
+    extra = np.where(counted[:, None], 2 * 0.05 * exact_lse[:, None] * p / counted.sum(), 0)
+    np.testing.assert_allclose(grad, g0 + extra, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_z_loss_mean_uses_row_count_not_class_weights(impl):
+    """As Liger-Kernel: the z-term is not weighted by the class weight, and its mean
+    divides by the number of counted rows (times their sample weights)."""
+    rng, x, target = make(20, 6, np.float64, False, ("z-weights", impl))
+    w, v = rng.uniform(0.5, 3, 6), rng.uniform(0.5, 2, 20)
+    counted = target != -100
+    _, z_term = IMPLS[impl].cross_entropy(x, target, weight=w, sample_weight=v, z_loss=0.1, return_z_loss=True)
+    lse2 = lse_float64(x) ** 2
+    np.testing.assert_allclose(z_term, 0.1 * np.sum((v * lse2)[counted]) / np.sum(v[counted]), rtol=1e-13)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+def test_logit_scale_and_softcap_are_the_loss_of_the_transformed_logits(impl, soft, dtype):
+    rng, x, target = make(30, 50, dtype, soft, ("transform", impl, soft))
+    a, c = 1.7, 6.0
+    z = (c * np.tanh(a * x.astype(np.float64) / c)).astype(dtype)
+    loss, grad = IMPLS[impl].cross_entropy_with_grad(x, target, logit_scale=a, softcap=c, reduction="none")
+    loss_z, grad_z = IMPLS[impl].cross_entropy_with_grad(z, target, reduction="none")
+    assert_close(loss, loss_z, dtype, unit=1.0)
+    dz_dx = a * (1 - (z.astype(np.float64) / c) ** 2)  # the chain rule
+    assert_close(grad, grad_z * dz_dx, dtype, unit=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_bounds_huge_and_masked_logits(impl):
+    """tanh(+-inf) = +-1: a -inf (masked) logit becomes -c, a huge one +c; NaN stays NaN."""
+    x = np.array([[np.inf, 0.0, -np.inf], [1e30, -1e30, 0.0], [np.nan, 0.0, 0.0]])
+    z = np.array([[2.0, 0.0, -2.0], [2.0, -2.0, 0.0], [np.nan, 0.0, 0.0]])
+    target = np.array([0, 1, 2])
+    loss, grad = IMPLS[impl].cross_entropy_with_grad(x, target, softcap=2.0, reduction="none")
+    want_loss, want_grad = ref.cross_entropy_with_grad(z, target, reduction="none")
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-14)
+    assert np.isnan(loss[2]) and np.all(np.isnan(grad[2]))
+    # d tanh / dx is 0 at +-inf: those gradient entries vanish
+    np.testing.assert_allclose(grad[:2], want_grad[:2] * (1 - (z[:2] / 2) ** 2), atol=1e-15)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+def test_where_is_the_loss_of_the_selected_rows(impl, soft):
+    rng, x, target = make(50, 8, np.float64, soft, ("where", impl, soft))
+    keep = rng.random(50) > 0.4
+    x[~keep] = np.nan  # excluded rows are never read into the result
+    for reduction in ("mean", "sum"):
+        got, grad = IMPLS[impl].cross_entropy_with_grad(x, target, where=keep, reduction=reduction)
+        want, want_grad = IMPLS[impl].cross_entropy_with_grad(x[keep], target[keep], reduction=reduction)
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+        np.testing.assert_allclose(grad[keep], want_grad, rtol=1e-12, atol=1e-16)
+        assert np.all(grad[~keep] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sample_weights_scale_rows_and_the_mean_denominator(impl):
+    rng, x, target = make(40, 9, np.float64, False, ("sample-weight", impl))
+    v = rng.uniform(0, 3, 40)
+    w = rng.uniform(0.5, 2, 9)
+    rows = ref.cross_entropy(x, target, weight=w, reduction="none")
+    got_none = IMPLS[impl].cross_entropy(x, target, weight=w, sample_weight=v, reduction="none")
+    assert_close(got_none, v * rows, unit=1.0)
+    counted = target != -100
+    d = np.sum((v * w[np.where(counted, target, 0)])[counted])
+    got_mean = IMPLS[impl].cross_entropy(x, target, weight=w, sample_weight=v)
+    assert_close(got_mean, np.sum(v * rows) / d, unit=1.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("how", ("ignore_index", "where", "sample_weight"))
+def test_all_ignored(impl, how):
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    target = np.full(5, -100) if how == "ignore_index" else np.arange(5) % 4
+    extra = {"ignore_index": {}, "where": dict(where=np.zeros(5, bool)), "sample_weight": dict(sample_weight=np.zeros(5))}[how]
+    for all_ignored, expected in (("nan", np.nan), ("zero", 0.0)):
+        loss, grad, z_term = IMPLS[impl].cross_entropy_with_grad(
+            x, target, z_loss=1e-3, all_ignored=all_ignored, return_z_loss=True, **extra
+        )
+        np.testing.assert_array_equal([loss, z_term], [expected, expected])
+        assert loss.dtype == np.float32 and np.all(grad == 0)
+    # "zero" only changes an empty mean
+    assert IMPLS[impl].cross_entropy(x, np.arange(5) % 4, all_ignored="zero") == IMPLS[impl].cross_entropy(
+        x, np.arange(5) % 4
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_lse_for_every_row_including_ignored(impl):
+    rng, x, target = make(30, 12, np.float32, False, ("lse", impl))
+    target[:5] = -100
+    keep = np.arange(30) % 3 > 0
+    for fn in ("cross_entropy", "cross_entropy_with_grad"):
+        *_, lse = getattr(IMPLS[impl], fn)(x, target, where=keep, return_lse=True)
+        assert lse.dtype == np.float32 and lse.shape == (30,)
+        np.testing.assert_allclose(lse, lse_float64(x), rtol=2e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_return_order(impl):
+    x = np.zeros((3, 4))
+    y = np.array([0, 1, 2])
+    f = IMPLS[impl]
+    assert np.ndim(f.cross_entropy(x, y)) == 0
+    assert len(f.cross_entropy(x, y, return_lse=True)) == 2
+    loss, z_term, lse = f.cross_entropy(x, y, z_loss=1.0, return_z_loss=True, return_lse=True)
+    np.testing.assert_allclose([z_term, *lse], [np.log(4) ** 2, *[np.log(4)] * 3], rtol=1e-15)
+    loss, grad, z_term = f.cross_entropy_with_grad(x, y, return_z_loss=True)
+    assert grad.shape == (3, 4) and z_term == 0
+
+
+# --- the class axis and other layouts -----------------------------------------------------
+
+LAYOUTS = {
+    "NKd": ((6, 11, 7), 1),
+    "NKd1d2": ((3, 9, 4, 5), 1),
+    "dK-last": ((4, 5, 13), -1),
+    "K-first": ((13, 20), 0),
+    "single-row": ((17,), 0),
+}
+
+
+@pytest.mark.parametrize("blocks", ("one", "many"))
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_class_axis_equals_moving_it_last(layout, dtype, soft, blocks, monkeypatch):
+    if blocks == "many":  # a handful of rows per copied block, blocks splitting inner axes
+        monkeypatch.setattr(api, "COPY_BLOCK_LOGITS", 40)
+    shape, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(seed_of(layout, soft))
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    k = shape[axis]
+    moved = np.moveaxis(x, axis, -1)
+    if soft:
+        p = make_probs(rng, moved[..., 0].size, k, dtype).reshape(moved.shape)
+        target, flat_target = np.moveaxis(p, -1, axis), p.reshape(-1, k)
+    else:
+        target = rng.integers(0, k, moved.shape[:-1])
+        flat_target = target.reshape(-1)
+    kwargs = dict(axis=axis, reduction="none", z_loss=1e-3, label_smoothing=0.05)
+    for impl in IMPLS.values():
+        loss, grad, z_term, lse = results(impl, "cross_entropy_with_grad", x, target, **kwargs)
+        assert loss.shape == lse.shape == moved.shape[:-1] and grad.shape == x.shape
+        flat = results(ref, "cross_entropy_with_grad", moved.reshape(-1, k), flat_target, **{**kwargs, "axis": -1})
+        assert_all_close(
+            (loss.reshape(-1), np.moveaxis(grad, axis, -1).reshape(-1, k), z_term.reshape(-1), lse.reshape(-1)),
+            flat,
+            dtype,
+        )
+        mean = impl.cross_entropy(x, target, axis=axis)
+        assert_close(mean, ref.cross_entropy(moved.reshape(-1, k), flat_target), dtype, unit=1.0)
+
+
+@pytest.mark.parametrize("out_layout", ("C", "F", "strided"))
+def test_out_of_any_layout(out_layout, monkeypatch):
+    monkeypatch.setattr(api, "COPY_BLOCK_LOGITS", 64)
+    rng, x, target = make(37, 9, np.float32, False, ("out-layout",))
+    want_loss, want_grad = fast.cross_entropy_with_grad(x, target)
+    out = {
+        "C": np.empty((37, 9), np.float32),
+        "F": np.empty((37, 9), np.float32, order="F"),
+        "strided": np.empty((37, 18), np.float32)[:, ::2],
+    }[out_layout]
+    loss, grad = fast.cross_entropy_with_grad(x, target, out=out)
+    assert grad is out
+    assert_close(loss, want_loss, unit=1.0)
+    np.testing.assert_array_equal(grad, want_grad)  # row results do not depend on the layout
+
+
+def test_pytorch_layout_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 7, 5, 3))
+    y = rng.integers(0, 7, (4, 5, 3))
+    y[0, 0, 0] = -100
+    w = rng.uniform(0.5, 2, 7)
+    for reduction in ("mean", "sum", "none"):
+        xt = torch.tensor(x, requires_grad=True)
+        want = torch.nn.functional.cross_entropy(
+            xt, torch.tensor(y), weight=torch.tensor(w), reduction=reduction, label_smoothing=0.1
+        )
+        want.sum().backward()
+        for impl in IMPLS.values():
+            loss, grad = impl.cross_entropy_with_grad(x, y, axis=1, weight=w, reduction=reduction, label_smoothing=0.1)
+            np.testing.assert_allclose(loss, want.detach().numpy(), rtol=1e-12)
+            np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-12, atol=1e-16)
+
+
+# --- float16 and bfloat16 logits ----------------------------------------------------------
+
+HALF = {"f16": np.float16}
+try:
+    import ml_dtypes
+
+    HALF["bf16"] = ml_dtypes.bfloat16
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.mark.parametrize("result", ("half", "float32"))
+@pytest.mark.parametrize("soft", (False, True), ids=("int", "soft"))
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+@pytest.mark.parametrize("half", HALF)
+def test_half_logits_are_computed_in_float32(half, reduction, soft, result):
+    dtype = np.dtype(HALF[half])
+    rng, x32, target = make(200, 50, np.float32, soft, ("half", half, soft))
+    x = x32.astype(dtype)
+    kwargs = dict(reduction=reduction, z_loss=1e-3, label_smoothing=0.1)
+    if result == "float32":
+        kwargs["dtype"] = np.float32
+    want_dtype = np.dtype(np.float32) if result == "float32" else dtype
+    before = snapshot(x, target)
+    got = results(fast, "cross_entropy_with_grad", x, target, **kwargs)
+    want = results(ref, "cross_entropy_with_grad", x, target, **kwargs)
+    assert got[0].dtype == got[1].dtype == got[2].dtype == want_dtype and got[3].dtype == np.float32
+    assert_all_close(got, want, want_dtype)
+    # the same as the float32 call on the same values, rounded once at the end
+    exact = results(fast, "cross_entropy_with_grad", x.astype(np.float32), target.astype(np.float32) if soft else target, **{**kwargs, "dtype": None})
+    assert_all_close(got, tuple(np.asarray(e).astype(want_dtype) for e in exact[:3]) + exact[3:], want_dtype)
+    loss_only = results(fast, "cross_entropy", x, target, **kwargs)
+    assert_all_close(loss_only, want[:1] + want[2:], want_dtype)
+    assert_unchanged(before)
+
+
+@pytest.mark.parametrize("half", HALF)
+def test_half_confident_row_keeps_the_target_gradient(half):
+    """p_y - 1 for p_y ~ 1 is formed as -sum_{j != y} p_j in float32 and rounded once: a
+    half-precision 1 - p_y would be 0 or a whole ulp of 1 (2^-11 / 2^-8) off."""
+    dtype = np.dtype(HALF[half])
+    x = np.zeros((1, 4), dtype)
+    x[0, 0] = 9
+    _, grad = fast.cross_entropy_with_grad(x, np.array([0]))
+    exact = -3 * np.exp(-9.0) / (1 + 3 * np.exp(-9.0))  # ~ -3.7e-4
+    np.testing.assert_allclose(float(grad[0, 0]), exact, rtol=reference.TOLERANCE[dtype]["rtol"])
+
+
+def test_half_logits_in_place():
+    rng, x32, target = make(64, 33, np.float32, False, ("half-in-place",))
+    x = x32.astype(np.float16)
+    want_loss, want_grad = fast.cross_entropy_with_grad(x, target)
+    loss, grad = fast.cross_entropy_with_grad(x, target, out=x)
+    assert grad is x and loss == want_loss
+    np.testing.assert_array_equal(x, want_grad)
+
+
+@pytest.mark.parametrize("option", ("softcap", "logit_scale"))
+def test_none_turns_transforms_off(option):
+    x = np.random.default_rng(1).standard_normal((5, 6))
+    y = np.arange(5)
+    assert fast.cross_entropy(x, y, **{option: None}) == fast.cross_entropy(x, y)
