@@ -8,6 +8,7 @@
 
 from fastsce import reference
 from fastsce.api import cross_entropy, cross_entropy_with_grad
+from fastsce.sharded import ShardStats, combine, finish, finish_grad, partial_stats
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "reference", "__version__"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "partial_stats", "combine", "finish", "finish_grad", "ShardStats", "reference", "__version__"]

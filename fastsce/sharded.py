@@ -1,0 +1,596 @@
+"""Cross-entropy with the classes of each row split across shards (vocabulary-parallel).
+
+When the K classes are split into shards (column chunks of a huge vocabulary, or the
+slices held by different machines), each shard reduces its own logits to a few numbers
+per row, those combine exactly into the loss, and each shard then computes its own slice
+of the gradient from the combined numbers; no shard ever needs another shard's logits.
+
+    stats = [partial_stats(z_s, target, offset_s) for z_s, offset_s in shards]
+    total = combine(*stats)                       # any order, any tree: associative
+    loss = finish(total)
+    grad_s = finish_grad(z_s, target, total, offset_s)   # (N, K_s), this shard's columns
+
+The loss and the concatenated gradients are those of :func:`fastsce.cross_entropy_with_grad`
+on the full logits. With z the (transformed) logits of row n, w the class weights, t the
+target distribution (one-hot of the label for class indices), eps the label smoothing,
+lse = logsumexp_j z_j and W = sum_j w_j:
+
+    loss_n = (1 - eps) (A lse - B) + (eps / K) (W lse - C)
+    A = sum_j w_j t_j,   B = sum_j w_j t_j z_j,   C = sum_j w_j z_j
+
+A shard's :class:`ShardStats` holds, per row, its max m, s = sum exp(z - m), A, and
+B, C relative to m (b = B - A m, c = C - W m, which keeps their digits for large
+logits); :func:`combine` takes the larger max and rescales the rest to it.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from fastsce import _sharded_kernels
+from fastsce._kernels import float64_sum
+from fastsce._validate import (
+    FLOAT_DTYPES,
+    REDUCTIONS,
+    _check_ignore_index,
+    _check_real,
+    _check_target,
+    _check_weight,
+    same_memory,
+)
+from fastsce.api import _launch_lock
+
+__all__ = ["ShardStats", "combine", "finish", "finish_grad", "partial_stats"]
+
+# Rows per prange chunk: about this many logits, at least one row (as fastsce.api).
+_CHUNK_LOGITS = 1 << 16
+
+_ALL_IGNORED = ("nan", "zero")
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class ShardStats:
+    """Partial statistics of the classes of one or more shards, for every row.
+
+    Per row (float64 arrays of shape (N,), read-only), over the classes seen so far:
+    ``m`` the max logit, ``s`` = sum exp(z - m), ``a`` = sum w t, ``b`` = sum w t (z - m),
+    ``c`` = sum w (z - m) (0 without label smoothing); for class-index targets ``held``,
+    how many shards held the row's label (int64), and ``labels``, the labels themselves.
+    Scalars: ``classes`` (the number of classes seen), ``weight_sum`` (their summed class
+    weight), ``shards`` (the (class_offset, K_s) of every shard, sorted), and the options
+    the statistics were computed with, which every shard must share.
+    """
+
+    m: np.ndarray
+    s: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+    held: np.ndarray | None
+    labels: np.ndarray | None
+    classes: int
+    weight_sum: float
+    shards: tuple
+    dtype: np.dtype
+    soft: bool
+    ignore_index: int
+    label_smoothing: float
+    logit_scale: float | None
+    softcap: float | None
+
+    @property
+    def n(self) -> int:
+        return self.m.shape[0]
+
+    def __repr__(self):
+        target = "probabilities" if self.soft else f"class indices, ignore_index={self.ignore_index}"
+        return (
+            f"ShardStats(N={self.n}, classes={self.classes}, shards={list(self.shards)}, dtype={self.dtype}, "
+            f"{target}, label_smoothing={self.label_smoothing}, logit_scale={self.logit_scale}, "
+            f"softcap={self.softcap})"
+        )
+
+
+# --- public functions ---------------------------------------------------------------------------
+
+
+def partial_stats(
+    logits_shard,
+    target,
+    class_offset,
+    *,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    logit_scale=None,
+    softcap=None,
+) -> ShardStats:
+    """Partial statistics of one shard: classes [class_offset, class_offset + K_s).
+
+    Parameters
+    ----------
+    logits_shard : (N, K_s) float32 or float64 array
+        Columns class_offset .. class_offset + K_s - 1 of the full (N, K) logits.
+    target : (N,) integer array, or (N, K_s) float array
+        Class indices in the full range [0, K) (a row whose label lies in another shard
+        adds no target term here), or this shard's columns of the target probabilities.
+    class_offset : int >= 0
+        The full-range index of the shard's first class.
+    weight : (K_s,) array, optional
+        This shard's slice of the class weights.
+    ignore_index, label_smoothing : as in :func:`fastsce.cross_entropy`.
+    logit_scale : float > 0, optional
+        The logits used are logit_scale * logits_shard.
+    softcap : float > 0, optional
+        The logits used are softcap * tanh(logits / softcap), after logit_scale.
+
+    One read of the shard's logits; the result is O(N).
+    """
+    shard = _Shard(logits_shard, target, class_offset, weight, ignore_index, label_smoothing, logit_scale, softcap)
+    n, k = shard.x.shape
+    m, s, a, b, c = (np.empty(n, np.float64) for _ in range(5))
+    scale, cap, transformed = shard.transform_args
+    chunk_rows = max(1, _CHUNK_LOGITS // k)
+    held = labels = None
+    with _launch_lock:
+        if shard.soft:
+            _sharded_kernels.soft_stats(
+                shard.x, shard.target, shard.w, shard.eps, scale, cap, transformed, chunk_rows, m, s, a, b, c
+            )
+        else:
+            held = np.empty(n, np.int64)
+            _sharded_kernels.hard_stats(
+                shard.x, shard.target, shard.offset, shard.ignore_index, shard.w, shard.eps,
+                scale, cap, transformed, chunk_rows, m, s, a, b, c, held,
+            )  # fmt: skip
+            labels = shard.target.astype(np.int64)  # a copy: the stats never alias the input
+    arrays = dict(m=m, s=s, a=a, b=b, c=c, held=held, labels=labels)
+    for arr in arrays.values():
+        if arr is not None:
+            arr.setflags(write=False)
+    return ShardStats(
+        **arrays,
+        classes=k,
+        weight_sum=shard.w_sum,
+        shards=((shard.offset, k),),
+        dtype=shard.x.dtype,
+        soft=shard.soft,
+        ignore_index=shard.ignore_index,
+        label_smoothing=shard.eps,
+        logit_scale=shard.logit_scale,
+        softcap=shard.softcap,
+    )
+
+
+def combine(a: ShardStats, b: ShardStats, *more: ShardStats) -> ShardStats:
+    """Merge the statistics of disjoint sets of classes: associative and commutative, so
+    any order or reduction tree gives the same result (to rounding; swapping two
+    arguments gives the same bits). Raises ValueError for statistics of different
+    rows, targets, dtypes or options."""
+    result = _combine_two(a, b)
+    for other in more:
+        result = _combine_two(result, other)
+    return result
+
+
+def finish(
+    stats: ShardStats,
+    *,
+    reduction="mean",
+    z_loss=0.0,
+    sample_weight=None,
+    where=None,
+    all_ignored="nan",
+    return_z_loss=False,
+    return_lse=False,
+):
+    """The loss from the combined statistics of every shard.
+
+    Options as in :func:`fastsce.cross_entropy`: ``reduction``; ``z_loss`` (adds
+    z_loss * lse^2 per counted row); ``sample_weight`` and ``where`` ((N,) row weights
+    and mask, v = sample_weight * where; a row with v = 0 is left out like an ignored
+    row); ``all_ignored`` ("nan" or "zero": the "mean" when its denominator is 0).
+
+    Returns the loss (a scalar of the logits' dtype, an (N,) array for "none"), or a
+    tuple (loss, [z-term], [lse]) with the requested extras: the z-term alone, reduced
+    like the loss (which includes it), and every row's logsumexp.
+
+    Raises IndexError naming the first row whose label no shard held, or more than one
+    (overlapping shards), and ValueError when the shards leave a gap or overlap.
+    """
+    _check_flag("return_z_loss", return_z_loss)
+    _check_flag("return_lse", return_lse)
+    rows = _Rows(stats, reduction, z_loss, sample_weight, where, all_ignored)
+    dtype = stats.dtype.type
+    with np.errstate(over="ignore", invalid="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
+        if reduction == "none":
+            loss = (rows.ce + rows.zl).astype(dtype)
+            z_term = rows.zl.astype(dtype)
+        elif reduction == "sum":
+            total_z = rows.zl.sum()
+            loss = dtype(rows.ce.sum() + total_z)
+            z_term = dtype(total_z)
+        else:
+            ce = rows.ce.sum() / rows.d if rows.d else rows.fill
+            total_z = rows.zl.sum() / rows.d_z if rows.d_z else rows.fill
+            loss = dtype(ce + total_z)
+            z_term = dtype(total_z)
+    extras = []
+    if return_z_loss:
+        extras.append(z_term)
+    if return_lse:
+        extras.append(rows.lse.astype(dtype))
+    return (loss, *extras) if extras else loss
+
+
+def finish_grad(
+    logits_shard,
+    target,
+    stats: ShardStats,
+    class_offset,
+    *,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    logit_scale=None,
+    softcap=None,
+    reduction="mean",
+    z_loss=0.0,
+    sample_weight=None,
+    where=None,
+    all_ignored="nan",
+    out=None,
+):
+    """This shard's (N, K_s) slice of the gradient of :func:`finish`'s loss with respect
+    to the full logits, from the combined statistics of every shard.
+
+    logits_shard, target, class_offset and weight are the shard's, as given to
+    :func:`partial_stats` (with the same ignore_index, label_smoothing, logit_scale and
+    softcap); the remaining options are those given to :func:`finish`. ``out``: an
+    (N, K_s) C-contiguous writeable array of the logits' dtype that receives the
+    gradient (it may be logits_shard itself). Rows left out of the loss get a zero
+    gradient without their logits being read.
+    """
+    shard = _Shard(logits_shard, target, class_offset, weight, ignore_index, label_smoothing, logit_scale, softcap)
+    _check_same_shard(shard, stats)
+    rows = _Rows(stats, reduction, z_loss, sample_weight, where, all_ignored)
+    g = _check_out(out, shard)
+    k = shard.x.shape[1]
+    eps, big_k = stats.label_smoothing, stats.classes
+
+    # g_j = v sc [((1 - eps) A + eps W / K) p_j - (1 - eps) w_j t_j - eps w_j / K]
+    #     + v sc_z 2 z_loss lse p_j,   p_j = e_j / s, e_j = exp(z_j - m)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if reduction == "mean":
+            sc = 1.0 / rows.d if rows.d else rows.fill
+            sc_z = 1.0 / rows.d_z if rows.d_z else rows.fill
+        else:
+            sc = sc_z = 1.0
+        v = np.where(rows.counted, rows.v, 0.0)
+        coef = sc * ((1 - eps) * stats.a + eps * stats.weight_sum / big_k)
+        if rows.z_loss > 0:
+            coef = coef + sc_z * 2 * rows.z_loss * rows.lse
+        p = v * coef / stats.s
+        q = v * (sc * (1 - eps))
+        r = v * (sc * eps / big_k)
+    scale, cap, transformed = shard.transform_args
+    chunk_rows = max(1, _CHUNK_LOGITS // k)
+    with _launch_lock:
+        if shard.soft:
+            _sharded_kernels.soft_grad(
+                shard.x, shard.target, shard.w, stats.m, p, q, r, rows.counted,
+                scale, cap, transformed, chunk_rows, g,
+            )  # fmt: skip
+        else:
+            _sharded_kernels.hard_grad(
+                shard.x, shard.target, shard.offset, shard.w, stats.m, p, q, r, rows.counted,
+                scale, cap, transformed, chunk_rows, g,
+            )  # fmt: skip
+    return g
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+class _Shard:
+    """The validated, normalised arguments describing one shard."""
+
+    def __init__(self, logits, target, class_offset, weight, ignore_index, label_smoothing, logit_scale, softcap):
+        logits = _check_shard_logits(logits)
+        self.offset = _check_offset(class_offset)
+        self.given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
+        self.target, self.soft = _check_target(self.given["target"], logits, 1, logits, logits.dtype)
+        w = _check_weight(self.given["weight"], logits, 1, logits.dtype)
+        self.ignore_index = _check_ignore_index(ignore_index)
+        if self.soft and self.ignore_index != -100:  # as PyTorch: probabilities have no class to ignore
+            raise ValueError(
+                f"ignore_index={self.ignore_index} only applies to class-index targets; target has "
+                f"shape {self.target.shape} (probabilities). Leave ignore_index at its default -100"
+            )
+        self.eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
+        self.logit_scale = _check_positive("logit_scale", logit_scale)
+        self.softcap = _check_positive("softcap", softcap)
+        self.logits = logits
+        self.x = np.ascontiguousarray(logits)  # no copy on the fast path
+        k = logits.shape[1]
+        self.w = np.ones(k, logits.dtype) if w is None else w
+        self.w_sum = float(k) if w is None else float64_sum(w)
+        if self.soft:  # probabilities of another float dtype: converted (a copy)
+            self.target = np.ascontiguousarray(self.target, dtype=logits.dtype)
+
+    @property
+    def transform_args(self):
+        """(logit_scale, softcap, transformed) as the kernels take them."""
+        scale = 1.0 if self.logit_scale is None else self.logit_scale
+        cap = 0.0 if self.softcap is None else self.softcap
+        return scale, cap, self.logit_scale is not None or self.softcap is not None
+
+
+def _check_shard_logits(logits) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"logits_shard must be float32 or float64; got dtype {logits.dtype}. "
+            "Convert with logits_shard.astype(np.float32)"
+        )
+    if logits.ndim != 2:
+        raise ValueError(
+            f"logits_shard must be 2-D with shape (N, K_s); got shape {logits.shape}. "
+            "Reshape with logits_shard.reshape(-1, K_s)"
+        )
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits_shard must hold at least one class; got shape {logits.shape}")
+    return logits
+
+
+def _check_offset(class_offset) -> int:
+    if isinstance(class_offset, bool) or not isinstance(class_offset, numbers.Integral):
+        raise TypeError(f"class_offset must be an integer (the shard's first class); got {class_offset!r}")
+    if not 0 <= class_offset <= np.iinfo(np.int64).max // 2:
+        raise ValueError(f"class_offset must be >= 0 (the shard's first class); got {class_offset!r}")
+    return int(class_offset)
+
+
+def _check_positive(name, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive float or None; got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0 (or None for none); got {value!r}")
+    return value
+
+
+def _check_nonnegative(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= 0; got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0; got {value!r}")
+    return value
+
+
+def _check_flag(name, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+
+
+def _check_stats(stats, name="stats") -> None:
+    if not isinstance(stats, ShardStats):
+        raise TypeError(
+            f"{name} must be a ShardStats from fastsce.partial_stats or fastsce.combine; got {type(stats).__name__}"
+        )
+
+
+_OPTIONS = ("dtype", "soft", "ignore_index", "label_smoothing", "logit_scale", "softcap")
+
+
+def _combine_two(x: ShardStats, y: ShardStats) -> ShardStats:
+    _check_stats(x, "a")
+    _check_stats(y, "b")
+    if x.n != y.n:
+        raise ValueError(f"cannot combine statistics of N={x.n} rows with statistics of N={y.n} rows")
+    for name in _OPTIONS:
+        if getattr(x, name) != getattr(y, name):
+            raise ValueError(
+                f"cannot combine statistics computed with {name}={getattr(x, name)!r} with statistics "
+                f"computed with {name}={getattr(y, name)!r}: give every shard the same options"
+            )
+    if not x.soft and not np.array_equal(x.labels, y.labels):
+        row = int(np.argmax(x.labels != y.labels))
+        raise ValueError(
+            f"cannot combine statistics of different targets: target[{row}] is {int(x.labels[row])} "
+            f"in one and {int(y.labels[row])} in the other; give every shard the same class indices"
+        )
+    m = np.maximum(x.m, y.m)  # NaN-propagating
+    with np.errstate(invalid="ignore", over="ignore"):
+        # Shift each side from its max to the common one; an equal max (also both -inf) moves by 0.
+        dx = np.where(x.m == m, 0.0, x.m - m)
+        dy = np.where(y.m == m, 0.0, y.m - m)
+        arrays = dict(
+            m=m,
+            s=x.s * np.exp(dx) + y.s * np.exp(dy),
+            a=x.a + y.a,
+            b=(x.b + _times(x.a, dx)) + (y.b + _times(y.a, dy)),
+            c=(x.c + _times(x.weight_sum, dx)) + (y.c + _times(y.weight_sum, dy)),
+            held=None if x.soft else x.held + y.held,
+            labels=x.labels,
+        )
+    for arr in arrays.values():
+        if arr is not None:
+            arr.setflags(write=False)
+    return ShardStats(
+        **arrays,
+        classes=x.classes + y.classes,
+        weight_sum=x.weight_sum + y.weight_sum,
+        shards=tuple(sorted(x.shards + y.shards)),
+        **{name: getattr(x, name) for name in _OPTIONS},
+    )
+
+
+def _times(w, d):
+    """w * d with 0 * inf = 0 (a zero weight on a -inf logit adds nothing); NaN stays NaN."""
+    w = np.asarray(w, np.float64)
+    return np.where((w == 0) & np.isinf(d), 0.0, w * d)
+
+
+def _check_coverage(stats: ShardStats) -> None:
+    """The shards must tile [0, K) exactly: no class counted twice, none missing."""
+    end = 0
+    for offset, k in stats.shards:
+        if offset < end:
+            raise ValueError(
+                f"shards overlap: the shard at class_offset={offset} (K_s={k}) starts before the end "
+                f"({end}) of the one before it; shards {list(stats.shards)} must cover each class once"
+            )
+        if offset > end:
+            raise ValueError(
+                f"no shard holds classes [{end}, {offset}): shards {list(stats.shards)} must cover "
+                f"[0, K) with no gap; combine the statistics of every shard before finishing"
+            )
+        end = offset + k
+
+
+class _Rows:
+    """What finish and finish_grad share: validated options and per-row float64 terms.
+
+    v: row weights; counted: rows in the loss; lse; ce, zl: v times the row's cross-entropy
+    and z-term (0 where not counted); d, d_z: the "mean" denominators; fill: the "mean"
+    when its denominator is 0."""
+
+    def __init__(self, stats, reduction, z_loss, sample_weight, where, all_ignored):
+        _check_stats(stats)
+        if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+        if not isinstance(all_ignored, str) or all_ignored not in _ALL_IGNORED:
+            raise ValueError(f"all_ignored must be one of {_ALL_IGNORED}; got {all_ignored!r}")
+        self.z_loss = _check_nonnegative("z_loss", z_loss)
+        n = stats.n
+        v = _check_sample_weight(sample_weight, n)
+        if where is not None:
+            where = np.asarray(where)
+            if where.dtype != np.bool_:
+                raise TypeError(f"where must be a bool array; got dtype {where.dtype}. Convert with where.astype(bool)")
+            if where.shape != (n,):
+                raise ValueError(f"where has shape {where.shape}; it must have one entry per row, shape ({n},)")
+            v = v * where
+        if not stats.soft:
+            _check_held(stats)
+        _check_coverage(stats)
+        counted = v != 0
+        if not stats.soft:
+            counted &= stats.labels != stats.ignore_index
+        eps, k, w_sum = stats.label_smoothing, stats.classes, stats.weight_sum
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            log_s = np.log(stats.s)
+            self.lse = stats.m + log_s
+            ce = stats.a * log_s - stats.b
+            if eps > 0:
+                ce = (1 - eps) * ce + eps / k * (w_sum * log_s - stats.c)
+            self.ce = np.where(counted, v * ce, 0.0)
+            if self.z_loss > 0:
+                self.zl = np.where(counted, v * (self.z_loss * self.lse * self.lse), 0.0)
+            else:
+                self.zl = np.zeros(n)
+            self.d = float(np.where(counted, v * (1.0 if stats.soft else stats.a), 0.0).sum())
+        self.d_z = float(np.where(counted, v, 0.0).sum())
+        self.v = v
+        self.counted = counted
+        self.fill = np.nan if all_ignored == "nan" else 0.0
+
+
+def _check_sample_weight(sample_weight, n) -> np.ndarray:
+    if sample_weight is None:
+        return np.ones(n)
+    sw = np.asarray(sample_weight)
+    if sw.dtype.kind not in "iuf":
+        raise TypeError(f"sample_weight must be a real numeric array; got dtype {sw.dtype}")
+    if sw.shape != (n,):
+        raise ValueError(f"sample_weight has shape {sw.shape}; it must have one entry per row, shape ({n},)")
+    sw = sw.astype(np.float64)
+    bad = ~np.isfinite(sw) | (sw < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"sample_weight[{i}] = {float(sw[i])!r}; sample weights must be finite and >= 0")
+    return sw
+
+
+def _check_held(stats: ShardStats) -> None:
+    """IndexError naming the first row (not ignored) whose label no shard held, or several."""
+    bad = (stats.labels != stats.ignore_index) & (stats.held != 1)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    y, held = int(stats.labels[i]), int(stats.held[i])
+    covered = ", ".join(f"[{o}, {o + k})" for o, k in stats.shards)
+    if held == 0:
+        raise IndexError(
+            f"target[{i}] = {y} is a class of no shard: the shards hold classes {covered}. Labels must "
+            f"lie in [0, K) and every shard's statistics be combined, or the label equal "
+            f"ignore_index={stats.ignore_index}"
+        )
+    raise IndexError(
+        f"target[{i}] = {y} is a class of {held} shards: shards {covered} overlap. Give each class to exactly one shard"
+    )
+
+
+def _check_same_shard(shard: _Shard, stats: ShardStats) -> None:
+    _check_stats(stats)
+    n, k = shard.x.shape
+    if n != stats.n:
+        raise ValueError(f"logits_shard has N={n} rows but stats were computed for N={stats.n} rows")
+    given = dict(
+        dtype=shard.x.dtype,
+        soft=shard.soft,
+        ignore_index=shard.ignore_index,
+        label_smoothing=shard.eps,
+        logit_scale=shard.logit_scale,
+        softcap=shard.softcap,
+    )
+    for name, value in given.items():
+        if value != getattr(stats, name):
+            what = {"dtype": "logits_shard has dtype", "soft": "target is probabilities:"}.get(name, f"{name}=")
+            raise ValueError(
+                f"{what}{value!r} here but the stats were computed with {name}={getattr(stats, name)!r}; "
+                "pass finish_grad the shard's arguments as given to partial_stats"
+            )
+    if (shard.offset, k) not in stats.shards:
+        raise ValueError(
+            f"no shard with class_offset={shard.offset} and K_s={k} classes went into stats "
+            f"(its shards: {list(stats.shards)}); pass the shard's own logits and class_offset"
+        )
+    if not shard.soft and not np.array_equal(shard.target, stats.labels):
+        row = int(np.argmax(shard.target != stats.labels))
+        raise ValueError(
+            f"target[{row}] = {int(shard.target[row])} but the stats were computed with "
+            f"{int(stats.labels[row])} there; pass the same target as to partial_stats"
+        )
+
+
+def _check_out(out, shard: _Shard) -> np.ndarray:
+    x = shard.logits
+    if out is None:
+        return np.empty(x.shape, x.dtype)
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a numpy.ndarray; got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(
+            f"out has shape {out.shape} but logits_shard has shape {x.shape}; allocate it with "
+            "np.empty_like(logits_shard)"
+        )
+    if out.dtype != x.dtype:
+        raise ValueError(f"out has dtype {out.dtype} but logits_shard has dtype {x.dtype}")
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous; allocate it with np.empty_like(logits_shard, order='C')")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array")
+    if not same_memory(out, x) and np.shares_memory(out, x):
+        raise ValueError("out overlaps logits_shard without being it; pass out=logits_shard or a separate array")
+    for name, arr in shard.given.items():
+        if arr is not None and np.shares_memory(out, arr):
+            raise ValueError(f"out overlaps {name}; pass a separate array as out")
+    return out
