@@ -89,12 +89,7 @@ def check_problem(
     _check_choice("all_ignored", all_ignored, ALL_IGNORED)
     label_smoothing = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
     z_loss = _check_real("z_loss", z_loss, 0.0, np.inf)
-    if logit_scale is not None:
-        logit_scale = _check_real("logit_scale", logit_scale, -np.inf, np.inf)
-    if softcap is not None:
-        softcap = _check_real("softcap", softcap, 0.0, np.inf)
-        if softcap == 0:
-            raise ValueError(f"softcap must be > 0 (z = softcap * tanh(x / softcap)); got {softcap!r}. Pass None to turn it off")
+    logit_scale, softcap = check_transform(logit_scale, softcap)
     row_weight = _check_row_weight(sample_weight, where, rows.shape[:-1])
     return Problem(
         logits, axis, rows, target, soft, weight, ignore_index, reduction, label_smoothing, row_weight,
@@ -120,6 +115,19 @@ def check_labels(problem: Problem, first_bad_row: int | None = None) -> None:
             f"with K={k} classes: labels must lie in [0, {k - 1}] or equal "
             f"ignore_index={problem.ignore_index}"
         )
+
+
+def check_transform(logit_scale, softcap) -> tuple[float | None, float | None]:
+    """The logit transform z = softcap * tanh(logit_scale * x / softcap): None turns a part off."""
+    if logit_scale is not None:
+        logit_scale = _check_real("logit_scale", logit_scale, -np.inf, np.inf)
+    if softcap is not None:
+        softcap = _check_real("softcap", softcap, 0.0, np.inf)
+        if softcap == 0:
+            raise ValueError(
+                f"softcap must be > 0 (z = softcap * tanh(x / softcap)); got {softcap!r}. Pass None to turn it off"
+            )
+    return logit_scale, softcap
 
 
 def check_returns(return_z_loss, return_lse) -> tuple[bool, bool]:
@@ -260,7 +268,7 @@ def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype) -> n
     bad = ~np.isfinite(weight) | (weight < 0)
     if bad.any():
         j = int(np.argmax(bad))
-        raise ValueError(f"weight[{j}] = {weight[j]!r}; class weights must be finite and >= 0")
+        raise ValueError(f"weight[{j}] = {float(weight[j])!r}; class weights must be finite and >= 0")
     return np.ascontiguousarray(weight, dtype=compute)
 
 
@@ -280,7 +288,7 @@ def _check_row_weight(sample_weight, where, lead: tuple[int, ...]) -> np.ndarray
         if bad.any():
             row = int(np.argmax(bad))
             raise ValueError(
-                f"sample_weight{_index_name(row, lead)} = {v[row]!r}; sample weights must be finite and >= 0"
+                f"sample_weight{_index_name(row, lead)} = {float(v[row])!r}; sample weights must be finite and >= 0"
             )
     if where is not None:
         where = np.asarray(where)

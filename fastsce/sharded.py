@@ -33,12 +33,17 @@ import numpy as np
 from fastsce import _sharded_kernels
 from fastsce._kernels import float64_sum
 from fastsce._validate import (
+    ALL_IGNORED,
     FLOAT_DTYPES,
     REDUCTIONS,
+    _check_choice,
     _check_ignore_index,
     _check_real,
+    _check_row_weight,
     _check_target,
     _check_weight,
+    check_returns,
+    check_transform,
     same_memory,
 )
 from fastsce.api import _launch_lock
@@ -48,7 +53,6 @@ __all__ = ["ShardStats", "combine", "finish", "finish_grad", "partial_stats"]
 # Rows per prange chunk: about this many logits, at least one row (as fastsce.api).
 _CHUNK_LOGITS = 1 << 16
 
-_ALL_IGNORED = ("nan", "zero")
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -122,7 +126,7 @@ def partial_stats(
     weight : (K_s,) array, optional
         This shard's slice of the class weights.
     ignore_index, label_smoothing : as in :func:`fastsce.cross_entropy`.
-    logit_scale : float > 0, optional
+    logit_scale : float, optional
         The logits used are logit_scale * logits_shard.
     softcap : float > 0, optional
         The logits used are softcap * tanh(logits / softcap), after logit_scale.
@@ -201,8 +205,7 @@ def finish(
     Raises IndexError naming the first row whose label no shard held, or more than one
     (overlapping shards), and ValueError when the shards leave a gap or overlap.
     """
-    _check_flag("return_z_loss", return_z_loss)
-    _check_flag("return_lse", return_lse)
+    check_returns(return_z_loss, return_lse)
     rows = _Rows(stats, reduction, z_loss, sample_weight, where, all_ignored)
     dtype = stats.dtype.type
     with np.errstate(over="ignore", invalid="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
@@ -215,7 +218,7 @@ def finish(
             z_term = dtype(total_z)
         else:
             ce = rows.ce.sum() / rows.d if rows.d else rows.fill
-            total_z = rows.zl.sum() / rows.d_z if rows.d_z else rows.fill
+            total_z = (rows.zl.sum() / rows.d_z if rows.d_z else rows.fill) if rows.z_loss else 0.0
             loss = dtype(ce + total_z)
             z_term = dtype(total_z)
     extras = []
@@ -311,8 +314,7 @@ class _Shard:
                 f"shape {self.target.shape} (probabilities). Leave ignore_index at its default -100"
             )
         self.eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
-        self.logit_scale = _check_positive("logit_scale", logit_scale)
-        self.softcap = _check_positive("softcap", softcap)
+        self.logit_scale, self.softcap = check_transform(logit_scale, softcap)
         self.logits = logits
         self.x = np.ascontiguousarray(logits)  # no copy on the fast path
         k = logits.shape[1]
@@ -352,31 +354,6 @@ def _check_offset(class_offset) -> int:
     if not 0 <= class_offset <= np.iinfo(np.int64).max // 2:
         raise ValueError(f"class_offset must be >= 0 (the shard's first class); got {class_offset!r}")
     return int(class_offset)
-
-
-def _check_positive(name, value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive float or None; got {value!r}")
-    value = float(value)
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0 (or None for none); got {value!r}")
-    return value
-
-
-def _check_nonnegative(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a float >= 0; got {value!r}")
-    value = float(value)
-    if not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0; got {value!r}")
-    return value
-
-
-def _check_flag(name, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False; got {value!r}")
 
 
 def _check_stats(stats, name="stats") -> None:
@@ -464,20 +441,12 @@ class _Rows:
 
     def __init__(self, stats, reduction, z_loss, sample_weight, where, all_ignored):
         _check_stats(stats)
-        if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-        if not isinstance(all_ignored, str) or all_ignored not in _ALL_IGNORED:
-            raise ValueError(f"all_ignored must be one of {_ALL_IGNORED}; got {all_ignored!r}")
-        self.z_loss = _check_nonnegative("z_loss", z_loss)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        _check_choice("all_ignored", all_ignored, ALL_IGNORED)
+        self.z_loss = _check_real("z_loss", z_loss, 0.0, np.inf)
         n = stats.n
-        v = _check_sample_weight(sample_weight, n)
-        if where is not None:
-            where = np.asarray(where)
-            if where.dtype != np.bool_:
-                raise TypeError(f"where must be a bool array; got dtype {where.dtype}. Convert with where.astype(bool)")
-            if where.shape != (n,):
-                raise ValueError(f"where has shape {where.shape}; it must have one entry per row, shape ({n},)")
-            v = v * where
+        v = _check_row_weight(sample_weight, where, (n,))
+        v = np.ones(n) if v is None else v
         if not stats.soft:
             _check_held(stats)
         _check_coverage(stats)
@@ -501,22 +470,6 @@ class _Rows:
         self.v = v
         self.counted = counted
         self.fill = np.nan if all_ignored == "nan" else 0.0
-
-
-def _check_sample_weight(sample_weight, n) -> np.ndarray:
-    if sample_weight is None:
-        return np.ones(n)
-    sw = np.asarray(sample_weight)
-    if sw.dtype.kind not in "iuf":
-        raise TypeError(f"sample_weight must be a real numeric array; got dtype {sw.dtype}")
-    if sw.shape != (n,):
-        raise ValueError(f"sample_weight has shape {sw.shape}; it must have one entry per row, shape ({n},)")
-    sw = sw.astype(np.float64)
-    bad = ~np.isfinite(sw) | (sw < 0)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise ValueError(f"sample_weight[{i}] = {float(sw[i])!r}; sample weights must be finite and >= 0")
-    return sw
 
 
 def _check_held(stats: ShardStats) -> None:

@@ -493,7 +493,7 @@ def test_bad_shapes_and_values():
         fastsce.finish(total, sample_weight=np.ones(5))
     with pytest.raises(ValueError, match=r"sample_weight\[2\] = -1.0"):
         fastsce.finish(total, sample_weight=np.array([1, 1, -1, 1, 1, 1.0]))
-    with pytest.raises(TypeError, match="where must be a bool array"):
+    with pytest.raises(TypeError, match="where must be a boolean array"):
         fastsce.finish(total, where=np.ones(6))
     with pytest.raises(ValueError, match="where has shape"):
         fastsce.finish(total, where=np.ones(5, bool))
