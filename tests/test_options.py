@@ -429,3 +429,37 @@ def test_half_conversions_round_like_numpy():
             want = x.astype(half).view(view)
         assert np.array_equal(narrowed[finite], want[finite])
         assert np.all(np.isnan(narrowed[~finite].view(half).astype(np.float32)))
+
+
+@pytest.mark.parametrize("half", HALF)
+def test_half_logits_match_torch(half):
+    """Against PyTorch's half-precision cross_entropy on the CPU. (Not with label
+    smoothing: PyTorch then sums the row's K log-probabilities in float16, which
+    overflows to inf here; fastsce accumulates in float32/float64.)"""
+    torch = pytest.importorskip("torch")
+    dtype = np.dtype(HALF[half])
+    rng, x32, y = make(64, 300, np.float32, False, ("half-torch", half))
+    x = x32.astype(dtype)
+    tx = torch.tensor(x.astype(np.float32)).to(torch.float16 if half == "f16" else torch.bfloat16)
+    tx.requires_grad_(True)
+    for reduction in ("mean", "none"):
+        want = torch.nn.functional.cross_entropy(tx, torch.tensor(y), reduction=reduction)
+        tx.grad = None
+        want.sum().backward()
+        loss, grad = fast.cross_entropy_with_grad(x, y, reduction=reduction)
+        assert loss.dtype == grad.dtype == dtype
+        got_loss, got_grad = np.asarray(loss, np.float32), grad.astype(np.float32)
+        want_loss, want_grad = want.detach().float().numpy(), tx.grad.float().numpy()
+        assert_close(got_loss, want_loss, dtype, unit=1.0)
+        # PyTorch rounds p - [j = y] to the half dtype before dividing by N (fastsce
+        # rounds once): entries may differ by an ulp or two of the largest one.
+        ulp = float(np.abs(want_grad).max()) * {np.dtype(np.float16): 2**-10}.get(dtype, 2**-7)
+        np.testing.assert_allclose(got_grad, want_grad, rtol=2 * reference.TOLERANCE[dtype]["rtol"], atol=2 * ulp)
+
+
+def test_lse_matches_torch_logsumexp():
+    torch = pytest.importorskip("torch")
+    rng, x, y = make(50, 77, np.float64, False, ("lse-torch",))
+    *_, lse = fast.cross_entropy(x, y, softcap=2.0, return_lse=True)
+    want = torch.logsumexp(2.0 * torch.tanh(torch.tensor(x) / 2.0), dim=-1).numpy()
+    np.testing.assert_allclose(lse, want, rtol=1e-14)
