@@ -180,6 +180,8 @@ def _store_grad_row(g, i, scratch):
 
 def bits_view(a: np.ndarray) -> np.ndarray:
     """How a float16 / bfloat16 array is passed to the kernels (others unchanged)."""
+    if a.dtype.itemsize != 2:
+        return a
     if a.dtype == np.float16:
         return a.view(np.uint16)
     if a.dtype.name == "bfloat16":

@@ -17,7 +17,8 @@ shift z_y - m in float64 (exact for float32 logits); s_other = sum_{j != y} exp(
 with each exp in the logits' dtype and the sum in float64 (the target is left out by
 setting its T entry to -inf once the max is known); e_y = exp(z_y - m) and
 log(s_other + e_y) in float64 (vectorised: fastsce._simd.log_normal); the target's
-gradient -s_other / s without cancellation. Ignored rows get loss 0 and a zero row.
+gradient -s_other / s without cancellation. Ignored rows (and rows of weight 0) get
+loss 0 and a zero row; z-loss, row weights and lse are per-lane arithmetic too.
 """
 
 import numpy as np
@@ -139,141 +140,173 @@ def _lane_exp_sum(T, m, total, store):
 
 
 @jit
-def _lane_grad(T, a, b, w):
-    """T[j, r] = a[r] T[j, r] - b w_j."""
+def _lane_grad(T, a, b, w, eps):
+    """T[j, r] = a[r] T[j, r] - b[r] w_j (the w term only with smoothing)."""
     prefer_512bit()
     for j in range(T.shape[0]):
         tj = T[j]
-        bw = b * w[j]
-        for r in range(tile_rows(T)):
-            tj[r] = a[r] * tj[r] - bw
+        if eps > 0:
+            wj = w[j]
+            for r in range(tile_rows(T)):
+                tj[r] = a[r] * tj[r] - b[r] * wj
+        else:
+            for r in range(tile_rows(T)):
+                tj[r] = a[r] * tj[r]
 
 
 # --- per-row (lane) float64 arithmetic ----------------------------------------------------------
 
 
 @jit
-def _lane_loss(k, live, w_y, zy, s_other, w_sum, w_shift, eps, scale, grad, row_loss, a, gy, like_z):
-    """For each lane: the loss into row_loss (0 for an ignored row) and, with ``grad``,
-    the gradient's factor a = scale ((1 - eps) w_y + eps W / K) / s (in z's dtype) and
-    the target's entry gy = scale [-(1 - eps) w_y s_other / s + (eps / K) (W e_y / s - w_y)]."""
+def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z):
+    """For each lane: its weighted loss, z-term and lse into the lanes (0 for a row not
+    counted) and, with ``grad``, the gradient's factors a = v scale ((1 - eps) w_y + eps W
+    / K) / s + zg / s and b = v scale eps / K (in z's dtype), and the target's entry
+    gy = v scale [-(1 - eps) w_y s_other / s + (eps / K) (W e_y / s - w_y)] + zg e_y / s,
+    zg = 2 z_loss v scale_z lse."""
     prefer_512bit()
-    b = eps / k * scale
+    eps, zl, scale, scale_z = params[0], params[1], params[2], params[3]
+    live, vr, w_y, zy, s_other, w_shift, gy, lt, zt, lse_l = lanes
     for r in range(tile_rows(like_z)):
         e_y = exp_nonpositive(zy[r])
         s = s_other[r] + e_y
         inv_s = 1.0 / s
+        log_s = log_normal(s)
+        lse = float(m[r]) + log_s
         # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log s - (z - m)
         loss = times(w_y[r], lse_minus_target(s_other[r], e_y, zy[r]))
         if eps > 0:
-            loss = (1 - eps) * loss + eps / k * (w_sum * log_normal(s) - w_shift[r])
-        row_loss[r] = loss if live[r] else 0.0
+            loss = (1 - eps) * loss + eps / k * (w_sum * log_s - w_shift[r])
+        counted = live[r] != 0
+        lt[r] = vr[r] * loss if counted else 0.0
+        zt[r] = vr[r] * zl * lse * lse if counted and zl > 0 else 0.0
+        lse_l[r] = lse
         if grad:
-            hard = (1 - eps) * w_y[r] * scale
-            a[r] = like((hard + eps * w_sum / k * scale) * inv_s, like_z)
-            gy[r] = -hard * (s_other[r] * inv_s) + b * (w_sum * (e_y * inv_s) - w_y[r])
+            sv = scale * vr[r]
+            hard = (1 - eps) * w_y[r] * sv
+            zg = 2 * zl * scale_z * vr[r] * lse if zl > 0 else 0.0
+            a[r] = like((hard + eps * w_sum / k * sv + zg) * inv_s, like_z)
+            b[r] = like(eps / k * sv, like_z)
+            gy[r] = -hard * (s_other[r] * inv_s) + eps / k * sv * (w_sum * (e_y * inv_s) - w_y[r]) + zg * (e_y * inv_s)
 
 
 # --- one tile ------------------------------------------------------------------------------------
 
 
 @jit
-def _tile(zt, yt, ignore_index, w, w_sum, eps, scale, lt, gt, grad, T, m, a, live, w_y, zy, s_other, w_shift, gy):
-    """Rows zt (R, K) with targets yt (R,): losses into lt (R,), gradient into gt (R, K)
-    (which may be zt itself: zt is read whole before gt is written)."""
+def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes):
+    """Rows zt (R, K) with targets yt (R,) and row weights vt (R,, or empty): losses,
+    z-terms and lse into the lanes, gradient into gt (R, K) (which may be zt itself: zt
+    is read whole before gt is written)."""
     k = zt.shape[1]
+    eps = params[0]
+    live, vr, w_y, zy, s_other, w_shift = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
     _load_tile(zt, T)
     _lane_max(T, m)
     if eps > 0:
         _lane_weighted_shift(T, w, m, w_shift)
     for r in range(tile_rows(T)):
         y = yt[r]
-        if y == ignore_index:
+        vr[r] = vt[r] if vt.size else 1.0
+        if y == ignore_index or vr[r] == 0:
             live[r] = 0.0
             w_y[r] = 0.0
-            zy[r] = 0.0
+            zy[r] = -np.inf  # e_y = 0: the lane's lse is still the row's
         else:
             live[r] = 1.0
             w_y[r] = w[y]
             zy[r] = float(T[y, r]) - float(m[r])  # exact for float32 logits
             T[y, r] = -np.inf  # leaves the target out of s_other
     _lane_exp_sum(T, m, s_other, grad)
-    _lane_loss(k, live, w_y, zy, s_other, w_sum, w_shift, eps, scale, grad, lt, a, gy, T)
+    _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T)
     if grad:
-        _lane_grad(T, a, like(eps / k * scale, T), w)
+        _lane_grad(T, a, b, w, eps)
         _store_tile(T, gt)
+        gy = lanes[6]
         for r in range(tile_rows(T)):
-            y = yt[r]
-            if y == ignore_index:
+            if live[r] == 0:
                 gt[r] = 0
             else:
-                gt[r, y] = gy[r]
+                gt[r, yt[r]] = gy[r]
 
 
 @jit
-def _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, grad):
+def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     """Rows lo .. hi: full tiles, then the rest (< R rows) as one zero-padded tile.
-    Returns the sum of their losses in row order (each also in row_loss if not empty)."""
+    Returns the sums of their losses and z-terms in row order (each also in outs' per-row
+    arrays that are not empty)."""
+    row_loss, row_z, lse_out = outs[0], outs[1], outs[2]
     R = tile_rows(z)
     k = z.shape[1]
     T = np.empty((k, R), z.dtype)
     m = np.empty(R, z.dtype)
     a = np.empty(R, z.dtype)
-    lanes = np.empty((7, R), np.float64)
-    live, w_y, zy, s_other, w_shift, gy, lt = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5], lanes[6]
+    b = np.empty(R, z.dtype)
+    lane_rows = np.empty((10, R), np.float64)
+    lanes = (
+        lane_rows[0], lane_rows[1], lane_rows[2], lane_rows[3], lane_rows[4],
+        lane_rows[5], lane_rows[6], lane_rows[7], lane_rows[8], lane_rows[9],
+    )  # fmt: skip
+    lt, zt_l, lse_l = lanes[7], lanes[8], lanes[9]
+    no_weights = v[:0]
     total = 0.0
+    z_total = 0.0
     for i in range(lo, hi, R):
         rows = min(R, hi - i)
         if rows == R:
             zt, yt, gt = z[i : i + R], target[i : i + R], g[i : i + R]
+            vt = v[i : i + R] if v.size else no_weights
         else:  # the last rows, zero-padded to a whole tile whose extra rows are ignored
             zt = np.zeros((R, k), z.dtype)
             zt[:rows] = z[i:hi]
             yt = np.full(R, ignore_index, target.dtype)
             yt[:rows] = target[i:hi]
+            vt = np.ones(R if v.size else 0, np.float64)
+            if v.size:
+                vt[:rows] = v[i:hi]
             gt = np.empty((R, k), z.dtype) if grad else zt
-        _tile(zt, yt, ignore_index, w, w_sum, eps, scale, lt, gt, grad, T, m, a, live, w_y, zy, s_other, w_shift, gy)
+        _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes)
         if grad and rows < R:
             g[i:hi] = gt[:rows]
         for r in range(rows):
             total += lt[r]
+            z_total += zt_l[r]
             if row_loss.size:
-                row_loss[i + r] = lt[r]
-    return total
+                row_loss[i + r] = lt[r] + zt_l[r]
+            if row_z.size:
+                row_z[i + r] = zt_l[r]
+            if lse_out.size:
+                lse_out[i + r] = lse_l[r]
+    return total, z_total
 
 
 # --- the kernels ----------------------------------------------------------------------------------
 
 
-# The drivers take the arguments of fastsce._kernels.hard_loss / hard_loss_grad, for the
-# plain options only: no row weights (v empty), no z-loss, no lse output, no logit
-# transform (the API sends those to the row-wise kernels).
+# The drivers take the arguments of fastsce._kernels.hard_loss / hard_loss_grad, for
+# float logits without a logit transform (the API sends those to the row-wise kernels).
 
 
 @parallel
 def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     """chunk_rows must be a multiple of the tile (CHUNK_ROWS)."""
     n = z.shape[0]
-    eps = params[0]
-    row_loss, chunk_loss, chunk_z = outs[0], outs[3], outs[4]
+    chunk_loss, chunk_z = outs[3], outs[4]
     # A writeable stand-in for the gradient, never written: z itself would not compile
     # when the logits are read-only (_tile stores into it on the gradient path).
     no_grad = np.empty((0, z.shape[1]), z.dtype)
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, 1.0, row_loss, no_grad, lo, hi, False)
-        chunk_z[c] = 0.0
+        chunk_loss[c], chunk_z[c] = _chunk(z, target, ignore_index, w, w_sum, v, params, outs, no_grad, lo, hi, False)
 
 
 @parallel
 def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
     """in_place needs nothing special: a tile is read whole before its gradient is written."""
     n = z.shape[0]
-    eps, scale = params[0], params[2]
-    row_loss, chunk_loss, chunk_z = outs[0], outs[3], outs[4]
+    chunk_loss, chunk_z = outs[3], outs[4]
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c] = _chunk(z, target, ignore_index, w, w_sum, eps, scale, row_loss, g, lo, hi, True)
-        chunk_z[c] = 0.0
+        chunk_loss[c], chunk_z[c] = _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, True)

@@ -7,6 +7,7 @@ are only looked at through their shape, dtype and layout.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class Problem:
     @property
     def shape(self) -> tuple[int, int]:
         """(M, K): rows and classes."""
-        return int(np.prod(self.lead, dtype=np.int64)), self.rows.shape[-1]
+        return math.prod(self.rows.shape[:-1]), self.rows.shape[-1]
 
 
 def check_problem(
@@ -73,7 +74,7 @@ def check_problem(
 ) -> Problem:
     logits = _check_logits(logits)
     axis = _check_axis(axis, logits)
-    rows = np.moveaxis(logits, axis, -1)
+    rows = logits if axis == logits.ndim - 1 else np.moveaxis(logits, axis, -1)
     compute = np.dtype(np.float64) if logits.dtype == np.float64 else np.dtype(np.float32)
     result = _check_dtype(dtype, logits, compute)
     given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
@@ -227,7 +228,8 @@ def _check_target(target, logits: np.ndarray, axis: int, rows: np.ndarray, compu
                 f"and must be a float array; got dtype {target.dtype}. For class indices "
                 f"pass an integer array of shape {lead}"
             )
-        return np.moveaxis(target, axis, -1), True  # converted to the compute dtype where used
+        moved = target if axis == target.ndim - 1 else np.moveaxis(target, axis, -1)
+        return moved, True  # converted to the compute dtype where used
     if target.shape != lead:
         hint = ""
         if logits.ndim > 2 and axis != 1 and target.shape == logits.shape[:1] + logits.shape[2:]:

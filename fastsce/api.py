@@ -236,7 +236,8 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
     m, k = problem.shape
     compute = problem.compute
     z_rows = problem.rows
-    g_rows = None if grad is None else np.moveaxis(grad, problem.axis, -1)
+    last = problem.axis == problem.logits.ndim - 1
+    g_rows = grad if grad is None or last else np.moveaxis(grad, problem.axis, -1)
     # The kernels read half-precision logits (and write a half gradient) as they are.
     z_dtype = z_rows.dtype if z_rows.dtype.itemsize == 2 else compute
 
@@ -265,6 +266,7 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
         yield r0, r1, z, t, g, False
         if g is not None:
             g_rows[index] = g.reshape(block.shape)
+        z = t = g = None  # (so that two blocks are never alive at once)
         r0 = r1
 
 
@@ -289,9 +291,9 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     c = 0.0 if problem.softcap is None else problem.softcap
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
-    plain = problem.z_loss == 0 and a == 1.0 and c == 0 and problem.row_weight is None and not want_lse
-    plain = plain and problem.logits.dtype == compute
-    small = plain and not problem.soft and k <= SMALL_K[compute][grad is not None]
+    # Rows vectorised across (fastsce._small_k) take float logits without a transform.
+    across = a == 1.0 and c == 0 and problem.logits.dtype == compute and not problem.soft
+    small = across and k <= SMALL_K[compute][grad is not None]
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
     # only, so the total is the same for any thread count, with O(N / chunk) memory.
@@ -320,6 +322,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
                 _small_k.hard_loss_grad(*args, gb, in_place)
             else:
                 _kernels.hard_loss_grad(*args, gb, in_place, long_rows)
+            zb = tb = gb = args = None  # a copied block is freed before the next is made
 
     result = problem.result
     lse = lse.reshape(problem.lead) if want_lse else None
