@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import math
 import threading
 
 import numpy as np
 
 from fastsce import _kernels, _small_k
+from fastsce._layout import row_blocks
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
@@ -207,62 +207,16 @@ def _weights(problem: Problem):
     return w, w_sum, d, d_z
 
 
-def _index_blocks(lead: tuple[int, ...], rows: int):
-    """Index tuples over the leading axes, each selecting about ``rows`` consecutive rows
-    (in row-major order) and at least one; () for a single row."""
-    if not lead:
-        yield ()
-        return
-    inner = math.prod(lead[1:])
-    if inner <= rows:
-        step = max(1, rows // max(inner, 1))
-        for a in range(0, lead[0], step):
-            yield (slice(a, min(a + step, lead[0])),)
-    else:
-        for a in range(lead[0]):
-            for rest in _index_blocks(lead[1:], rows):
-                yield (a, *rest)
-
-
 def _blocks(problem: Problem, grad: np.ndarray | None):
     """(r0, r1, logits, target, gradient, in_place) per block of rows r0:r1, the arrays
-    as the kernels take them: C-contiguous (rows, K) in the compute dtype.
-
-    The fast path (class-last C-contiguous logits of the compute dtype, and likewise
-    the gradient) is one block of views. Otherwise each block is a copy of its logits,
-    its gradient computed into a block buffer and written back into ``grad`` when the
-    caller asks for the next block (hence this is a generator)."""
-    m, k = problem.shape
-    compute = problem.compute
-    z_rows = problem.rows
+    as the kernels take them: C-contiguous (rows, K) in the compute dtype (one block of
+    views on the fast path, else copies a block at a time: see fastsce._layout)."""
     g_rows = None if grad is None else np.moveaxis(grad, problem.axis, -1)
-
-    def direct(a):
-        return a is None or (a.flags.c_contiguous and a.dtype == compute)
-
-    soft_ok = not problem.soft or direct(problem.target)
-    if direct(z_rows) and direct(g_rows) and soft_ok:
-        z = z_rows.reshape(m, k)
-        t = problem.target.reshape(m, k) if problem.soft else problem.target
-        g = None if grad is None else g_rows.reshape(m, k)
-        yield 0, m, z, t, g, g is not None and same_memory(g, z)
-        return
-    r0 = 0
-    for index in _index_blocks(problem.lead, max(1, COPY_BLOCK_LOGITS // k)):
-        block = z_rows[index]
-        z = np.array(block, dtype=compute, order="C").reshape(-1, k)  # always a copy
-        r1 = r0 + z.shape[0]
-        if problem.soft:
-            t = np.ascontiguousarray(problem.target[index], dtype=compute).reshape(-1, k)
-        else:
-            t = problem.target[r0:r1]
-        # (The gradient goes to a block of its own, not over the copy: the in-place
-        # kernels can round differently, and the layout should not change a result.)
-        g = None if grad is None else np.empty_like(z)
-        yield r0, r1, z, t, g, False
-        if g is not None:
-            g_rows[index] = g.reshape(block.shape)
-        r0 = r1
+    inputs = (problem.target,) if problem.soft else ()
+    blocks = row_blocks(problem.rows, problem.compute, COPY_BLOCK_LOGITS, inputs, (g_rows,))
+    for r0, r1, z, ins, (g,) in blocks:
+        t = ins[0] if problem.soft else problem.target[r0:r1]
+        yield r0, r1, z, t, g, g is not None and same_memory(g, z)
 
 
 def _mean(total: float, d: float, all_ignored: str) -> float:
