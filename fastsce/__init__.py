@@ -8,6 +8,7 @@
 
 from fastsce import reference
 from fastsce.api import cross_entropy, cross_entropy_with_grad
+from fastsce.primitives import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "reference", "__version__"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "log_softmax", "logsumexp", "softmax", "reference", "__version__"]
