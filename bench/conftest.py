@@ -16,6 +16,10 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
+    primitives = _primitive_ratios(session.benchmarks)
+    if primitives:
+        terminalreporter.section("softmax, log_softmax, logsumexp: ratios of the medians of this run")
+        terminalreporter.write(primitives)
     data = {
         "benchmarks": [bench.as_dict(include_data=False) for bench in session.benchmarks if not bench.has_error],
         "machine_info": {"fastsce": _report.environment()},
@@ -26,3 +30,26 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.section("fastsce report: ratios of the medians of this run")
     terminalreporter.write(_report.format_text(report))
+
+
+def _primitive_ratios(benchmarks) -> str:
+    """bench/test_primitives.py's medians as multiples of memcpy, and SciPy's and
+    PyTorch's times as multiples of fastsce's ("x slower")."""
+    medians = {}
+    for bench in benchmarks:
+        info = bench.extra_info
+        if "function" in info and not bench.has_error and info.get("checked"):
+            medians[(info["shape"], info["function"], info["variant"])] = bench.stats.median
+    lines = []
+    for shape in dict.fromkeys(s for s, _, _ in medians):
+        memcpy = medians.get((shape, "memcpy", "numpy"))
+        if memcpy is None:
+            continue
+        lines.append(f"{shape} {'':<24} {'x memcpy':>9} {'scipy':>16} {'torch':>16}")
+        for (s, function, variant), t in medians.items():
+            if s != shape or variant != "fastsce":
+                continue
+            others = [medians.get((shape, function, lib)) for lib in ("scipy", "torch")]
+            slower = [f"{o / memcpy:6.2f} ({o / t:4.1f}x)" if o else f"{'-':>16}" for o in others]
+            lines.append(f"  {function:<32} {t / memcpy:9.2f} {slower[0]:>16} {slower[1]:>16}")
+    return "\n".join(lines) + "\n" if lines else ""
