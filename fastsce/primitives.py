@@ -148,5 +148,6 @@ def _check_out(out, x: np.ndarray, shape: tuple[int, ...], name: str, allow_x: b
     if allow_x and same_memory(out, x):
         return
     if np.shares_memory(out, x):
-        fix = "pass out=x to compute in place, or a separate array" if allow_x else "pass a separate array"
-        raise ValueError(f"{name}: out overlaps x without being x itself; {fix}")
+        if allow_x:
+            raise ValueError(f"{name}: out overlaps x without being x itself; pass out=x to compute in place, or a separate array")
+        raise ValueError(f"{name}: out overlaps x; pass a separate array")
