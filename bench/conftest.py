@@ -17,6 +17,10 @@ def pytest_terminal_summary(terminalreporter, config):
     if session is None or not session.benchmarks:
         return
     _option_overheads(terminalreporter, session)
+    primitives = _primitive_ratios(session.benchmarks)
+    if primitives:
+        terminalreporter.section("softmax, log_softmax, logsumexp: ratios of the medians of this run")
+        terminalreporter.write(primitives)
     data = {
         "benchmarks": [bench.as_dict(include_data=False) for bench in session.benchmarks if not bench.has_error],
         "machine_info": {"fastsce": _report.environment()},
@@ -44,3 +48,25 @@ def _option_overheads(terminalreporter, session):
         if plain:
             ratios = ", ".join(f"{o} {t / plain:.2f}" for (g, o), t in medians.items() if g == group and o != "plain")
             terminalreporter.write_line(f"{group[0]}x{group[1]} {group[2]} ({plain * 1e3:.2f} ms): {ratios}")
+
+def _primitive_ratios(benchmarks) -> str:
+    """bench/test_primitives.py's medians as multiples of memcpy, and SciPy's and
+    PyTorch's times as multiples of fastsce's ("x slower")."""
+    medians = {}
+    for bench in benchmarks:
+        info = bench.extra_info
+        if "function" in info and not bench.has_error and info.get("checked"):
+            medians[(info["shape"], info["function"], info["variant"])] = bench.stats.median
+    lines = []
+    for shape in dict.fromkeys(s for s, _, _ in medians):
+        memcpy = medians.get((shape, "memcpy", "numpy"))
+        if memcpy is None:
+            continue
+        lines.append(f"{shape} {'':<24} {'x memcpy':>9} {'scipy':>16} {'torch':>16}")
+        for (s, function, variant), t in medians.items():
+            if s != shape or variant != "fastsce":
+                continue
+            others = [medians.get((shape, function, lib)) for lib in ("scipy", "torch")]
+            slower = [f"{o / memcpy:6.2f} ({o / t:4.1f}x)" if o else f"{'-':>16}" for o in others]
+            lines.append(f"  {function:<32} {t / memcpy:9.2f} {slower[0]:>16} {slower[1]:>16}")
+    return "\n".join(lines) + "\n" if lines else ""

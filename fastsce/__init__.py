@@ -3,12 +3,29 @@
     loss = fastsce.cross_entropy(logits, target)
     loss, grad = fastsce.cross_entropy_with_grad(logits, target)
 
-``fastsce.reference`` holds the same two functions in plain NumPy, as an oracle.
+``fastsce.reference`` holds the same functions in plain NumPy, as an oracle;
+``fastsce.partial_stats`` / ``combine`` / ``finish`` / ``finish_grad`` compute the loss
+with the classes split across shards; ``softmax``, ``log_softmax`` and ``logsumexp``
+run on the same kernels.
 """
 
 from fastsce import reference
 from fastsce.api import cross_entropy, cross_entropy_with_grad
+from fastsce.primitives import log_softmax, logsumexp, softmax
 from fastsce.sharded import ShardStats, combine, finish, finish_grad, partial_stats
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "partial_stats", "combine", "finish", "finish_grad", "ShardStats", "reference", "__version__"]
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
+    "partial_stats",
+    "combine",
+    "finish",
+    "finish_grad",
+    "ShardStats",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+    "reference",
+    "__version__",
+]

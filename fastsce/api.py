@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import math
 import threading
 
 import numpy as np
 
 from fastsce import _kernels, _small_k
 from fastsce._half import bits_view
+from fastsce._layout import row_blocks
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
@@ -208,66 +208,22 @@ def _weights(problem: Problem):
     return w, w_sum, d, d_z
 
 
-def _index_blocks(lead: tuple[int, ...], rows: int):
-    """Index tuples over the leading axes, each selecting about ``rows`` consecutive rows
-    (in row-major order) and at least one; () for a single row."""
-    if not lead:
-        yield ()
-        return
-    inner = math.prod(lead[1:])
-    if inner <= rows:
-        step = max(1, rows // max(inner, 1))
-        for a in range(0, lead[0], step):
-            yield (slice(a, min(a + step, lead[0])),)
-    else:
-        for a in range(lead[0]):
-            for rest in _index_blocks(lead[1:], rows):
-                yield (a, *rest)
-
-
 def _blocks(problem: Problem, grad: np.ndarray | None):
     """(r0, r1, logits, target, gradient, in_place) per block of rows r0:r1, the arrays
-    as the kernels take them: C-contiguous (rows, K), in the compute dtype or half.
-
-    The fast path (class-last C-contiguous logits, and likewise the gradient) is one
-    block of views. Otherwise each block is a copy of its logits,
-    its gradient computed into a block buffer and written back into ``grad`` when the
-    caller asks for the next block (hence this is a generator)."""
-    m, k = problem.shape
-    compute = problem.compute
-    z_rows = problem.rows
+    as the kernels take them: C-contiguous (rows, K) in the compute dtype, or in the
+    logits' half dtype, which the kernels convert row by row (one block of views on the
+    fast path, else copies a block at a time: see fastsce._layout)."""
     last = problem.axis == problem.logits.ndim - 1
     g_rows = grad if grad is None or last else np.moveaxis(grad, problem.axis, -1)
-    # The kernels read half-precision logits (and write a half gradient) as they are.
-    z_dtype = z_rows.dtype if z_rows.dtype.itemsize == 2 else compute
-
-    def direct(a, dtype):
-        return a is None or (a.flags.c_contiguous and a.dtype == dtype)
-
-    soft_ok = not problem.soft or direct(problem.target, compute)
-    if direct(z_rows, z_dtype) and direct(g_rows, problem.result) and soft_ok:
-        z = z_rows.reshape(m, k)
-        t = problem.target.reshape(m, k) if problem.soft else problem.target
-        g = None if grad is None else g_rows.reshape(m, k)
-        yield 0, m, z, t, g, g is not None and same_memory(g, z)
-        return
-    r0 = 0
-    for index in _index_blocks(problem.lead, max(1, COPY_BLOCK_LOGITS // k)):
-        block = z_rows[index]
-        z = np.array(block, dtype=z_dtype, order="C").reshape(-1, k)  # always a copy
-        r1 = r0 + z.shape[0]
-        if problem.soft:
-            t = np.ascontiguousarray(problem.target[index], dtype=compute).reshape(-1, k)
-        else:
-            t = problem.target[r0:r1]
-        # (The gradient goes to a block of its own, not over the copy: the in-place
-        # kernels can round differently, and the layout should not change a result.)
-        g = None if grad is None else np.empty(z.shape, problem.result)
-        yield r0, r1, z, t, g, False
-        if g is not None:
-            g_rows[index] = g.reshape(block.shape)
-        z = t = g = None  # (so that two blocks are never alive at once)
-        r0 = r1
+    z_dtype = problem.rows.dtype if problem.rows.dtype.itemsize == 2 else problem.compute
+    inputs = (problem.target,) if problem.soft else ()
+    blocks = row_blocks(
+        problem.rows, z_dtype, COPY_BLOCK_LOGITS, inputs, (g_rows,), in_dtype=problem.compute, out_dtype=problem.result
+    )
+    for r0, r1, z, ins, (g,) in blocks:
+        t = ins[0] if problem.soft else problem.target[r0:r1]
+        yield r0, r1, z, t, g, g is not None and same_memory(g, z)
+        z = ins = t = g = None  # a copied block is freed before the next is made
 
 
 def _mean(total: float, d: float, all_ignored: str) -> float:
@@ -322,7 +278,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
                 _small_k.hard_loss_grad(*args, gb, in_place)
             else:
                 _kernels.hard_loss_grad(*args, gb, in_place, long_rows)
-            zb = tb = gb = args = None  # a copied block is freed before the next is made
+            zb = tb = gb = args = outs = None  # (as in _blocks)
 
     result = problem.result
     lse = lse.reshape(problem.lead) if want_lse else None

@@ -168,3 +168,63 @@ def _solve(problem: Problem, want_grad: bool):
     else:
         loss, z_term = problem.result.type(loss), problem.result.type(z_term)
     return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)
+
+
+# --- softmax, log_softmax, logsumexp ---------------------------------------------------------
+# The oracles of fastsce.softmax / log_softmax / logsumexp: same arguments, same checks and
+# errors, computed in x's dtype (float32 for float16 / bfloat16) with full-size temporaries.
+
+
+def _rows_of(name, x, axis, out, shape=None):
+    """(x in its compute dtype, axis, result dtype) after fastsce.primitives' checks."""
+    from fastsce import primitives  # here: fastsce.primitives imports the kernels
+
+    x, axis, compute = primitives._check_x(x, axis, name)
+    if out is not None:
+        primitives._check_out(out, x, x.shape if shape is None else shape(x, axis), name, allow_x=shape is None)
+    return x.astype(compute), axis, x.dtype
+
+
+def _store(result, out, dtype):
+    if out is None:
+        return result.astype(dtype)
+    out[...] = result
+    return out
+
+
+def softmax(x, axis=-1, *, out=None):
+    """exp(x - max) / sum exp(x - max); see :func:`fastsce.softmax`."""
+    z, axis, dtype = _rows_of("softmax", x, axis, out)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        e = np.exp(z - z.max(axis=axis, keepdims=True, initial=-np.inf))
+        return _store(e / e.sum(axis=axis, keepdims=True), out, dtype)
+
+
+def log_softmax(x, axis=-1, *, out=None):
+    """(x - max) - log sum exp(x - max); see :func:`fastsce.log_softmax`."""
+    z, axis, dtype = _rows_of("log_softmax", x, axis, out)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shifted = z - z.max(axis=axis, keepdims=True, initial=-np.inf)
+        return _store(shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True)), out, dtype)
+
+
+def logsumexp(x, axis=-1, *, keepdims=False, out=None):
+    """m + log sum exp(x - m), m the max, or 0 where the max is infinite (+inf and all
+    -inf rows then give +inf and -inf, as in PyTorch); see :func:`fastsce.logsumexp`."""
+
+    def shape(x, axis):
+        return x.shape[:axis] + ((1,) if keepdims else ()) + x.shape[axis + 1 :]
+
+    if not isinstance(keepdims, (bool, np.bool_)):
+        raise TypeError(f"logsumexp: keepdims must be True or False; got {keepdims!r}")
+    z, axis, dtype = _rows_of("logsumexp", x, axis, out, shape)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = z.max(axis=axis, keepdims=True, initial=-np.inf)
+        m = np.where(np.isinf(m), 0, m).astype(z.dtype)
+        lse = m + np.log(np.exp(z - m).sum(axis=axis, keepdims=True))
+    lse = lse.reshape(shape(z, axis))
+    if out is not None:
+        out[...] = lse
+        return out
+    lse = lse.astype(dtype)
+    return lse[()] if lse.ndim == 0 else lse
