@@ -35,6 +35,7 @@ ROWS_OUT_K = 16
 # Tiles per prange iteration: the scratch is allocated once per chunk.
 TILES_PER_CHUNK = 32
 CHUNK_ROWS = TILES_PER_CHUNK * 64  # rows per prange step: whole tiles of 64 rows
+CLASS_MAJOR_ROWS = 64  # rows per tile of class_major_loss (its chunk: one tile)
 
 
 def tile_rows(z):
@@ -194,14 +195,13 @@ def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z):
 
 
 @jit
-def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes):
-    """Rows zt (R, K) with targets yt (R,) and row weights vt (R,, or empty): losses,
-    z-terms and lse into the lanes, gradient into gt (R, K) (which may be zt itself: zt
-    is read whole before gt is written)."""
-    k = zt.shape[1]
+def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes):
+    """A loaded tile T (K, R), targets yt (R,), row weights vt (R,, or empty): losses,
+    z-terms and lse into the lanes; with ``grad`` T becomes the gradient, except the
+    target entries (lanes[6]) and the rows not counted (lanes[0] == 0), left to the caller."""
+    k = T.shape[0]
     eps = params[0]
     live, vr, w_y, zy, s_other, w_shift = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
-    _load_tile(zt, T)
     _lane_max(T, m)
     if eps > 0:
         _lane_weighted_shift(T, w, m, w_shift)
@@ -221,8 +221,17 @@ def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lane
     _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T)
     if grad:
         _lane_grad(T, a, b, w, eps)
+
+
+@jit
+def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes):
+    """Rows zt (R, K): gradient into gt (R, K) (which may be zt itself: zt is read whole
+    before gt is written)."""
+    _load_tile(zt, T)
+    _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes)
+    if grad:
         _store_tile(T, gt)
-        gy = lanes[6]
+        live, gy = lanes[0], lanes[6]
         for r in range(tile_rows(T)):
             if live[r] == 0:
                 gt[r] = 0
@@ -231,23 +240,88 @@ def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lane
 
 
 @jit
+def _scratch(k, like_z):
+    """Per-thread scratch of a tile: T (K, R), lane values m, a, b in z's dtype, and ten
+    float64 lanes (see _lane_loss)."""
+    R = tile_rows(like_z)
+    T = np.empty((k, R), like_z.dtype)
+    m = np.empty(R, like_z.dtype)
+    a = np.empty(R, like_z.dtype)
+    b = np.empty(R, like_z.dtype)
+    lr = np.empty((10, R), np.float64)
+    lanes = (lr[0], lr[1], lr[2], lr[3], lr[4], lr[5], lr[6], lr[7], lr[8], lr[9])
+    return T, m, a, b, lanes
+
+
+@jit
+def _record_lanes(lanes, rows, first, outs):
+    """The tile's first ``rows`` lanes as rows first.. of the outputs; their sums."""
+    row_loss, row_z, lse_out = outs[0], outs[1], outs[2]
+    lt, zt_l, lse_l = lanes[7], lanes[8], lanes[9]
+    total = 0.0
+    z_total = 0.0
+    for r in range(rows):
+        total += lt[r]
+        z_total += zt_l[r]
+        if row_loss.size:
+            row_loss[first + r] = lt[r] + zt_l[r]
+        if row_z.size:
+            row_z[first + r] = zt_l[r]
+        if lse_out.size:
+            lse_out[first + r] = lse_l[r]
+    return total, z_total
+
+
+# --- classes on another axis: x (A, K, D), row (a, d) is x[a, :, d] ------------------------------
+#
+# A tile is R consecutive d of one a: T[j] = x[a, j, d0:d0 + R] is a contiguous run, so
+# the tile is loaded (and its gradient stored) without a transpose.
+
+
+@parallel
+def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, grad):
+    """Rows r = a D + d of a C-contiguous (A, K, D) x3 with targets target[r]; the
+    gradient (with ``grad``) into y3 of x3's shape. outs as in _kernels, chunk_loss /
+    chunk_z with one entry per tile (a, d0)."""
+    n_a, k, d_size = x3.shape
+    R = tile_rows(x3)
+    tiles = -(-d_size // R)
+    chunk_loss, chunk_z = outs[3], outs[4]
+    for t in prange(n_a * tiles):
+        a_i = t // tiles
+        d0 = (t % tiles) * R
+        rows = min(R, d_size - d0)
+        first = a_i * d_size + d0
+        T, m, a, b, lanes = _scratch(k, x3)
+        yt = np.full(R, ignore_index, target.dtype)  # lanes past D: ignored
+        yt[:rows] = target[first : first + rows]
+        vt = np.ones(R if v.size else 0, np.float64)
+        if v.size:
+            vt[:rows] = v[first : first + rows]
+        for j in range(k):
+            T[j, :rows] = x3[a_i, j, d0 : d0 + rows]
+            T[j, rows:] = 0
+        _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes)
+        if grad:
+            live, gy = lanes[0], lanes[6]
+            for r in range(rows):
+                if live[r] == 0:
+                    T[:, r] = 0
+                else:
+                    T[yt[r], r] = gy[r]
+            for j in range(k):
+                y3[a_i, j, d0 : d0 + rows] = T[j, :rows]
+        chunk_loss[t], chunk_z[t] = _record_lanes(lanes, rows, first, outs)
+
+
+@jit
 def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     """Rows lo .. hi: full tiles, then the rest (< R rows) as one zero-padded tile.
     Returns the sums of their losses and z-terms in row order (each also in outs' per-row
     arrays that are not empty)."""
-    row_loss, row_z, lse_out = outs[0], outs[1], outs[2]
     R = tile_rows(z)
     k = z.shape[1]
-    T = np.empty((k, R), z.dtype)
-    m = np.empty(R, z.dtype)
-    a = np.empty(R, z.dtype)
-    b = np.empty(R, z.dtype)
-    lane_rows = np.empty((10, R), np.float64)
-    lanes = (
-        lane_rows[0], lane_rows[1], lane_rows[2], lane_rows[3], lane_rows[4],
-        lane_rows[5], lane_rows[6], lane_rows[7], lane_rows[8], lane_rows[9],
-    )  # fmt: skip
-    lt, zt_l, lse_l = lanes[7], lanes[8], lanes[9]
+    T, m, a, b, lanes = _scratch(k, z)
     no_weights = v[:0]
     total = 0.0
     z_total = 0.0
@@ -268,19 +342,10 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
         _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes)
         if grad and rows < R:
             g[i:hi] = gt[:rows]
-        for r in range(rows):
-            total += lt[r]
-            z_total += zt_l[r]
-            if row_loss.size:
-                row_loss[i + r] = lt[r] + zt_l[r]
-            if row_z.size:
-                row_z[i + r] = zt_l[r]
-            if lse_out.size:
-                lse_out[i + r] = lse_l[r]
+        dt, dz = _record_lanes(lanes, rows, i, outs)
+        total += dt
+        z_total += dz
     return total, z_total
-
-
-# --- the kernels ----------------------------------------------------------------------------------
 
 
 # The drivers take the arguments of fastsce._kernels.hard_loss / hard_loss_grad, for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numpy as np
@@ -37,6 +38,16 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
     np.dtype(np.float32): (200, 128),
     np.dtype(np.float64): (200, 100),
 }
+
+# Logits with the classes on another axis, e.g. PyTorch's (N, K, d), go to a tile kernel
+# that reads rows 64 at a time in place (fastsce._small_k.class_major_loss) up to this K
+# (beyond, its (K, 64) tile leaves the cache) and from this d = the product of the axes
+# after the classes (fewer would leave most of a tile's lanes empty); otherwise rows are
+# copied a block at a time. Measured (float32 loss+grad, x memcpy): (8, 21, 256, 256)
+# 2.7 vs 10.5 with copies (2.8 with the classes last), (16, 1000, 512) 2.1 vs 8.4,
+# (1024, 1000, 8) 7.6 vs 4.2.
+CLASS_MAJOR_K = 4096
+CLASS_MAJOR_MIN_D = 32
 
 _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 
@@ -226,6 +237,23 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
         z = ins = t = g = None  # a copied block is freed before the next is made
 
 
+def _class_major(problem: Problem, grad: np.ndarray | None):
+    """(x3, y3, tiles) when the logits (and gradient) are C-contiguous with the classes
+    on an axis other than the last: the memory as (A, K, D), for the tile kernel that
+    reads rows x[a, :, d] 64 at a time without a transposed copy. Else None."""
+    logits, axis = problem.logits, problem.axis
+    if axis == logits.ndim - 1 or not logits.flags.c_contiguous:
+        return None
+    if grad is not None and not (grad.flags.c_contiguous and grad.dtype == problem.compute):
+        return None
+    a, k, d = math.prod(logits.shape[:axis]), logits.shape[axis], math.prod(logits.shape[axis + 1 :])
+    if d < CLASS_MAJOR_MIN_D:
+        return None
+    x3 = logits.reshape(a, k, d)
+    y3 = np.empty((0, 0, 0), problem.compute) if grad is None else grad.reshape(a, k, d)
+    return x3, y3, a * -(-d // _small_k.CLASS_MAJOR_ROWS)
+
+
 def _mean(total: float, d: float, all_ignored: str) -> float:
     if d:
         return total / d
@@ -259,8 +287,16 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     row_z = np.empty(m if none and want_z else 0, compute)
     lse = np.empty(m if want_lse else 0, compute)
     chunk_loss, chunk_z = [], []
+    class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
     with _launch_lock:
-        for r0, r1, zb, tb, gb, in_place in _blocks(problem, grad):
+        if class_major is not None:  # no block copies: tiles of 64 rows read in place
+            x3, y3, n_tiles = class_major
+            chunk_loss.append(np.empty(n_tiles, np.float64))
+            chunk_z.append(np.empty(n_tiles, np.float64))
+            outs = (row_loss, row_z, lse, chunk_loss[-1], chunk_z[-1])
+            args = (problem.ignore_index, w, w_sum, v, params, outs, y3, grad is not None)
+            _small_k.class_major_loss(x3, problem.target, *args)
+        for r0, r1, zb, tb, gb, in_place in () if class_major is not None else _blocks(problem, grad):
             zb, gb = bits_view(zb), None if gb is None else bits_view(gb)
             n_chunks = -(-(r1 - r0) // chunk_rows)
             chunk_loss.append(np.empty(n_chunks, np.float64))

@@ -463,3 +463,32 @@ def test_lse_matches_torch_logsumexp():
     *_, lse = fast.cross_entropy(x, y, softcap=2.0, return_lse=True)
     want = torch.logsumexp(2.0 * torch.tanh(torch.tensor(x) / 2.0), dim=-1).numpy()
     np.testing.assert_allclose(lse, want, rtol=1e-14)
+
+
+@pytest.mark.parametrize("in_place", (False, True), ids=("out", "in-place"))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("shape", ((2, 9, 64), (3, 5, 7, 11), (2, 300, 100), (1, 4, 1000)))
+def test_classes_on_another_axis_read_in_place(shape, dtype, in_place, monkeypatch):
+    """The tile kernel for C-contiguous (A, K, D) logits (every d here, also d < 64 and
+    d not a multiple of the 64-row tile) against the reference, with every option it takes."""
+    monkeypatch.setattr(api, "CLASS_MAJOR_MIN_D", 1)
+    calls = []
+    real = api._small_k.class_major_loss
+    monkeypatch.setattr(api._small_k, "class_major_loss", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(seed_of(shape, in_place))
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    y = rng.integers(0, shape[1], (shape[0],) + shape[2:])
+    y.flat[::5] = -100
+    kwargs = dict(
+        axis=1, z_loss=1e-3, label_smoothing=0.1, weight=rng.uniform(0.5, 2, shape[1]), sample_weight=rng.random(y.shape)
+    )
+    for reduction in ("mean", "none"):
+        want = results(ref, "cross_entropy_with_grad", x, y, reduction=reduction, **kwargs)
+        buf = x.copy()
+        got = fast.cross_entropy_with_grad(
+            buf if in_place else x, y, out=buf if in_place else None, reduction=reduction,
+            return_z_loss=True, return_lse=True, **kwargs,
+        )  # fmt: skip
+        assert_all_close(got, want, dtype)
+        assert_all_close(results(fast, "cross_entropy", x, y, reduction=reduction, **kwargs), want[:1] + want[2:], dtype)
+    assert len(calls) == 4
