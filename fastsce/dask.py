@@ -269,7 +269,7 @@ class _Job:
         parts = _array(name, dsk, inputs, ((1,) * len(self.rows),), object)
         g = _select(parts, 2, "fastsce-grad", self.logits.chunks, self.dtype) if grad else None
         lse = _select(parts, 3, "fastsce-lse", (self.rows,), self.dtype) if self.returns[1] else None
-        loss, z_term = self._reduce(parts, dens)
+        loss, z_term = self._reduce(parts, dens, fused=True)
         return loss, g, z_term, lse
 
     def _by_rows_and_classes(self, grad):
@@ -309,7 +309,7 @@ class _Job:
             t_key, _, sw_key, where_key = self._keys(i)
             dsk[(name, i)] = (call, (combined_name, i), t_key, sw_key, where_key, start)
         parts = _array(name, dsk, inputs, (blocks,), object)
-        loss, z_term = self._reduce(parts, None)
+        loss, z_term = self._reduce(parts, None, fused=False)
         lse = _select(parts, 3, "fastsce-lse", (self.rows,), self.dtype) if self.returns[1] else None
 
         g = None
@@ -330,9 +330,9 @@ class _Job:
             g = _array(name, dsk, inputs, self.logits.chunks, self.dtype)
         return loss, g, z_term, lse
 
-    def _reduce(self, parts, dens):
-        """(loss, z-term) from the blocks' parts: item 0 of each block is its (1, 4) row
-        [loss or cross-entropy sum, z-term sum, D, D_z] (per-row arrays for "none")."""
+    def _reduce(self, parts, dens, fused):
+        """(loss, z-term) from the blocks' parts: item 0 of each block (see _total), per-row
+        arrays for "none"."""
         if self.reduction == "none":
             return (
                 _select(parts, 0, "fastsce-loss", (self.rows,), self.dtype),
@@ -343,7 +343,8 @@ class _Job:
         out = []
         for which in ("loss", "z-loss"):
             name = f"fastsce-{which}-{tokenize(inputs, self.options)}"
-            call = functools.partial(_total, which=which, **self.options)
+            source = "stats" if not fused else ("shares" if dens is not None else "sums")
+            call = functools.partial(_total, which=which, source=source, **self.options)
             dsk = {(name,): (call, (sums.name, 0), None if dens is None else (dens.name, 0))}
             out.append(_array(name, dsk, inputs, (), self.dtype))
         return tuple(out)
@@ -467,8 +468,8 @@ def _combine_block(a, b):
 
 def _rows_block(stats, t, sw, wh, start, *, want_lse, **options):
     """(parts, z per row, None, lse) of one block of rows from its combined statistics.
-    parts: the per-row losses for "none"; else the (1, 4) float64 row [loss, z-term, D,
-    D_z] of the block's sums (loss = cross-entropy + z-term)."""
+    parts: the per-row losses for "none"; else the (1, 4) float64 row [cross-entropy,
+    z-term, D, D_z] of the block's sums (apart: D and D_z may differ by orders of magnitude)."""
     try:
         rows = sharded._Rows(stats, "sum", options["z_loss"], sw, wh, options["all_ignored"])
     except (IndexError, ValueError):
@@ -479,8 +480,7 @@ def _rows_block(stats, t, sw, wh, start, *, want_lse, **options):
     with np.errstate(over="ignore", invalid="ignore"):
         if options["reduction"] == "none":
             return (rows.ce + rows.zl).astype(dtype), rows.zl.astype(dtype), None, lse
-        ce, z_term = rows.ce.sum(), rows.zl.sum()
-        return _parts(ce + z_term, z_term, rows.d, rows.d_z), None, None, lse
+        return _parts(rows.ce.sum(), rows.zl.sum(), rows.d, rows.d_z), None, None, lse
 
 
 def _grad_block(z, t, weight, stats, sw, wh, dens, offset, start, **options):
@@ -520,24 +520,26 @@ def _grad_block(z, t, weight, stats, sw, wh, dens, offset, start, **options):
     return _combine_parts(g, g_z, sc, sc_z, _counted(stats.labels, sw, wh, stats.n, options))
 
 
-def _total(sums, dens, *, which, reduction, z_loss, all_ignored, dtype, **options):
-    """The loss (or the z-term) from the float64 sums over the blocks' parts [loss,
-    z-term, D, D_z]; for "mean", ``dens`` = (D, D_z) when the parts are already the
-    blocks' shares of the mean (one class chunk), else None (D, D_z summed in the parts)."""
-    total, z_term, d, d_z = (float(x) for x in sums)
+def _total(sums, dens, *, which, source, reduction, z_loss, all_ignored, dtype, **options):
+    """The loss (or the z-term) from the float64 sums over the blocks' parts, which are
+    for ``source`` "sums" (one class chunk, "sum"): [loss, z-term, 0, 0]; "shares" (one
+    class chunk, "mean"): [the block's share of the loss, of the z-term, 0, 0], with the
+    global ``dens`` = (D, D_z); "stats" (from statistics): [cross-entropy, z-term, D, D_z]."""
+    first, z_term, d, d_z = (float(x) for x in sums)
     fill = np.nan if all_ignored == "nan" else 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        if reduction == "mean":
-            if dens is None:
-                ce = (total - z_term) / d if d else fill
+        if source == "stats":
+            if reduction == "mean":
+                first = first / d if d else fill
                 z_term = z_term / d_z if d_z else fill
-            else:
-                d, d_z = (float(x) for x in dens)
-                ce = total - z_term if d else fill
-                z_term = z_term if d_z else fill
-            if not z_loss:
-                z_term = 0.0
-            total = ce + z_term
+            total = first + (z_term if z_loss else 0.0)
+        elif source == "shares" and not dens[0]:  # D = 0: the blocks' shares are moot
+            z_term = z_term if dens[1] else fill
+            total = fill + (z_term if z_loss else 0.0)
+        else:
+            total = first
+        if not z_loss:
+            z_term = 0.0
         return dtype.type(z_term if which == "z-loss" else total)
 
 
