@@ -603,4 +603,4 @@ def _check_sample_weights(v, start):
     bad = ~np.isfinite(v) | (v < 0)
     if bad.any():
         row = int(np.argmax(bad))
-        raise ValueError(f"sample_weight[{start + row}] = {v[row]!r}; sample weights must be finite and >= 0")
+        raise ValueError(f"sample_weight[{start + row}] = {float(v[row])!r}; sample weights must be finite and >= 0")

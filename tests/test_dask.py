@@ -273,10 +273,11 @@ def test_class_chunks_many_blocks_threads():
 # --- bad input -------------------------------------------------------------------------
 
 
-def test_label_out_of_range_names_the_row_in_the_batch():
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
+def test_label_out_of_range_names_the_row_in_the_batch(chunking):
     case = make_case(N, K, np.float64)
-    case.target[25] = K  # in the third block of "uneven" (rows 25..36)
-    logits, target = chunked(case, CHUNKINGS["uneven"])
+    case.target[25] = K  # in the third block of rows (25..36 or 11..36)
+    logits, target = chunked(case, CHUNKINGS[chunking])
     for loss in (
         fastsce_dask.cross_entropy(logits, target),
         fastsce_dask.cross_entropy(logits, target, reduction="sum"),
@@ -285,6 +286,48 @@ def test_label_out_of_range_names_the_row_in_the_batch():
     ):
         with pytest.raises(IndexError, match=rf"target\[25\] = {K} is not a class index"):
             loss.compute()
+
+
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+def test_bad_sample_weight_names_the_row_in_the_batch(chunking, soft):
+    case = make_case(N, K, np.float64, soft=soft)
+    sample_weight = np.ones(N)
+    sample_weight[30] = -1.0
+    logits, target = chunked(case, CHUNKINGS[chunking])
+    sample_weight = da.from_array(sample_weight, chunks=7)
+    for reduction in REDUCTIONS:
+        for got in (
+            fastsce_dask.cross_entropy(logits, target, reduction=reduction, sample_weight=sample_weight),
+            fastsce_dask.cross_entropy_with_grad(logits, target, reduction=reduction, sample_weight=sample_weight)[1],
+        ):
+            with pytest.raises(ValueError, match=r"sample_weight\[30\] = -1.0"):
+                got.compute()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sample_weight=np.ones(4)), ValueError, r"sample_weight has shape \(4,\)"),
+        (dict(sample_weight=np.ones(3, bool)), TypeError, "sample_weight must be a real numeric array"),
+        (dict(sample_weight=[1.0, 1.0, 1.0]), TypeError, "sample_weight must be a dask.array.Array or a numpy"),
+        (dict(where=np.ones(3)), TypeError, "where must be a boolean array"),
+        (dict(where=da.ones(2, dtype=bool)), ValueError, r"where has shape \(2,\)"),
+        (dict(z_loss=-1.0), ValueError, "z_loss"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(logit_scale="2"), TypeError, "logit_scale"),
+        (dict(all_ignored="inf"), ValueError, "all_ignored"),
+        (dict(return_lse=1), TypeError, "return_lse"),
+    ],
+    ids=["sw-shape", "sw-bool", "sw-list", "where-float", "where-shape", "z_loss", "softcap", "scale", "all_ignored",
+         "return_lse"],
+)
+@pytest.mark.parametrize("chunks", [(2, 2), (2, 1)], ids=["rows", "classes"])
+def test_bad_new_options_raise_before_computing(kwargs, error, match, chunks):
+    logits = da.zeros((3, 2), chunks=chunks)
+    for fn in (fastsce_dask.cross_entropy, fastsce_dask.cross_entropy_with_grad):
+        with pytest.raises(error, match=match):
+            fn(logits, np.zeros(3, np.int64), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -347,6 +390,17 @@ def test_local_cluster(client, dtype, option, reduction):
     assert type(loss) is type(expected_loss)
     assert_close(loss, expected_loss, unit=loss_unit)
     assert_close(grad, expected_grad, unit=grad_unit)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_local_cluster_class_chunks(client, soft, reduction):
+    base = make_case(N, K, np.float32, soft=soft, weighted=True, label_smoothing=0.1, reduction=reduction)
+    case = with_options(base, NEW_OPTIONS["everything"], seed_of("cluster", soft, reduction))
+    logits, target = chunked(case, CHUNKINGS["class-chunks-uneven"])
+    returns = dict(return_z_loss=True, return_lse=True)
+    got = fastsce_dask.cross_entropy_with_grad(logits, target, **as_dask_rows(case, 9), **returns)
+    check_all(case, client.compute(list(got), sync=True), True, **returns)
 
 
 def test_local_cluster_survives_a_killed_worker(client):
