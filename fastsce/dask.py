@@ -167,7 +167,7 @@ class _Job:
             target = target.rechunk(target_chunks)
 
         row_arrays = {}
-        for name, kind in (("sample_weight", "iuf"), ("where", "b")):
+        for name in ("sample_weight", "where"):
             x = given[name]
             if x is None:
                 continue
