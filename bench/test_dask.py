@@ -1,4 +1,5 @@
-"""fastsce.dask (threaded scheduler, row chunks) against one in-memory call: what Dask costs.
+"""fastsce.dask (threaded scheduler) against one in-memory call: what Dask costs, for
+logits chunked along the rows (65536 x 1000) and along the classes (8192 x 32000).
 
     python -m pytest bench/test_dask.py --benchmark-group-by=group
 
@@ -71,6 +72,72 @@ def test_dask(benchmark, run, what):
     benchmark.group = f"dask: {n}x{k} {DTYPE} {what}"
     benchmark.extra_info.update(n=n, k=k, dtype=str(DTYPE), dask_run=run)
     loss, grad = benchmark(fn)
+    tol = fastsce.reference.TOLERANCE[DTYPE]
+    np.testing.assert_allclose(loss, ref_loss, **tol)
+    if grad is not None:
+        np.testing.assert_allclose(grad, ref_grad, rtol=tol["rtol"], atol=tol["atol"] / n)
+    benchmark.extra_info["checked"] = True
+
+
+# --- logits chunked along the classes ----------------------------------------------------
+
+SHAPE_CLASSES = (8192, 32000)
+_batch_classes = {}
+
+
+def batch_classes():
+    if not _batch_classes:
+        logits, labels = _impls.make_batch(*SHAPE_CLASSES, DTYPE)
+        _batch_classes["data"] = (logits, labels, *_impls.reference_result(logits, labels))
+    return _batch_classes["data"]
+
+
+def dask_chunks(row_chunks, class_chunks, rechunk=False):
+    """Logits in row_chunks x class_chunks blocks; with ``rechunk``, rechunked (by the
+    caller) to whole rows first, which gives the fused one-class-chunk path."""
+
+    def build(logits, labels, grad):
+        n, k = logits.shape
+        # Each block a C-contiguous array of its own, as a store (zarr, HDF5) returns it;
+        # column slices of the one NumPy array would be copied by every task.
+        r, c = -(-n // row_chunks), -(-k // class_chunks)
+        blocks = [
+            [da.from_array(np.ascontiguousarray(logits[i : i + r, j : j + c]), chunks=-1) for j in range(0, k, c)]
+            for i in range(0, n, r)
+        ]
+        z = da.block(blocks)
+        if rechunk:
+            z = z.rechunk({1: -1})
+        y = da.from_array(labels, chunks=z.chunks[0])
+
+        def run():
+            if grad:
+                return dask.compute(*fastsce_dask.cross_entropy_with_grad(z, y), scheduler="threads")
+            return dask.compute(fastsce_dask.cross_entropy(z, y), scheduler="threads")[0], None
+
+        return run
+
+    return build
+
+
+RUNS_CLASSES = {
+    "in-memory": in_memory,
+    "dask-4-class-chunks": dask_chunks(1, 4),
+    "dask-4x4-chunks": dask_chunks(4, 4),
+    "dask-4-class-chunks-rechunked": dask_chunks(1, 4, rechunk=True),
+}
+
+
+@pytest.mark.parametrize("what", ["loss+grad", "loss"])
+@pytest.mark.parametrize("run", RUNS_CLASSES)
+def test_dask_class_chunks(benchmark, run, what):
+    logits, labels, ref_loss, ref_grad = batch_classes()
+    fn = RUNS_CLASSES[run](logits, labels, grad=what == "loss+grad")
+    fn()  # warm-up: compile outside the timing
+    n, k = SHAPE_CLASSES
+    benchmark.group = f"dask: {n}x{k} {DTYPE} {what}, class chunks"
+    benchmark.extra_info.update(n=n, k=k, dtype=str(DTYPE), dask_run=run)
+    loss, grad = benchmark.pedantic(fn, rounds=5, iterations=1)
     tol = fastsce.reference.TOLERANCE[DTYPE]
     np.testing.assert_allclose(loss, ref_loss, **tol)
     if grad is not None:

@@ -1,5 +1,6 @@
-"""fastsce.dask against the in-memory call: chunkings, options, laziness, bad input, the
-threaded scheduler, and a LocalCluster of worker processes (one of them killed mid-run)."""
+"""fastsce.dask against the in-memory call: chunkings (of the rows, and of the classes),
+options, laziness, bad input, the threaded scheduler, and a LocalCluster of worker
+processes (one of them killed mid-run)."""
 
 import os
 import signal
@@ -7,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from _cases import DTYPES, REDUCTIONS, assert_close, make_case, short
+from _cases import DTYPES, REDUCTIONS, assert_close, make_case, seed_of, short
 
 import fastsce
 
@@ -24,6 +25,8 @@ CHUNKINGS = {
     "uneven": ((20, 5, 12), (K,)),
     "one-row-chunk": ((16, 1, 20), (K,)),
     "class-chunks": ((20, 17), (4, 7)),
+    "class-chunk-of-1": ((N,), (1, 3, 7)),
+    "class-chunks-uneven": ((10, 1, 26), (5, 1, 2, 3)),
 }
 
 OPTIONS = {
@@ -64,7 +67,7 @@ def test_matches_in_memory(chunking, dtype, reduction, option):
     case = make_case(N, K, dtype, reduction=reduction, **OPTIONS[option])
     logits, target = chunked(case, CHUNKINGS[chunking])
     loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
-    assert grad.chunks[0] == logits.chunks[0]
+    assert grad.chunks == logits.chunks
     check(case, loss, grad)
     check(case, fastsce_dask.cross_entropy(logits, target, **case.kwargs))
 
@@ -76,10 +79,11 @@ def test_numpy_inputs(reduction):
     check(case, fastsce_dask.cross_entropy(case.logits, case.target, **case.kwargs))
 
 
+@pytest.mark.parametrize("classes", [(K,), (6, 5)], ids=["rows", "classes"])
 @pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
-def test_target_chunks_differing_from_the_logits_are_rechunked(soft):
+def test_target_chunks_differing_from_the_logits_are_rechunked(soft, classes):
     case = make_case(N, K, np.float64, soft=soft, weighted=True)
-    logits = da.from_array(case.logits, chunks=(10, K))
+    logits = da.from_array(case.logits, chunks=((10, 10, 10, 7), classes))
     target = da.from_array(case.target, chunks=(7, 3) if soft else 7)
     loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
     assert grad.chunks == logits.chunks  # the target moved, not the logits
@@ -130,13 +134,150 @@ def test_threaded_scheduler_many_blocks():
         check(case, loss, grad)
 
 
+# --- the options of large-model training ---------------------------------------------
+
+NEW_OPTIONS = {
+    "z_loss": dict(z_loss=1e-2),
+    "scale-softcap": dict(logit_scale=1.5, softcap=5.0),
+    "sample_weight": dict(sample_weight="random"),
+    "where": dict(where="random"),
+    "everything": dict(z_loss=0.01, logit_scale=0.7, softcap=8.0, sample_weight="random", where="random"),
+}
+
+
+def with_options(case, options, seed):
+    """The case with the options; row arrays drawn at random (rows of weight 0 among them)."""
+    rng = np.random.default_rng(seed)
+    for key, value in options.items():
+        if value == "random" and key == "sample_weight":
+            value = rng.uniform(0, 2, len(case.logits))
+            value[::5] = 0
+        elif value == "random" and key == "where":
+            value = rng.random(len(case.logits)) < 0.7
+        case.kwargs[key] = value
+    return case
+
+
+def as_dask_rows(case, chunks):
+    """The case's keyword arguments, sample_weight / where as Dask arrays of other row chunks."""
+    return {
+        key: da.from_array(value, chunks=chunks) if key in ("sample_weight", "where") else value
+        for key, value in case.kwargs.items()
+    }
+
+
+def check_all(case, got, with_grad, units=None, **returns):
+    """Every output (loss, [grad], z-term, lse) against the in-memory fastsce call."""
+    fn = fastsce.cross_entropy_with_grad if with_grad else fastsce.cross_entropy
+    want = fn(case.logits, case.target, **case.kwargs, **returns)
+    got = dask.compute(*got)
+    assert len(got) == len(want)
+    loss_unit, grad_unit = units or case.units()
+    units = [max(loss_unit, 1.0)] + [max(grad_unit, 1e-3)] * with_grad + [max(loss_unit, 1.0), 1.0]
+    if not returns.get("return_z_loss"):
+        units.pop(1 + with_grad)
+    for a, b, unit in zip(got, want, units, strict=False):
+        assert type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape, (type(a), type(b), a.shape, b.shape)
+        assert_close(a, b, unit=unit)
+
+
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("option", NEW_OPTIONS)
+def test_new_options_match_in_memory(chunking, dtype, soft, reduction, option):
+    base = make_case(N, K, dtype, soft=soft, weighted=True, label_smoothing=0.1, reduction=reduction)
+    case = with_options(base, NEW_OPTIONS[option], seed_of(option, reduction, soft))
+    logits, target = chunked(case, CHUNKINGS[chunking])
+    kwargs = as_dask_rows(case, 9)
+    returns = dict(return_z_loss=True, return_lse=True)
+    got = fastsce_dask.cross_entropy_with_grad(logits, target, **kwargs, **returns)
+    assert got[1].chunks == logits.chunks and got[3].chunks == (logits.chunks[0],)
+    check_all(case, got, True, **returns)
+    check_all(case, fastsce_dask.cross_entropy(logits, target, **kwargs, **returns), False, **returns)
+    check_all(case, fastsce_dask.cross_entropy(logits, target, **kwargs, return_lse=True), False, return_lse=True)
+
+
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks"])
+@pytest.mark.parametrize("all_ignored", ["nan", "zero"])
+@pytest.mark.parametrize("nothing", ["ignored", "where-false", "zero-class-weight"])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_mean_of_nothing(chunking, all_ignored, nothing, z_loss):
+    """D = 0 (and D_z = 0, or not: counted rows of class weight 0) gives what the in-memory
+    call gives, loss, z-term and gradient, for either all_ignored."""
+    case = make_case(N, K, np.float64, weighted=True, label_smoothing=0.2)
+    case.kwargs.update(all_ignored=all_ignored, z_loss=z_loss)
+    if nothing == "ignored":
+        case.target[:] = -100
+    elif nothing == "where-false":
+        case.kwargs["where"] = np.zeros(N, bool)
+    else:
+        case.kwargs["weight"][case.target[case.target >= 0]] = 0.0
+    logits, target = chunked(case, CHUNKINGS[chunking])
+    returns = dict(return_z_loss=True)
+    check_all(case, fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs, **returns), True, **returns)
+    check_all(case, fastsce_dask.cross_entropy(logits, target, **case.kwargs, **returns), False, **returns)
+
+
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks"])
+def test_mean_when_weights_over_d_overflow(chunking):
+    """float32 class weights w / D beyond float32's range (of a class no row has, without
+    smoothing: the in-memory result is finite): the blocks are divided afterwards."""
+    case = make_case(N, K, np.float32)
+    case.target[case.target >= 0] = 0
+    case.kwargs.update(weight=np.array([1e-30] + [1e30] * (K - 1)), z_loss=0.01)
+    logits, target = chunked(case, CHUNKINGS[chunking])
+    returns = dict(return_z_loss=True)
+    units = (1.0, 1.0 / N)  # (case.units() would take the unused weights 1e30 for a scale)
+    got = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs, **returns)
+    check_all(case, got, True, units=units, **returns)
+    check_all(case, fastsce_dask.cross_entropy(logits, target, **case.kwargs, **returns), False, units=units, **returns)
+
+
+def test_class_chunks_lazy_and_one_call_per_block(monkeypatch):
+    """Class-chunked logits: one partial_stats and one finish_grad per block, nothing
+    before compute, no fused call (no block holds whole rows)."""
+    calls = {"partial_stats": [], "finish_grad": [], "cross_entropy_with_grad": []}
+    for fn in calls:
+        real = getattr(fastsce, fn)
+
+        def counting(*args, _real=real, _fn=fn, **kwargs):
+            calls[_fn].append(args[0].shape)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fastsce, fn, counting)
+    case = make_case(N, K, np.float32, weighted=True)
+    logits, target = chunked(case, CHUNKINGS["class-chunks-uneven"])
+    loss, grad = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs)
+    assert all(c == [] for c in calls.values())
+    dask.compute(loss, grad)
+    blocks = sorted((r, c) for r in (10, 1, 26) for c in (5, 1, 2, 3))
+    assert sorted(calls["partial_stats"]) == blocks
+    assert sorted(calls["finish_grad"]) == blocks
+    assert calls["cross_entropy_with_grad"] == []
+    monkeypatch.undo()
+    check(case, loss, grad)
+
+
+def test_class_chunks_many_blocks_threads():
+    case = make_case(600, 300, np.float32, weighted=True, label_smoothing=0.1, ignore_index=3)
+    case.kwargs.update(z_loss=1e-3, sample_weight=np.linspace(0, 2, 600))
+    logits, target = chunked(case, ((100,) * 6, (64, 1, 100, 35, 100)))
+    returns = dict(return_z_loss=True, return_lse=True)
+    got = fastsce_dask.cross_entropy_with_grad(logits, target, **case.kwargs, **returns)
+    with dask.config.set(scheduler="threads", num_workers=8):
+        check_all(case, got, True, **returns)
+
+
 # --- bad input -------------------------------------------------------------------------
 
 
-def test_label_out_of_range_names_the_row_in_the_batch():
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
+def test_label_out_of_range_names_the_row_in_the_batch(chunking):
     case = make_case(N, K, np.float64)
-    case.target[25] = K  # in the third block of "uneven" (rows 25..36)
-    logits, target = chunked(case, CHUNKINGS["uneven"])
+    case.target[25] = K  # in the third block of rows (25..36 or 11..36)
+    logits, target = chunked(case, CHUNKINGS[chunking])
     for loss in (
         fastsce_dask.cross_entropy(logits, target),
         fastsce_dask.cross_entropy(logits, target, reduction="sum"),
@@ -145,6 +286,48 @@ def test_label_out_of_range_names_the_row_in_the_batch():
     ):
         with pytest.raises(IndexError, match=rf"target\[25\] = {K} is not a class index"):
             loss.compute()
+
+
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+def test_bad_sample_weight_names_the_row_in_the_batch(chunking, soft):
+    case = make_case(N, K, np.float64, soft=soft)
+    sample_weight = np.ones(N)
+    sample_weight[30] = -1.0
+    logits, target = chunked(case, CHUNKINGS[chunking])
+    sample_weight = da.from_array(sample_weight, chunks=7)
+    for reduction in REDUCTIONS:
+        for got in (
+            fastsce_dask.cross_entropy(logits, target, reduction=reduction, sample_weight=sample_weight),
+            fastsce_dask.cross_entropy_with_grad(logits, target, reduction=reduction, sample_weight=sample_weight)[1],
+        ):
+            with pytest.raises(ValueError, match=r"sample_weight\[30\] = -1.0"):
+                got.compute()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sample_weight=np.ones(4)), ValueError, r"sample_weight has shape \(4,\)"),
+        (dict(sample_weight=np.ones(3, bool)), TypeError, "sample_weight must be a real numeric array"),
+        (dict(sample_weight=[1.0, 1.0, 1.0]), TypeError, "sample_weight must be a dask.array.Array or a numpy"),
+        (dict(where=np.ones(3)), TypeError, "where must be a boolean array"),
+        (dict(where=da.ones(2, dtype=bool)), ValueError, r"where has shape \(2,\)"),
+        (dict(z_loss=-1.0), ValueError, "z_loss"),
+        (dict(softcap=0.0), ValueError, "softcap"),
+        (dict(logit_scale="2"), TypeError, "logit_scale"),
+        (dict(all_ignored="inf"), ValueError, "all_ignored"),
+        (dict(return_lse=1), TypeError, "return_lse"),
+    ],
+    ids=["sw-shape", "sw-bool", "sw-list", "where-float", "where-shape", "z_loss", "softcap", "scale", "all_ignored",
+         "return_lse"],
+)
+@pytest.mark.parametrize("chunks", [(2, 2), (2, 1)], ids=["rows", "classes"])
+def test_bad_new_options_raise_before_computing(kwargs, error, match, chunks):
+    logits = da.zeros((3, 2), chunks=chunks)
+    for fn in (fastsce_dask.cross_entropy, fastsce_dask.cross_entropy_with_grad):
+        with pytest.raises(error, match=match):
+            fn(logits, np.zeros(3, np.int64), **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -207,6 +390,17 @@ def test_local_cluster(client, dtype, option, reduction):
     assert type(loss) is type(expected_loss)
     assert_close(loss, expected_loss, unit=loss_unit)
     assert_close(grad, expected_grad, unit=grad_unit)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "probs"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_local_cluster_class_chunks(client, soft, reduction):
+    base = make_case(N, K, np.float32, soft=soft, weighted=True, label_smoothing=0.1, reduction=reduction)
+    case = with_options(base, NEW_OPTIONS["everything"], seed_of("cluster", soft, reduction))
+    logits, target = chunked(case, CHUNKINGS["class-chunks-uneven"])
+    returns = dict(return_z_loss=True, return_lse=True)
+    got = fastsce_dask.cross_entropy_with_grad(logits, target, **as_dask_rows(case, 9), **returns)
+    check_all(case, client.compute(list(got), sync=True), True, **returns)
 
 
 def test_local_cluster_survives_a_killed_worker(client):
