@@ -119,6 +119,18 @@ def load_row(src, dst):
     """dst = src as floats: a conversion for half rows, a copy otherwise."""
 
 
+def store_row(src, dst):
+    """dst = src (float32 or float) rounded to dst's half dtype, or copied."""
+
+
+def as_float(x):
+    """One element as a float: a half's bits converted, a float unchanged."""
+
+
+def as_stored(x, a):
+    """One float element as a's element: rounded to half bits, or cast to a's float."""
+
+
 def grad_row(g, i, scratch):
     """Where row i's gradient is formed: g[i] itself, or the float32 scratch for half g."""
 
@@ -161,6 +173,40 @@ def _load_row(src, dst):
     return copy
 
 
+@overload(store_row)
+def _store_row(src, dst):
+    bits = _bits(dst.dtype)
+    if bits == 16:
+        return lambda src, dst: _store_float16(src, dst)
+    if bits == -16:
+        return lambda src, dst: _store_bfloat16(src, dst)
+
+    def copy(src, dst):
+        dst[:] = src
+
+    return copy
+
+
+@overload(as_float)
+def _as_float(x):
+    if isinstance(x, types.Integer):
+        if x.signed:
+            return lambda x: _bfloat16_to_float32(x)
+        return lambda x: _float16_to_float32(x)
+    return lambda x: x
+
+
+@overload(as_stored)
+def _as_stored(x, a):
+    bits = _bits(a.dtype)
+    if bits == 16:
+        return lambda x, a: np.uint16(_float32_to_float16(np.float32(x)))
+    if bits == -16:
+        return lambda x, a: np.int16(_float32_to_bfloat16(np.float32(x)))
+    dtype = a.dtype
+    return lambda x, a: dtype(x)
+
+
 @overload(grad_row)
 def _grad_row(g, i, scratch):
     if _bits(g.dtype):
@@ -170,11 +216,8 @@ def _grad_row(g, i, scratch):
 
 @overload(store_grad_row)
 def _store_grad_row(g, i, scratch):
-    bits = _bits(g.dtype)
-    if bits == 16:
-        return lambda g, i, scratch: _store_float16(scratch, g[i])
-    if bits == -16:
-        return lambda g, i, scratch: _store_bfloat16(scratch, g[i])
+    if _bits(g.dtype):
+        return lambda g, i, scratch: store_row(scratch, g[i])
     return lambda g, i, scratch: None
 
 

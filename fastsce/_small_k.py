@@ -25,7 +25,9 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
+from fastsce._half import as_float, as_stored, load_row, scratch_row, store_row
 from fastsce._jit import jit, parallel
+from fastsce._kernels import _chain, _scale_and_cap
 from fastsce._simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 
 # From this many classes on, a tile's gradient is written row by row (vectorised along
@@ -70,7 +72,7 @@ def _load_tile(zt, T):
         tj = T[j]
         zj = zt[:, j]
         for r in range(tile_rows(T)):
-            tj[r] = zj[r]
+            tj[r] = as_float(zj[r])
 
 
 @jit
@@ -84,13 +86,13 @@ def _store_tile(T, gt):
             tj = T[j]
             gj = gt[:, j]
             for r in range(tile_rows(T)):
-                gj[r] = tj[r]
+                gj[r] = as_stored(tj[r], gt)
     else:
         for r in range(tile_rows(T)):
             gr = gt[r]
             tr = T[:, r]
             for j in range(k):
-                gr[j] = tr[j]
+                gr[j] = as_stored(tr[j], gt)
 
 
 @jit
@@ -195,13 +197,18 @@ def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z):
 
 
 @jit
-def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes):
+def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz):
     """A loaded tile T (K, R), targets yt (R,), row weights vt (R,, or empty): losses,
-    z-terms and lse into the lanes; with ``grad`` T becomes the gradient, except the
-    target entries (lanes[6]) and the rows not counted (lanes[0] == 0), left to the caller."""
+    z-terms and lse into the lanes; with ``grad`` T becomes the gradient (with respect
+    to the logits as given), except the target entries (lanes[6], see _target_entry)
+    and the rows not counted (lanes[0] == 0), left to the caller."""
     k = T.shape[0]
-    eps = params[0]
+    eps, scale_x, cap = params[0], params[4], params[5]
     live, vr, w_y, zy, s_other, w_shift = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
+    if Tz.size:  # z = cap tanh(scale_x x / cap), kept in Tz for the chain rule
+        for j in range(k):
+            _scale_and_cap(T[j], Tz[j], scale_x, cap)
+            T[j, :] = Tz[j]
     _lane_max(T, m)
     if eps > 0:
         _lane_weighted_shift(T, w, m, w_shift)
@@ -221,36 +228,52 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes):
     _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T)
     if grad:
         _lane_grad(T, a, b, w, eps)
+        if Tz.size:
+            for j in range(k):
+                _chain(T[j], Tz[j], scale_x, cap)
 
 
 @jit
-def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes):
+def _target_entry(lanes, r, y, Tz, params):
+    """The gradient's target entry of lane r, times dz/dx with a logit transform."""
+    gy = lanes[6][r]
+    if Tz.size:
+        scale_x, cap = params[4], params[5]
+        q = float(Tz[y, r]) / cap if cap > 0 else 0.0
+        gy *= scale_x * (1 - q * q)
+    return gy
+
+
+@jit
+def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz):
     """Rows zt (R, K): gradient into gt (R, K) (which may be zt itself: zt is read whole
     before gt is written)."""
     _load_tile(zt, T)
-    _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes)
+    _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz)
     if grad:
         _store_tile(T, gt)
-        live, gy = lanes[0], lanes[6]
+        live = lanes[0]
         for r in range(tile_rows(T)):
             if live[r] == 0:
                 gt[r] = 0
             else:
-                gt[r, yt[r]] = gy[r]
+                gt[r, yt[r]] = as_stored(_target_entry(lanes, r, yt[r], Tz, params), gt)
 
 
 @jit
-def _scratch(k, like_z):
-    """Per-thread scratch of a tile: T (K, R), lane values m, a, b in z's dtype, and ten
-    float64 lanes (see _lane_loss)."""
+def _scratch(k, like_z, transform):
+    """Per-thread scratch of a tile: T (K, R), lane values m, a, b in z's dtype, ten
+    float64 lanes (see _lane_loss), and with a logit transform Tz (K, R), the tile as
+    the loss sees it."""
     R = tile_rows(like_z)
     T = np.empty((k, R), like_z.dtype)
+    Tz = np.empty((k if transform else 0, R), like_z.dtype)
     m = np.empty(R, like_z.dtype)
     a = np.empty(R, like_z.dtype)
     b = np.empty(R, like_z.dtype)
     lr = np.empty((10, R), np.float64)
     lanes = (lr[0], lr[1], lr[2], lr[3], lr[4], lr[5], lr[6], lr[7], lr[8], lr[9])
-    return T, m, a, b, lanes
+    return T, m, a, b, lanes, Tz
 
 
 @jit
@@ -292,25 +315,25 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
         d0 = (t % tiles) * R
         rows = min(R, d_size - d0)
         first = a_i * d_size + d0
-        T, m, a, b, lanes = _scratch(k, x3)
+        T, m, a, b, lanes, Tz = _scratch(k, scratch_row(x3, 0), params[4] != 1.0 or params[5] > 0)
         yt = np.full(R, ignore_index, target.dtype)  # lanes past D: ignored
         yt[:rows] = target[first : first + rows]
         vt = np.ones(R if v.size else 0, np.float64)
         if v.size:
             vt[:rows] = v[first : first + rows]
         for j in range(k):
-            T[j, :rows] = x3[a_i, j, d0 : d0 + rows]
+            load_row(x3[a_i, j, d0 : d0 + rows], T[j, :rows])
             T[j, rows:] = 0
-        _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes)
+        _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz)
         if grad:
-            live, gy = lanes[0], lanes[6]
+            live = lanes[0]
             for r in range(rows):
                 if live[r] == 0:
                     T[:, r] = 0
                 else:
-                    T[yt[r], r] = gy[r]
+                    T[yt[r], r] = _target_entry(lanes, r, yt[r], Tz, params)
             for j in range(k):
-                y3[a_i, j, d0 : d0 + rows] = T[j, :rows]
+                store_row(T[j, :rows], y3[a_i, j, d0 : d0 + rows])
         chunk_loss[t], chunk_z[t] = _record_lanes(lanes, rows, first, outs)
 
 
@@ -321,7 +344,7 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     arrays that are not empty)."""
     R = tile_rows(z)
     k = z.shape[1]
-    T, m, a, b, lanes = _scratch(k, z)
+    T, m, a, b, lanes, Tz = _scratch(k, scratch_row(z, 0), params[4] != 1.0 or params[5] > 0)
     no_weights = v[:0]
     total = 0.0
     z_total = 0.0
@@ -338,8 +361,8 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
             vt = np.ones(R if v.size else 0, np.float64)
             if v.size:
                 vt[:rows] = v[i:hi]
-            gt = np.empty((R, k), z.dtype) if grad else zt
-        _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes)
+            gt = np.empty((R if grad else 0, k), g.dtype)
+        _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz)
         if grad and rows < R:
             g[i:hi] = gt[:rows]
         dt, dz = _record_lanes(lanes, rows, i, outs)
@@ -348,8 +371,7 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     return total, z_total
 
 
-# The drivers take the arguments of fastsce._kernels.hard_loss / hard_loss_grad, for
-# float logits without a logit transform (the API sends those to the row-wise kernels).
+# The drivers take the arguments of fastsce._kernels.hard_loss / hard_loss_grad.
 
 
 @parallel

@@ -244,13 +244,13 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
     logits, axis = problem.logits, problem.axis
     if axis == logits.ndim - 1 or not logits.flags.c_contiguous:
         return None
-    if grad is not None and not (grad.flags.c_contiguous and grad.dtype == problem.compute):
+    if grad is not None and not grad.flags.c_contiguous:
         return None
     a, k, d = math.prod(logits.shape[:axis]), logits.shape[axis], math.prod(logits.shape[axis + 1 :])
     if d < CLASS_MAJOR_MIN_D:
         return None
-    x3 = logits.reshape(a, k, d)
-    y3 = np.empty((0, 0, 0), problem.compute) if grad is None else grad.reshape(a, k, d)
+    x3 = bits_view(logits.reshape(a, k, d))
+    y3 = np.empty((0, 0, 0), problem.compute) if grad is None else bits_view(grad.reshape(a, k, d))
     return x3, y3, a * -(-d // _small_k.CLASS_MAJOR_ROWS)
 
 
@@ -275,8 +275,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     c = 0.0 if problem.softcap is None else problem.softcap
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
-    # Rows vectorised across (fastsce._small_k) take float logits without a transform.
-    across = a == 1.0 and c == 0 and problem.logits.dtype == compute and not problem.soft
+    across = not problem.soft  # rows vectorised across (fastsce._small_k): class indices
     small = across and k <= SMALL_K[compute][grad is not None]
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
