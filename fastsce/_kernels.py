@@ -249,13 +249,13 @@ def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
 
 
 @jit
-def _hard_row(zi, y, k, w, w_sum, eps, no_store):
+def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse):
     # no_store: an empty writeable array for _row_stats' unused outputs (passing zi
     # would not compile for read-only logits, which _row_stats could write to)
     m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False)
     zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
     loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
-    return loss, float(m) + math.log(s_other + math.exp(zy))
+    return loss, float(m) + math.log(s_other + math.exp(zy)) if need_lse else 0.0
 
 
 @jit
@@ -266,7 +266,7 @@ def _row_lse(zi, w, no_store):
 
 
 @jit
-def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows):
+def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, need_lse):
     """(loss, lse) of the row, its gradient into gi. zg: the z-loss's gradient is
     zg lse p_j (zg = 2 z_loss scale_z v). long_rows: a row too long to stay in cache
     between passes. Its max and exp-sum then come from one read (_row_stats), and one
@@ -284,7 +284,7 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows):
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
     e_y = math.exp(zy)
     s = s_other + e_y
-    lse = float(m) + math.log(s)
+    lse = float(m) + math.log(s) if need_lse else 0.0
     w_y = float(w[y])
 
     # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K] + zg lse p_j
@@ -384,6 +384,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     eps, zl, _, _, a, c = params
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
+    need_lse = want_lse or zl > 0  # else the rows' lse is not computed (a log per row)
     n, k = z.shape
     transform = a != 1.0 or c > 0 or is_half(z)
     zf = float_rows(z)
@@ -399,9 +400,9 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
                 _transform(z[i], zt, a, c)
             ce = lse = 0.0
             if live and transform:
-                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store)
+                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse)
             elif live:
-                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store)
+                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse)
             elif want_lse:
                 lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
@@ -413,6 +414,7 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
     eps, zl, scale, scale_z, a, c = params
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
+    need_lse = want_lse or zl > 0  # else the rows' lse is not computed (a log per row)
     n, k = z.shape
     transform = a != 1.0 or c > 0 or is_half(z)
     zf = float_rows(z)
@@ -430,11 +432,11 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             ce = lse = 0.0
             gi = grad_row(g, i, gt)
             if live and transform:
-                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, False, long_rows)
+                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, False, long_rows, need_lse)
                 _chain(gi, zt, a, c)
                 store_grad_row(g, i, gt)
             elif live:
-                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows)
+                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows, need_lse)
             else:
                 if want_lse:
                     lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)

@@ -161,21 +161,22 @@ def _lane_grad(T, a, b, w, eps):
 
 
 @jit
-def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z):
+def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z, need_lse):
     """For each lane: its weighted loss, z-term and lse into the lanes (0 for a row not
     counted) and, with ``grad``, the gradient's factors a = v scale ((1 - eps) w_y + eps W
     / K) / s + zg / s and b = v scale eps / K (in z's dtype), and the target's entry
     gy = v scale [-(1 - eps) w_y s_other / s + (eps / K) (W e_y / s - w_y)] + zg e_y / s,
-    zg = 2 z_loss v scale_z lse."""
+    zg = 2 z_loss v scale_z lse. lse only ``need_lse`` (else 0): a log per row saved."""
     prefer_512bit()
     eps, zl, scale, scale_z = params[0], params[1], params[2], params[3]
+    need_log = need_lse or eps > 0
     live, vr, w_y, zy, s_other, w_shift, gy, lt, zt, lse_l = lanes
     for r in range(tile_rows(like_z)):
         e_y = exp_nonpositive(zy[r])
         s = s_other[r] + e_y
         inv_s = 1.0 / s
-        log_s = log_normal(s)
-        lse = float(m[r]) + log_s
+        log_s = log_normal(s) if need_log else 0.0
+        lse = float(m[r]) + log_s if need_lse else 0.0
         # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log s - (z - m)
         loss = times(w_y[r], lse_minus_target(s_other[r], e_y, zy[r]))
         if eps > 0:
@@ -197,7 +198,7 @@ def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z):
 
 
 @jit
-def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz):
+def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz, need_lse):
     """A loaded tile T (K, R), targets yt (R,), row weights vt (R,, or empty): losses,
     z-terms and lse into the lanes; with ``grad`` T becomes the gradient (with respect
     to the logits as given), except the target entries (lanes[6], see _target_entry)
@@ -225,7 +226,7 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, 
             zy[r] = float(T[y, r]) - float(m[r])  # exact for float32 logits
             T[y, r] = -np.inf  # leaves the target out of s_other
     _lane_exp_sum(T, m, s_other, grad)
-    _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T)
+    _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T, need_lse)
     if grad:
         _lane_grad(T, a, b, w, eps)
         if Tz.size:
@@ -245,11 +246,11 @@ def _target_entry(lanes, r, y, Tz, params):
 
 
 @jit
-def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz):
+def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz, need_lse):
     """Rows zt (R, K): gradient into gt (R, K) (which may be zt itself: zt is read whole
     before gt is written)."""
     _load_tile(zt, T)
-    _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz)
+    _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz, need_lse)
     if grad:
         _store_tile(T, gt)
         live = lanes[0]
@@ -310,6 +311,7 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
     R = tile_rows(x3)
     tiles = -(-d_size // R)
     chunk_loss, chunk_z = outs[3], outs[4]
+    need_lse = params[1] > 0 or outs[2].size > 0
     for t in prange(n_a * tiles):
         a_i = t // tiles
         d0 = (t % tiles) * R
@@ -324,7 +326,7 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
         for j in range(k):
             load_row(x3[a_i, j, d0 : d0 + rows], T[j, :rows])
             T[j, rows:] = 0
-        _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz)
+        _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz, need_lse)
         if grad:
             live = lanes[0]
             for r in range(rows):
@@ -345,6 +347,7 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     R = tile_rows(z)
     k = z.shape[1]
     T, m, a, b, lanes, Tz = _scratch(k, scratch_row(z, 0), params[4] != 1.0 or params[5] > 0)
+    need_lse = params[1] > 0 or outs[2].size > 0
     no_weights = v[:0]
     total = 0.0
     z_total = 0.0
@@ -362,7 +365,7 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
             if v.size:
                 vt[:rows] = v[i:hi]
             gt = np.empty((R if grad else 0, k), g.dtype)
-        _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz)
+        _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz, need_lse)
         if grad and rows < R:
             g[i:hi] = gt[:rows]
         dt, dz = _record_lanes(lanes, rows, i, outs)
