@@ -207,9 +207,9 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, 
     eps, scale_x, cap = params[0], params[4], params[5]
     live, vr, w_y, zy, s_other, w_shift = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
     if Tz.size:  # z = cap tanh(scale_x x / cap), kept in Tz for the chain rule
-        for j in range(k):
-            _scale_and_cap(T[j], Tz[j], scale_x, cap)
-            T[j, :] = Tz[j]
+        flat, flat_z = T.reshape(T.size), Tz.reshape(Tz.size)  # one loop, not one per class
+        _scale_and_cap(flat, flat_z, scale_x, cap)
+        flat[:] = flat_z
     _lane_max(T, m)
     if eps > 0:
         _lane_weighted_shift(T, w, m, w_shift)
@@ -230,8 +230,7 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, 
     if grad:
         _lane_grad(T, a, b, w, eps)
         if Tz.size:
-            for j in range(k):
-                _chain(T[j], Tz[j], scale_x, cap)
+            _chain(T.reshape(T.size), Tz.reshape(Tz.size), scale_x, cap)
 
 
 @jit
