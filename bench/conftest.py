@@ -17,6 +17,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if session is None or not session.benchmarks:
         return
     _option_overheads(terminalreporter, session)
+    _training_steps(terminalreporter, session)
     primitives = _primitive_ratios(session.benchmarks)
     if primitives:
         terminalreporter.section("softmax, log_softmax, logsumexp: ratios of the medians of this run")
@@ -70,3 +71,21 @@ def _primitive_ratios(benchmarks) -> str:
             slower = [f"{o / memcpy:6.2f} ({o / t:4.1f}x)" if o else f"{'-':>16}" for o in others]
             lines.append(f"  {function:<32} {t / memcpy:9.2f} {slower[0]:>16} {slower[1]:>16}")
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def _training_steps(terminalreporter, session):
+    """bench/test_torch.py: PyTorch's training-step median over fastsce.torch's."""
+    medians = {}
+    for bench in session.benchmarks:
+        if (bench.group or "").startswith("training step") and not bench.has_error:
+            medians[bench.group, bench.extra_info["impl"]] = bench.stats.median
+    lines = [
+        f"{group}: fastsce.torch {medians[group, 'fastsce.torch'] * 1e3:.2f} ms, torch "
+        f"{medians[group, 'torch'] * 1e3:.2f} ms: {medians[group, 'torch'] / medians[group, 'fastsce.torch']:.2f}x faster"
+        for group in sorted({g for g, _ in medians})
+        if (group, "torch") in medians and (group, "fastsce.torch") in medians
+    ]
+    if lines:
+        terminalreporter.section("fastsce.torch: a training step's loss, forward and backward (this run)")
+        for line in lines:
+            terminalreporter.write_line(line)
