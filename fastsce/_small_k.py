@@ -25,7 +25,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from fastsce._half import as_float, as_stored, load_row, scratch_row, store_row
+from fastsce._half import as_float, as_stored, scratch_row
 from fastsce._jit import jit, parallel
 from fastsce._kernels import _chain, _scale_and_cap
 from fastsce._simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
@@ -37,7 +37,7 @@ ROWS_OUT_K = 16
 # Tiles per prange iteration: the scratch is allocated once per chunk.
 TILES_PER_CHUNK = 32
 CHUNK_ROWS = TILES_PER_CHUNK * 64  # rows per prange step: whole tiles of 64 rows
-CLASS_MAJOR_ROWS = 64  # rows per tile of class_major_loss (its chunk: one tile)
+CLASS_MAJOR_ROWS = 64  # rows per tile of class_major_loss
 
 
 def tile_rows(z):
@@ -301,41 +301,71 @@ def _record_lanes(lanes, rows, first, outs):
 # the tile is loaded (and its gradient stored) without a transpose.
 
 
+@jit
+def _load_runs(xa, d0, rows, T):
+    """T[j, :rows] = xa[j, d0:d0 + rows] (converted from half bits), 0 beyond: K runs of
+    contiguous values, in one function (a call per class costs as much as its copy)."""
+    prefer_512bit()
+    for j in range(T.shape[0]):
+        tj = T[j]
+        xj = xa[j]
+        for r in range(rows):
+            tj[r] = as_float(xj[d0 + r])
+        for r in range(rows, tile_rows(T)):
+            tj[r] = 0
+
+
+@jit
+def _store_runs(T, rows, ya, d0):
+    """ya[j, d0:d0 + rows] = T[j, :rows] (rounded to half bits for a half gradient)."""
+    prefer_512bit()
+    for j in range(T.shape[0]):
+        tj = T[j]
+        yj = ya[j]
+        for r in range(rows):
+            yj[d0 + r] = as_stored(tj[r], ya)
+
+
 @parallel
 def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, grad):
     """Rows r = a D + d of a C-contiguous (A, K, D) x3 with targets target[r]; the
     gradient (with ``grad``) into y3 of x3's shape. outs as in _kernels, chunk_loss /
-    chunk_z with one entry per tile (a, d0)."""
+    chunk_z with one entry per TILES_PER_CHUNK tiles (a, d0), in (a, d0) order."""
     n_a, k, d_size = x3.shape
     R = tile_rows(x3)
     tiles = -(-d_size // R)
     chunk_loss, chunk_z = outs[3], outs[4]
     need_lse = params[1] > 0 or outs[2].size > 0
-    for t in prange(n_a * tiles):
-        a_i = t // tiles
-        d0 = (t % tiles) * R
-        rows = min(R, d_size - d0)
-        first = a_i * d_size + d0
+    for c in prange(chunk_loss.size):
         T, m, a, b, lanes, Tz = _scratch(k, scratch_row(x3, 0), params[4] != 1.0 or params[5] > 0)
-        yt = np.full(R, ignore_index, target.dtype)  # lanes past D: ignored
-        yt[:rows] = target[first : first + rows]
-        vt = np.ones(R if v.size else 0, np.float64)
-        if v.size:
-            vt[:rows] = v[first : first + rows]
-        for j in range(k):
-            load_row(x3[a_i, j, d0 : d0 + rows], T[j, :rows])
-            T[j, rows:] = 0
-        _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz, need_lse)
-        if grad:
-            live = lanes[0]
-            for r in range(rows):
-                if live[r] == 0:
-                    T[:, r] = 0
-                else:
-                    T[yt[r], r] = _target_entry(lanes, r, yt[r], Tz, params)
-            for j in range(k):
-                store_row(T[j, :rows], y3[a_i, j, d0 : d0 + rows])
-        chunk_loss[t], chunk_z[t] = _record_lanes(lanes, rows, first, outs)
+        yt = np.empty(R, target.dtype)
+        vt = np.empty(R if v.size else 0, np.float64)
+        total = 0.0
+        z_total = 0.0
+        for t in range(c * TILES_PER_CHUNK, min(n_a * tiles, (c + 1) * TILES_PER_CHUNK)):
+            a_i = t // tiles
+            d0 = (t % tiles) * R
+            rows = min(R, d_size - d0)
+            first = a_i * d_size + d0
+            yt[:] = ignore_index  # lanes past D: ignored
+            yt[:rows] = target[first : first + rows]
+            if v.size:
+                vt[:] = 1.0
+                vt[:rows] = v[first : first + rows]
+            _load_runs(x3[a_i], d0, rows, T)
+            _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz, need_lse)
+            if grad:
+                live = lanes[0]
+                for r in range(rows):
+                    if live[r] == 0:
+                        T[:, r] = 0
+                    else:
+                        T[yt[r], r] = _target_entry(lanes, r, yt[r], Tz, params)
+                _store_runs(T, rows, y3[a_i], d0)
+            dt, dz = _record_lanes(lanes, rows, first, outs)
+            total += dt
+            z_total += dz
+        chunk_loss[c], chunk_z[c] = total, z_total
 
 
 @jit

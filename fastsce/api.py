@@ -41,12 +41,12 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 
 # Logits with the classes on another axis, e.g. PyTorch's (N, K, d), go to a tile kernel
 # that reads rows 64 at a time in place (fastsce._small_k.class_major_loss) up to this K
-# (beyond, its (K, 64) tile leaves the cache) and from this d = the product of the axes
-# after the classes (fewer would leave most of a tile's lanes empty); otherwise rows are
-# copied a block at a time. Measured (float32 loss+grad, x memcpy): (8, 21, 256, 256)
-# 2.7 vs 10.5 with copies (2.8 with the classes last), (16, 1000, 512) 2.1 vs 8.4,
-# (1024, 1000, 8) 7.6 vs 4.2.
-CLASS_MAJOR_K = 4096
+# (its per-thread tile is K x 64) and from this d = the product of the axes after the
+# classes (fewer would leave most of a tile's lanes empty); otherwise rows are copied a
+# block at a time. Measured, float32 loss+grad over the same rows with the classes last:
+# (N, K, 64) 1.4x at K = 10, 1.1x at 100, 1.9x at 1000, 2.3x at 8000, 4.7x at 32000
+# (block copies: 9x at 8000, 22x at 32000); (8, 21, 256, 256) 1.0x.
+CLASS_MAJOR_K = 1 << 16
 CLASS_MAJOR_MIN_D = 32
 
 _NO_ROW_WEIGHTS = np.empty(0, np.float64)
@@ -238,7 +238,7 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
 
 
 def _class_major(problem: Problem, grad: np.ndarray | None):
-    """(x3, y3, tiles) when the logits (and gradient) are C-contiguous with the classes
+    """(x3, y3, chunks of tiles) when the logits (and gradient) are C-contiguous with the classes
     on an axis other than the last: the memory as (A, K, D), for the tile kernel that
     reads rows x[a, :, d] 64 at a time without a transposed copy. Else None."""
     logits, axis = problem.logits, problem.axis
@@ -251,7 +251,8 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
         return None
     x3 = bits_view(logits.reshape(a, k, d))
     y3 = np.empty((0, 0, 0), problem.compute) if grad is None else bits_view(grad.reshape(a, k, d))
-    return x3, y3, a * -(-d // _small_k.CLASS_MAJOR_ROWS)
+    tiles = a * -(-d // _small_k.CLASS_MAJOR_ROWS)
+    return x3, y3, -(-tiles // _small_k.TILES_PER_CHUNK)
 
 
 def _mean(total: float, d: float, all_ignored: str) -> float:
@@ -289,9 +290,9 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
     with _launch_lock:
         if class_major is not None:  # no block copies: tiles of 64 rows read in place
-            x3, y3, n_tiles = class_major
-            chunk_loss.append(np.empty(n_tiles, np.float64))
-            chunk_z.append(np.empty(n_tiles, np.float64))
+            x3, y3, n_chunks = class_major
+            chunk_loss.append(np.empty(n_chunks, np.float64))
+            chunk_z.append(np.empty(n_chunks, np.float64))
             outs = (row_loss, row_z, lse, chunk_loss[-1], chunk_z[-1])
             args = (problem.ignore_index, w, w_sum, v, params, outs, y3, grad is not None)
             _small_k.class_major_loss(x3, problem.target, *args)
