@@ -6,6 +6,15 @@ from fastsce import _impls, _report
 # (N, K): small K is dominated by per-row overhead, large K by memory bandwidth.
 SHAPES = list(_impls.DEFAULT_SHAPES)
 
+# Reports of one benchmark group's medians over its baseline's: (the extra_info key that
+# names a benchmark's variant, the baseline variant, the section title).
+RATIO_REPORTS = (
+    ("option", "plain", "fastsce options: median time / plain call's median (this run)"),
+    ("step", "fastsce.torch", "a training step's loss, forward and backward: median / fastsce.torch's (this run)"),
+    ("dask_run", "in-memory", "fastsce.dask: median / the in-memory call's (this run)"),
+    ("path", "unsharded", "classes split across shards: median / the unsharded call's (this run)"),
+)
+
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Record CPU, thread counts and versions, for ``python -m fastsce bench --from-json``."""
@@ -16,8 +25,8 @@ def pytest_terminal_summary(terminalreporter, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    _option_overheads(terminalreporter, session)
-    _training_steps(terminalreporter, session)
+    for key, baseline, title in RATIO_REPORTS:
+        _ratio_report(terminalreporter, session, key, baseline, title)
     primitives = _primitive_ratios(session.benchmarks)
     if primitives:
         terminalreporter.section("softmax, log_softmax, logsumexp: ratios of the medians of this run")
@@ -33,22 +42,6 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("fastsce report: ratios of the medians of this run")
     terminalreporter.write(_report.format_text(report))
 
-
-def _option_overheads(terminalreporter, session):
-    """bench/test_options.py: each option's median over the plain call's (same shape, kind)."""
-    medians = {}
-    for bench in session.benchmarks:
-        info = bench.extra_info
-        if "option" in info and not bench.has_error:
-            medians[(info["n"], info["k"], info["kind"]), info["option"]] = bench.stats.median
-    if not medians:
-        return
-    terminalreporter.section("fastsce options: median time / plain call's median (this run)")
-    for group in sorted({g for g, _ in medians}):
-        plain = medians.get((group, "plain"))
-        if plain:
-            ratios = ", ".join(f"{o} {t / plain:.2f}" for (g, o), t in medians.items() if g == group and o != "plain")
-            terminalreporter.write_line(f"{group[0]}x{group[1]} {group[2]} ({plain * 1e3:.2f} ms): {ratios}")
 
 def _primitive_ratios(benchmarks) -> str:
     """bench/test_primitives.py's medians as multiples of memcpy, and SciPy's and
@@ -73,19 +66,18 @@ def _primitive_ratios(benchmarks) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def _training_steps(terminalreporter, session):
-    """bench/test_torch.py: PyTorch's training-step median over fastsce.torch's."""
+def _ratio_report(terminalreporter, session, key, baseline, title):
+    """Per benchmark group, each variant's median over the baseline variant's."""
     medians = {}
     for bench in session.benchmarks:
-        if (bench.group or "").startswith("training step") and not bench.has_error:
-            medians[bench.group, bench.extra_info["impl"]] = bench.stats.median
-    lines = [
-        f"{group}: fastsce.torch {medians[group, 'fastsce.torch'] * 1e3:.2f} ms, torch "
-        f"{medians[group, 'torch'] * 1e3:.2f} ms: {medians[group, 'torch'] / medians[group, 'fastsce.torch']:.2f}x faster"
-        for group in sorted({g for g, _ in medians})
-        if (group, "torch") in medians and (group, "fastsce.torch") in medians
-    ]
-    if lines:
-        terminalreporter.section("fastsce.torch: a training step's loss, forward and backward (this run)")
-        for line in lines:
-            terminalreporter.write_line(line)
+        if key in bench.extra_info and not bench.has_error:
+            medians[bench.group, bench.extra_info[key]] = bench.stats.median
+    variants = {g: [v for h, v in medians if h == g and v != baseline] for g, _ in medians}
+    groups = [g for g, others in variants.items() if others and (g, baseline) in medians]
+    if not groups:
+        return
+    terminalreporter.section(title)
+    for group in groups:
+        base = medians[group, baseline]
+        ratios = ", ".join(f"{v} {t / base:.2f}" for (g, v), t in medians.items() if g == group and v != baseline)
+        terminalreporter.write_line(f"{group} ({baseline} {base * 1e3:.2f} ms): {ratios}")

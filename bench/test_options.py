@@ -64,7 +64,7 @@ def test_option(benchmark, shape, option, kind):
             return fastsce.cross_entropy(logits, target, **kwargs)
 
     run()  # compile outside the timing
-    benchmark.group = f"{n}x{k} float32 {kind}"
+    benchmark.group = f"{n}x{k} {kind} float32"
     benchmark.extra_info.update(n=n, k=k, option=option, kind=kind)
     result = benchmark(run)
 
