@@ -1,7 +1,7 @@
 """Benchmark configuration, and at the end of the run the same report as
 ``python -m fastsce bench`` (ratios of the medians measured in this run)."""
 
-from fastsce import _impls, _report
+from fastsce._tools import impls as _impls, report as _report
 
 # (N, K): small K is dominated by per-row overhead, large K by memory bandwidth.
 SHAPES = list(_impls.DEFAULT_SHAPES)

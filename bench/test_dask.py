@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import fastsce
-from fastsce import _impls
+from fastsce._tools import impls as _impls
 
 dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")

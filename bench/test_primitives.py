@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import fastsce
-from fastsce import _impls, reference
+from fastsce import reference
+from fastsce._tools import impls as _impls
 
 SHAPES = ((8192, 1000), (1024, 32000))
 DTYPE = np.dtype(np.float32)

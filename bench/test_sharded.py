@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastsce
-from fastsce import _impls
+from fastsce._tools import impls as _impls
 
 SHAPE = (1024, 32000)
 SHARDS = 4

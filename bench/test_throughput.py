@@ -3,7 +3,7 @@
     python -m pytest bench/ --benchmark-group-by=group
     python -m pytest bench/ --benchmark-json=bench.json && python -m fastsce bench --from-json bench.json
 
-The implementations are those of ``python -m fastsce bench`` (fastsce._impls). Every
+The implementations are those of ``python -m fastsce bench`` (fastsce._tools.impls). Every
 benchmark checks its output against the reference; the first (compiling) call is made
 before timing starts. ``extra_info`` carries the shape, dtype and implementation, and
 ``checked`` once the output has passed, for ``--from-json``.
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import SHAPES
 
-from fastsce import _impls, _report
+from fastsce._tools import impls as _impls, report as _report
 
 DTYPE = np.dtype(np.float32)
 _expected = {}

@@ -10,7 +10,8 @@ check of bench/test_throughput.py.
 
 import pytest
 
-from fastsce import _impls, reference
+from fastsce import reference
+from fastsce._tools import impls as _impls
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -24,7 +24,7 @@ CHECK_DEFAULTS = {"rows": 8192, "classes": 1000, "check_dtype": "float32", "chec
 
 
 def main(argv=None) -> int:
-    from fastsce import _cli, _report
+    from fastsce._tools import report, score
 
     parser = argparse.ArgumentParser(
         prog="python -m fastsce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -40,28 +40,28 @@ def main(argv=None) -> int:
     bench = commands.add_parser(
         "bench",
         help="benchmark report: fastsce against memcpy, the reference, PyTorch, JAX",
-        description=_report.__doc__,
+        description=report.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _report.add_arguments(bench)
+    report.add_arguments(bench)
     loss = commands.add_parser(
         "loss",
         help="loss (and gradient) of logits and targets in .npy files, in chunks",
-        description=_cli.__doc__,
+        description=score.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _cli.add_arguments(loss)
+    score.add_arguments(loss)
     args = parser.parse_args(argv)
 
     given = [option for option, dest in _CHECK_OPTIONS.items() if getattr(args, dest) is not None]
     if args.command == "bench":
         if given:
             parser.error(f"{', '.join(given)}: options of the check job (no subcommand); bench's go after 'bench'")
-        return _report.run(args, bench)
+        return report.run(args, bench)
     if args.command == "loss":
         if given:
             parser.error(f"{', '.join(given)}: options of the check job (no subcommand); loss's go after 'loss'")
-        return _cli.run(args, loss)
+        return score.run(args, loss)
     for dest, default in CHECK_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 
-from fastsce import _kernels, _small_k
-from fastsce._half import bits_view
+from fastsce._kernels import rows as row_kernels, tiles as tile_kernels
+from fastsce._kernels.half import bits_view
 from fastsce._layout import row_blocks
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
@@ -20,7 +20,7 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 _launch_lock = threading.Lock()
 
 # A gradient row longer than this is computed in two reads of the logits instead of
-# three passes (the third would miss the cache): see _kernels.hard_loss_grad.
+# three passes (the third would miss the cache): see row_kernels.hard_loss_grad.
 LONG_ROW_BYTES = 1 << 20
 
 # Rows per prange chunk of the row-wise kernels: about this many logits, at least one row.
@@ -31,7 +31,7 @@ ROW_CHUNK_LOGITS = 1 << 16
 # so a call never holds a second (N, K) array.
 COPY_BLOCK_LOGITS = 1 << 20
 
-# Up to these K, integer-target rows are vectorised across rows (fastsce._small_k)
+# Up to these K, integer-target rows are vectorised across rows (fastsce._kernels.tiles)
 # rather than along them: the measured break-even (2 threads, N * K ~ 1.6M; e.g.
 # float32 loss+grad at K=128: 2.84x memcpy across rows, 3.34x along; at K=160: 3.46x, 3.23x).
 SMALL_K = {  # compute dtype: (loss only, loss and gradient)
@@ -40,7 +40,7 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 }
 
 # Logits with the classes on another axis, e.g. PyTorch's (N, K, d), go to a tile kernel
-# that reads rows 64 at a time in place (fastsce._small_k.class_major_loss) up to this K
+# that reads rows 64 at a time in place (fastsce._kernels.tiles.class_major_loss) up to this K
 # (its per-thread tile is K x 64) and from this d = the product of the axes after the
 # classes (fewer would leave most of a tile's lanes empty); otherwise rows are copied a
 # block at a time. Measured, float32 loss+grad over the same rows with the classes last:
@@ -209,12 +209,12 @@ def _weights(problem: Problem):
     if problem.weight is None:
         w, w_sum = _ones(k, problem.compute), float(k)
     else:
-        w, w_sum = problem.weight, _kernels.float64_sum(problem.weight)
+        w, w_sum = problem.weight, row_kernels.float64_sum(problem.weight)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     if problem.soft:
-        d = float(m) if problem.row_weight is None else _kernels.float64_sum(v)
+        d = float(m) if problem.row_weight is None else row_kernels.float64_sum(v)
         return w, w_sum, d, d
-    bad_row, d, d_z = _kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
+    bad_row, d, d_z = row_kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
     check_labels(problem, bad_row)
     return w, w_sum, d, d_z
 
@@ -251,8 +251,8 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
         return None
     x3 = bits_view(logits.reshape(a, k, d))
     y3 = np.empty((0, 0, 0), problem.compute) if grad is None else bits_view(grad.reshape(a, k, d))
-    tiles = a * -(-d // _small_k.CLASS_MAJOR_ROWS)
-    return x3, y3, -(-tiles // _small_k.TILES_PER_CHUNK)
+    tiles = a * -(-d // tile_kernels.CLASS_MAJOR_ROWS)
+    return x3, y3, -(-tiles // tile_kernels.TILES_PER_CHUNK)
 
 
 def _mean(total: float, d: float, all_ignored: str) -> float:
@@ -276,12 +276,12 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     c = 0.0 if problem.softcap is None else problem.softcap
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
-    across = not problem.soft  # rows vectorised across (fastsce._small_k): class indices
+    across = not problem.soft  # rows vectorised across (fastsce._kernels.tiles): class indices
     small = across and k <= SMALL_K[compute][grad is not None]
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
     # only, so the total is the same for any thread count, with O(N / chunk) memory.
-    chunk_rows = _small_k.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
+    chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
 
     row_loss = np.empty(m if none else 0, compute)
     row_z = np.empty(m if none and want_z else 0, compute)
@@ -295,7 +295,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
             chunk_z.append(np.empty(n_chunks, np.float64))
             outs = (row_loss, row_z, lse, chunk_loss[-1], chunk_z[-1])
             args = (problem.ignore_index, w, w_sum, v, params, outs, y3, grad is not None)
-            _small_k.class_major_loss(x3, problem.target, *args)
+            tile_kernels.class_major_loss(x3, problem.target, *args)
         for r0, r1, zb, tb, gb, in_place in () if class_major is not None else _blocks(problem, grad):
             zb, gb = bits_view(zb), None if gb is None else bits_view(gb)
             n_chunks = -(-(r1 - r0) // chunk_rows)
@@ -305,15 +305,15 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
             args = (zb, tb, problem.ignore_index, w, w_sum, v[r0:r1], params, chunk_rows, outs)
             if problem.soft:
                 if grad is None:
-                    _kernels.soft_loss(zb, tb, w, v[r0:r1], params, chunk_rows, outs)
+                    row_kernels.soft_loss(zb, tb, w, v[r0:r1], params, chunk_rows, outs)
                 else:
-                    _kernels.soft_loss_grad(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
+                    row_kernels.soft_loss_grad(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
             elif grad is None:
-                (_small_k if small else _kernels).hard_loss(*args)
+                (tile_kernels if small else row_kernels).hard_loss(*args)
             elif small:
-                _small_k.hard_loss_grad(*args, gb, in_place)
+                tile_kernels.hard_loss_grad(*args, gb, in_place)
             else:
-                _kernels.hard_loss_grad(*args, gb, in_place, long_rows)
+                row_kernels.hard_loss_grad(*args, gb, in_place, long_rows)
             zb = tb = gb = args = outs = None  # (as in _blocks)
 
     result = problem.result

@@ -1,6 +1,6 @@
 """softmax, log_softmax and logsumexp over any axis of any array, on the fused kernels.
 
-Validate and normalise in Python, then dispatch to fastsce._softmax_kernels a block of
+Validate and normalise in Python, then dispatch to fastsce._kernels.softmax a block of
 rows at a time (fastsce._layout): class-last C-contiguous float32/float64 input is the
 fast path; another class axis, another layout or float16 / bfloat16 (computed in
 float32) is copied a block of rows at a time.
@@ -12,7 +12,8 @@ import numbers
 
 import numpy as np
 
-from fastsce import _softmax_kernels, api
+from fastsce import api
+from fastsce._kernels import softmax as softmax_kernels
 from fastsce._layout import row_blocks
 from fastsce._validate import FLOAT_DTYPES, HALF_DTYPE_NAMES, same_memory
 
@@ -36,7 +37,7 @@ def softmax(x, axis=-1, *, out=None):
     An array of x's shape and dtype (``out`` when given). A row holding a NaN or +inf,
     or only -inf, is all NaN (as in PyTorch); -inf entries elsewhere give 0.
     """
-    return _rows(_softmax_kernels.softmax, "softmax", x, axis, out)
+    return _rows(softmax_kernels.softmax, "softmax", x, axis, out)
 
 
 def log_softmax(x, axis=-1, *, out=None):
@@ -46,7 +47,7 @@ def log_softmax(x, axis=-1, *, out=None):
     is all NaN (as in PyTorch; SciPy gives -inf next to a +inf); -inf entries elsewhere
     stay -inf.
     """
-    return _rows(_softmax_kernels.log_softmax, "log_softmax", x, axis, out)
+    return _rows(softmax_kernels.log_softmax, "log_softmax", x, axis, out)
 
 
 def logsumexp(x, axis=-1, *, keepdims=False, out=None):
@@ -81,7 +82,7 @@ def logsumexp(x, axis=-1, *, keepdims=False, out=None):
         long_rows, chunk_rows = _row_options(k, compute)
         with api._launch_lock:  # the thread pool takes one launch at a time (see api)
             for r0, r1, z, _, _ in row_blocks(rows, compute, api.COPY_BLOCK_LOGITS):
-                _softmax_kernels.logsumexp(z, lse[r0:r1], chunk_rows, long_rows)
+                softmax_kernels.logsumexp(z, lse[r0:r1], chunk_rows, long_rows)
     result = lse.reshape(shape)
     if out is not None:
         out[...] = result  # rounded to float16 / bfloat16 here, once

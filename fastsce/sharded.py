@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fastsce import _sharded_kernels
-from fastsce._kernels import float64_sum
+from fastsce._kernels import shards as shard_kernels
+from fastsce._kernels.rows import float64_sum
 from fastsce._validate import (
     ALL_IGNORED,
     FLOAT_DTYPES,
@@ -141,12 +141,12 @@ def partial_stats(
     held = labels = None
     with _launch_lock:
         if shard.soft:
-            _sharded_kernels.soft_stats(
+            shard_kernels.soft_stats(
                 shard.x, shard.target, shard.w, shard.eps, scale, cap, transformed, chunk_rows, m, s, a, b, c
             )
         else:
             held = np.empty(n, np.int64)
-            _sharded_kernels.hard_stats(
+            shard_kernels.hard_stats(
                 shard.x, shard.target, shard.offset, shard.ignore_index, shard.w, shard.eps,
                 scale, cap, transformed, chunk_rows, m, s, a, b, c, held,
             )  # fmt: skip
@@ -283,12 +283,12 @@ def finish_grad(
     chunk_rows = max(1, _CHUNK_LOGITS // k)
     with _launch_lock:
         if shard.soft:
-            _sharded_kernels.soft_grad(
+            shard_kernels.soft_grad(
                 shard.x, shard.target, shard.w, stats.m, p, q, r, rows.counted,
                 scale, cap, transformed, chunk_rows, g,
             )  # fmt: skip
         else:
-            _sharded_kernels.hard_grad(
+            shard_kernels.hard_grad(
                 shard.x, shard.target, shard.offset, shard.w, stats.m, p, q, r, rows.counted,
                 scale, cap, transformed, chunk_rows, g,
             )  # fmt: skip

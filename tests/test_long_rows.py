@@ -54,13 +54,13 @@ def test_long_rows_match_reference(long_rows, dtype, k, masked, weighted, eps, i
 def test_long_rows_are_really_taken(long_rows, monkeypatch):
     """The fixture reaches the kernel: the long-row flag is what the API passes."""
     seen = []
-    real = api._kernels.hard_loss_grad
+    real = api.row_kernels.hard_loss_grad
 
     def spy(*args):
         seen.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(api._kernels, "hard_loss_grad", spy)
+    monkeypatch.setattr(api.row_kernels, "hard_loss_grad", spy)
     case = make_case(3, 2000)
     case.loss_grad(IMPLS["fast"])
     assert seen == [True]

@@ -402,7 +402,7 @@ def test_none_turns_transforms_off(option):
 def test_half_conversions_round_like_numpy():
     """Every float16 / bfloat16 bit pattern to float32 exactly, and float32 values
     (random bits, subnormal results, overflow, ties) back to nearest even."""
-    from fastsce import _half
+    from fastsce._kernels import half as _half
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     rng = np.random.default_rng(0)
@@ -476,8 +476,8 @@ def test_classes_on_another_axis_read_in_place(shape, dtype, in_place, monkeypat
     d not a multiple of the 64-row tile) against the reference, with every option it takes."""
     monkeypatch.setattr(api, "CLASS_MAJOR_MIN_D", 1)
     calls = []
-    real = api._small_k.class_major_loss
-    monkeypatch.setattr(api._small_k, "class_major_loss", lambda *a: calls.append(1) or real(*a))
+    real = api.tile_kernels.class_major_loss
+    monkeypatch.setattr(api.tile_kernels, "class_major_loss", lambda *a: calls.append(1) or real(*a))
     rng = np.random.default_rng(seed_of(shape, in_place))
     x = (3 * rng.standard_normal(shape)).astype(dtype)
     y = rng.integers(0, shape[1], (shape[0],) + shape[2:])
@@ -504,7 +504,7 @@ def test_float32_softcap_is_within_a_few_ulp_of_tanh():
     against float64 tanh, over every scale from subnormal to saturated."""
     import numba
 
-    from fastsce import _kernels
+    from fastsce._kernels import rows as _kernels
 
     @numba.njit
     def softcap(x, out, a, c):

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastsce import _impls, _report
+from fastsce._tools import impls as _impls, report as _report
 from fastsce.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""fastsce._small_k (tiles of rows, SIMD lanes across rows) against the NumPy reference.
+"""fastsce._kernels.tiles (tiles of rows, SIMD lanes across rows) against the NumPy reference.
 
 The public API is called with its small-K thresholds raised so that every K here goes
 to these kernels. N runs over sizes that are not multiples of the tile (the last
@@ -13,9 +13,10 @@ import pytest
 
 from _cases import DTYPES, REDUCTIONS, Case, assert_close, make_case, short
 import fastsce
-from fastsce import _small_k, api, reference
-from fastsce._jit import jit
-from fastsce._simd import log_normal
+from fastsce import api, reference
+from fastsce._kernels import tiles as tile_kernels
+from fastsce._kernels.jit import jit
+from fastsce._kernels.simd import log_normal
 
 NS = (0, 1, 15, 17, 1000)
 KS = (1, 2, 3, 10, 16, 17, 31, 64, 100, 128, 200)
@@ -41,8 +42,8 @@ def run_small(case: Case, grad: bool, in_place: bool = False):
 def test_small_k_kernels_are_really_taken(monkeypatch):
     seen = []
     for name in ("hard_loss", "hard_loss_grad"):
-        real = getattr(_small_k, name)
-        monkeypatch.setattr(_small_k, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
+        real = getattr(tile_kernels, name)
+        monkeypatch.setattr(tile_kernels, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
     case = make_case(5, 300)  # beyond the default thresholds
     run_small(case, grad=True)
     run_small(case, grad=False)

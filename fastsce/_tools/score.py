@@ -189,7 +189,7 @@ def _fail(message: str, status: int) -> int:
 
 def _compute(args, logits, target, weight, problem, denominator, written) -> dict:
     import fastsce
-    from fastsce._report import Progress
+    from fastsce._tools.report import Progress
 
     n, k = logits.shape
     dtype = logits.dtype

@@ -7,7 +7,7 @@ that LLVM turns into AVX-512/AVX2 code (checked with ``inspect_asm``: vfmadd*ps,
 vpslld, vmaxps on zmm registers, no calls in the loop).
 
 Numba's on-disk cache of a kernel is keyed on the kernel's own source file: after
-editing this module, delete fastsce/__pycache__/*.nb* or the kernels keep the old code.
+editing this module, delete fastsce/_kernels/__pycache__/*.nb* or the kernels keep the old code.
 """
 
 import math
@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from fastsce._jit import jit
+from fastsce._kernels.jit import jit
 
 # --- bit casts and LLVM intrinsics ---------------------------------------------------
 

@@ -16,8 +16,8 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from fastsce._jit import jit, vector
-from fastsce._simd import _f32_as_i32, _i32_as_f32, prefer_512bit
+from fastsce._kernels.jit import jit, vector
+from fastsce._kernels.simd import _f32_as_i32, _i32_as_f32, prefer_512bit
 
 _F32_2_112 = np.float32(2.0**112)  # float16 exponent bias 15 -> float32 bias 127
 _F32_HALF = np.float32(0.5)  # bits 126 << 23: aligns a float16 subnormal's last bit

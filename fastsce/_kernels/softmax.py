@@ -3,7 +3,7 @@
 Each kernel takes C-contiguous rows ``z`` (M, K) in the compute dtype and spreads fixed
 chunks of ``chunk_rows`` rows over threads with ``prange``; rows are independent, so
 the results do not depend on the thread count. The row loops are the SIMD pieces of
-fastsce._kernels (max, exp-sum, exp-store, scale) and fastsce._simd: each row is read
+fastsce._kernels.rows (max, exp-sum, exp-store, scale) and fastsce._kernels.simd: each row is read
 from memory once, later passes over it hit L1/L2.
 
 ``out`` may be ``z`` itself (``in_place``): every read of a row happens before, or at
@@ -21,9 +21,9 @@ import math
 import numpy as np
 from numba import prange
 
-from fastsce._jit import jit, parallel
-from fastsce._kernels import BLOCK, _rescale_blocks, _row_max, _row_stats, _scale, _store_exp, _sum_exp_block
-from fastsce._simd import like, prefer_512bit
+from fastsce._kernels.jit import jit, parallel
+from fastsce._kernels.rows import BLOCK, _rescale_blocks, _row_max, _row_stats, _scale, _store_exp, _sum_exp_block
+from fastsce._kernels.simd import like, prefer_512bit
 
 # --- loops over one row ----------------------------------------------------------------
 # Plain @jit, not @vector: an element-wise map vectorises without "reassoc", and

@@ -23,9 +23,9 @@ import math
 import numpy as np
 from numba import prange
 
-from fastsce._jit import jit, parallel, vector
-from fastsce._kernels import BLOCK, _row_max, _soft_block, _weighted_shift_block
-from fastsce._simd import exp_nonpositive, exp_shifted, like, prefer_512bit, times
+from fastsce._kernels.jit import jit, parallel, vector
+from fastsce._kernels.rows import BLOCK, _row_max, _soft_block, _weighted_shift_block
+from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, prefer_512bit, times
 
 # --- the logit transform ----------------------------------------------------------------------
 

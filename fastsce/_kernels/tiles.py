@@ -16,7 +16,7 @@ Per row, as in the row-wise kernels: m = max_j z_j (NaN-propagating); the target
 shift z_y - m in float64 (exact for float32 logits); s_other = sum_{j != y} exp(z_j - m)
 with each exp in the logits' dtype and the sum in float64 (the target is left out by
 setting its T entry to -inf once the max is known); e_y = exp(z_y - m) and
-log(s_other + e_y) in float64 (vectorised: fastsce._simd.log_normal); the target's
+log(s_other + e_y) in float64 (vectorised: fastsce._kernels.simd.log_normal); the target's
 gradient -s_other / s without cancellation. Ignored rows (and rows of weight 0) get
 loss 0 and a zero row; z-loss, row weights and lse are per-lane arithmetic too.
 """
@@ -25,10 +25,10 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from fastsce._half import as_float, as_stored, scratch_row
-from fastsce._jit import jit, parallel
-from fastsce._kernels import _chain, _scale_and_cap
-from fastsce._simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.half import as_float, as_stored, scratch_row
+from fastsce._kernels.jit import jit, parallel
+from fastsce._kernels.rows import _chain, _scale_and_cap
+from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 
 # From this many classes on, a tile's gradient is written row by row (vectorised along
 # the row) instead of class by class (a scatter per class).

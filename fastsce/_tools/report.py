@@ -8,7 +8,7 @@ implementations are timed interleaved, round-robin, so that drift on a noisy mac
 all of them alike. Medians are reported. The same report can be rendered from the JSON
 file of the pytest-benchmark suite in bench/ (``--from-json``).
 
-The implementations come from :mod:`fastsce._impls`, shared with bench/.
+The implementations come from :mod:`fastsce._tools.impls`, shared with bench/.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tracemalloc
 
 import numpy as np
 
-from fastsce import _impls
+from fastsce._tools import impls as _impls
 
 FORMAT = "fastsce-bench/1"
 MIN_SAMPLE_S = 0.005  # calls shorter than this are repeated within one timed sample

@@ -8,7 +8,7 @@ Each row is read from memory once: the max pass brings it into cache, later pass
 the same row hit L1/L2. The gradient buffer ``g`` may be ``z`` itself (``in_place``):
 all reads of a row's logits happen before, or at the same index as, its writes.
 
-The loops over a row are SIMD loops (fastsce._simd): a vectorised exp, a lane-wise
+The loops over a row are SIMD loops (fastsce._kernels.simd): a vectorised exp, a lane-wise
 max, and sums kept in the logits' dtype over blocks of at most BLOCK terms, each block
 total then added in float64 (float64-grade sums at float32 vector width).
 
@@ -32,9 +32,9 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from fastsce._half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
-from fastsce._jit import jit, parallel, vector
-from fastsce._simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
+from fastsce._kernels.jit import jit, parallel, vector
+from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
