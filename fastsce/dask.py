@@ -126,79 +126,15 @@ class _Job:
     """Checked, chunk-aligned inputs of one call, and the graph built from them."""
 
     def __init__(self, logits, target, given):
-        logits = _as_dask(logits, "logits", lambda a: ("auto", -1))
-        if logits.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"logits must be float32 or float64; got dtype {logits.dtype}. "
-                "Convert with logits.astype(np.float32)"
-            )
-        if logits.ndim != 2:
-            raise ValueError(f"logits must be 2-D with shape (N, K); got shape {logits.shape}")
+        logits = _checked_logits(logits)
         n, k = logits.shape
-        if any(math.isnan(c) for c in logits.chunks[0] + logits.chunks[1]):
-            raise ValueError("logits have unknown chunk sizes; call logits.compute_chunk_sizes() first")
-        if k == 0:
-            raise ValueError(f"logits must have at least one class; got shape {logits.shape}")
         rows, cols = logits.chunks
-
-        if not isinstance(target, (da.Array, np.ndarray)):
-            raise TypeError(f"target must be a dask.array.Array or a numpy.ndarray; got {type(target).__name__}")
-        soft = target.shape == (n, k)
-        if soft:
-            if target.dtype.kind != "f":
-                raise TypeError(
-                    f"target of shape {target.shape} (same as logits) holds class probabilities "
-                    f"and must be a float array; got dtype {target.dtype}. For class indices "
-                    "pass a 1-D integer array of shape (N,)"
-                )
-        elif target.shape != (n,):
-            raise ValueError(
-                f"target has shape {target.shape} but logits have shape {logits.shape}; "
-                f"target must be class indices of shape ({n},) or probabilities of shape {logits.shape}"
-            )
-        elif target.dtype.kind not in "iu":
-            raise TypeError(
-                f"target of shape {target.shape} holds class indices and must be an integer array; "
-                f"got dtype {target.dtype}. Convert with target.astype(np.int64)"
-            )
-        target_chunks = (rows, cols) if soft else (rows,)
-        target = _as_dask(target, "target", lambda a: target_chunks)
-        if target.chunks != target_chunks:
-            target = target.rechunk(target_chunks)
-
-        row_arrays = {}
-        for name in ("sample_weight", "where"):
-            x = given[name]
-            if x is None:
-                continue
-            if not isinstance(x, (da.Array, np.ndarray)):
-                raise TypeError(f"{name} must be a dask.array.Array or a numpy.ndarray; got {type(x).__name__}")
-            if x.shape != (n,):
-                raise ValueError(f"{name} has shape {x.shape}; it needs one entry per row, shape ({n},)")
-            x = _as_dask(x, name, lambda a: (rows,))
-            row_arrays[name] = x if x.chunks == (rows,) else x.rechunk((rows,))
-
+        target, soft = _checked_target(target, logits)
+        row_arrays = _checked_row_arrays(given, n, rows)
         weight = given["weight"]
         if isinstance(weight, da.Array):
             weight = weight.compute()  # (K,): small
-        options = {
-            key: given[key]
-            for key in (
-                "ignore_index", "reduction", "label_smoothing", "z_loss", "logit_scale", "softcap",
-                "all_ignored", "return_z_loss", "return_lse",
-            )
-        }  # fmt: skip
-        # The options are checked by the reference on an empty batch: the same errors as
-        # the in-memory call, raised now rather than inside a task.
-        empty_rows = {name: np.empty(0, x.dtype) for name, x in row_arrays.items()}
-        with np.errstate(all="ignore"):
-            reference.cross_entropy(
-                np.empty((0, k), logits.dtype),
-                np.empty((0,) + (k,) * soft, target.dtype),
-                weight=weight,
-                **empty_rows,
-                **options,
-            )
+        options = _checked_options(given, logits, target, soft, weight, row_arrays)
 
         self.logits, self.target, self.soft = logits, target, soft
         self.sample_weight, self.where = row_arrays.get("sample_weight"), row_arrays.get("where")
@@ -348,6 +284,97 @@ class _Job:
             dsk = {(name,): (call, (sums.name, 0), None if dens is None else (dens.name, 0))}
             out.append(_array(name, dsk, inputs, (), self.dtype))
         return tuple(out)
+
+
+# --- the checks of one call, in the order _Job makes them ---------------------------------
+
+
+def _checked_logits(logits):
+    """logits as a 2-D float Dask array of known chunk sizes and at least one class."""
+    logits = _as_dask(logits, "logits", lambda a: ("auto", -1))
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"logits must be float32 or float64; got dtype {logits.dtype}. "
+            "Convert with logits.astype(np.float32)"
+        )
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D with shape (N, K); got shape {logits.shape}")
+    if any(math.isnan(c) for c in logits.chunks[0] + logits.chunks[1]):
+        raise ValueError("logits have unknown chunk sizes; call logits.compute_chunk_sizes() first")
+    if logits.shape[1] == 0:
+        raise ValueError(f"logits must have at least one class; got shape {logits.shape}")
+    return logits
+
+
+def _checked_target(target, logits):
+    """(target, soft): class indices (N,) or probabilities (N, K), told apart by shape,
+    chunked like the logits' rows (and classes)."""
+    n, k = logits.shape
+    if not isinstance(target, (da.Array, np.ndarray)):
+        raise TypeError(f"target must be a dask.array.Array or a numpy.ndarray; got {type(target).__name__}")
+    soft = target.shape == (n, k)
+    if soft:
+        if target.dtype.kind != "f":
+            raise TypeError(
+                f"target of shape {target.shape} (same as logits) holds class probabilities "
+                f"and must be a float array; got dtype {target.dtype}. For class indices "
+                "pass a 1-D integer array of shape (N,)"
+            )
+    elif target.shape != (n,):
+        raise ValueError(
+            f"target has shape {target.shape} but logits have shape {logits.shape}; "
+            f"target must be class indices of shape ({n},) or probabilities of shape {logits.shape}"
+        )
+    elif target.dtype.kind not in "iu":
+        raise TypeError(
+            f"target of shape {target.shape} holds class indices and must be an integer array; "
+            f"got dtype {target.dtype}. Convert with target.astype(np.int64)"
+        )
+    rows, cols = logits.chunks
+    target_chunks = (rows, cols) if soft else (rows,)
+    target = _as_dask(target, "target", lambda a: target_chunks)
+    if target.chunks != target_chunks:
+        target = target.rechunk(target_chunks)
+    return target, soft
+
+
+def _checked_row_arrays(given, n, rows):
+    """{name: Dask array chunked like the rows} of the given sample_weight and where."""
+    row_arrays = {}
+    for name in ("sample_weight", "where"):
+        x = given[name]
+        if x is None:
+            continue
+        if not isinstance(x, (da.Array, np.ndarray)):
+            raise TypeError(f"{name} must be a dask.array.Array or a numpy.ndarray; got {type(x).__name__}")
+        if x.shape != (n,):
+            raise ValueError(f"{name} has shape {x.shape}; it needs one entry per row, shape ({n},)")
+        x = _as_dask(x, name, lambda a: (rows,))
+        row_arrays[name] = x if x.chunks == (rows,) else x.rechunk((rows,))
+    return row_arrays
+
+
+def _checked_options(given, logits, target, soft, weight, row_arrays):
+    """The scalar options, checked by the reference on an empty batch: the same errors as
+    the in-memory call, raised now rather than inside a task."""
+    options = {
+        key: given[key]
+        for key in (
+            "ignore_index", "reduction", "label_smoothing", "z_loss", "logit_scale", "softcap",
+            "all_ignored", "return_z_loss", "return_lse",
+        )
+    }  # fmt: skip
+    k = logits.shape[1]
+    empty_rows = {name: np.empty(0, x.dtype) for name, x in row_arrays.items()}
+    with np.errstate(all="ignore"):
+        reference.cross_entropy(
+            np.empty((0, k), logits.dtype),
+            np.empty((0,) + (k,) * soft, target.dtype),
+            weight=weight,
+            **empty_rows,
+            **options,
+        )
+    return options
 
 
 def _starts(chunks):
