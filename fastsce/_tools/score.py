@@ -303,7 +303,8 @@ class _AtomicNpy:
         os.umask(umask)
         os.fchmod(self.fd, 0o666 & ~umask)  # as a file the shell would create, not mkstemp's 0600
 
-    def commit(self) -> None:
+    def prepare(self) -> None:
+        """Everything before the rename: flushed to disk and named (the slow part)."""
         if self.array is not None:
             self.array.flush()
             self.array = None  # unmaps
@@ -312,6 +313,9 @@ class _AtomicNpy:
             # An unnamed file gets a name only now, and is renamed onto the destination at
             # once (linkat cannot replace an existing file).
             self.tmp = _link_unnamed(self.fd, self.path)
+
+    def commit(self) -> None:
+        """Put in place (after prepare)."""
         os.replace(self.tmp, self.path)
         self.tmp = None
         os.close(self.fd)
@@ -404,7 +408,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return _fail(f"error: {e}", 2)
 
     written = []
-    with _Sigterm():
+    with _Signals() as signals:
         try:
             with _CompileNotice() as compiling:
                 try:
@@ -415,6 +419,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     return _fail(f"error: {e}", 2)
                 summary = _compute(args, problem, (d, d_z), outputs, written, compiling)
                 t_commit = time.perf_counter()
+                for out in written:
+                    out.prepare()
+                signals.held = True  # every output renamed into place, or none
                 for out in written:
                     out.commit()
                 summary["seconds"] += time.perf_counter() - t_commit  # the flush is part of the work
@@ -439,24 +446,29 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-class _Sigterm:
-    """SIGTERM raises _Terminated in the main thread (once), like Ctrl-C's KeyboardInterrupt."""
+class _Signals:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM _Terminated in the main thread, once
+    (a second signal does not interrupt the clean-up of the first), and neither while
+    ``held`` (the outputs being renamed into place: all of them or none)."""
+
+    SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: _Terminated}
 
     def __enter__(self):
-        self.previous = None
+        self.previous = {}
+        self.raised = self.held = False
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
-        self.raised = False
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if not self.raised:  # a second SIGTERM does not interrupt the clean-up of the first
+        if not self.raised and not self.held:
             self.raised = True
-            raise _Terminated()
+            raise self.SIGNALS[signum]()
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
         return False
 
 
