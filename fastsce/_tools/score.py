@@ -402,9 +402,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         row_weights = tuple(None if p is None else _load(p, what) for p, what in
                             ((args.sample_weight, "sample_weight"), (args.where, "where")))  # fmt: skip
         problem = _check(logits, target, weight, row_weights, args)
-    except InputError as e:
-        return _fail(f"error: {e}", 2)
-    except (TypeError, ValueError, IndexError) as e:
+    except (InputError, TypeError, ValueError, IndexError) as e:  # the API's checks too
         return _fail(f"error: {e}", 2)
 
     written = []
