@@ -269,6 +269,7 @@ OPTION_CASES = {
     "3-D axis=-1, soft": dict(shape=(20, 50, K), soft=True),
     "axis=0": dict(shape=(K, N), axis=0, weight=True),
     "1-D": dict(shape=(K,)),
+    "Fortran-ordered file": dict(fortran=True, weight=True),
 }
 
 
@@ -305,6 +306,8 @@ def _option_files(tmp_path, case):
     if case.get("where"):
         arrays["where"] = rng.random(lead) > 0.3
     paths = {}
+    if case.get("fortran"):
+        arrays["logits"] = logits = np.asfortranarray(logits)
     for name, arr in arrays.items():
         paths[name] = str(tmp_path / f"{name}.npy")
         np.save(paths[name], arr)  # bfloat16: as ml_dtypes saves it, 2-byte void data

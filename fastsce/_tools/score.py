@@ -304,18 +304,18 @@ class _AtomicNpy:
         os.fchmod(self.fd, 0o666 & ~umask)  # as a file the shell would create, not mkstemp's 0600
 
     def prepare(self) -> None:
-        """Everything before the rename: flushed to disk and named (the slow part)."""
+        """Flush to disk: the slow part of putting the file in place."""
         if self.array is not None:
             self.array.flush()
             self.array = None  # unmaps
         os.fsync(self.fd)
+
+    def commit(self) -> None:
+        """Put in place (after prepare)."""
         if self.tmp is None:
             # An unnamed file gets a name only now, and is renamed onto the destination at
             # once (linkat cannot replace an existing file).
             self.tmp = _link_unnamed(self.fd, self.path)
-
-    def commit(self) -> None:
-        """Put in place (after prepare)."""
         os.replace(self.tmp, self.path)
         self.tmp = None
         os.close(self.fd)
