@@ -278,7 +278,7 @@ def _option_files(tmp_path, case):
     shape = case.get("shape", (N, K))
     axis = case.get("axis", -1)
     k = shape[axis]
-    lead = shape[:axis % len(shape)] + shape[axis % len(shape) + 1:]
+    lead = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     rng = np.random.default_rng(1)
     logits = (3 * rng.standard_normal(shape)).astype(np.float32)
     if dtype == "bfloat16":

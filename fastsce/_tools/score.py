@@ -74,18 +74,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="integer class indices shaped like the logits without the class axis, "
         "or float class probabilities shaped like the logits",
     )
-    parser.add_argument("--axis", type=int, default=-1, help="the class axis (default -1; 1 for PyTorch's (N, K, d1, ...))")
+    parser.add_argument(
+        "--axis", type=int, default=-1, help="the class axis (default -1; 1 for PyTorch's (N, K, d1, ...))"
+    )
     parser.add_argument("--weight", metavar="W.npy", help="(K,) per-class weights")
     parser.add_argument("--reduction", choices=["mean", "sum", "none"], default="mean", help="default mean")
     parser.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS", help="in [0, 1] (default 0)")
     parser.add_argument("--ignore-index", type=int, default=-100, metavar="I", help="label to ignore (default -100)")
-    parser.add_argument("--z-loss", type=float, default=0.0, metavar="S", help="adds S * logsumexp^2 per row (default 0)")
+    parser.add_argument(
+        "--z-loss", type=float, default=0.0, metavar="S", help="adds S * logsumexp^2 per row (default 0)"
+    )
     parser.add_argument("--logit-scale", type=float, metavar="A", help="the loss sees A * logits")
     parser.add_argument("--softcap", type=float, metavar="C", help="the loss sees C * tanh(logits / C), C > 0")
     parser.add_argument(
         "--sample-weight", metavar="SW.npy", help="per-row weights, shaped like the logits without the class axis"
     )
-    parser.add_argument("--where", metavar="MASK.npy", help="bool per row, shaped like --sample-weight: rows to include")
+    parser.add_argument(
+        "--where", metavar="MASK.npy", help="bool per row, shaped like --sample-weight: rows to include"
+    )
     parser.add_argument(
         "--all-ignored", choices=["nan", "zero"], default="nan", help='the "mean" of no counted row (default nan)'
     )
@@ -253,8 +259,7 @@ def _reserve(fd: int, nbytes: int, path: str, option: str) -> None:
             directory = os.path.dirname(path)
             free = shutil.disk_usage(directory).free
             raise OutputError(
-                f"{option} {path}: {e.strerror}: needs {nbytes / 1e9:.3g} GB, "
-                f"{free / 1e9:.3g} GB free in {directory}"
+                f"{option} {path}: {e.strerror}: needs {nbytes / 1e9:.3g} GB, {free / 1e9:.3g} GB free in {directory}"
             ) from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
