@@ -259,11 +259,18 @@ def _reserve(fd: int, nbytes: int, path: str, option: str) -> None:
             directory = os.path.dirname(path)
             free = shutil.disk_usage(directory).free
             raise OutputError(
-                f"{option} {path}: {e.strerror}: needs {nbytes / 1e9:.3g} GB, {free / 1e9:.3g} GB free in {directory}"
+                f"{option} {path}: {e.strerror}: needs {_size(nbytes)}, {_size(free)} free in {directory}"
             ) from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
     os.ftruncate(fd, nbytes)  # the filesystem cannot reserve: a sparse file, as before
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} bytes"
 
 
 class _AtomicNpy:
