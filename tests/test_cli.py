@@ -270,6 +270,9 @@ OPTION_CASES = {
     "axis=0": dict(shape=(K, N), axis=0, weight=True),
     "1-D": dict(shape=(K,)),
     "Fortran-ordered file": dict(fortran=True, weight=True),
+    # files written on a big-endian machine: every array in the other byte order
+    "big-endian": dict(big_endian=True, weight=True, sample_weight=True),
+    "big-endian float16, soft": dict(big_endian=True, dtype="float16", soft=True),
 }
 
 
@@ -310,6 +313,8 @@ def _option_files(tmp_path, case):
         arrays["logits"] = logits = np.asfortranarray(logits)
     for name, arr in arrays.items():
         paths[name] = str(tmp_path / f"{name}.npy")
+        if case.get("big_endian"):
+            arr = arr.astype(arr.dtype.newbyteorder(">"))
         np.save(paths[name], arr)  # bfloat16: as ml_dtypes saves it, 2-byte void data
     return arrays, paths
 

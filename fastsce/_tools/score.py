@@ -376,6 +376,17 @@ def _native_labels(target: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return target
 
 
+def _native(a):
+    """A small array (O(N) or O(K)) in the native byte order."""
+    return a if a is None or a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def _native_view(a):
+    """An (N, K) array's bytes seen in the native byte order: for the checks, which look
+    at the shape and dtype only (the values are read a chunk at a time, converted)."""
+    return a if a.dtype.isnative else a.view(a.dtype.newbyteorder("="))
+
+
 def _check(logits, target, weight, row_weights, args):
     """The API's checks on the whole problem (O(N + K): the logits only by shape and
     dtype); the Problem, with target as the kernels take it."""
@@ -413,6 +424,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         weight = None if args.weight is None else _load(args.weight, "weight")
         row_weights = tuple(None if p is None else _load(p, what) for p, what in
                             ((args.sample_weight, "sample_weight"), (args.where, "where")))  # fmt: skip
+        # Files in the other byte order (written on a big-endian machine): the (N, K)
+        # arrays converted a chunk at a time, the per-row and per-class ones whole.
+        sources = {"logits": logits, "target": target}
+        weight, *row_weights = (_native(a) for a in (weight, *row_weights))
+        if target.shape != logits.shape:
+            sources["target"] = target = _native(target)
+        logits, target = (_native_view(a) for a in (logits, target))
         problem = _check(logits, target, weight, row_weights, args)
     except (InputError, TypeError, ValueError, IndexError) as e:  # the API's checks too
         return _fail(f"error: {e}", 2)
@@ -427,7 +445,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                     _, _, d, d_z = api._weights(problem)
                 except (TypeError, ValueError, IndexError) as e:
                     return _fail(f"error: {e}", 2)
-                summary = _compute(args, problem, (d, d_z), outputs, written, compiling)
+                summary = _compute(args, problem, sources, (d, d_z), outputs, written, compiling)
                 t_commit = time.perf_counter()
                 for out in written:
                     out.prepare()
@@ -446,7 +464,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return _fail(f"error: {e}; no output written", 1)
         except Exception as e:  # noqa: BLE001 - any failure: remove partial output, one line
             _discard(written)
-            return _fail(f"error: {type(e).__name__}: {e}; no output written", 1)
+            first_line = (str(e).splitlines() or [""])[0]  # e.g. a compiler's many-line report
+            return _fail(f"error: {type(e).__name__}: {first_line}; no output written", 1)
 
     _timing(summary)
     if args.json:
@@ -548,16 +567,20 @@ def _slicer(ndim: int, axis: int):
     def take(a, start, stop):
         index = [slice(None)] * ndim
         index[axis] = slice(start, stop)
-        return np.asarray(a[tuple(index)])
+        chunk = np.asarray(a[tuple(index)])
+        return chunk if chunk.dtype.isnative else chunk.astype(chunk.dtype.newbyteorder("="))
 
     return take
 
 
-def _compute(args, problem, denominators, outputs, written, compiling) -> dict:
+def _compute(args, problem, sources, denominators, outputs, written, compiling) -> dict:
+    """The chunked run: the summary (without rates); outputs created and appended to
+    ``written`` (the caller commits or discards them). ``sources``: the logits and target
+    as read, chunks of which are converted to the native byte order."""
     import fastsce
     from fastsce._tools.report import Progress
 
-    logits = problem.logits
+    logits = sources["logits"]
     m, k = problem.shape
     dtype = problem.result  # the logits' dtype
     half = problem.compute != dtype  # float16 / bfloat16: chunks computed in float32, rounded once
@@ -573,15 +596,15 @@ def _compute(args, problem, denominators, outputs, written, compiling) -> dict:
     c = 1 if axis == 0 else 0
     take_z = _slicer(logits.ndim, c)
     take_r = _slicer(len(lead_view), 0)
-    target = problem.target.reshape(lead_view) if not soft else problem.target
-    if soft:  # problem.target has the classes moved last: back to the logits' layout
-        target = np.moveaxis(target, -1, problem.axis).reshape(logits.shape)
+    # class indices as validated (int64); probabilities as read, in the logits' layout
+    target = sources["target"].reshape(logits.shape) if soft else problem.target.reshape(lead_view)
     take_t = take_z if soft else take_r
     v = None if problem.row_weight is None else problem.row_weight.reshape(lead_view)
 
     length = logits.shape[c]
     per_index = math.prod(logits.shape) // length if length else 0  # logits per entry of the chunked axis
     chunk = args.chunk_rows or max(1, CHUNK_BYTES // max(1, per_index * dtype.itemsize))
+    chunk = min(chunk, max(1, length))
     n_chunks = -(-length // chunk)
     reduction = problem.reduction
     per_row = reduction == "none" or "--per-row-out" in outputs
