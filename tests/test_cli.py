@@ -519,6 +519,22 @@ def test_output_into_a_missing_directory(files, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     _bad(capsys, [paths["logits"], paths["target"], "--grad-out", str(tmp_path / "file" / "g.npy")], "not a directory")
     _bad(capsys, [paths["logits"], paths["target"], "--grad-out", str(tmp_path)], "is a directory")
+    # renamed onto, /dev/null would become a regular file
+    _bad(capsys, [paths["logits"], paths["target"], "--grad-out", "/dev/null"], "not a regular file")
+    assert Path("/dev/null").is_char_device()
+
+
+def test_no_rows(tmp_path, capsys):
+    np.save(tmp_path / "x.npy", np.zeros((0, K), np.float32))
+    np.save(tmp_path / "y.npy", np.zeros(0, np.int64))
+    argv = [str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "--json"]
+    status, out, err = _run([*argv, "--grad-out", str(tmp_path / "g.npy"), "--per-row-out", str(tmp_path / "l.npy")],
+                            capsys)  # fmt: skip
+    assert status == 0, err
+    assert np.isnan(json.loads(out)["loss"]) and json.loads(out)["chunks"] == 0  # the mean of nothing, as the API
+    assert np.load(tmp_path / "g.npy").shape == (0, K) and np.load(tmp_path / "l.npy").shape == (0,)
+    status, out, err = _run([*argv, "--all-ignored", "zero"], capsys)
+    assert status == 0 and json.loads(out)["loss"] == 0.0
 
 
 def test_outputs_compared_by_file_not_name(files, tmp_path, capsys):

@@ -218,6 +218,9 @@ def _output_path(path: str, option: str) -> str:
     real = os.path.realpath(path)
     if os.path.isdir(real):
         raise InputError(f"{option} {path}: is a directory; give a file name")
+    if os.path.exists(real) and not stat.S_ISREG(os.stat(real).st_mode):
+        # renamed onto, a device such as /dev/null would be replaced by a regular file
+        raise InputError(f"{option} {path}: is not a regular file (a device, pipe or socket); give a file name")
     if not os.path.isdir(os.path.dirname(real)):  # a symlink into a missing directory
         raise InputError(f"{option} {path}: links to {real}, whose directory does not exist")
     if not os.access(os.path.dirname(real), os.W_OK | os.X_OK):
