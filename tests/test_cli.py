@@ -680,7 +680,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL", "SIGINT", "SIGHUP"])
 def test_signals_leave_nothing_behind(files, tmp_path, signum):
     import os
     import signal
@@ -714,7 +714,7 @@ def test_signals_leave_nothing_behind(files, tmp_path, signum):
         process.stderr.close()
     # written through unnamed files (O_TMPFILE): nothing to see while running, nothing left after
     assert hidden == ["g.npy"] or not unnamed
-    assert status == {"SIGTERM": 143, "SIGKILL": -9, "SIGINT": 130}[signum]
+    assert status == {"SIGTERM": 143, "SIGKILL": -9, "SIGINT": 130, "SIGHUP": 129}[signum]
     if signum != "SIGKILL":
         assert rest.strip().splitlines()[-1] in ("terminated: no output written", "interrupted: no output written")
     assert grad_path.read_bytes() == b"previous gradient"

@@ -19,7 +19,8 @@ The first run of a dtype and set of options compiles its kernels (seconds to a m
 said on stderr, and cached on disk for later runs); the speed reported leaves it out.
 
 Exit status: 0 on success, 2 for bad arguments or input files, 1 for other errors
-(e.g. a full disk), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM)."""
+(e.g. a full disk), 130 when interrupted (Ctrl-C), 143 when terminated (SIGTERM),
+129 on SIGHUP."""
 
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ class OutputError(Exception):
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that outputs are cleaned up as for Ctrl-C."""
+    """SIGTERM (or SIGHUP), raised in the main thread so that outputs are cleaned up as
+    for Ctrl-C; the exit status is 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.status = 128 + signum
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -459,9 +465,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except KeyboardInterrupt:
             _discard(written)
             return _fail("interrupted: no output written", 130)
-        except _Terminated:
+        except _Terminated as e:
             _discard(written)
-            return _fail("terminated: no output written", 143)
+            return _fail("terminated: no output written", e.status)
         except OutputError as e:
             _discard(written)
             return _fail(f"error: {e}; no output written", 1)
@@ -479,24 +485,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 class _Signals:
-    """Ctrl-C raises KeyboardInterrupt and SIGTERM _Terminated in the main thread, once
-    (a second signal does not interrupt the clean-up of the first), and neither while
-    ``held`` (the outputs being renamed into place: all of them or none)."""
+    """Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGHUP (a closed terminal)
+    _Terminated, in the main thread, once (a second signal does not interrupt the
+    clean-up of the first), and none while ``held`` (the outputs being renamed into
+    place: all of them or none)."""
 
-    SIGNALS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: _Terminated}
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
     def __enter__(self):
         self.previous = {}
         self.raised = self.held = False
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) != signal.SIG_IGN:  # e.g. SIGHUP under nohup stays ignored
+                    self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if not self.raised and not self.held:
             self.raised = True
-            raise self.SIGNALS[signum]()
+            raise KeyboardInterrupt() if signum == signal.SIGINT else _Terminated(signum)
 
     def __exit__(self, *exc):
         for signum, previous in self.previous.items():
