@@ -23,12 +23,19 @@ _CHECK_OPTIONS["--seed"] = "seed"
 CHECK_DEFAULTS = {"rows": 8192, "classes": 1000, "check_dtype": "float32", "check_repeat": 10, "seed": 0}
 
 
+def _plain(doc: str) -> str:
+    """A docstring as --help shows it: without reStructuredText's ``literal`` quotes."""
+    return doc.replace("``", "")
+
+
 def main(argv=None) -> int:
+    from fastsce import __version__
     from fastsce._tools import report, score
 
     parser = argparse.ArgumentParser(
-        prog="python -m fastsce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fastsce", description=_plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"fastsce {__version__}")
     parser.add_argument("--rows", "-n", type=int, metavar="N", help="batch size N (default 8192)")
     parser.add_argument("--classes", "-k", type=int, metavar="K", help="number of classes K (default 1000)")
     parser.add_argument("--dtype", dest="check_dtype", choices=["float32", "float64"], help="default float32")
@@ -40,14 +47,14 @@ def main(argv=None) -> int:
     bench = commands.add_parser(
         "bench",
         help="benchmark report: fastsce against memcpy, the reference, PyTorch, JAX",
-        description=report.__doc__,
+        description=_plain(report.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     report.add_arguments(bench)
     loss = commands.add_parser(
         "loss",
         help="loss (and gradient) of logits and targets in .npy files, in chunks",
-        description=score.__doc__,
+        description=_plain(score.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_arguments(loss)
