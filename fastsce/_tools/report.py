@@ -558,6 +558,7 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
         raise ValueError("not a pytest-benchmark JSON file (no 'benchmarks')")
     entries = {}
     first_call = {}
+    peer_threads = {}
     process_first_call = {}
     names = []
     problems = []
@@ -590,6 +591,8 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
             problems.append(f"{n}x{k} {dtype}: {name}: {entry['results'][name]['error']}")
         if "first_call_s" in info:
             first_call.setdefault(name, info["first_call_s"])
+        if "threads" in info:
+            peer_threads[_label({}, name)] = str(info["threads"])
         if "extra_memory" in info:
             entry["fastsce_extra_memory"] = dict(info["extra_memory"])
     if not entries:
@@ -601,6 +604,8 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
     if not env:
         env = {"cpu": (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or "unknown CPU"}
         env["python"] = machine.get("python_version", "?")
+    if peer_threads:
+        env["peer_threads"] = peer_threads
     report = {
         "format": FORMAT,
         "source": " ".join(
@@ -868,9 +873,10 @@ def format_markdown(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_plot(report, path) -> None:
+def write_plot(report, path):
     """Time over memcpy's against K, log-log, one line per implementation; the legend
-    beside the axes, and the reliability warning of a loaded machine under them."""
+    beside the axes, and the reliability warning of a loaded machine under them. Returns
+    the matplotlib Figure."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
 
     fig = Figure(figsize=(10, 5.5), layout="constrained")
@@ -904,3 +910,4 @@ def write_plot(report, path) -> None:
     if warning:
         fig.supxlabel(warning, color="firebrick", fontsize=8, wrap=True)
     fig.savefig(path, dpi=120)
+    return fig
