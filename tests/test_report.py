@@ -310,6 +310,17 @@ def test_peer_agrees_with_the_reference(name):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_torch_compile_without_a_compiler_is_skipped_with_the_reason(monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # no compiled kernel from an earlier run
+    logits, labels = _impls.make_batch(5, 3)
+    with pytest.raises(_impls.Skip, match="torch.compile failed .*needs a working C\\+\\+ compiler"):
+        _impls.IMPLEMENTATIONS["torch-compile"].build(logits, labels)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
 def test_torch_threads_are_pinned_and_restored():
     import torch
 
@@ -432,11 +443,14 @@ def test_plot_names_the_lines_keeps_the_legend_off_the_data_and_shows_the_warnin
     assert any("unreliable" in t and "60%" in t for t in texts)
 
 
-def test_help_is_plain_text(capsys):
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["--help"]])
+def test_help_is_plain_text(argv, capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+        main(argv)
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--sweep-k" in text and "torch-compile (torch.compile)" in text
+    assert "--sweep-k" in text if argv[0] == "bench" else "bench" in text
+    if argv[0] == "bench":
+        assert "torch-compile (torch.compile)" in text
     for markup in ("``", ":func:", ":meth:", ":class:"):
         assert markup not in text
 
