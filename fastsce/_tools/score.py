@@ -310,7 +310,9 @@ def _text(s: dict) -> str:
         f"{s['target']}, {s['chunks']} chunk(s) of {s['chunk_rows']:,} rows",
     ]
     if s["rows_per_s"] is not None:
-        lines.append(f"{s['seconds']:.3f} s: {s['rows_per_s']:,.0f} rows/s, {s['logits_gb_per_s']:.2f} GB/s of logits")
+        lines.append(
+            f"{s['seconds']:.3f} s: {s['rows_per_s']:,.0f} rows/s, {s['logits_gb_per_s']:.2f} GB/s of logits"
+        )
     for key, label in (("grad_out", "gradient"), ("per_row_out", "per-row losses")):
         if s[key]:
             lines.append(f"{label} written to {s[key]}")
