@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -243,19 +242,12 @@ def _available_cpus():
 
 
 def _jax_threads(threads):
-    # XLA's CPU client sizes its thread pool once, from the CPUs available, when JAX first
-    # starts; there is no call to change it. One thread can be asked for through XLA_FLAGS
-    # before that; any other count differing from the CPUs available cannot be pinned.
+    # XLA's CPU client sizes its thread pool from the CPUs available when JAX starts, and has
+    # no setting for it: XLA_FLAGS' intra_op_parallelism_threads=1 still ran on two threads
+    # of this 2-CPU machine (per-thread CPU time, jaxlib 0.10).
     cpus = _available_cpus()
-    if threads == cpus:
-        return f"{cpus} (XLA's default: one per available CPU)", None
-    started = "jax" in sys.modules
-    if threads == 1 and not started:
-        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
-        return "1 (XLA_FLAGS: --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1)", None
-    why = "JAX had already started" if started else "XLA has no setting for it"
-    return f"{cpus} (XLA's default, one per available CPU: not pinned to {threads}, {why})", None
+    text = f"{cpus} (XLA's default, one per available CPU; no setting"
+    return text + (")" if threads == cpus else f": not pinned to {threads})"), None
 
 
 def _import_tensorflow():
@@ -311,7 +303,7 @@ IMPLEMENTATIONS = {
             "fastsce.cross_entropy_with_grad(logits, labels, out=preallocated)",
             _fastsce,
             "loss+grad",
-            warmup="compiling (Numba; cached on disk for the next run)",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
         ),
         Implementation(
             "fastsce-fresh",
@@ -319,7 +311,7 @@ IMPLEMENTATIONS = {
             "fastsce.cross_entropy_with_grad(logits, labels): a new gradient array every call (no out=)",
             _fastsce_fresh,
             "loss+grad",
-            warmup="compiling (Numba; cached on disk for the next run)",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
             sweep=False,
         ),
         Implementation(
@@ -328,7 +320,7 @@ IMPLEMENTATIONS = {
             "fastsce.cross_entropy: loss only, no gradient",
             _fastsce_loss,
             "loss",
-            warmup="compiling (Numba; cached on disk for the next run)",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
         ),
         Implementation(
             "reference",
