@@ -277,6 +277,7 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
         for name in names:
             impl = _impls.IMPLEMENTATIONS[name]
             if impl.pin_threads is not None:
+                progress.update(f"{impl.label}: setting its threads (imports the library)...", milestone=True)
                 peer_threads[impl.label], undo = impl.pin_threads(count)
                 if undo is not None:
                     restore.append(undo)
