@@ -894,7 +894,7 @@ def write_plot(report, path):
     ax.set_xscale("log")
     ax.set_yscale("log")
     if report.get("sweep_k"):
-        ax.set_xticks([e["k"] for e in entries], [str(e["k"]) for e in entries], fontsize=8)
+        ax.set_xticks([e["k"] for e in entries], [str(e["k"]) for e in entries], fontsize=8, rotation=60)
         logits = entries[0]["n"] * entries[0]["k"]
         ax.set_xlabel(f"K (classes), N = {logits:,} // K rows")
     else:
