@@ -133,7 +133,7 @@ def _bench_json(checked):
         "benchmarks": [
             bench("memcpy", 1e-6, checked=True),
             bench("fastsce", 4e-6, checked=True, extra_memory={"bytes": 800, "nrt_allocations": 0}),
-            bench("reference", 2e-5, checked=checked),
+            bench("reference", 2e-5, checked=checked, threads="2 (some setting)"),
             {"group": "other", "name": "test_first_call_latency[cold]", "extra_info": {}, "stats": {"median": 1}},
         ],
         "datetime": "2026-01-01T00:00:00",
@@ -250,6 +250,7 @@ def test_text_report_lists_every_row():
     text = _report.format_text(report)
     assert text.count("\n100 x 7") == 1  # the shape names its group once
     assert "fastsce speedup" in text and "800 B" in text
+    assert "peers' threads: NumPy reference 2 (some setting)" in text  # what bench/ recorded
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
