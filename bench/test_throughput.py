@@ -1,12 +1,14 @@
-"""Loss + gradient throughput against the NumPy reference, memcpy, PyTorch and JAX.
+"""Loss + gradient throughput against memcpy, the NumPy reference and the peers installed
+(PyTorch eager, torch.compile, optax under jax.jit, TensorFlow's fused op).
 
     python -m pytest bench/ --benchmark-group-by=group
     python -m pytest bench/ --benchmark-json=bench.json && python -m fastsce bench --from-json bench.json
 
 The implementations are those of ``python -m fastsce bench`` (fastsce._tools.impls). Every
 benchmark checks its output against the reference; the first (compiling) call is made
-before timing starts. ``extra_info`` carries the shape, dtype and implementation, and
-``checked`` once the output has passed, for ``--from-json``.
+before timing starts. Every peer runs on Numba's thread count where its library allows.
+``extra_info`` carries the shape, dtype and implementation, and ``checked`` once the
+output has passed, for ``--from-json``.
 """
 
 import os
@@ -16,6 +18,7 @@ import sys
 import textwrap
 import time
 
+import numba
 import numpy as np
 import pytest
 from conftest import SHAPES
@@ -33,20 +36,44 @@ def _reference_result(shape, logits, labels):
     return _expected[shape]
 
 
+@pytest.fixture(scope="session")
+def pin_threads():
+    """pin(implementation): the peer's library on Numba's thread count, once per session,
+    restored at its end; returns what the library runs with."""
+    pinned, undo = {}, []
+
+    def pin(implementation):
+        if implementation.pin_threads is not None and implementation.name not in pinned:
+            pinned[implementation.name], restore = implementation.pin_threads(numba.get_num_threads())
+            if restore is not None:
+                undo.append(restore)
+        return pinned.get(implementation.name)
+
+    yield pin
+    for restore in reversed(undo):
+        restore()
+
+
 @pytest.mark.parametrize("impl", list(_impls.IMPLEMENTATIONS))
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
-def test_loss_and_grad(benchmark, shape, impl):
+def test_loss_and_grad(benchmark, pin_threads, shape, impl):
     implementation = _impls.IMPLEMENTATIONS[impl]
     if not implementation.available():
-        pytest.skip(f"{implementation.requires} is not installed")
+        pytest.skip(f"{' and '.join(implementation.requires)} not installed (pip install '.[peers]')")
     n, k = shape
     logits, labels = _impls.make_batch(n, k, DTYPE)
-    run = implementation.build(logits, labels)
+    threads = pin_threads(implementation)
     t0 = time.perf_counter()
+    try:
+        run = implementation.build(logits, labels)  # peers compile here
+    except _impls.Skip as e:  # torch.compile with no working C++ compiler
+        pytest.skip(str(e))
     run()  # warm-up: compile / trace outside the timing
     first_call = time.perf_counter() - t0
     benchmark.group = f"{n}x{k} {DTYPE}"
     benchmark.extra_info.update(n=n, k=k, dtype=str(DTYPE), impl=impl, first_call_s=first_call)
+    if threads is not None:
+        benchmark.extra_info["threads"] = threads
     if impl == "fastsce":
         benchmark.extra_info["extra_memory"] = _report.extra_memory(run)
     result = benchmark(run)

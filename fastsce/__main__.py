@@ -1,12 +1,13 @@
-"""``python -m fastsce``: run the fused kernel and the NumPy reference on a synthetic
+"""python -m fastsce: run the fused kernel and the NumPy reference on a synthetic
 batch, check that they agree, and print the time of each and the speed ratio.
 
-``python -m fastsce bench``: a benchmark report against memcpy, the reference, PyTorch
-and JAX over a grid of shapes (``python -m fastsce bench --help``).
+python -m fastsce bench: a benchmark report against memcpy, the NumPy reference and the
+peers installed (PyTorch, torch.compile, optax, TensorFlow) over a grid of shapes, or a
+sweep of K (python -m fastsce bench --help).
 
-``python -m fastsce loss LOGITS.npy TARGET.npy``: the loss (and optionally gradient and
+python -m fastsce loss LOGITS.npy TARGET.npy: the loss (and optionally gradient and
 per-row losses) of logits and targets in .npy files, in chunks of rows
-(``python -m fastsce loss --help``)."""
+(python -m fastsce loss --help)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench,loss}")
     bench = commands.add_parser(
         "bench",
-        help="benchmark report: fastsce against memcpy, the reference, PyTorch, JAX",
+        help="benchmark report: fastsce against memcpy, the NumPy reference and the peers installed",
         description=_plain(report.__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

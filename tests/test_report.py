@@ -1,5 +1,7 @@
 """``python -m fastsce bench``: the report files, --from-json on real pytest-benchmark
-output of bench/, and loud failure when an implementation's output is wrong."""
+output of bench/, loud failure when an implementation's output is wrong, the peers
+(each checked against the reference when installed; mocked otherwise), --sweep-k and
+the plot."""
 
 import dataclasses
 import importlib.util
@@ -18,7 +20,10 @@ from fastsce._tools import impls as _impls, report as _report
 from fastsce.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
-AVAILABLE = [name for name, impl in _impls.IMPLEMENTATIONS.items() if impl.available()]
+# fastsce's own entries and the NumPy reference; the peers (other libraries) are slow to
+# import and compile, so each has a test of its own on a tiny batch
+CORE = ["memcpy", "fastsce", "fastsce-fresh", "fastsce-loss", "reference"]
+PEERS = [name for name in _impls.IMPLEMENTATIONS if name not in CORE]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -53,6 +58,7 @@ def _check_report(report, shapes, names):
 def test_quick_report_writes_markdown_json_and_plot(tmp_path):
     md, js, png = tmp_path / "r.md", tmp_path / "r.json", tmp_path / "r.png"
     args = ["-m", "fastsce", "bench", "--quick", "--repeat", "2", "--markdown", str(md), "--json", str(js)]
+    args += ["--impls", ",".join(CORE)]
     if HAS_MATPLOTLIB:
         args += ["--plot", str(png)]
     done = _python(*args)
@@ -60,7 +66,7 @@ def test_quick_report_writes_markdown_json_and_plot(tmp_path):
 
     report = json.loads(js.read_text())
     assert report["source"] == "python -m fastsce bench" and report["repeat"] == 2
-    _check_report(report, _impls.QUICK_SHAPES, AVAILABLE)
+    _check_report(report, _impls.QUICK_SHAPES, CORE)
     assert report["first_call_s"]["fastsce"] > 0
 
     text, markdown = done.stdout, md.read_text()
@@ -68,13 +74,24 @@ def test_quick_report_writes_markdown_json_and_plot(tmp_path):
     for n, k in _impls.QUICK_SHAPES:
         assert f"{n} x {k}" in text and f"**{n} x {k}**" in markdown
     assert "| shape | implementation | median ms | x memcpy |" in markdown
-    assert markdown.count("| ok |") == len(_impls.QUICK_SHAPES) * len(AVAILABLE)
-    for name in AVAILABLE:
-        assert f"| {name} |" in markdown
+    assert markdown.count("| ok |") == len(_impls.QUICK_SHAPES) * len(CORE)
+    labels = ["fastsce loss+grad (out=)", "fastsce loss+grad (fresh gradient)", "fastsce loss only", "NumPy reference"]
+    for label in labels:
+        assert f"| {label} |" in markdown and f"  {label}  " in text
     # the markdown's ratio cells are the JSON's, rounded
     first = report["shapes"][0]["results"]["reference"]
-    assert f"| reference | {first['median_s'] * 1e3:.3f} | {first['x_memcpy']:.2f} |" in markdown
+    assert f"| NumPy reference | {first['median_s'] * 1e3:.3f} | {first['x_memcpy']:.2f} |" in markdown
     assert report["environment"]["cpu"] in markdown and f"NumPy {np.__version__}" in markdown
+    # no speed-up figure on the memcpy and loss-only rows, nor on fastsce's own
+    for label in ("memcpy (np.copyto)", "fastsce loss+grad (out=)", "fastsce loss only"):
+        rows = [line for line in markdown.splitlines() if f"| {label} |" in line and "| ok |" in line]
+        assert len(rows) == len(_impls.QUICK_SHAPES) and all(row.endswith("| — | ok |") for row in rows), rows
+    # the x memcpy summary table (the README's layout): one column per implementation but memcpy
+    assert "| N x K | " + " | ".join(labels) + " |" in markdown
+    # the status lines say what the first calls do, and the files written are named at the end
+    assert "fastsce loss+grad (out=): first call (Numba compiles, or loads its on-disk cache)..." in done.stderr
+    written = [f"wrote Markdown: {md}", f"wrote JSON: {js}"] + ([f"wrote plot: {png}"] if HAS_MATPLOTLIB else [])
+    assert done.stdout.rstrip().splitlines()[-len(written) :] == written
     if HAS_MATPLOTLIB:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -82,8 +99,9 @@ def test_quick_report_writes_markdown_json_and_plot(tmp_path):
 def test_from_json_renders_real_pytest_benchmark_output(tmp_path):
     """bench/ on its smallest shape, then the same report from its JSON file."""
     js = tmp_path / "bench.json"
+    not_peers = " and ".join(f"not {name}" for name in PEERS)
     done = _python(
-        "-m", "pytest", "bench/", "-q", "-k", "65536x10", "-p", "no:cacheprovider",
+        "-m", "pytest", "bench/", "-q", "-k", f"65536x10 and {not_peers}", "-p", "no:cacheprovider",
         f"--benchmark-json={js}", "--benchmark-max-time=0.02", "--benchmark-min-rounds=3",
         "--benchmark-warmup=off",
     )  # fmt: skip
@@ -94,7 +112,7 @@ def test_from_json_renders_real_pytest_benchmark_output(tmp_path):
     assert main(["bench", "--from-json", str(js), "--markdown", str(md), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["source"].startswith("pytest-benchmark") and not report["interleaved"]
-    _check_report(report, [(65536, 10)], AVAILABLE)
+    _check_report(report, [(65536, 10)], CORE)
     assert report["environment"]["numba"] == numba.__version__  # recorded by bench/conftest.py
     assert "**65536 x 10**" in md.read_text()
 
@@ -115,7 +133,7 @@ def _bench_json(checked):
         "benchmarks": [
             bench("memcpy", 1e-6, checked=True),
             bench("fastsce", 4e-6, checked=True, extra_memory={"bytes": 800, "nrt_allocations": 0}),
-            bench("reference", 2e-5, checked=checked),
+            bench("reference", 2e-5, checked=checked, threads="2 (some setting)"),
             {"group": "other", "name": "test_first_call_latency[cold]", "extra_info": {}, "stats": {"median": 1}},
         ],
         "datetime": "2026-01-01T00:00:00",
@@ -232,6 +250,7 @@ def test_text_report_lists_every_row():
     text = _report.format_text(report)
     assert text.count("\n100 x 7") == 1  # the shape names its group once
     assert "fastsce speedup" in text and "800 B" in text
+    assert "peers' threads: NumPy reference 2 (some setting)" in text  # what bench/ recorded
 
 
 def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
@@ -269,3 +288,182 @@ def test_option_benchmarks_run_and_check_their_output():
     assert "22 passed" in done.stdout, done.stdout
     assert "fastsce options: median time / plain call's median" in done.stdout
     assert "16384x100 loss+grad" in done.stdout and "softcap" in done.stdout
+
+
+# --- the peers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_peer_agrees_with_the_reference(name):
+    """Each peer's adapter (when its library is installed) computes the mean loss and its
+    gradient, checked as the report checks them, on a tiny batch."""
+    impl = _impls.IMPLEMENTATIONS[name]
+    if not impl.available():
+        pytest.skip(f"{name}: {' and '.join(impl.requires)} not installed (pip install '.[peers]')")
+    logits, labels = _impls.make_batch(33, 7)
+    try:
+        run = impl.build(logits, labels)
+    except _impls.Skip as e:  # torch.compile with no working C++ compiler
+        pytest.skip(str(e))
+    for _ in range(2):  # the second call runs what the first compiled
+        impl.check(run(), logits, _impls.reference_result(logits, labels))
+    assert impl.label and impl.kind == "loss+grad" and impl.pin_threads is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_torch_compile_without_a_compiler_is_skipped_with_the_reason(monkeypatch):
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # no compiled kernel from an earlier run
+    logits, labels = _impls.make_batch(5, 3)
+    with pytest.raises(_impls.Skip, match="torch.compile failed .*needs a working C\\+\\+ compiler"):
+        _impls.IMPLEMENTATIONS["torch-compile"].build(logits, labels)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+def test_torch_threads_are_pinned_and_restored():
+    import torch
+
+    before = torch.get_num_threads()
+    text, undo = _impls.IMPLEMENTATIONS["torch-compile"].pin_threads(1)
+    try:
+        assert torch.get_num_threads() == 1 and text.startswith("1 ")
+    finally:
+        undo()
+    assert torch.get_num_threads() == before
+
+
+def _fake_peer(name, *, skip=None, calls=None):
+    """A peer that is the NumPy reference under another name: pins (and records) threads,
+    and raises Skip at build time when ``skip`` is given."""
+    reference = _impls.IMPLEMENTATIONS["reference"]
+
+    def build(logits, labels):
+        if skip:
+            raise _impls.Skip(skip)
+        return reference.build(logits, labels)
+
+    def pin_threads(threads):
+        calls.append(("pin", threads))
+        return f"{threads} (fake setting)", lambda: calls.append(("restore", threads))
+
+    return _impls.Implementation(name, f"Fake {name}", "the reference", build, "loss+grad", (), pin_threads)
+
+
+def test_peers_threads_and_skips_are_in_the_report(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(_impls.IMPLEMENTATIONS, "fake", _fake_peer("fake", calls=calls))
+    reason = "fake-compile failed; its backend needs a working C++ compiler"
+    monkeypatch.setitem(_impls.IMPLEMENTATIONS, "broken", _fake_peer("broken", skip=reason, calls=calls))
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = ["bench", "--shapes", "64x10,8x300", "--repeat", "1", "--threads", "1"]
+    assert main([*argv, "--impls", "memcpy,fastsce,fake,broken", "--json", str(js), "--markdown", str(md)]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(js.read_text())
+    # every peer pinned to fastsce's thread count for the run, and restored after it
+    assert report["environment"]["numba_threads"] == 1
+    assert report["environment"]["peer_threads"] == {"Fake fake": "1 (fake setting)", "Fake broken": "1 (fake setting)"}
+    assert calls == [("pin", 1), ("pin", 1), ("restore", 1), ("restore", 1)]
+    assert "peers' threads: Fake fake 1 (fake setting)" in captured.out
+    # a peer that cannot run here is a note, not a failure, and is not tried again
+    assert report["skipped"] == {"broken": reason} and report["problems"] == []
+    assert all("broken" not in e["results"] and e["results"]["fake"]["checked"] for e in report["shapes"])
+    assert f"Fake broken skipped: {reason}" in captured.out and f"Fake broken skipped: {reason}" in md.read_text()
+    assert captured.err.count("Fake broken: skipped") == 1
+
+
+def test_status_line_says_what_compiles_and_how_long_it_took(monkeypatch, capsys):
+    monkeypatch.setattr(_report, "NOTE_FIRST_CALL_S", 0.0)  # a note for every first call
+    assert main(["bench", "--shapes", "64x10", "--repeat", "1", "--impls", "memcpy,fastsce,reference"]) == 0
+    err = capsys.readouterr().err
+    assert "fastsce loss+grad (out=): first call (Numba compiles, or loads its on-disk cache)..." in err
+    assert "[1/1] 64x10 float32: fastsce loss+grad (out=): first call took " in err
+    assert "NumPy reference: warming up..." in err and "NumPy reference: warming up took " in err
+
+
+# --- --sweep-k, the plot, --help ---------------------------------------------------------------
+
+
+def test_sweep_k_table_and_default_plot(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # where the plot goes by default
+    js, md = tmp_path / "s.json", tmp_path / "s.md"
+    argv = ["bench", "--sweep-k", "--quick", "--repeat", "1", "--impls", "memcpy,fastsce,fastsce-loss"]
+    assert main([*argv, "--json", str(js), "--markdown", str(md)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(js.read_text())
+    assert report["sweep_k"] is True
+    shapes = [(e["n"], e["k"]) for e in report["shapes"]]
+    assert [k for _, k in shapes] == list(_report.SWEEP_K)
+    assert all(n == 2**14 // k for n, k in shapes)
+    assert _report.sweep_shapes()[-1] == (2**20 // 1000, 1000)  # about 1M logits without --quick
+    # one row per K, one column per implementation but memcpy: the ratios to memcpy
+    header = "| N x K | fastsce loss+grad (out=) | fastsce loss only |"
+    assert header in md.read_text()
+    for entry in report["shapes"]:
+        ratios = [entry["results"][name]["x_memcpy"] for name in ("fastsce", "fastsce-loss")]
+        row = f"| **{entry['n']} x {entry['k']}** | {ratios[0]:.2f} | {ratios[1]:.2f} |"
+        assert row in md.read_text()
+        assert f"{entry['n']} x {entry['k']}" in out
+    if HAS_MATPLOTLIB:
+        png = tmp_path / _report.SWEEP_PLOT
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"wrote plot: {png}" in out
+    else:
+        assert "no plot: matplotlib is not installed" in out
+
+
+def test_sweep_k_takes_the_installed_peers_but_not_the_reference(monkeypatch):
+    seen = {}
+
+    def fake_measure(shapes, dtype, repeat, names, threads=None, progress=None):
+        seen["names"] = names
+        raise SystemExit(0)
+
+    monkeypatch.setattr(_report, "measure", fake_measure)
+    with pytest.raises(SystemExit):
+        main(["bench", "--sweep-k"])
+    installed = [name for name, impl in _impls.IMPLEMENTATIONS.items() if impl.available()]
+    assert seen["names"] == [name for name in installed if name not in ("reference", "fastsce-fresh")]
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib not installed")
+def test_plot_names_the_lines_keeps_the_legend_off_the_data_and_shows_the_warning(tmp_path):
+    report = _report.from_pytest_benchmark(_bench_json(checked=True))
+    report["shapes"][0]["other_cpu_percent"] = 60.0
+    fig = _report.write_plot(report, tmp_path / "p.png")
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "memcpy (np.copyto)",
+        "fastsce loss+grad (out=)",
+        "NumPy reference",
+    ]
+    assert legend.get_window_extent().x0 >= ax.get_window_extent().x1  # beside the axes, not over the lines
+    texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))]
+    assert any("unreliable" in t and "60%" in t for t in texts)
+
+
+@pytest.mark.parametrize("argv", [["bench", "--help"], ["--help"]])
+def test_help_is_plain_text(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--sweep-k" in text if argv[0] == "bench" else "bench" in text
+    if argv[0] == "bench":
+        assert "torch-compile (torch.compile)" in text
+    for markup in ("``", ":func:", ":meth:", ":class:"):
+        assert markup not in text
+
+
+def test_progress_note_stays_above_the_status_line():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = _report.Progress(stream)
+    progress.update("compiling")
+    progress.note("compiling took 3.0 s")
+    progress.update("timing")
+    assert stream.getvalue() == "\rcompiling" + "\r" + " " * 9 + "\r" + "compiling took 3.0 s\n" + "\rtiming"

@@ -3,15 +3,22 @@ and the pytest-benchmark suite in bench/, so the same code is timed everywhere.
 
 Each :class:`Implementation` turns a batch (logits, labels) into a zero-argument callable
 returning ``(loss, grad)`` — ``grad`` is None for loss-only entries, and the copy for
-memcpy — and checks such a result against the NumPy reference with
-:meth:`Implementation.check`. Buffers an entry can preallocate (fastsce's ``out=``, the
-memcpy destination) are allocated when the callable is built, outside any timing.
-Every entry computes the default problem: integer labels, no weights, ``"mean"``.
+memcpy; either may be another library's array (anything ``np.asarray`` takes) — and
+checks such a result against the NumPy reference with :meth:`Implementation.check`.
+Buffers an entry can preallocate (fastsce's ``out=``, the memcpy destination) are
+allocated, and other libraries' compilers run, when the callable is built, outside any
+timing. Every entry computes the default problem: integer labels, no weights, ``"mean"``.
+
+The peers (PyTorch eager, torch.compile, optax under jax.jit, TensorFlow's fused op) are
+imported only when built: importing TensorFlow or JAX takes seconds. A peer that cannot
+run here (torch.compile without a working C++ compiler) raises :class:`Skip`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +33,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "Implementation",
     "Mismatch",
+    "Skip",
     "make_batch",
     "reference_result",
 ]
@@ -51,16 +59,27 @@ class Mismatch(AssertionError):
     """An implementation's output disagrees with the reference."""
 
 
+class Skip(Exception):
+    """An installed implementation cannot run on this machine (e.g. torch.compile with no
+    working C++ compiler): the report notes the reason and goes on without it."""
+
+
 @dataclass(frozen=True)
 class Implementation:
-    name: str
+    name: str  # the key, for --impls
+    label: str  # what tables and plots call it
     description: str
     build: Callable  # (logits, labels) -> () -> (loss, grad)
     kind: str  # "loss+grad", "loss" (grad is None) or "copy" (grad is a copy of the logits)
-    requires: str | None = None  # a module that must be importable
+    requires: tuple[str, ...] = ()  # modules that must be importable
+    # (threads) -> (the thread count it runs with, as text; a callable restoring the
+    # previous setting, or None): the same count as fastsce's, where the library allows
+    pin_threads: Callable | None = None
+    warmup: str = "warming up"  # what its first call does, for the status line
+    sweep: bool = True  # in --sweep-k by default
 
     def available(self) -> bool:
-        return self.requires is None or importlib.util.find_spec(self.requires) is not None
+        return all(importlib.util.find_spec(module) is not None for module in self.requires)
 
     def check(self, result, logits, expected) -> None:
         """Raise :class:`Mismatch` unless ``result`` (what the callable returned for
@@ -115,6 +134,10 @@ def _fastsce(logits, labels):
     return lambda: fastsce.cross_entropy_with_grad(logits, labels, out=out)
 
 
+def _fastsce_fresh(logits, labels):
+    return lambda: fastsce.cross_entropy_with_grad(logits, labels)
+
+
 def _fastsce_loss(logits, labels):
     return lambda: (fastsce.cross_entropy(logits, labels), None)
 
@@ -149,24 +172,118 @@ def _torch(logits, labels):
     return run
 
 
-def _jax(logits, labels):
+def _torch_compile(logits, labels):
+    import torch
+    import torch.nn.functional as F
+
+    # A fresh compile cache for every shape: no recompile limit reached over a K sweep, and
+    # dynamic=False compiles each shape's own kernels (no dynamic-shape fallback).
+    torch._dynamo.reset()
+    x = torch.from_numpy(logits)
+    y = torch.from_numpy(labels.astype(np.int64))
+
+    def run():
+        xg = x.detach().requires_grad_()
+        loss = compiled(xg, y)
+        loss.backward()  # AOTAutograd compiled the backward graph with the forward
+        return loss.item(), xg.grad.numpy()
+
+    try:
+        with warnings.catch_warnings():
+            # inductor's first import warns that torch.jit.script_method, which it uses, is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            compiled = torch.compile(F.cross_entropy, dynamic=False)
+            run()  # compiles forward and backward now, outside any timing
+    except Exception as e:
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise  # not the compiler's failure: a bug, reported as such
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise Skip(
+            f"torch.compile failed ({type(e).__name__}: {first_line}); "
+            "its inductor backend needs a working C++ compiler"
+        ) from e
+    return run
+
+
+def _torch_threads(threads):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return f"{torch.get_num_threads()} (torch.set_num_threads)", lambda: torch.set_num_threads(before)
+
+
+def _optax(logits, labels):
     import jax
 
     jax.config.update("jax_enable_x64", logits.dtype == np.float64)
-    import jax.numpy as jnp
+    import optax
 
     def loss_fn(z, y):
-        lse = jax.nn.logsumexp(z, axis=1)
-        return jnp.mean(lse - jnp.take_along_axis(z, y[:, None], axis=1)[:, 0])
+        return optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
 
     fn = jax.jit(jax.value_and_grad(loss_fn))
+    # int32 labels: JAX's default integer type (int64 would be truncated, with a warning)
     z, y = jax.device_put(logits), jax.device_put(labels.astype(np.int32))
 
     def run():
         loss, grad = fn(z, y)
-        return float(loss), np.asarray(grad.block_until_ready())
+        return loss, grad.block_until_ready()
+
+    run()  # traces and compiles with XLA now
+    return run
+
+
+def _available_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _jax_threads(threads):
+    # XLA's CPU client sizes its thread pool from the CPUs available when JAX starts, and has
+    # no setting for it: XLA_FLAGS' intra_op_parallelism_threads=1 still ran on two threads
+    # of this 2-CPU machine (per-thread CPU time, jaxlib 0.10).
+    cpus = _available_cpus()
+    text = f"{cpus} (XLA's default, one per available CPU; no setting"
+    return text + (")" if threads == cpus else f": not pinned to {threads})"), None
+
+
+def _import_tensorflow():
+    # TensorFlow's C++ start-up messages (oneDNN notices) would break the status line.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    return tf
+
+
+def _tensorflow(logits, labels):
+    tf = _import_tensorflow()
+    z = tf.constant(logits)
+    y = tf.constant(labels.astype(np.int64))
+    n = tf.constant(max(logits.shape[0], 1), dtype=z.dtype)
+    op = tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits  # the fused kernel: per-row loss and backprop
+
+    def run():
+        loss, backprop = op(features=z, labels=y)
+        return tf.reduce_mean(loss), backprop / n  # "mean": the gradient of the mean is backprop / N
 
     return run
+
+
+def _tensorflow_threads(threads):
+    tf = _import_tensorflow()
+    try:
+        # intra-op: the threads one op runs on; only settable before TensorFlow's runtime starts
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    if current == 0:
+        return f"{_available_cpus()} (TensorFlow's default: one per available CPU; runtime already started)", None
+    note = "" if current == threads else ": runtime already started"
+    return f"{current} (tf.config.threading intra-op{note})", None
 
 
 IMPLEMENTATIONS = {
@@ -174,17 +291,84 @@ IMPLEMENTATIONS = {
     for impl in (
         Implementation(
             "memcpy",
+            "memcpy (np.copyto)",
             "np.copyto of the logits into a preallocated array: reads and writes N x K, "
             "the floor for anything that reads logits and writes a gradient",
             _memcpy,
             "copy",
         ),
-        Implementation("fastsce", "fastsce.cross_entropy_with_grad(..., out=preallocated)", _fastsce, "loss+grad"),
-        Implementation("fastsce-loss", "fastsce.cross_entropy: loss only, no gradient", _fastsce_loss, "loss"),
-        Implementation("reference", "fastsce.reference.cross_entropy_with_grad (plain NumPy)", _reference, "loss+grad"),
         Implementation(
-            "torch", "F.cross_entropy + .backward() on CPU tensors sharing the arrays", _torch, "loss+grad", "torch"
+            "fastsce",
+            "fastsce loss+grad (out=)",
+            "fastsce.cross_entropy_with_grad(logits, labels, out=preallocated)",
+            _fastsce,
+            "loss+grad",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
         ),
-        Implementation("jax", "jax.jit(jax.value_and_grad(logsumexp - picked logit)) on CPU", _jax, "loss+grad", "jax"),
+        Implementation(
+            "fastsce-fresh",
+            "fastsce loss+grad (fresh gradient)",
+            "fastsce.cross_entropy_with_grad(logits, labels): a new gradient array every call (no out=)",
+            _fastsce_fresh,
+            "loss+grad",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
+            sweep=False,
+        ),
+        Implementation(
+            "fastsce-loss",
+            "fastsce loss only",
+            "fastsce.cross_entropy: loss only, no gradient",
+            _fastsce_loss,
+            "loss",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
+        ),
+        Implementation(
+            "reference",
+            "NumPy reference",
+            "fastsce.reference.cross_entropy_with_grad (plain NumPy)",
+            _reference,
+            "loss+grad",
+            sweep=False,
+        ),
+        Implementation(
+            "torch",
+            "PyTorch eager",
+            "F.cross_entropy + .backward() on CPU tensors sharing the arrays",
+            _torch,
+            "loss+grad",
+            ("torch",),
+            _torch_threads,
+        ),
+        Implementation(
+            "torch-compile",
+            "torch.compile",
+            "torch.compile(F.cross_entropy, dynamic=False) + .backward(): inductor's compiled forward and backward",
+            _torch_compile,
+            "loss+grad",
+            ("torch",),
+            _torch_threads,
+            warmup="compiling (torch.compile, inductor: forward and backward)",
+        ),
+        Implementation(
+            "optax",
+            "optax (jax.jit)",
+            "jax.jit(jax.value_and_grad(mean of optax.softmax_cross_entropy_with_integer_labels)) on CPU",
+            _optax,
+            "loss+grad",
+            ("jax", "optax"),
+            _jax_threads,
+            warmup="compiling (jax.jit, XLA)",
+        ),
+        Implementation(
+            "tensorflow",
+            "TensorFlow fused op",
+            "tf.raw_ops.SparseSoftmaxCrossEntropyWithLogits (loss and backprop in one op); "
+            "mean of the loss, backprop / N",
+            _tensorflow,
+            "loss+grad",
+            ("tensorflow",),
+            _tensorflow_threads,
+            warmup="importing TensorFlow and warming up",
+        ),
     )
 }

@@ -1,14 +1,17 @@
-"""``python -m fastsce bench``: time fastsce against memcpy, the NumPy reference, PyTorch
-and JAX (those two when installed) on a grid of shapes, and print a report.
+"""python -m fastsce bench: time fastsce against a memcpy of the logits, the NumPy
+reference and the peers installed (PyTorch eager, torch.compile, optax under jax.jit,
+TensorFlow's fused op) on a grid of shapes, and print a report.
 
 For every shape, every implementation is built and called once (compilation, JIT
-tracing and first-touch page faults stay out of the timing; fastsce's first call of the
-run is reported separately), its output is checked against the reference, and then the
-implementations are timed interleaved, round-robin, so that drift on a noisy machine hits
-all of them alike. Medians are reported. The same report can be rendered from the JSON
-file of the pytest-benchmark suite in bench/ (``--from-json``).
+tracing and first-touch page faults stay out of the timing; the time of that first call
+is shown), its output is checked against the reference, and then the implementations
+are timed interleaved, round-robin, so that drift on a noisy machine hits all of them
+alike. Medians are reported, with each median's ratio to memcpy's. Every peer runs on
+fastsce's thread count where its library allows (the report says which).
 
-The implementations come from :mod:`fastsce._tools.impls`, shared with bench/.
+--sweep-k times K = 2 ... 1000 at about 1M logits each and draws the curve.
+The same report can be rendered from the JSON file of the pytest-benchmark suite in
+bench/ (--from-json).
 """
 
 from __future__ import annotations
@@ -37,28 +40,53 @@ MAX_CALLS_PER_SAMPLE = 10_000
 # --- command line -----------------------------------------------------------------------
 
 
+SWEEP_K = (2, 3, 5, 8, 10, 16, 20, 32, 50, 64, 100, 128, 200, 256, 300, 500, 1000)
+SWEEP_LOGITS = 2**20  # about 1M logits per shape: N = SWEEP_LOGITS // K
+QUICK_SWEEP_LOGITS = 2**14
+SWEEP_PLOT = "fastsce-sweep-k.png"  # where --sweep-k draws its plot when --plot is not given
+
+
+def sweep_shapes(logits=SWEEP_LOGITS, ks=SWEEP_K):
+    """The --sweep-k grid: (N, K) with N = logits // K."""
+    return tuple((max(1, logits // k), k) for k in ks)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    names = ",".join(_impls.IMPLEMENTATIONS)
+    impls = _impls.IMPLEMENTATIONS
     default_shapes = ",".join(f"{n}x{k}" for n, k in _impls.DEFAULT_SHAPES)
     parser.add_argument(
         "--shapes", type=_parse_shapes, metavar="NxK,...", help=f"comma-separated NxK shapes (default {default_shapes})"
+    )
+    parser.add_argument(
+        "--sweep-k",
+        action="store_true",
+        help=f"K = {', '.join(map(str, SWEEP_K))} at about 1M logits each (N = 2^20 // K; 2^14 with --quick): "
+        f"a table of ratios to memcpy, and a plot (--plot, default ./{SWEEP_PLOT}, needs matplotlib). "
+        "Takes fastsce (loss+grad, loss only) and the peers installed unless --impls says otherwise",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
     parser.add_argument(
         "--repeat", type=int, metavar="R", help="timed rounds per implementation (default 15; 3 with --quick)"
     )
     parser.add_argument(
-        "--threads", type=int, metavar="T", help="numba (and torch) threads for the run (default: as configured)"
+        "--threads",
+        type=int,
+        metavar="T",
+        help="threads of fastsce (Numba) and of every peer whose library allows it (default: Numba's setting)",
     )
     parser.add_argument(
         "--impls",
         type=_parse_impls,
         metavar="NAME,...",
-        help=f"comma-separated subset of {names} (default: all installed)",
+        help="comma-separated subset of "
+        + ", ".join(f"{name} ({impl.label})" for name, impl in impls.items())
+        + " (default: all installed)",
     )
     parser.add_argument("--markdown", metavar="FILE", help="also write the report as GitHub Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write every median, ratio and the environment as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot throughput against K (needs matplotlib)")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="plot the ratio to memcpy against K, log-log (needs matplotlib)"
+    )
     parser.add_argument(
         "--from-json",
         metavar="FILE",
@@ -69,15 +97,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """The ``bench`` subcommand. Returns the exit status: 0, or 1 when an output disagrees
+    """The bench subcommand. Returns the exit status: 0, or 1 when an output disagrees
     with the reference (or, with --from-json, a benchmark is not marked as checked)."""
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    if args.plot and not has_matplotlib:
         parser.error("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    if args.sweep_k and args.shapes:
+        parser.error("--sweep-k chooses the shapes: it cannot be combined with --shapes")
     if args.from_json:
         measuring = [
             opt
             for opt, given in [
                 ("--shapes", args.shapes),
+                ("--sweep-k", args.sweep_k),
                 ("--repeat", args.repeat),
                 ("--threads", args.threads),
                 ("--impls", args.impls),
@@ -98,11 +130,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         repeat = args.repeat if args.repeat is not None else (3 if args.quick else 15)
         if repeat < 1:
             parser.error("--repeat must be positive")
-        shapes = args.shapes or (_impls.QUICK_SHAPES if args.quick else _impls.DEFAULT_SHAPES)
-        names = args.impls or [name for name, impl in _impls.IMPLEMENTATIONS.items() if impl.available()]
+        if args.sweep_k:
+            shapes = sweep_shapes(QUICK_SWEEP_LOGITS if args.quick else SWEEP_LOGITS)
+        else:
+            shapes = args.shapes or (_impls.QUICK_SHAPES if args.quick else _impls.DEFAULT_SHAPES)
+        names = args.impls or [
+            name
+            for name, impl in _impls.IMPLEMENTATIONS.items()
+            if impl.available() and (impl.sweep or not args.sweep_k)
+        ]
         missing = [name for name in names if not _impls.IMPLEMENTATIONS[name].available()]
         if missing:
-            needs = ", ".join(f"{n} needs {_impls.IMPLEMENTATIONS[n].requires}" for n in missing)
+            needs = ", ".join(f"{n} needs {' and '.join(_impls.IMPLEMENTATIONS[n].requires)}" for n in missing)
             parser.error(f"--impls: not installed: {needs}")
         if args.threads is not None:
             import numba
@@ -112,14 +151,24 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 parser.error(f"--threads must be in [1, {limit}] (NUMBA_NUM_THREADS), got {args.threads}")
         dtype = np.dtype(args.dtype or "float32")
         report = measure(shapes, dtype, repeat, names, threads=args.threads, progress=Progress())
+        report["sweep_k"] = bool(args.sweep_k)
 
+    written = []
     sys.stdout.write(format_text(report))
     if args.markdown:
         _write(args.markdown, format_markdown(report))
+        written.append(("Markdown", args.markdown))
     if args.json:
         _write(args.json, json.dumps(report, indent=2) + "\n")
-    if args.plot:
-        write_plot(report, args.plot)
+        written.append(("JSON", args.json))
+    plot = args.plot or (SWEEP_PLOT if report.get("sweep_k") else None)
+    if plot and has_matplotlib:
+        write_plot(report, plot)
+        written.append(("plot", plot))
+    elif plot:
+        print("no plot: matplotlib is not installed (pip install matplotlib); the table above has the sweep")
+    for what, path in written:
+        print(f"wrote {what}: {os.path.abspath(path)}")
     for problem in report["problems"]:
         print(f"MISMATCH: {problem}", file=sys.stderr)
     if report["problems"]:
@@ -175,6 +224,12 @@ class Progress:
             self.stream.write(message + "\n")
             self.stream.flush()
 
+    def note(self, message: str) -> None:
+        """A line that stays (what was compiled and how long it took), above the status line."""
+        self.done()
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
     def done(self) -> None:
         if self.tty and self.width:
             self.stream.write("\r" + " " * self.width + "\r")
@@ -190,6 +245,9 @@ class _Silent(Progress):
     def update(self, message, milestone=False):
         pass
 
+    def note(self, message):
+        pass
+
     def done(self):
         pass
 
@@ -199,7 +257,10 @@ class _Silent(Progress):
 
 def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress | None = None) -> dict:
     """Build, warm up, check and time ``names`` (keys of ``_impls.IMPLEMENTATIONS``) on each
-    shape; return the report as a JSON-ready dict (see :func:`format_text`)."""
+    shape; return the report as a JSON-ready dict (see :func:`format_text`).
+
+    fastsce runs on ``threads`` Numba threads (default: Numba's setting), and every peer is
+    pinned to the same count where its library allows; all are restored afterwards."""
     import numba
 
     progress = progress or _Silent()
@@ -207,23 +268,30 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
     names = list(names)
     whole_run = _OtherCpu()
     saved_threads = numba.get_num_threads()
-    torch_threads = None
+    restore = []
     try:
         if threads is not None:
             numba.set_num_threads(threads)
-            if "torch" in names:
-                import torch
-
-                torch_threads = torch.get_num_threads()
-                torch.set_num_threads(threads)
+        count = numba.get_num_threads()
+        peer_threads = {}
+        for name in names:
+            impl = _impls.IMPLEMENTATIONS[name]
+            if impl.pin_threads is not None:
+                progress.update(f"{impl.label}: setting its threads (imports the library)...", milestone=True)
+                peer_threads[impl.label], undo = impl.pin_threads(count)
+                if undo is not None:
+                    restore.append(undo)
         entries = []
         first_call = {}
         problems = []
+        skipped = {}
         for index, (n, k) in enumerate(shapes):
             label = f"[{index + 1}/{len(shapes)}] {n}x{k} {dtype}"
-            entry = _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, problems)
+            entry = _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, problems, skipped)
             entries.append(entry)
         progress.done()
+        env = environment()
+        env["peer_threads"] = peer_threads
         report = {
             "format": FORMAT,
             "source": "python -m fastsce bench",
@@ -231,9 +299,11 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
             "repeat": repeat,
             "interleaved": True,
             "implementations": names,
+            "labels": {name: _impls.IMPLEMENTATIONS[name].label for name in names},
             "descriptions": {name: _impls.IMPLEMENTATIONS[name].description for name in names},
             "first_call_s": first_call,
-            "environment": environment(),
+            "skipped": skipped,
+            "environment": env,
             "other_cpu_percent": whole_run.percent(),
             "shapes": entries,
             "problems": problems,
@@ -241,31 +311,40 @@ def measure(shapes, dtype, repeat: int, names, threads=None, progress: Progress 
     finally:
         progress.done()
         numba.set_num_threads(saved_threads)
-        if torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(torch_threads)
+        for undo in reversed(restore):
+            undo()
     return report
 
 
-def _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, problems) -> dict:
+def _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, problems, skipped) -> dict:
     progress.update(f"{label}: reference result", milestone=True)
     logits, labels = _impls.make_batch(n, k, dtype)
     expected = _impls.reference_result(logits, labels)
     results = {}
     runs = {}
     for name in names:
+        if name in skipped:  # could not run here (noted once, in the report)
+            continue
         impl = _impls.IMPLEMENTATIONS[name]
-        progress.update(f"{label}: warm-up and check {name}")
+        progress.update(f"{label}: {impl.label}: {impl.warmup}...", milestone=True)
         result = results[name] = {"checked": False, "error": None}
         try:
-            fn = impl.build(logits, labels)
             t0 = time.perf_counter()
+            fn = impl.build(logits, labels)  # peers compile here
             out = fn()
             result["first_call_s"] = time.perf_counter() - t0
             first_call.setdefault(name, result["first_call_s"])
+            if result["first_call_s"] >= NOTE_FIRST_CALL_S:
+                progress.note(
+                    f"{label}: {impl.label}: {impl.warmup.split(' (')[0]} took {result['first_call_s']:.1f} s"
+                )
             impl.check(out, logits, expected)
             result["checked"] = True
+        except _impls.Skip as e:
+            skipped[name] = str(e)
+            del results[name]
+            progress.note(f"{label}: {impl.label}: skipped: {e}")
+            continue
         except Exception as e:  # a mismatch, or an implementation that raises: reported, not fatal
             result["error"] = str(e) if isinstance(e, _impls.Mismatch) else f"{name}: raised {type(e).__name__}: {e}"
             problems.append(f"{n}x{k} {dtype}: {result['error']}")
@@ -308,6 +387,9 @@ def _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, prob
     entry = {"n": n, "k": k, "dtype": str(dtype), "results": results, "fastsce_extra_memory": memory}
     entry["other_cpu_percent"] = other_cpu
     return _derive(entry)
+
+
+NOTE_FIRST_CALL_S = 1.0  # a first call (compile, import, warm-up) this long gets a line of its own
 
 
 def extra_memory(fn) -> dict:
@@ -425,6 +507,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+# the version of each peer library in the report: its key -> the distributions providing it
+PEER_DISTRIBUTIONS = {
+    "torch": ("torch",),
+    "jax": ("jax",),
+    "jaxlib": ("jaxlib",),
+    "optax": ("optax",),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+}
+
+
 def environment() -> dict:
     """CPU, thread counts and versions, for the report header and JSON."""
     import numba
@@ -445,11 +537,13 @@ def environment() -> dict:
         env["numba_threading_layer"] = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
         pass
-    for dist in ("torch", "jax", "jaxlib"):
-        try:
-            env[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    for key, dists in PEER_DISTRIBUTIONS.items():
+        for dist in dists:
+            try:
+                env[key] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                pass
     if "torch" in sys.modules:
         env["torch_threads"] = sys.modules["torch"].get_num_threads()
     return env
@@ -465,6 +559,7 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
         raise ValueError("not a pytest-benchmark JSON file (no 'benchmarks')")
     entries = {}
     first_call = {}
+    peer_threads = {}
     process_first_call = {}
     names = []
     problems = []
@@ -497,6 +592,8 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
             problems.append(f"{n}x{k} {dtype}: {name}: {entry['results'][name]['error']}")
         if "first_call_s" in info:
             first_call.setdefault(name, info["first_call_s"])
+        if "threads" in info:
+            peer_threads[_label({}, name)] = str(info["threads"])
         if "extra_memory" in info:
             entry["fastsce_extra_memory"] = dict(info["extra_memory"])
     if not entries:
@@ -508,6 +605,8 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
     if not env:
         env = {"cpu": (machine.get("cpu") or {}).get("brand_raw") or machine.get("processor") or "unknown CPU"}
         env["python"] = machine.get("python_version", "?")
+    if peer_threads:
+        env["peer_threads"] = peer_threads
     report = {
         "format": FORMAT,
         "source": " ".join(
@@ -517,6 +616,7 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
         "repeat": None,
         "interleaved": False,
         "implementations": names,
+        "labels": {name: _impls.IMPLEMENTATIONS[name].label for name in names if name in _impls.IMPLEMENTATIONS},
         "descriptions": {
             name: _impls.IMPLEMENTATIONS[name].description for name in names if name in _impls.IMPLEMENTATIONS
         },
@@ -533,6 +633,16 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
 # --- rendering --------------------------------------------------------------------------
 
 COLUMNS = ["shape", "implementation", "median ms", "x memcpy", "GB/s", "fastsce speedup", "check"]
+NO_SPEEDUP_KINDS = ("copy", "loss")  # memcpy and loss only are not alternatives to loss+grad
+
+
+def _label(report, name):
+    """The table and legend name of an implementation key."""
+    labels = report.get("labels") or {}
+    if name in labels:
+        return labels[name]
+    impl = _impls.IMPLEMENTATIONS.get(name)
+    return impl.label if impl else name
 
 
 def _rows(report):
@@ -545,7 +655,11 @@ def _rows(report):
             if result is None:
                 continue
             shape = f"{entry['n']} x {entry['k']}" if not rows else ""
-            speedup = "—" if name == "fastsce" else _ratio(result.get("fastsce_speedup"))
+            impl = _impls.IMPLEMENTATIONS.get(name)
+            if name == "fastsce" or (impl is not None and impl.kind in NO_SPEEDUP_KINDS):
+                speedup = "—"
+            else:
+                speedup = _ratio(result.get("fastsce_speedup"))
             if result["checked"]:
                 check = "ok"
             elif result.get("unchecked"):
@@ -554,13 +668,46 @@ def _rows(report):
                 check = "MISMATCH" if "median_s" in result else "ERROR"
             median = f"{result['median_s'] * 1e3:.3f}" if "median_s" in result else "—"
             gbs = f"{result['gb_per_s']:.2f}" if "gb_per_s" in result else "—"
-            rows.append([shape, name, median, _ratio(result.get("x_memcpy")), gbs, speedup, check])
+            rows.append([shape, _label(report, name), median, _ratio(result.get("x_memcpy")), gbs, speedup, check])
         groups.append(rows)
     return groups
 
 
+def _wide(report):
+    """One row per shape, one column per implementation but memcpy: x memcpy (the shape of
+    the README's table and of --sweep-k's). Returns (header, rows)."""
+    names = [name for name in report["implementations"] if name != "memcpy"]
+    names = [name for name in names if any(name in e["results"] for e in report["shapes"])]
+    header = ["N x K", *(_label(report, name) for name in names)]
+    rows = []
+    for entry in report["shapes"]:
+        cells = [f"{entry['n']} x {entry['k']}"]
+        for name in names:
+            result = entry["results"].get(name, {})
+            cell = _ratio(result.get("x_memcpy"))
+            if result and not result.get("checked"):
+                cell += " (not checked)" if result.get("unchecked") else " (MISMATCH)"
+            cells.append(cell)
+        rows.append(cells)
+    return header, rows
+
+
 def _ratio(value):
     return "—" if value is None else f"{value:.2f}"
+
+
+def reliability_warning(report):
+    """The warning of a run during which other processes took over BUSY_PERCENT of the CPU
+    while a shape was timed, or None."""
+    busy = [e for e in report["shapes"] if (e.get("other_cpu_percent") or 0) > BUSY_PERCENT]
+    if not busy:
+        return None
+    worst = max(busy, key=lambda e: e["other_cpu_percent"])
+    shapes = ", ".join(f"{e['n']} x {e['k']}" for e in busy)
+    return (
+        f"WARNING: other processes took over {BUSY_PERCENT}% of the CPU while timing {shapes} "
+        f"(up to {worst['other_cpu_percent']:.0f}%): those times are unreliable"
+    )
 
 
 def _header_lines(report):
@@ -568,8 +715,6 @@ def _header_lines(report):
     threads = f"{env['numba_threads']} Numba threads" if "numba_threads" in env else "threads: ?"
     if "numba_threading_layer" in env:
         threads += f" ({env['numba_threading_layer']})"
-    if "torch_threads" in env:
-        threads += f", {env['torch_threads']} PyTorch threads"
     cpu = env.get("cpu", "unknown CPU")
     if env.get("cpu_count"):
         cpu += f" ({env['cpu_count']} logical CPUs)"
@@ -582,6 +727,8 @@ def _header_lines(report):
             ("fastsce", "fastsce"),
             ("torch", "PyTorch"),
             ("jax", "JAX"),
+            ("optax", "optax"),
+            ("tensorflow", "TensorFlow"),
         ]
         if key in env
     )
@@ -589,18 +736,19 @@ def _header_lines(report):
         how = f"median of {report['repeat']} rounds, implementations interleaved round-robin"
     else:
         how = f"medians from {report['source']}, not interleaved"
-    lines = [f"CPU: {cpu}, {threads}", versions, f"{report['dtype']} logits, integer labels, mean reduction; {how}"]
+    lines = [f"CPU: {cpu}, {threads}"]
+    peers = env.get("peer_threads") or {}
+    if peers:
+        lines.append("peers' threads: " + "; ".join(f"{label} {text}" for label, text in peers.items()))
+    elif "torch_threads" in env:  # a report of bench/ (pytest-benchmark)
+        lines.append(f"peers' threads: PyTorch {env['torch_threads']}")
+    lines += [versions, f"{report['dtype']} logits, integer labels, mean reduction; {how}"]
     other = report.get("other_cpu_percent")
     if other is not None:
         text = f"other processes used {other:.0f}% of the CPU time during the run"
-        busy = [e for e in report["shapes"] if (e.get("other_cpu_percent") or 0) > BUSY_PERCENT]
-        if busy:
-            worst = max(busy, key=lambda e: e["other_cpu_percent"])
-            text += (
-                f"; WARNING: over {BUSY_PERCENT}% while timing "
-                + ", ".join(f"{e['n']} x {e['k']}" for e in busy)
-                + f" (up to {worst['other_cpu_percent']:.0f}%): those times are unreliable"
-            )
+        warning = reliability_warning(report)
+        if warning:
+            text += "; " + warning
         lines.append(text)
     first = report.get("first_call_s", {})
     if "fastsce" in first:
@@ -614,6 +762,8 @@ def _header_lines(report):
             "first call in a new process, both dtypes: "
             + ", ".join(f"{key} cache {value:.2f} s" for key, value in sorted(cold_warm.items()))
         )
+    for name, reason in (report.get("skipped") or {}).items():
+        lines.append(f"{_label(report, name)} skipped: {reason}")
     return lines
 
 
@@ -622,8 +772,9 @@ BUSY_PERCENT = 10  # other processes' share of the CPU above which the header wa
 LEGEND = [
     "x memcpy = median / median of memcpy (np.copyto of the logits, a floor for reading logits and writing a gradient)",
     "GB/s = logits bytes (N * K * itemsize) / median",
-    "fastsce speedup = median of this row / median of fastsce loss+grad (above 1: fastsce is faster)",
+    "fastsce speedup = median of this row / median of fastsce loss+grad (out=) (above 1: fastsce is faster)",
 ]
+WIDE_LEGEND = "x memcpy: median / median of np.copyto of the logits (lower is faster)"
 
 
 def _memory_lines(report):
@@ -645,24 +796,37 @@ MEMORY_TITLE = (
 )
 
 
-def format_text(report) -> str:
-    lines = ["fastsce benchmark", *(f"  {line}" for line in _header_lines(report)), ""]
-    groups = _rows(report)
-    widths = [max(len(c), *(len(row[i]) for rows in groups for row in rows)) for i, c in enumerate(COLUMNS)]
+def _aligned(header, rows, left=1):
+    """Plain-text table: the first ``left`` columns left-aligned, the others right-aligned."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(header)]
 
     def fmt(row):
-        return "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        return "  ".join(cell.ljust(w) if i < left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
 
-    lines.append(fmt(COLUMNS))
-    lines.append("  ".join("-" * w for w in widths))
-    for i, rows in enumerate(groups):
-        if i:
-            lines.append("")
-        lines.extend(fmt(row) for row in rows)
-    lines.append("")
-    lines.extend(LEGEND)
+    return [fmt(header), "  ".join("-" * w for w in widths), *(fmt(row) for row in rows)]
+
+
+def format_text(report) -> str:
+    lines = ["fastsce benchmark", *(f"  {line}" for line in _header_lines(report)), ""]
+    if report.get("sweep_k"):
+        header, rows = _wide(report)
+        lines.append(f"K sweep at about {report['shapes'][0]['n'] * report['shapes'][0]['k']:,} logits per shape")
+        lines.extend(_aligned(header, rows))
+        lines.append("")
+        lines.append(WIDE_LEGEND)
+    else:
+        groups = _rows(report)
+        table = _aligned(COLUMNS, [row for rows in groups for row in rows], left=2)
+        lines.extend(table[:2])
+        body = iter(table[2:])
+        for i, rows in enumerate(groups):
+            if i:
+                lines.append("")
+            lines.extend(next(body) for _ in rows)
+        lines.append("")
+        lines.extend(LEGEND)
     memory = _memory_lines(report)
-    if memory:
+    if memory and not report.get("sweep_k"):
         lines.append("")
         lines.append(MEMORY_TITLE)
         lines.extend(f"  {line}" for line in memory)
@@ -672,48 +836,79 @@ def format_text(report) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _markdown_table(header, rows, align):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines.extend("| " + " | ".join(row) + " |" for row in rows)
+    return lines
+
+
 def format_markdown(report) -> str:
     header = _header_lines(report)
     lines = ["**fastsce benchmark** — " + " · ".join(header), ""]
-    align = ["---", "---", "---:", "---:", "---:", "---:", ":---:"]
-    lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "|".join(align) + "|")
-    for rows in _rows(report):
-        for row in rows:
+    wide_header, wide_rows = _wide(report)
+    wide_rows = [[f"**{row[0]}**", *row[1:]] for row in wide_rows]
+    wide = _markdown_table(wide_header, wide_rows, ["---"] + ["---:"] * (len(wide_header) - 1))
+    if report.get("sweep_k"):
+        lines.extend(wide)
+        lines.append("")
+        lines.append(WIDE_LEGEND + ".")
+        return "\n".join(lines) + "\n"
+    rows = []
+    for group in _rows(report):
+        for row in group:
             cells = [f"**{c}**" if i == 0 and c else c for i, c in enumerate(row)]
             if row[-1] != "ok" and row[-1] != "—":
                 cells[-1] = f"**{row[-1]}**"
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+    lines.extend(_markdown_table(COLUMNS, rows, ["---", "---", "---:", "---:", "---:", "---:", ":---:"]))
     lines.append("")
     lines.append("; ".join(LEGEND) + ".")
     memory = _memory_lines(report)
     if memory:
         lines.append("")
         lines.append(MEMORY_TITLE + " " + "; ".join(memory) + ".")
+    lines.append("")
+    lines.append("x memcpy at a glance:")
+    lines.append("")
+    lines.extend(wide)
     return "\n".join(lines) + "\n"
 
 
-def write_plot(report, path) -> None:
-    """Logits throughput (GB/s) against K, log x axis, one line per implementation."""
+def write_plot(report, path):
+    """Time over memcpy's against K, log-log, one line per implementation; the legend
+    beside the axes, and the reliability warning of a loaded machine under them. Returns
+    the matplotlib Figure."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend needed
 
-    fig = Figure(figsize=(8, 5), layout="constrained")
+    fig = Figure(figsize=(10, 5.5), layout="constrained")
     ax = fig.add_subplot()
     entries = sorted(report["shapes"], key=lambda e: (e["k"], e["n"]))
     for name in report["implementations"]:
-        points = [(e["k"], e["results"][name]["gb_per_s"]) for e in entries if "gb_per_s" in e["results"].get(name, {})]
+        points = [
+            (e["k"], e["results"][name]["x_memcpy"]) for e in entries if e["results"].get(name, {}).get("x_memcpy")
+        ]
         if points:
-            ks, gbs = zip(*points)
-            ax.plot(ks, gbs, marker="o", label=name, linestyle="--" if name == "memcpy" else "-")
+            ks, ratios = zip(*points)
+            style = {"linestyle": "--", "color": "black"} if name == "memcpy" else {"linestyle": "-"}
+            ax.plot(ks, ratios, marker="o", markersize=4, label=_label(report, name), **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xticks([e["k"] for e in entries], [f"{e['k']}\nN={e['n']}" for e in entries])
+    if report.get("sweep_k"):
+        ax.set_xticks([e["k"] for e in entries], [str(e["k"]) for e in entries], fontsize=8, rotation=60)
+        logits = entries[0]["n"] * entries[0]["k"]
+        ax.set_xlabel(f"K (classes), N = {logits:,} // K rows")
+    else:
+        ax.set_xticks([e["k"] for e in entries], [f"{e['k']}\nN={e['n']}" for e in entries])
+        ax.set_xlabel("K (classes)")
     ax.minorticks_off()
-    ax.set_xlabel("K (classes)")
-    ax.set_ylabel("logits throughput, GB/s (N·K·itemsize / median)")
+    ax.set_ylabel("time / time of memcpy of the logits (lower is faster)")
     env = report["environment"]
     threads = f", {env['numba_threads']} threads" if "numba_threads" in env else ""
-    ax.set_title(f"softmax cross-entropy loss+grad, {report['dtype']} — {env.get('cpu', '')}{threads}", fontsize=9)
+    ax.set_title(f"softmax cross-entropy, {report['dtype']} — {env.get('cpu', '')}{threads}", fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    warning = reliability_warning(report)
+    if warning:
+        fig.supxlabel(warning, color="firebrick", fontsize=8, wrap=True)
     fig.savefig(path, dpi=120)
+    return fig
