@@ -1,0 +1,83 @@
+"""How fastsce runs its parallel kernels: the threading layer, one pool launch at a time,
+small problems without the pool, and what happens after ``os.fork()``.
+
+Every kernel made by :func:`fastsce._kernels.jit.parallel` has a ``.serial`` twin, the
+same code compiled without threads (``prange`` runs as ``range``, over the same chunks,
+so its results are bitwise those of the threaded kernel). :func:`launching` picks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import numba
+from numba.np.ufunc import parallel as _numba_parallel
+
+# Problems of at most this many logits run on the calling thread: waking a thread team
+# costs more than they take (tens of us idle; ~8 ms per call when other processes keep
+# every core busy, the scheduler's time slice, against 0.06 ms serial at 20 x 1000).
+SERIAL_LOGITS = 1 << 16
+
+# Numba's threading layer, when neither the user (NUMBA_THREADING_LAYER) nor another
+# library has chosen one before fastsce's first parallel call. "workqueue" rather than
+# the default GNU OpenMP ("omp"; TBB is rarely installed): it survives fork (OpenMP kills
+# a forked child on its first parallel call) and it was faster here: float32 loss+grad,
+# omp time / workqueue time, 15 interleaved rounds on a 2-core machine loaded by other
+# processes: 3.3x at 65536 x 10, 3.0x at 16384 x 100, 1.8x at 8192 x 1000, 1.45x at
+# 1024 x 32000 (bench/threading_layers.py; OpenMP's spinning threads lose their cores). It takes
+# one launch at a time: hence the lock below (each launch uses every thread anyway).
+LAYER = "workqueue"
+
+_lock = threading.Lock()
+_pool_unusable = False  # set in a forked child of a process whose OpenMP pool ran
+
+
+def pin_layer() -> None:
+    """Choose LAYER unless the user did (environment or numba.config) or the pool runs."""
+    if _numba_parallel._is_initialized or "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    if str(numba.config.THREADING_LAYER).lower() == "default":
+        numba.config.THREADING_LAYER = LAYER
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at the fork would stay held forever in the child.
+    global _lock, _pool_unusable
+    _lock = threading.Lock()
+    # GNU OpenMP cannot run a parallel region in a child forked after it started one
+    # (Numba terminates the child); TBB and the workqueue start afresh in the child.
+    if _numba_parallel._is_initialized and numba.threading_layer() == "omp":
+        _pool_unusable = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _serial(kernel):
+    return kernel.serial
+
+
+def _threaded(kernel):
+    return kernel
+
+
+@contextlib.contextmanager
+def launching(n_logits: int):
+    """Yields ``pick``, which maps a parallel kernel to the one to call for a problem of
+    ``n_logits`` logits: its serial twin for small problems (and in a forked child of an
+    OpenMP process), else the kernel itself, launched under the lock."""
+    if n_logits <= SERIAL_LOGITS or _pool_unusable:
+        yield _serial  # no pool, no lock: small calls from several threads run at once
+        return
+    with _lock:
+        yield _threaded
+
+
+def serial_only() -> bool:
+    """True in a forked child whose pool cannot run (every call is then serial)."""
+    return _pool_unusable
+
+
+pin_layer()
