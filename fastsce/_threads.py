@@ -9,6 +9,7 @@ so its results are bitwise those of the threaded kernel). :func:`launching` pick
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import threading
 
@@ -63,6 +64,22 @@ def _threaded(kernel):
     return kernel
 
 
+def _start_pool() -> None:
+    """Start Numba's thread pool (as its first parallel call would) without changing another
+    library's thread settings: GNU OpenMP's start calls omp_set_num_threads(NUMBA_NUM_THREADS)
+    on the calling thread, and PyTorch (sharing libgomp) reads that as its own thread count."""
+    gomp = None
+    if str(numba.config.THREADING_LAYER).lower() not in ("workqueue", "tbb"):
+        try:
+            gomp = ctypes.CDLL("libgomp.so.1")  # the copy already loaded, if any (by soname)
+        except OSError:
+            pass
+    before = gomp.omp_get_max_threads() if gomp is not None else None
+    _numba_parallel._launch_threads()
+    if gomp is not None and numba.threading_layer() == "omp" and gomp.omp_get_max_threads() != before:
+        gomp.omp_set_num_threads(before)  # Numba's regions pass their own thread count
+
+
 @contextlib.contextmanager
 def launching(n_logits: int):
     """Yields ``pick``, which maps a parallel kernel to the one to call for a problem of
@@ -72,6 +89,8 @@ def launching(n_logits: int):
         yield _serial  # no pool, no lock: small calls from several threads run at once
         return
     with _lock:
+        if not _numba_parallel._is_initialized:
+            _start_pool()
         yield _threaded
 
 
