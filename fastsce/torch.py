@@ -208,6 +208,8 @@ def _backward_loss_grad(ctx, grad_output, _):
     if torch.is_grad_enabled():  # create_graph=True: a gradient of the gradient would miss a term
         raise RuntimeError(_DOUBLE_BACKWARD)
     (grad,) = ctx.saved_tensors
+    if grad_output.ndim == 0 and not torch.compiler.is_compiling() and bool(grad_output == 1):
+        return grad, None, None, None, None, None  # a plain loss.backward(): no (N, K) product
     return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None
 
 
