@@ -199,6 +199,13 @@ def _scale(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> tor
     return grad * grad_output
 
 
+def _is_one(grad_output: torch.Tensor) -> bool:
+    """Whether an eager incoming gradient is the scalar 1 (never asked of the tensors a
+    compiler traces with, whose values are unknown)."""
+    eager = type(grad_output) is torch.Tensor and not torch.compiler.is_compiling()
+    return eager and grad_output.ndim == 0 and bool(grad_output == 1)
+
+
 def _setup_loss_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.reduction = inputs[4]
@@ -208,7 +215,7 @@ def _backward_loss_grad(ctx, grad_output, _):
     if torch.is_grad_enabled():  # create_graph=True: a gradient of the gradient would miss a term
         raise RuntimeError(_DOUBLE_BACKWARD)
     (grad,) = ctx.saved_tensors
-    if grad_output.ndim == 0 and not torch.compiler.is_compiling() and bool(grad_output == 1):
+    if _is_one(grad_output):
         return grad, None, None, None, None, None  # a plain loss.backward(): no (N, K) product
     return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None
 
@@ -238,7 +245,7 @@ class _InPlaceBackward(torch.autograd.Function):
         _grad_in_place_op(grad, target, weight, ignore_index, reduction, label_smoothing)
         if reduction == "none" and grad.ndim > 1:
             grad.mul_(grad_output.unsqueeze(1))
-        elif reduction == "none" or not bool(grad_output == 1):  # a plain loss.backward() skips this pass
+        elif not _is_one(grad_output):  # a plain loss.backward() skips this pass
             grad.mul_(grad_output)
         return grad, None, None, None, None, None
 
