@@ -7,6 +7,7 @@ of hanging the run.
 """
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -96,11 +97,22 @@ def run(tmp_path, scenario, layer):
     env.pop("NUMBA_THREADING_LAYER", None)
     if layer is not None:
         env["NUMBA_THREADING_LAYER"] = layer
-    done = subprocess.run(
-        [sys.executable, str(script), scenario], env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
+    returncode, out, err = run_in_own_group([sys.executable, str(script), scenario], env)
+    assert returncode == 0, out + err
+    return out
+
+
+def run_in_own_group(argv, env):
+    """(returncode, stdout, stderr); on timeout the whole process group is killed, so a
+    forked child stuck in a hang does not outlive the test."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {TIMEOUT_S} s (a hang):\n{out}{err}")
+    return proc.returncode, out, err
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
