@@ -57,7 +57,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _serial(kernel):
-    return kernel.serial
+    return getattr(kernel, "serial", kernel)  # (a plain function, e.g. a test's wrapper, is its own twin)
 
 
 def _threaded(kernel):
