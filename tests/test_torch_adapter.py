@@ -243,8 +243,10 @@ def test_autocast_gives_a_float32_loss_as_torch(dtype, reduction):
     np.testing.assert_allclose(grad.float().numpy(), want_grad.float().numpy(), rtol=2**-7, atol=2**-7)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_torch_compile_matches_eager_without_graph_breaks_or_warnings(reduction):
+@pytest.mark.parametrize(
+    "reduction, inplace", [(r, False) for r in REDUCTIONS] + [("mean", True)], ids=[*REDUCTIONS, "mean-inplace"]
+)
+def test_torch_compile_matches_eager_without_graph_breaks_or_warnings(reduction, inplace):
     """The kernels are registered operators (torch.library.custom_op): a compiled model
     traces them as one node with a fake shape (fullgraph=True fails on any graph break) and
     trains as the eager F.cross_entropy does. pytest turns any warning into an error."""
@@ -261,7 +263,8 @@ def test_torch_compile_matches_eager_without_graph_breaks_or_warnings(reduction)
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
 
         def step(x, y):
-            loss = loss_fn(model(x), y, weight=weight, ignore_index=2, reduction=reduction, label_smoothing=0.1)
+            extra = dict(inplace_backward=True) if inplace and compiled else {}  # (ignored when compiled)
+            loss = loss_fn(model(x), y, weight=weight, ignore_index=2, reduction=reduction, label_smoothing=0.1, **extra)
             return loss.mean() if reduction == "none" else loss
 
         if compiled:
