@@ -105,7 +105,9 @@ def run(tmp_path, scenario, layer):
 def run_in_own_group(argv, env):
     """(returncode, stdout, stderr); on timeout the whole process group is killed, so a
     forked child stuck in a hang does not outlive the test."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -5,10 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from _cases import DTYPES, IMPLS, REDUCTIONS, make_case
 
 import fastsce
 from fastsce import _threads
-from _cases import DTYPES, IMPLS, REDUCTIONS, make_case
 
 fast = IMPLS["fast"]
 N_CALLS = 32

@@ -264,7 +264,8 @@ def test_torch_compile_matches_eager_without_graph_breaks_or_warnings(reduction,
 
         def step(x, y):
             extra = dict(inplace_backward=True) if inplace and compiled else {}  # (ignored when compiled)
-            loss = loss_fn(model(x), y, weight=weight, ignore_index=2, reduction=reduction, label_smoothing=0.1, **extra)
+            options = dict(weight=weight, ignore_index=2, reduction=reduction, label_smoothing=0.1)
+            loss = loss_fn(model(x), y, **options, **extra)
             return loss.mean() if reduction == "none" else loss
 
         if compiled:
