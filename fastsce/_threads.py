@@ -17,8 +17,10 @@ import numba
 from numba.np.ufunc import parallel as _numba_parallel
 
 # Problems of at most this many logits run on the calling thread: waking a thread team
-# costs more than they take (tens of us idle; ~8 ms per call when other processes keep
-# every core busy, the scheduler's time slice, against 0.06 ms serial at 20 x 1000).
+# costs more than they take, and far more when other processes keep every core busy
+# (20 x 1000 loss+grad under two busy-loop processes: 90th percentile 2.3-3.6 ms through
+# the workqueue pool, ~8 ms through OpenMP's, 0.15-0.22 ms on the calling thread;
+# bench/small_calls.py).
 SERIAL_LOGITS = 1 << 16
 
 # Numba's threading layer, when neither the user (NUMBA_THREADING_LAYER) nor another
@@ -27,8 +29,8 @@ SERIAL_LOGITS = 1 << 16
 # a forked child on its first parallel call) and it was faster here: float32 loss+grad,
 # omp time / workqueue time, 15 interleaved rounds on a 2-core machine loaded by other
 # processes: 3.3x at 65536 x 10, 3.0x at 16384 x 100, 1.8x at 8192 x 1000, 1.45x at
-# 1024 x 32000 (bench/threading_layers.py; OpenMP's spinning threads lose their cores). It takes
-# one launch at a time: hence the lock below (each launch uses every thread anyway).
+# 1024 x 32000 (bench/threading_layers.py). It takes one launch at a time: hence the
+# lock below (each launch uses every thread anyway).
 LAYER = "workqueue"
 
 _lock = threading.Lock()
