@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
 
 import numpy as np
 
+from fastsce import _threads
 from fastsce._kernels import rows as row_kernels, tiles as tile_kernels
 from fastsce._kernels.half import bits_view
 from fastsce._layout import row_blocks
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
-
-# Numba's default "workqueue" thread pool aborts on concurrent launches from several
-# Python threads. Each call already uses every core, so serialising launches costs nothing.
-_launch_lock = threading.Lock()
 
 # A gradient row longer than this is computed in two reads of the logits instead of
 # three passes (the third would miss the cache): see row_kernels.hard_loss_grad.
@@ -255,6 +251,12 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
     return x3, y3, -(-tiles // tile_kernels.TILES_PER_CHUNK)
 
 
+def _total(chunks: list[np.ndarray]) -> float:
+    """The float64 sum of the chunks' sums, in a fixed order (one block: no concatenation,
+    a few us of a small call)."""
+    return float((chunks[0] if len(chunks) == 1 else np.concatenate(chunks)).sum())
+
+
 def _mean(total: float, d: float, all_ignored: str) -> float:
     if d:
         return total / d
@@ -288,14 +290,14 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     lse = np.empty(m if want_lse else 0, compute)
     chunk_loss, chunk_z = [], []
     class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
-    with _launch_lock:
+    with _threads.launching(m * k) as pick:  # the pool, or the serial twins (fastsce._threads)
         if class_major is not None:  # no block copies: tiles of 64 rows read in place
             x3, y3, n_chunks = class_major
             chunk_loss.append(np.empty(n_chunks, np.float64))
             chunk_z.append(np.empty(n_chunks, np.float64))
             outs = (row_loss, row_z, lse, chunk_loss[-1], chunk_z[-1])
             args = (problem.ignore_index, w, w_sum, v, params, outs, y3, grad is not None)
-            tile_kernels.class_major_loss(x3, problem.target, *args)
+            pick(tile_kernels.class_major_loss)(x3, problem.target, *args)
         for r0, r1, zb, tb, gb, in_place in () if class_major is not None else _blocks(problem, grad):
             zb, gb = bits_view(zb), None if gb is None else bits_view(gb)
             n_chunks = -(-(r1 - r0) // chunk_rows)
@@ -305,15 +307,15 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
             args = (zb, tb, problem.ignore_index, w, w_sum, v[r0:r1], params, chunk_rows, outs)
             if problem.soft:
                 if grad is None:
-                    row_kernels.soft_loss(zb, tb, w, v[r0:r1], params, chunk_rows, outs)
+                    pick(row_kernels.soft_loss)(zb, tb, w, v[r0:r1], params, chunk_rows, outs)
                 else:
-                    row_kernels.soft_loss_grad(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
+                    pick(row_kernels.soft_loss_grad)(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
             elif grad is None:
-                (tile_kernels if small else row_kernels).hard_loss(*args)
+                pick((tile_kernels if small else row_kernels).hard_loss)(*args)
             elif small:
-                tile_kernels.hard_loss_grad(*args, gb, in_place)
+                pick(tile_kernels.hard_loss_grad)(*args, gb, in_place)
             else:
-                row_kernels.hard_loss_grad(*args, gb, in_place, long_rows)
+                pick(row_kernels.hard_loss_grad)(*args, gb, in_place, long_rows)
             zb = tb = gb = args = outs = None  # (as in _blocks)
 
     result = problem.result
@@ -324,8 +326,8 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
             return x.astype(result, copy=False).reshape(problem.lead)
 
         return per_row(row_loss), per_row(row_z) if want_z else None, lse
-    ce = float(np.concatenate(chunk_loss).sum())  # float64, in a fixed order
-    z_term = float(np.concatenate(chunk_z).sum()) if problem.z_loss else 0.0
+    ce = _total(chunk_loss)
+    z_term = _total(chunk_z) if problem.z_loss else 0.0
     if problem.reduction == "mean":
         ce = _mean(ce, d, problem.all_ignored)
         z_term = _mean(z_term, d_z, problem.all_ignored) if problem.z_loss else 0.0

@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from fastsce import api
+from fastsce import _threads, api
 from fastsce._kernels import softmax as softmax_kernels
 from fastsce._layout import row_blocks
 from fastsce._validate import FLOAT_DTYPES, HALF_DTYPE_NAMES, same_memory
@@ -80,9 +80,9 @@ def logsumexp(x, axis=-1, *, keepdims=False, out=None):
         lse[:] = -np.inf
     else:
         long_rows, chunk_rows = _row_options(k, compute)
-        with api._launch_lock:  # the thread pool takes one launch at a time (see api)
+        with _threads.launching(x.size) as pick:  # the pool, or the serial twin
             for r0, r1, z, _, _ in row_blocks(rows, compute, api.COPY_BLOCK_LOGITS):
-                softmax_kernels.logsumexp(z, lse[r0:r1], chunk_rows, long_rows)
+                pick(softmax_kernels.logsumexp)(z, lse[r0:r1], chunk_rows, long_rows)
     result = lse.reshape(shape)
     if out is not None:
         out[...] = result  # rounded to float16 / bfloat16 here, once
@@ -103,9 +103,9 @@ def _rows(kernel, name, x, axis, out):
         return out
     long_rows, chunk_rows = _row_options(k, compute)
     out_rows = np.moveaxis(out, axis, -1)
-    with api._launch_lock:  # the thread pool takes one launch at a time (see api)
+    with _threads.launching(x.size) as pick:  # the pool, or the serial twin
         for _, _, z, _, (o,) in row_blocks(rows, compute, api.COPY_BLOCK_LOGITS, outputs=(out_rows,)):
-            kernel(z, o, chunk_rows, same_memory(o, z), long_rows)
+            pick(kernel)(z, o, chunk_rows, same_memory(o, z), long_rows)
     return out
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastsce import _threads
 from fastsce._kernels import shards as shard_kernels
 from fastsce._kernels.rows import float64_sum
 from fastsce._validate import (
@@ -46,7 +47,6 @@ from fastsce._validate import (
     check_transform,
     same_memory,
 )
-from fastsce.api import _launch_lock
 
 __all__ = ["ShardStats", "combine", "finish", "finish_grad", "partial_stats"]
 
@@ -139,14 +139,14 @@ def partial_stats(
     scale, cap, transformed = shard.transform_args
     chunk_rows = max(1, _CHUNK_LOGITS // k)
     held = labels = None
-    with _launch_lock:
+    with _threads.launching(shard.x.size) as pick:  # the pool, or the serial twins
         if shard.soft:
-            shard_kernels.soft_stats(
+            pick(shard_kernels.soft_stats)(
                 shard.x, shard.target, shard.w, shard.eps, scale, cap, transformed, chunk_rows, m, s, a, b, c
             )
         else:
             held = np.empty(n, np.int64)
-            shard_kernels.hard_stats(
+            pick(shard_kernels.hard_stats)(
                 shard.x, shard.target, shard.offset, shard.ignore_index, shard.w, shard.eps,
                 scale, cap, transformed, chunk_rows, m, s, a, b, c, held,
             )  # fmt: skip
@@ -281,14 +281,14 @@ def finish_grad(
         r = v * (sc * eps / big_k)
     scale, cap, transformed = shard.transform_args
     chunk_rows = max(1, _CHUNK_LOGITS // k)
-    with _launch_lock:
+    with _threads.launching(shard.x.size) as pick:  # the pool, or the serial twins
         if shard.soft:
-            shard_kernels.soft_grad(
+            pick(shard_kernels.soft_grad)(
                 shard.x, shard.target, shard.w, stats.m, p, q, r, rows.counted,
                 scale, cap, transformed, chunk_rows, g,
             )  # fmt: skip
         else:
-            shard_kernels.hard_grad(
+            pick(shard_kernels.hard_grad)(
                 shard.x, shard.target, shard.offset, shard.w, stats.m, p, q, r, rows.counted,
                 scale, cap, transformed, chunk_rows, g,
             )  # fmt: skip

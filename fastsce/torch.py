@@ -15,7 +15,8 @@ dim 1) or (K,), in float32, float64, float16 or bfloat16 (the last two computed 
 float32 inside the kernels; bfloat16 needs ``ml_dtypes``). Falls back to
 ``torch.nn.functional.cross_entropy`` (silently, same result) for anything else: other
 devices or dtypes, the legacy ``size_average``/``reduce`` arguments, targets or weights
-that require grad, and negative or non-finite weights.
+that require grad; negative or non-finite weights are computed by PyTorch inside the
+same operator.
 
 This module imports torch; ``import fastsce`` does not.
 """
@@ -56,7 +57,7 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
-def _on_numpy(fn, input, target, weight, ignore_index, reduction, label_smoothing):
+def _on_numpy(fn, input, target, weight, ignore_index, reduction, label_smoothing, **kwargs):
     """fn (fastsce.cross_entropy or cross_entropy_with_grad) on NumPy views of the
     tensors, with PyTorch's class axis: dim 1, or dim 0 of unbatched (K,) input."""
     return fn(
@@ -67,6 +68,7 @@ def _on_numpy(fn, input, target, weight, ignore_index, reduction, label_smoothin
         reduction=reduction,
         label_smoothing=label_smoothing,
         axis=1 if input.ndim > 1 else 0,
+        **kwargs,
     )
 
 
@@ -87,30 +89,164 @@ def _supported(input, target, weight) -> bool:
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or weight.device.type != "cpu" or weight.requires_grad:
             return False
-        if not weight.is_floating_point() or not bool(torch.isfinite(weight).all() and (weight >= 0).all()):
+        if not weight.is_floating_point():
             return False
-    return True
+    return True  # (weights' values are checked inside the operators: see _weights_ok)
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """Loss in forward; the gradient is computed there too and stored for backward."""
+def _weights_ok(weight) -> bool:
+    """fastsce refuses negative or non-finite class weights; PyTorch takes them. Checked
+    inside the operators, as data-dependent branching would break a compiled graph."""
+    return weight is None or bool(torch.isfinite(weight).all() and (weight >= 0).all())
+
+
+def _by_torch(input, target, weight, ignore_index, reduction, label_smoothing, with_grad):
+    """(loss, gradient or None) by PyTorch's own cross_entropy: what the operators give
+    for weights fastsce refuses. The gradient is that of the loss (of each row's, "none")."""
+    z = input.detach().requires_grad_(with_grad)
+    with torch.enable_grad():
+        loss = F.cross_entropy(
+            z, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+        )
+        grad = torch.autograd.grad(loss, z, torch.ones_like(loss))[0] if with_grad else None
+    return loss.detach(), grad
+
+
+def _rows_shape(input: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a per-row loss: the input's without the class dim (dim 1, or dim 0 unbatched)."""
+    return tuple(input.shape[:1] + input.shape[2:]) if input.ndim > 1 else ()
+
+
+# The kernels as PyTorch operators (torch.library.custom_op): torch.compile sees each as one
+# opaque call with a known output shape (its fake implementation) and its autograd formula,
+# instead of tracing into NumPy and breaking the graph.
+@torch.library.custom_op("fastsce::cross_entropy", mutates_args=())
+def _loss_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> torch.Tensor:
+    if not _weights_ok(weight):
+        return _by_torch(input, target, weight, ignore_index, reduction, label_smoothing, False)[0]
+    return _tensor(_on_numpy(fastsce.cross_entropy, input, target, weight, ignore_index, reduction, label_smoothing))
+
+
+@torch.library.custom_op("fastsce::cross_entropy_with_grad", mutates_args=())
+def _loss_grad_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, and the gradient its backward scales (computed in the same pass)."""
+    if not _weights_ok(weight):
+        return _by_torch(input, target, weight, ignore_index, reduction, label_smoothing, True)
+    loss, grad = _on_numpy(
+        fastsce.cross_entropy_with_grad, input, target, weight, ignore_index, reduction, label_smoothing
+    )
+    return _tensor(loss), _tensor(grad)
+
+
+@torch.library.custom_op("fastsce::cross_entropy_grad_", mutates_args=("input",))
+def _grad_in_place_op(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> None:
+    """Overwrites the input (contiguous) with the gradient of the loss."""
+    if not _weights_ok(weight):
+        input.copy_(_by_torch(input, target, weight, ignore_index, reduction, label_smoothing, True)[1])
+        return
+    z = _numpy(input)
+    _on_numpy(fastsce.cross_entropy_with_grad, input, target, weight, ignore_index, reduction, label_smoothing, out=z)
+
+
+@_loss_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing):
+    return input.new_empty(_rows_shape(input) if reduction == "none" else ())
+
+
+@_loss_grad_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing):
+    loss = input.new_empty(_rows_shape(input) if reduction == "none" else ())
+    return loss, torch.empty(input.shape, dtype=input.dtype)
+
+
+@_grad_in_place_op.register_fake
+def _(input, target, weight, ignore_index, reduction, label_smoothing):
+    return None
+
+
+_DOUBLE_BACKWARD = (
+    "fastsce.torch.cross_entropy has no second derivative (backward with create_graph=True, "
+    "e.g. for a gradient penalty): its gradient comes from fastsce's kernels, outside "
+    "autograd. Use torch.nn.functional.cross_entropy where the gradient is differentiated."
+)
+
+
+def _scale(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The saved gradient times the incoming one (one per row for "none")."""
+    if reduction == "none" and grad.ndim > 1:
+        grad_output = grad_output.unsqueeze(1)
+    return grad * grad_output
+
+
+def _is_one(grad_output: torch.Tensor) -> bool:
+    """Whether an eager incoming gradient is the scalar 1 (never asked of the tensors a
+    compiler traces with, whose values are unknown)."""
+    eager = type(grad_output) is torch.Tensor and not torch.compiler.is_compiling()
+    return eager and grad_output.ndim == 0 and bool(grad_output == 1)
+
+
+def _setup_loss_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.reduction = inputs[4]
+
+
+def _backward_loss_grad(ctx, grad_output, _):
+    if torch.is_grad_enabled():  # create_graph=True: a gradient of the gradient would miss a term
+        raise RuntimeError(_DOUBLE_BACKWARD)
+    (grad,) = ctx.saved_tensors
+    if _is_one(grad_output):
+        return grad, None, None, None, None, None  # a plain loss.backward(): no (N, K) product
+    return _scale(grad, grad_output, ctx.reduction), None, None, None, None, None
+
+
+_loss_grad_op.register_autograd(_backward_loss_grad, setup_context=_setup_loss_grad)
+
+
+class _InPlaceBackward(torch.autograd.Function):
+    """inplace_backward=True: only the loss in forward (the logits are left as they are);
+    backward writes the gradient over the logits' storage and returns that storage."""
 
     @staticmethod
     def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing):
-        loss, grad = _on_numpy(
-            fastsce.cross_entropy_with_grad, input, target, weight, ignore_index, reduction, label_smoothing
-        )
-        ctx.grad = _tensor(grad)
-        ctx.reduction = reduction
-        return _tensor(loss)
+        ctx.save_for_backward(input, target, weight)
+        ctx.args = ignore_index, reduction, label_smoothing
+        return _loss_op(input, target, weight, ignore_index, reduction, label_smoothing)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        if ctx.reduction == "none" and ctx.grad.ndim > 1:  # one incoming gradient per row
-            grad = ctx.grad * grad_output.unsqueeze(1)
-        else:
-            grad = ctx.grad * grad_output
+        if torch.is_grad_enabled():
+            raise RuntimeError(_DOUBLE_BACKWARD)
+        input, target, weight = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing = ctx.args
+        grad = input.detach()
+        if not grad.is_contiguous():  # then a contiguous copy takes the gradient
+            grad = grad.contiguous()
+        _grad_in_place_op(grad, target, weight, ignore_index, reduction, label_smoothing)
+        if reduction == "none" and grad.ndim > 1:
+            grad.mul_(grad_output.unsqueeze(1))
+        elif not _is_one(grad_output):  # a plain loss.backward() skips this pass
+            grad.mul_(grad_output)
         return grad, None, None, None, None, None
 
 
@@ -123,14 +259,24 @@ def cross_entropy(
     reduce=None,
     reduction="mean",
     label_smoothing=0.0,
+    *,
+    inplace_backward=False,
 ):
     """Drop-in for ``torch.nn.functional.cross_entropy`` (same arguments, same order).
 
     CPU input (N, K), (N, K, d1, ...) or (K,) with integer class targets (the input's
     shape without dim 1) or probability targets (the input's shape) runs on fastsce's
     kernels; anything else falls back to ``torch.nn.functional.cross_entropy`` (see the
-    module docstring). Returns a tensor of the input's dtype: 0-d for "mean"/"sum", the
-    target's shape for "none".
+    module docstring). Returns a tensor of the input's dtype (float32 under CPU autocast,
+    as PyTorch's): 0-d for "mean"/"sum", the target's shape for "none".
+
+    inplace_backward : bool, keyword only
+        Backward writes the gradient over the input's storage (when it is contiguous) and
+        returns it, so no (N, K) gradient buffer is allocated; forward computes only the
+        loss. After backward the input holds the gradient, not the logits: use it only when
+        nothing needs the logits after backward (autograd does not, for the usual
+        ``cross_entropy(model(x), y, inplace_backward=True).backward()``). Ignored under
+        ``torch.compile``, whose compiled graph plans its own buffers.
     """
     if size_average is not None or reduce is not None or not _supported(input, target, weight):
         return F.cross_entropy(
@@ -143,15 +289,32 @@ def cross_entropy(
             reduction=reduction,
             label_smoothing=label_smoothing,
         )
-    if torch.is_grad_enabled() and input.requires_grad:
-        return _CrossEntropy.apply(input, target, weight, ignore_index, reduction, label_smoothing)
-    loss = _on_numpy(fastsce.cross_entropy, input, target, weight, ignore_index, reduction, label_smoothing)
-    return _tensor(loss)
+    if torch.is_autocast_enabled("cpu"):  # cross_entropy is on autocast's float32 list
+        input, target, weight = (_autocast_float32(t) for t in (input, target, weight))
+    args = (input, target, weight, ignore_index, reduction, label_smoothing)
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return _loss_op(*args)
+    if inplace_backward and not torch.compiler.is_compiling():  # compiled graphs plan their own buffers
+        return _InPlaceBackward.apply(*args)
+    return _loss_grad_op(*args)[0]
+
+
+def _autocast_float32(t):
+    """A float16 / bfloat16 tensor as float32, as autocast casts the arguments of its
+    float32 operators (differentiably: the gradient flows back in the tensor's dtype)."""
+    if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` (same constructor, buffers and state
-    dict) whose forward is :func:`fastsce.torch.cross_entropy`."""
+    dict) whose forward is :func:`fastsce.torch.cross_entropy`; ``inplace_backward``
+    (keyword only) as there."""
+
+    def __init__(self, *args, inplace_backward: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inplace_backward = inplace_backward
 
     def forward(self, input, target):
         return cross_entropy(
@@ -161,4 +324,5 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
+            inplace_backward=self.inplace_backward,
         )

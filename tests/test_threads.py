@@ -1,10 +1,14 @@
-"""Concurrent calls from several Python threads give the results of serial calls, bit for bit."""
+"""Concurrent calls from several Python threads give the results of serial calls, bit for bit;
+the serial twins of the kernels (small problems) give the threaded kernels' results, bit for bit."""
 
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
+import pytest
 from _cases import DTYPES, IMPLS, REDUCTIONS, make_case
+
+import fastsce
+from fastsce import _threads
 
 fast = IMPLS["fast"]
 N_CALLS = 32
@@ -48,3 +52,30 @@ def test_concurrent_calls_match_serial_calls_bitwise():
         for i, (got, want) in enumerate(zip(concurrent, serial, strict=True)):
             for a, b in zip(got, want, strict=True):
                 np.testing.assert_array_equal(a, b, strict=True, err_msg=f"call {i}")
+
+
+def run_all(case, use_out):
+    """run() and the primitives on the case's logits."""
+    z = case.logits
+    return (*run(case, use_out), fastsce.softmax(z), fastsce.log_softmax(z), fastsce.logsumexp(z))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_serial_twins_match_the_threaded_kernels_bitwise(monkeypatch, threads):
+    """Small problems run on the kernels' serial twins (fastsce._threads): same chunks,
+    same order of float64 sums, so the same bits as the thread pool at any thread count."""
+    import numba
+
+    work = cases()
+    monkeypatch.setattr(_threads, "SERIAL_LOGITS", 1 << 62)
+    serial = [run_all(case, use_out) for case, use_out in work]
+    monkeypatch.setattr(_threads, "SERIAL_LOGITS", -1)
+    saved = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        threaded = [run_all(case, use_out) for case, use_out in work]
+    finally:
+        numba.set_num_threads(saved)
+    for i, (got, want) in enumerate(zip(threaded, serial, strict=True)):
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b, strict=True, err_msg=f"call {i}")

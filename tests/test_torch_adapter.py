@@ -193,3 +193,157 @@ def test_training_follows_the_same_loss_curve():
         curves.append(np.array(curve))
     assert curves[1][-1] < 0.5 * curves[1][0]  # it did learn
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-10, atol=1e-12)
+
+
+# --- double backward, autocast, torch.compile, threads, inplace_backward -------------------------
+
+
+def gradient_penalty_setup(dtype=torch.float64):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 6, generator=gen, dtype=dtype)
+    y = torch.randint(0, 4, (12,), generator=gen)
+    w = torch.randn(6, 4, generator=gen, dtype=dtype, requires_grad=True)
+    return x, y, w
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["default", "inplace"])
+def test_double_backward_raises_instead_of_a_wrong_gradient(inplace):
+    """A gradient penalty differentiates the gradient: the kernels' gradient is a constant to
+    autograd, so the result would silently miss a term. It raises, naming the way out."""
+    x, y, w = gradient_penalty_setup()
+    loss = fastsce_torch.cross_entropy(x @ w, y, inplace_backward=inplace)
+    with pytest.raises(RuntimeError, match="no second derivative.*torch.nn.functional.cross_entropy"):
+        torch.autograd.grad(loss, w, create_graph=True)
+    # the first derivative alone (no create_graph) still matches PyTorch's
+    (g,) = torch.autograd.grad(fastsce_torch.cross_entropy(x @ w, y, inplace_backward=inplace), w)
+    (want,) = torch.autograd.grad(F.cross_entropy(x @ w, y), w)
+    assert_close(g.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-in", "f32-in"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_gives_a_float32_loss_as_torch(dtype, reduction):
+    """cross_entropy is on CPU autocast's float32 list: half inputs are computed in float32
+    and the loss is float32; the gradient reaches the input in its own dtype."""
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(16, 8, generator=gen, dtype=dtype)
+    w = torch.randn(8, 5, generator=gen, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, 5, (16,), generator=gen)
+    results = []
+    for fn in (fastsce_torch.cross_entropy, F.cross_entropy):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = a @ w  # bfloat16 under autocast
+            loss = fn(logits, y, reduction=reduction, label_smoothing=0.1)
+        (grad,) = torch.autograd.grad(loss.sum(), w)
+        results.append((loss, grad))
+    (loss, grad), (want_loss, want_grad) = results
+    assert loss.dtype == want_loss.dtype == torch.float32 and loss.shape == want_loss.shape
+    assert grad.dtype == want_grad.dtype == dtype
+    assert_close(loss.detach().numpy(), want_loss.detach().numpy())
+    np.testing.assert_allclose(grad.float().numpy(), want_grad.float().numpy(), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize(
+    "reduction, inplace", [(r, False) for r in REDUCTIONS] + [("mean", True)], ids=[*REDUCTIONS, "mean-inplace"]
+)
+def test_torch_compile_matches_eager_without_graph_breaks_or_warnings(reduction, inplace):
+    """The kernels are registered operators (torch.library.custom_op): a compiled model
+    traces them as one node with a fake shape (fullgraph=True fails on any graph break) and
+    trains as the eager F.cross_entropy does. pytest turns any warning into an error."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(32, 12, generator=gen)
+    y = torch.randint(0, 6, (32,), generator=gen)
+    y[::5] = 2
+    weight = torch.linspace(0.5, 2.0, 6)
+    curves = []
+    for loss_fn, compiled in ((fastsce_torch.cross_entropy, True), (F.cross_entropy, False)):
+        torch.manual_seed(8)
+        model = torch.nn.Linear(12, 6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+        def step(x, y):
+            extra = dict(inplace_backward=True) if inplace and compiled else {}  # (ignored when compiled)
+            options = dict(weight=weight, ignore_index=2, reduction=reduction, label_smoothing=0.1)
+            loss = loss_fn(model(x), y, **options, **extra)
+            return loss.mean() if reduction == "none" else loss
+
+        if compiled:
+            step = torch.compile(step, backend="aot_eager", fullgraph=True)
+        curve = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = step(x, y)
+            loss.backward()
+            curve.append((loss.item(), model.weight.grad.clone().numpy()))
+            opt.step()
+        curves.append(curve)
+    for (loss, grad), (want_loss, want_grad) in zip(*curves, strict=True):
+        assert_close(np.float32(loss), np.float32(want_loss))
+        assert_close(grad, want_grad)
+
+
+def test_fake_shapes_match_the_real_ones():
+    for shape, target_shape, reduction in [((7, 5), (7,), "none"), ((4, 5, 3), (4, 3), "none"), ((5,), (), "sum")]:
+        z = torch.randn(shape)
+        t = torch.randint(0, 5, target_shape) if target_shape != shape else torch.rand(shape)
+        torch.library.opcheck(fastsce_torch._loss_op, (z, t, None, -100, reduction, 0.0))
+        torch.library.opcheck(fastsce_torch._loss_grad_op, (z.requires_grad_(), t, None, -100, reduction, 0.0))
+
+
+@pytest.mark.parametrize("layer", ["workqueue", "omp"])
+def test_torch_thread_count_is_left_alone(layer):
+    """With NUMBA_NUM_THREADS=1, starting Numba's pool (GNU OpenMP's sets the shared
+    libgomp's thread count) must not change torch.get_num_threads()."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import torch, numpy as np\n"
+        "torch.set_num_threads(2)\n"
+        "import fastsce.torch, numba\n"
+        "z = torch.randn(400, 1000, requires_grad=True)\n"  # big enough for the thread pool
+        "fastsce.torch.cross_entropy(z, torch.zeros(400, dtype=torch.long)).backward()\n"
+        "print(numba.threading_layer(), torch.get_num_threads())\n"
+    )
+    env = dict(__import__("os").environ, NUMBA_NUM_THREADS="1", NUMBA_THREADING_LAYER=layer)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [layer, "2"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inplace_backward_writes_the_gradient_over_the_logits(dtype, reduction):
+    gen = torch.Generator().manual_seed(9)
+    base = torch.randn(23, 7, generator=gen).to(dtype)
+    y = torch.randint(0, 7, (23,), generator=gen)
+    weight = torch.rand(7, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32) + 0.5
+    upstream = torch.rand(23, generator=gen).to(dtype) if reduction == "none" else torch.tensor(2.5, dtype=dtype)
+    results = []
+    for fn, kwargs in ((fastsce_torch.cross_entropy, dict(inplace_backward=True)), (F.cross_entropy, {})):
+        z = base.clone().requires_grad_()
+        loss = fn(z, y, weight=weight.to(dtype), reduction=reduction, label_smoothing=0.1, **kwargs)
+        (loss * upstream).sum().backward()
+        results.append((loss.detach().float().numpy(), z.grad, z))
+    (loss, grad, z), (want_loss, want_grad, _) = results
+    assert grad.data_ptr() == z.data_ptr()  # no gradient buffer: the logits' own storage
+    assert torch.equal(z.detach(), grad)  # (which now holds the gradient)
+    tol = dict(rtol=2**-7, atol=2**-7) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, want_loss, **tol)
+    np.testing.assert_allclose(grad.float().numpy(), want_grad.float().numpy(), **tol)
+
+
+def test_inplace_backward_in_a_model_and_on_non_contiguous_logits():
+    x, y, w = gradient_penalty_setup(torch.float32)
+    grads = []
+    for kwargs in (dict(inplace_backward=True), {}):
+        w.grad = None
+        fastsce_torch.CrossEntropyLoss(**kwargs)(x @ w, y).backward()
+        grads.append(w.grad.clone())
+        w.grad = None
+        fastsce_torch.cross_entropy((w.t() @ x.t()).t(), y, **kwargs).backward()  # column-major logits
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[2]) and torch.equal(grads[1], grads[3])

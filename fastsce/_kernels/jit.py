@@ -1,5 +1,7 @@
 """All Numba compile options live here, so every kernel is built the same way."""
 
+import types
+
 import numba
 
 # No "nnan"/"ninf": -inf logits (masked classes) and NaN propagation must keep their
@@ -28,5 +30,15 @@ def vector(fn):
 
 
 def parallel(fn):
-    """A kernel whose prange loop is spread over Numba's thread pool."""
-    return numba.njit(parallel=True, **OPTIONS)(fn)
+    """A kernel whose prange loop is spread over Numba's thread pool; ``.serial`` is the
+    same code compiled without threads (prange runs as range over the same chunks), for
+    small problems and forked children (see fastsce._threads)."""
+    kernel = numba.njit(parallel=True, **OPTIONS)(fn)
+    # A copy of the function under another name: Numba's disk cache keys entries by the
+    # function's name and bytecode, not by parallel=, so the twins would overwrite each other.
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__module__ = fn.__module__
+    twin.__doc__ = fn.__doc__
+    kernel.serial = numba.njit(**OPTIONS)(twin)
+    return kernel
