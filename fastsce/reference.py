@@ -25,17 +25,38 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
 # (as PyTorch does), so float32 differences are a few float32 ulps of O(1) quantities.
 # Half-precision results are both rounded from float32, so they differ by at most one ulp
 # of their own (2^-11 relative for float16, 2^-8 for bfloat16), or a subnormal's spacing.
-TOLERANCE = {
+
+
+class _Tolerances(dict):
+    """dtype -> dict(rtol, atol). bfloat16 is looked up by its name when first asked for:
+    its dtype comes from ml_dtypes, whose import alone takes about a second, so it is
+    never imported here (whoever holds a bfloat16 dtype has imported it already)."""
+
+    def __missing__(self, key):
+        try:
+            dtype = np.dtype(key)
+        except TypeError:
+            raise KeyError(key) from None
+        if dtype.name == "bfloat16":
+            self[dtype] = dict(rtol=8e-3, atol=1e-5)
+            return self[dtype]
+        if dtype in self.keys():  # e.g. TOLERANCE["float32"]
+            return self[dtype]
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
+
+TOLERANCE: dict[np.dtype, dict[str, float]] = _Tolerances({
     np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14),
     np.dtype(np.float16): dict(rtol=1e-3, atol=1e-6),
-}
-try:  # bfloat16 arrays come from ml_dtypes (as in JAX); fastsce does not need it
-    import ml_dtypes
-
-    TOLERANCE[np.dtype(ml_dtypes.bfloat16)] = dict(rtol=8e-3, atol=1e-5)
-except ImportError:  # pragma: no cover
-    pass
+})  # fmt: skip
 
 
 def cross_entropy(logits, target, **options):
