@@ -10,11 +10,11 @@ run on the same kernels.
 """
 
 from fastsce import reference
+from fastsce._version import __version__
 from fastsce.api import cross_entropy, cross_entropy_with_grad
 from fastsce.primitives import log_softmax, logsumexp, softmax
 from fastsce.sharded import ShardStats, combine, finish, finish_grad, partial_stats
 
-__version__ = "0.1.0"
 __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
