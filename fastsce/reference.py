@@ -14,8 +14,11 @@ None), eps = label_smoothing, s = z_loss, D / D_z = the "mean" denominators.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+from fastsce._typing import Array, ArrayLike, same_signature
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
@@ -59,7 +62,16 @@ TOLERANCE: dict[np.dtype, dict[str, float]] = _Tolerances({
 })  # fmt: skip
 
 
-def cross_entropy(logits, target, **options):
+if TYPE_CHECKING:  # the API's signatures; fastsce.api is not imported at run time (it compiles)
+    from fastsce import api
+else:
+
+    class api:  # stands in for it at run time: same_signature ignores its argument
+        cross_entropy = cross_entropy_with_grad = None
+
+
+@same_signature(api.cross_entropy)
+def cross_entropy(logits: ArrayLike, target: ArrayLike, **options: Any) -> Any:
     """Loss only; see :func:`fastsce.cross_entropy` (same keyword arguments)."""
     returns, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
@@ -68,7 +80,8 @@ def cross_entropy(logits, target, **options):
     return _pack(loss, None, z_term, lse, returns)
 
 
-def cross_entropy_with_grad(logits, target, *, out=None, **options):
+@same_signature(api.cross_entropy_with_grad)
+def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *, out: Array | None = None, **options: Any) -> Any:
     """Loss and gradient; see :func:`fastsce.cross_entropy_with_grad` (same arguments)."""
     returns, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
@@ -213,7 +226,7 @@ def _store(result, out, dtype):
     return out
 
 
-def softmax(x, axis=-1, *, out=None):
+def softmax(x: ArrayLike, axis: int = -1, *, out: Array | None = None) -> Array:
     """exp(x - max) / sum exp(x - max); see :func:`fastsce.softmax`."""
     z, axis, dtype = _rows_of("softmax", x, axis, out)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -221,7 +234,7 @@ def softmax(x, axis=-1, *, out=None):
         return _store(e / e.sum(axis=axis, keepdims=True), out, dtype)
 
 
-def log_softmax(x, axis=-1, *, out=None):
+def log_softmax(x: ArrayLike, axis: int = -1, *, out: Array | None = None) -> Array:
     """(x - max) - log sum exp(x - max); see :func:`fastsce.log_softmax`."""
     z, axis, dtype = _rows_of("log_softmax", x, axis, out)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -229,7 +242,7 @@ def log_softmax(x, axis=-1, *, out=None):
         return _store(shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True)), out, dtype)
 
 
-def logsumexp(x, axis=-1, *, keepdims=False, out=None):
+def logsumexp(x: ArrayLike, axis: int = -1, *, keepdims: bool = False, out: Array | None = None) -> Any:
     """m + log sum exp(x - m), m the max, or 0 where the max is infinite (+inf and all
     -inf rows then give +inf and -inf, as in PyTorch); see :func:`fastsce.logsumexp`."""
 

@@ -115,15 +115,15 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(
-    input,
-    target,
-    weight=None,
-    size_average=None,
-    ignore_index=-100,
-    reduce=None,
-    reduction="mean",
-    label_smoothing=0.0,
-):
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.cross_entropy`` (same arguments, same order).
 
     CPU input (N, K), (N, K, d1, ...) or (K,) with integer class targets (the input's
@@ -153,7 +153,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """Drop-in for ``torch.nn.CrossEntropyLoss`` (same constructor, buffers and state
     dict) whose forward is :func:`fastsce.torch.cross_entropy`."""
 
-    def forward(self, input, target):
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
             input,
             target,
