@@ -65,8 +65,11 @@ def pytest_collection_finish(session):
     import importlib.util
 
     import fastsce
+    from fastsce._warmup import PATHS
 
-    dtypes = ["float32", "float64", "float16"]
-    if importlib.util.find_spec("ml_dtypes") is not None:
-        dtypes.append("bfloat16")
-    fastsce.warmup(dtypes, progress=session.config.get_verbosity() > 0)
+    half = ["float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") is not None else [])
+    full_paths = [p for p in PATHS if not p.startswith("int32")]  # int32 labels: float32/64 tests only
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # the progress lines show while it compiles
+        fastsce.warmup(["float32", "float64"])
+        fastsce.warmup(half, full_paths)
