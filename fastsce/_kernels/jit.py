@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numba
 from numba.core import caching
+from numba.core.dispatcher import Dispatcher
 from numba.misc.appdirs import AppDirs
 
 from fastsce._version import __version__
@@ -133,8 +134,9 @@ DISPATCHERS: list = []  # every kernel and helper compiled here, for compile_cou
 
 def _njit(fn, **options):
     dispatcher = numba.njit(**options)(fn)
-    dispatcher._cache = _Cache(fn)  # what numba.njit(cache=True) does, with our cache
-    DISPATCHERS.append(dispatcher)
+    if isinstance(dispatcher, Dispatcher):  # not the plain function of NUMBA_DISABLE_JIT=1
+        dispatcher._cache = _Cache(fn)  # what numba.njit(cache=True) does, with our cache
+        DISPATCHERS.append(dispatcher)
     return dispatcher
 
 
