@@ -109,7 +109,9 @@ def _shards(dtype: np.dtype) -> None:
     import fastsce
 
     logits, labels = _data(dtype, (130, 20))
-    stats = fastsce.combine(fastsce.partial_stats(logits[:, :8], labels, 0), fastsce.partial_stats(logits[:, 8:], labels, 8))
+    stats = fastsce.combine(
+        fastsce.partial_stats(logits[:, :8], labels, 0), fastsce.partial_stats(logits[:, 8:], labels, 8)
+    )
     fastsce.finish(stats)
     fastsce.finish_grad(logits[:, :8], labels, stats, 0)
 

@@ -74,6 +74,8 @@ def cross_entropy(
     return_lse: Literal[False] = False,
     dtype: DTypeLike | None = None,
 ) -> Loss: ...
+
+
 @overload
 def cross_entropy(
     logits: ArrayLike,
@@ -94,6 +96,8 @@ def cross_entropy(
     return_lse: bool = False,
     dtype: DTypeLike | None = None,
 ) -> Loss | tuple[Any, ...]: ...
+
+
 def cross_entropy(
     logits: ArrayLike,
     target: ArrayLike,
@@ -200,6 +204,8 @@ def cross_entropy_with_grad(
     dtype: DTypeLike | None = None,
     out: Array | None = None,
 ) -> tuple[Loss, Array]: ...
+
+
 @overload
 def cross_entropy_with_grad(
     logits: ArrayLike,
@@ -221,6 +227,8 @@ def cross_entropy_with_grad(
     dtype: DTypeLike | None = None,
     out: Array | None = None,
 ) -> tuple[Any, ...]: ...
+
+
 def cross_entropy_with_grad(
     logits: ArrayLike,
     target: ArrayLike,

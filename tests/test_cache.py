@@ -45,9 +45,7 @@ print(jit.compile_count(), jit.cache_dir(), float(r.sum()).hex())
 
 def _probe(package_parent, cache_dir, cwd):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(package_parent)}
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     compiled, directory, result = done.stdout.split()
     return int(compiled), directory, result

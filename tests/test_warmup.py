@@ -37,11 +37,16 @@ def test_warmup_compiles_in_workers_and_later_processes_compile_nothing(tmp_path
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert "2 paths, 2 processes" in lines[0]
-    assert sorted(line.split("] ")[1].split(":")[0] for line in lines[1:3]) == ["float64 large-K loss", "float64 logsumexp"]
+    assert sorted(line.split("] ")[1].split(":")[0] for line in lines[1:3]) == [
+        "float64 large-K loss",
+        "float64 logsumexp",
+    ]
     assert all("compiled" in line and line.endswith(" s CPU)") for line in lines[1:3])
     assert lines[-1].startswith("fastsce warmup: done in")
 
-    probe = subprocess.run([sys.executable, "-c", PROBE], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    probe = subprocess.run(
+        [sys.executable, "-c", PROBE], env=_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["0"], "a warmed-up path compiled again"
 

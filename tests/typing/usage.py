@@ -28,7 +28,9 @@ stats: fastsce.ShardStats = fastsce.combine(
 )
 shard_loss = fastsce.finish(stats, reduction="sum")
 shard_grad: NDArray[Any] = fastsce.finish_grad(logits[:, :5], labels, stats, 0)
-timings: dict[tuple[str, str], tuple[float, int]] = fastsce.warmup(dtypes="float64", paths=["logsumexp"], progress=False)
+timings: dict[tuple[str, str], tuple[float, int]] = fastsce.warmup(
+    dtypes="float64", paths=["logsumexp"], progress=False
+)
 version: str = fastsce.__version__
 
 fastsce.cross_entropy(logits, labels, label_smoothing="0.1")  # type: ignore[call-overload]  # a str is refused
