@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import numpy as np, numba, fastsce
 rng = np.random.default_rng(0)
@@ -23,6 +25,7 @@ def _run(cache_dir, threads):
     return done.stdout.split()
 
 
+@pytest.mark.full  # compiles a small-K path into an empty cache: 25 s of CPU
 def test_cache_written_with_two_threads_loads_with_one_and_back(tmp_path):
     first = _run(tmp_path, 2)  # compiles and writes the cache
     assert any(tmp_path.rglob("*.nbi")), "the kernels were not cached"
