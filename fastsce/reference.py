@@ -23,12 +23,6 @@ from fastsce._validate import Problem, check_labels, check_out, check_problem, c
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
 
-# How closely fastsce matches this reference, per logits dtype, for np.allclose /
-# np.testing.assert_allclose. The reference rounds in the logits' dtype at every step
-# (as PyTorch does), so float32 differences are a few float32 ulps of O(1) quantities.
-# Half-precision results are both rounded from float32, so they differ by at most one ulp
-# of their own (2^-11 relative for float16, 2^-8 for bfloat16), or a subnormal's spacing.
-
 
 class _Tolerances(dict):
     """dtype -> dict(rtol, atol). bfloat16 is looked up by its name when first asked for:
@@ -55,6 +49,11 @@ class _Tolerances(dict):
         return True
 
 
+# How closely fastsce matches this reference, per logits dtype, for np.allclose /
+# np.testing.assert_allclose. The reference rounds in the logits' dtype at every step
+# (as PyTorch does), so float32 differences are a few float32 ulps of O(1) quantities.
+# Half-precision results are both rounded from float32, so they differ by at most one ulp
+# of their own (2^-11 relative for float16, 2^-8 for bfloat16), or a subnormal's spacing.
 TOLERANCE: dict[np.dtype, dict[str, float]] = _Tolerances({
     np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14),
@@ -62,7 +61,7 @@ TOLERANCE: dict[np.dtype, dict[str, float]] = _Tolerances({
 })  # fmt: skip
 
 
-if TYPE_CHECKING:  # the API's signatures; fastsce.api is not imported at run time (it compiles)
+if TYPE_CHECKING:  # the API's signatures, for type checkers; not imported at run time (the kernels)
     from fastsce import api
 else:
 
