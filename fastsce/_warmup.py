@@ -1,5 +1,5 @@
-"""Compile every kernel path ahead of time, in worker processes (``fastsce.warmup``,
-``python -m fastsce warmup``).
+"""Compile every kernel path ahead of time, in worker processes (fastsce.warmup(),
+python -m fastsce warmup).
 
 Numba compiles a kernel the first time it is called with new argument types, and holds
 a process-wide lock while it does: a process compiles one path at a time, on one core.
