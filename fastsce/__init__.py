@@ -6,15 +6,16 @@
 ``fastsce.reference`` holds the same functions in plain NumPy, as an oracle;
 ``fastsce.partial_stats`` / ``combine`` / ``finish`` / ``finish_grad`` compute the loss
 with the classes split across shards; ``softmax``, ``log_softmax`` and ``logsumexp``
-run on the same kernels.
+run on the same kernels. ``fastsce.warmup()`` compiles the kernels ahead of time.
 """
 
 from fastsce import reference
+from fastsce._version import __version__
+from fastsce._warmup import warmup
 from fastsce.api import cross_entropy, cross_entropy_with_grad
 from fastsce.primitives import log_softmax, logsumexp, softmax
 from fastsce.sharded import ShardStats, combine, finish, finish_grad, partial_stats
 
-__version__ = "0.1.0"
 __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
@@ -27,5 +28,6 @@ __all__ = [
     "logsumexp",
     "softmax",
     "reference",
+    "warmup",
     "__version__",
 ]

@@ -7,7 +7,10 @@ sweep of K (python -m fastsce bench --help).
 
 python -m fastsce loss LOGITS.npy TARGET.npy: the loss (and optionally gradient and
 per-row losses) of logits and targets in .npy files, in chunks of rows
-(python -m fastsce loss --help)."""
+(python -m fastsce loss --help).
+
+python -m fastsce warmup: compile every kernel path ahead of time into the on-disk
+cache, on all cores (python -m fastsce warmup --help)."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ def _plain(doc: str) -> str:
 
 
 def main(argv=None) -> int:
-    from fastsce import __version__
+    from fastsce import __version__, _warmup
     from fastsce._tools import report, score
 
     parser = argparse.ArgumentParser(
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
         "--repeat", dest="check_repeat", type=int, metavar="R", help="timed calls per implementation (default 10)"
     )
     parser.add_argument("--seed", type=int, help="random seed of the batch (default 0)")
-    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench,loss}")
+    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench,loss,warmup}")
     bench = commands.add_parser(
         "bench",
         help="benchmark report: fastsce against memcpy, the NumPy reference and the peers installed",
@@ -59,6 +62,28 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_arguments(loss)
+    warm = commands.add_parser(
+        "warmup",
+        help="compile every kernel path now, into the on-disk cache",
+        description=_warmup.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    warm.add_argument(
+        "--dtype",
+        dest="warmup_dtypes",
+        action="append",
+        choices=[*_warmup.DTYPES, "all"],
+        help="logits dtype to compile for; repeat for several (default float32)",
+    )
+    warm.add_argument(
+        "--path",
+        dest="warmup_paths",
+        action="append",
+        choices=list(_warmup.PATHS),
+        metavar="PATH",
+        help=f"a path to compile; repeat for several (default all: {', '.join(_warmup.PATHS)})",
+    )
+    warm.add_argument("--processes", type=int, metavar="P", help="worker processes (default: the CPUs)")
     args = parser.parse_args(argv)
 
     given = [option for option, dest in _CHECK_OPTIONS.items() if getattr(args, dest) is not None]
@@ -70,6 +95,14 @@ def main(argv=None) -> int:
         if given:
             parser.error(f"{', '.join(given)}: options of the check job (no subcommand); loss's go after 'loss'")
         return score.run(args, loss)
+    if args.command == "warmup":
+        if given:
+            parser.error(f"{', '.join(given)}: options of the check job (no subcommand); warmup's go after 'warmup'")
+        try:
+            _warmup.warmup(args.warmup_dtypes or ("float32",), args.warmup_paths, processes=args.processes)
+        except ValueError as e:
+            warm.error(str(e))
+        return 0
     for dest, default in CHECK_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from fastsce import _threads
 from fastsce._kernels import rows as row_kernels, tiles as tile_kernels
 from fastsce._kernels.half import bits_view
 from fastsce._layout import row_blocks
+from fastsce._typing import Array, ArrayLike, DTypeLike, Loss
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
@@ -48,25 +50,69 @@ CLASS_MAJOR_MIN_D = 32
 _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 
 
+@overload
 def cross_entropy(
-    logits,
-    target,
+    logits: ArrayLike,
+    target: ArrayLike,
     *,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    axis=-1,
-    z_loss=0.0,
-    logit_scale=None,
-    softcap=None,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-    dtype=None,
-):
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: Literal[False] = False,
+    return_lse: Literal[False] = False,
+    dtype: DTypeLike | None = None,
+) -> Loss: ...
+
+
+@overload
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    dtype: DTypeLike | None = None,
+) -> Loss | tuple[Any, ...]: ...
+
+
+def cross_entropy(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    dtype: DTypeLike | None = None,
+) -> Loss | tuple[Any, ...]:
     """Softmax cross-entropy loss of a batch of logits, with PyTorch's semantics.
 
     Parameters
@@ -133,26 +179,72 @@ def cross_entropy(
     return _pack(loss, None, z_term, lse, returns)
 
 
+@overload
 def cross_entropy_with_grad(
-    logits,
-    target,
+    logits: ArrayLike,
+    target: ArrayLike,
     *,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    axis=-1,
-    z_loss=0.0,
-    logit_scale=None,
-    softcap=None,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-    dtype=None,
-    out=None,
-):
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: Literal[False] = False,
+    return_lse: Literal[False] = False,
+    dtype: DTypeLike | None = None,
+    out: Array | None = None,
+) -> tuple[Loss, Array]: ...
+
+
+@overload
+def cross_entropy_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    dtype: DTypeLike | None = None,
+    out: Array | None = None,
+) -> tuple[Any, ...]: ...
+
+
+def cross_entropy_with_grad(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    axis: int = -1,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    dtype: DTypeLike | None = None,
+    out: Array | None = None,
+) -> tuple[Any, ...]:
     """Loss and its gradient with respect to the logits, in one fused pass per row.
 
     Takes the arguments of :func:`cross_entropy`, plus:

@@ -41,6 +41,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 import fastsce
 from fastsce import reference, sharded
+from fastsce._typing import ArrayLike
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -48,22 +49,22 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def cross_entropy(
-    logits,
-    target,
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
     *,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_scale=None,
-    softcap=None,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-):
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+) -> da.Array | tuple[da.Array, ...]:
     """Lazy softmax cross-entropy loss of a Dask array of logits.
 
     Parameters
@@ -93,22 +94,22 @@ all_ignored, return_z_loss, return_lse
 
 
 def cross_entropy_with_grad(
-    logits,
-    target,
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
     *,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_scale=None,
-    softcap=None,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-):
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+) -> tuple[da.Array, ...]:
     """Lazy loss and gradient with respect to the logits; see :func:`cross_entropy`.
 
     Returns

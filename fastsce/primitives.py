@@ -9,18 +9,20 @@ float32) is copied a block of rows at a time.
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 import numpy as np
 
 from fastsce import _threads, api
 from fastsce._kernels import softmax as softmax_kernels
 from fastsce._layout import row_blocks
+from fastsce._typing import Array, ArrayLike
 from fastsce._validate import FLOAT_DTYPES, HALF_DTYPE_NAMES, same_memory
 
 __all__ = ["softmax", "log_softmax", "logsumexp"]
 
 
-def softmax(x, axis=-1, *, out=None):
+def softmax(x: ArrayLike, axis: int = -1, *, out: Array | None = None) -> Array:
     """exp(x - max) / sum(exp(x - max)) along ``axis``, as ``torch.softmax(x, axis)``.
 
     Parameters
@@ -40,7 +42,7 @@ def softmax(x, axis=-1, *, out=None):
     return _rows(softmax_kernels.softmax, "softmax", x, axis, out)
 
 
-def log_softmax(x, axis=-1, *, out=None):
+def log_softmax(x: ArrayLike, axis: int = -1, *, out: Array | None = None) -> Array:
     """(x - max) - log(sum(exp(x - max))) along ``axis``, as ``torch.log_softmax(x, axis)``.
 
     Takes the arguments of :func:`softmax`. A row holding a NaN or +inf, or only -inf,
@@ -50,7 +52,9 @@ def log_softmax(x, axis=-1, *, out=None):
     return _rows(softmax_kernels.log_softmax, "log_softmax", x, axis, out)
 
 
-def logsumexp(x, axis=-1, *, keepdims=False, out=None):
+def logsumexp(
+    x: ArrayLike, axis: int = -1, *, keepdims: bool = False, out: Array | None = None
+) -> np.floating[Any] | Array:
     """log(sum(exp(x))) along ``axis``, without overflow, as ``torch.logsumexp(x, axis)``.
 
     Parameters

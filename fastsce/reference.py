@@ -14,31 +14,63 @@ None), eps = label_smoothing, s = z_loss, D / D_z = the "mean" denominators.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+from fastsce._typing import Array, ArrayLike, same_signature
 from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
+
+
+class _Tolerances(dict):
+    """dtype -> dict(rtol, atol). bfloat16 is looked up by its name when first asked for:
+    its dtype comes from ml_dtypes, whose import alone takes about a second, so it is
+    never imported here (whoever holds a bfloat16 dtype has imported it already)."""
+
+    def __missing__(self, key):
+        try:
+            dtype = np.dtype(key)
+        except TypeError:
+            raise KeyError(key) from None
+        if dtype.name == "bfloat16":
+            self[dtype] = dict(rtol=8e-3, atol=1e-5)
+            return self[dtype]
+        if dtype in self.keys():  # e.g. TOLERANCE["float32"]
+            return self[dtype]
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        try:
+            self[key]
+        except KeyError:
+            return False
+        return True
+
 
 # How closely fastsce matches this reference, per logits dtype, for np.allclose /
 # np.testing.assert_allclose. The reference rounds in the logits' dtype at every step
 # (as PyTorch does), so float32 differences are a few float32 ulps of O(1) quantities.
 # Half-precision results are both rounded from float32, so they differ by at most one ulp
 # of their own (2^-11 relative for float16, 2^-8 for bfloat16), or a subnormal's spacing.
-TOLERANCE = {
+TOLERANCE: dict[np.dtype, dict[str, float]] = _Tolerances({
     np.dtype(np.float32): dict(rtol=2e-5, atol=2e-6),
     np.dtype(np.float64): dict(rtol=1e-12, atol=1e-14),
     np.dtype(np.float16): dict(rtol=1e-3, atol=1e-6),
-}
-try:  # bfloat16 arrays come from ml_dtypes (as in JAX); fastsce does not need it
-    import ml_dtypes
-
-    TOLERANCE[np.dtype(ml_dtypes.bfloat16)] = dict(rtol=8e-3, atol=1e-5)
-except ImportError:  # pragma: no cover
-    pass
+})  # fmt: skip
 
 
-def cross_entropy(logits, target, **options):
+if TYPE_CHECKING:  # the API's signatures, for type checkers; not imported at run time (the kernels)
+    from fastsce import api
+else:
+
+    class api:  # stands in for it at run time: same_signature ignores its argument
+        cross_entropy = cross_entropy_with_grad = None
+
+
+@same_signature(api.cross_entropy)
+def cross_entropy(logits: ArrayLike, target: ArrayLike, **options: Any) -> Any:
     """Loss only; see :func:`fastsce.cross_entropy` (same keyword arguments)."""
     returns, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
@@ -47,7 +79,8 @@ def cross_entropy(logits, target, **options):
     return _pack(loss, None, z_term, lse, returns)
 
 
-def cross_entropy_with_grad(logits, target, *, out=None, **options):
+@same_signature(api.cross_entropy_with_grad)
+def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *, out: Array | None = None, **options: Any) -> Any:
     """Loss and gradient; see :func:`fastsce.cross_entropy_with_grad` (same arguments)."""
     returns, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
@@ -192,7 +225,7 @@ def _store(result, out, dtype):
     return out
 
 
-def softmax(x, axis=-1, *, out=None):
+def softmax(x: ArrayLike, axis: int = -1, *, out: Array | None = None) -> Array:
     """exp(x - max) / sum exp(x - max); see :func:`fastsce.softmax`."""
     z, axis, dtype = _rows_of("softmax", x, axis, out)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -200,7 +233,7 @@ def softmax(x, axis=-1, *, out=None):
         return _store(e / e.sum(axis=axis, keepdims=True), out, dtype)
 
 
-def log_softmax(x, axis=-1, *, out=None):
+def log_softmax(x: ArrayLike, axis: int = -1, *, out: Array | None = None) -> Array:
     """(x - max) - log sum exp(x - max); see :func:`fastsce.log_softmax`."""
     z, axis, dtype = _rows_of("log_softmax", x, axis, out)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -208,7 +241,7 @@ def log_softmax(x, axis=-1, *, out=None):
         return _store(shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True)), out, dtype)
 
 
-def logsumexp(x, axis=-1, *, keepdims=False, out=None):
+def logsumexp(x: ArrayLike, axis: int = -1, *, keepdims: bool = False, out: Array | None = None) -> Any:
     """m + log sum exp(x - m), m the max, or 0 where the max is infinite (+inf and all
     -inf rows then give +inf and -inf, as in PyTorch); see :func:`fastsce.logsumexp`."""
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Any, Literal, overload
 
 import numpy as np
 
 from fastsce import _threads
 from fastsce._kernels import shards as shard_kernels
+from fastsce._typing import Array, ArrayLike, Loss
 from fastsce._kernels.rows import float64_sum
 from fastsce._validate import (
     ALL_IGNORED,
@@ -102,15 +104,15 @@ class ShardStats:
 
 
 def partial_stats(
-    logits_shard,
-    target,
-    class_offset,
+    logits_shard: ArrayLike,
+    target: ArrayLike,
+    class_offset: int,
     *,
-    weight=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    logit_scale=None,
-    softcap=None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
 ) -> ShardStats:
     """Partial statistics of one shard: classes [class_offset, class_offset + K_s).
 
@@ -180,17 +182,45 @@ def combine(a: ShardStats, b: ShardStats, *more: ShardStats) -> ShardStats:
     return result
 
 
+@overload
 def finish(
     stats: ShardStats,
     *,
-    reduction="mean",
-    z_loss=0.0,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-):
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: Literal[False] = False,
+    return_lse: Literal[False] = False,
+) -> Loss: ...
+
+
+@overload
+def finish(
+    stats: ShardStats,
+    *,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+) -> Loss | tuple[Any, ...]: ...
+
+
+def finish(
+    stats: ShardStats,
+    *,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+) -> Loss | tuple[Any, ...]:
     """The loss from the combined statistics of every shard.
 
     Options as in :func:`fastsce.cross_entropy`: ``reduction``; ``z_loss`` (adds
@@ -230,23 +260,23 @@ def finish(
 
 
 def finish_grad(
-    logits_shard,
-    target,
+    logits_shard: ArrayLike,
+    target: ArrayLike,
     stats: ShardStats,
-    class_offset,
+    class_offset: int,
     *,
-    weight=None,
-    ignore_index=-100,
-    label_smoothing=0.0,
-    logit_scale=None,
-    softcap=None,
-    reduction="mean",
-    z_loss=0.0,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    out=None,
-):
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    out: Array | None = None,
+) -> Array:
     """This shard's (N, K_s) slice of the gradient of :func:`finish`'s loss with respect
     to the full logits, from the combined statistics of every shard.
 

@@ -251,17 +251,17 @@ class _InPlaceBackward(torch.autograd.Function):
 
 
 def cross_entropy(
-    input,
-    target,
-    weight=None,
-    size_average=None,
-    ignore_index=-100,
-    reduce=None,
-    reduction="mean",
-    label_smoothing=0.0,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
     *,
-    inplace_backward=False,
-):
+    inplace_backward: bool = False,
+) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.cross_entropy`` (same arguments, same order).
 
     CPU input (N, K), (N, K, d1, ...) or (K,) with integer class targets (the input's
@@ -316,7 +316,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         super().__init__(*args, **kwargs)
         self.inplace_backward = inplace_backward
 
-    def forward(self, input, target):
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(
             input,
             target,

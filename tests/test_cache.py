@@ -2,8 +2,11 @@
 thread count (parallel kernels plus cache=True have crashed other packages there)."""
 
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = """
 import numpy as np, numba, fastsce
@@ -22,6 +25,7 @@ def _run(cache_dir, threads):
     return done.stdout.split()
 
 
+@pytest.mark.full  # compiles a small-K path into an empty cache: 25 s of CPU
 def test_cache_written_with_two_threads_loads_with_one_and_back(tmp_path):
     first = _run(tmp_path, 2)  # compiles and writes the cache
     assert any(tmp_path.rglob("*.nbi")), "the kernels were not cached"
@@ -29,3 +33,59 @@ def test_cache_written_with_two_threads_loads_with_one_and_back(tmp_path):
     third = _run(tmp_path, 2)
     assert [first[0], second[0], third[0]] == ["2", "1", "2"]
     assert first[1:] == second[1:] == third[1:]  # bitwise the same whatever the thread count
+
+
+# The cache is shared by every copy of the same kernel sources (the checkout, an installed
+# copy, any working directory) and left alone after any of them changes.
+PROBE = """
+import numpy as np, fastsce
+from fastsce._kernels import jit
+x = np.random.default_rng(0).standard_normal((20, 30))
+r = fastsce.logsumexp(x)
+print(jit.compile_count(), jit.cache_dir(), float(r.sum()).hex())
+"""
+
+
+def _probe(package_parent, cache_dir, cwd):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(package_parent)}
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    compiled, directory, result = done.stdout.split()
+    return int(compiled), directory, result
+
+
+def test_another_copy_in_another_directory_compiles_nothing_and_an_edit_recompiles(tmp_path):
+    import fastsce
+
+    here = os.path.dirname(os.path.dirname(fastsce.__file__))
+    copy = tmp_path / "installed"
+    shutil.copytree(os.path.join(here, "fastsce"), copy / "fastsce", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cache = tmp_path / "cache"
+
+    compiled, directory, result = _probe(here, cache, tmp_path / "a")
+    assert compiled > 0
+    again, directory_again, result_again = _probe(copy, cache, tmp_path / "b")
+    assert (again, directory_again, result_again) == (0, directory, result)
+
+    helpers = copy / "fastsce" / "_kernels" / "simd.py"  # not the kernel's own file
+    helpers.write_text(helpers.read_text() + "\n# edited\n")
+    edited, directory_edited, result_edited = _probe(copy, cache, tmp_path / "b")
+    assert edited > 0, "the cache of the old sources was used after an edit"
+    assert directory_edited != directory and result_edited == result
+
+
+def test_unwritable_cache_directory_falls_back_to_numbas_locators(monkeypatch, tmp_path):
+    from numba.core import caching
+
+    from fastsce._kernels import jit, rows
+
+    fn = rows.hard_loss.py_func
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    assert isinstance(jit._CacheImpl(fn).locator, jit._Locator)
+    assert str(jit.cache_dir()).startswith(str(tmp_path / "cache"))
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "file" / "cache"))  # not a directory
+    assert jit._Locator.from_function(fn, rows.__file__) is None
+    assert isinstance(jit._CacheImpl(fn).locator, caching.InTreeCacheLocator)

@@ -1,8 +1,20 @@
-"""All Numba compile options live here, so every kernel is built the same way."""
+"""All Numba compile options live here, so every kernel is built the same way, and so
+does the on-disk cache every kernel is saved in."""
 
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
 import types
+from pathlib import Path
 
 import numba
+from numba.core import caching
+from numba.core.dispatcher import Dispatcher
+from numba.misc.appdirs import AppDirs
+
+from fastsce._version import __version__
 
 # No "nnan"/"ninf": -inf logits (masked classes) and NaN propagation must keep their
 # IEEE meaning. No "reassoc" either: it let LLVM turn log_s - (z_y - m) into
@@ -16,29 +28,145 @@ VECTOR_FASTMATH = FASTMATH | {"reassoc"}
 
 # error_model="numpy": x / 0 gives inf/NaN instead of raising, which keeps exception
 # checks out of the inner loops. nogil: callers may run us from several threads.
-OPTIONS = dict(cache=True, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
+# cache=False here: every dispatcher gets the cache below instead of Numba's default one.
+OPTIONS = dict(cache=False, nogil=True, fastmath=set(FASTMATH), error_model="numpy")
+
+# --- The on-disk cache -------------------------------------------------------------
+# Numba's default cache lives next to each source file (the checkout and an installed
+# copy each compile everything once, and an installed copy in a read-only site-packages
+# falls back to a directory keyed by the source's path) and is keyed on that one file's
+# contents: a kernel did not notice an edit of a helper it inlines from simd.py.
+# Here the cache of every kernel is one per-user directory named by fastsce's version and
+# a hash of all the compiled layer's sources, so any copy of the same code (checkout,
+# installed, another working directory) shares it, and an edit of any kernel file
+# starts a new one: a stale kernel is never loaded. NUMBA_CACHE_DIR, when set, replaces
+# the per-user base directory. Numba's own locators remain the fallback when that
+# directory is not writable.
+
+KERNEL_DIR = Path(__file__).resolve().parent
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(KERNEL_DIR.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+SOURCE_HASH = _source_hash()
+
+
+def cache_dir() -> Path:
+    """The directory the kernels are cached in (it may not exist yet)."""
+    base = os.environ.get("NUMBA_CACHE_DIR") or AppDirs(appname="fastsce", appauthor=False).user_cache_dir
+    return Path(base) / "fastsce" / f"{__version__}-{SOURCE_HASH[:16]}"
+
+
+class _Locator(caching._CacheLocator):
+    def __init__(self, py_func, py_file):
+        self._lineno = py_func.__code__.co_firstlineno
+        self._path = str(cache_dir())
+
+    def get_cache_path(self):
+        return self._path
+
+    def get_source_stamp(self):
+        return SOURCE_HASH
+
+    def get_disambiguator(self):
+        return str(self._lineno)
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if Path(py_file).resolve().parent != KERNEL_DIR:
+            return None
+        self = cls(py_func, py_file)
+        try:
+            self.ensure_cache_path()
+        except OSError:  # not writable: Numba's default locators
+            return None
+        return self
+
+
+class _CacheImpl(caching.CompileResultCacheImpl):
+    _locator_classes = [_Locator, *caching.CompileResultCacheImpl._locator_classes]
+
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock (one process at a time there)
+    fcntl = None
+
+
+@contextlib.contextmanager
+def _locked(directory: str):
+    """An exclusive lock on the cache directory. Numba reads and rewrites a function's
+    index without one: two processes compiling the same function (fastsce.warmup's
+    workers, two programs) could pair one's index entry with the other's code."""
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(directory, ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _Cache(caching.FunctionCache):
+    _impl_class = _CacheImpl
+
+    def _load_overload(self, sig, target_context):
+        try:
+            with _locked(self._cache_path):
+                return super()._load_overload(sig, target_context)
+        except FileNotFoundError:  # the directory was removed: compile
+            return None
+
+    def _save_overload(self, sig, data):
+        self._impl.locator.ensure_cache_path()
+        with _locked(self._cache_path):
+            super()._save_overload(sig, data)
+
+
+DISPATCHERS: list = []  # every kernel and helper compiled here, for compile_count()
+
+
+def _njit(fn, **options):
+    dispatcher = numba.njit(**options)(fn)
+    if isinstance(dispatcher, Dispatcher):  # not the plain function of NUMBA_DISABLE_JIT=1
+        dispatcher._cache = _Cache(fn)  # what numba.njit(cache=True) does, with our cache
+        DISPATCHERS.append(dispatcher)
+    return dispatcher
+
+
+def compile_count() -> int:
+    """How many (function, signature) pairs this process has compiled rather than
+    loaded from the on-disk cache."""
+    return sum(sum(d.stats.cache_misses.values()) for d in DISPATCHERS)
 
 
 def jit(fn):
     """A serial helper or kernel."""
-    return numba.njit(**OPTIONS)(fn)
+    return _njit(fn, **OPTIONS)
 
 
 def vector(fn):
     """A loop helper whose sums and maxima may be reordered into SIMD lanes."""
-    return numba.njit(**{**OPTIONS, "fastmath": set(VECTOR_FASTMATH)})(fn)
+    return _njit(fn, **{**OPTIONS, "fastmath": set(VECTOR_FASTMATH)})
 
 
 def parallel(fn):
     """A kernel whose prange loop is spread over Numba's thread pool; ``.serial`` is the
     same code compiled without threads (prange runs as range over the same chunks), for
     small problems and forked children (see fastsce._threads)."""
-    kernel = numba.njit(parallel=True, **OPTIONS)(fn)
+    kernel = _njit(fn, parallel=True, **OPTIONS)
     # A copy of the function under another name: Numba's disk cache keys entries by the
     # function's name and bytecode, not by parallel=, so the twins would overwrite each other.
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
     twin.__qualname__ = fn.__qualname__ + "_serial"
     twin.__module__ = fn.__module__
     twin.__doc__ = fn.__doc__
-    kernel.serial = numba.njit(**OPTIONS)(twin)
+    kernel.serial = _njit(twin, **OPTIONS)
     return kernel

@@ -6,8 +6,8 @@ call (~6 ns per element here) and keeps the loop from vectorising; a ``max()`` o
 that LLVM turns into AVX-512/AVX2 code (checked with ``inspect_asm``: vfmadd*ps,
 vpslld, vmaxps on zmm registers, no calls in the loop).
 
-Numba's on-disk cache of a kernel is keyed on the kernel's own source file: after
-editing this module, delete fastsce/_kernels/__pycache__/*.nb* or the kernels keep the old code.
+The kernels' on-disk cache is keyed on every file of fastsce/_kernels (see jit.py): an
+edit here recompiles the kernels that use it.
 """
 
 import math
