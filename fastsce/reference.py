@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns
+from fastsce._validate import Problem, check_denominator, check_labels, check_out, check_problem, check_returns
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
 
@@ -40,21 +40,23 @@ except ImportError:  # pragma: no cover
 
 def cross_entropy(logits, target, **options):
     """Loss only; see :func:`fastsce.cross_entropy` (same keyword arguments)."""
-    returns, options = _split_returns(options)
+    returns, denominator, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
+    denominator = check_denominator(denominator, problem.reduction)
     check_labels(problem)
-    loss, _, z_term, lse = _solve(problem, want_grad=False)
+    loss, _, z_term, lse = _solve(problem, want_grad=False, given=denominator)
     return _pack(loss, None, z_term, lse, returns)
 
 
 def cross_entropy_with_grad(logits, target, *, out=None, **options):
     """Loss and gradient; see :func:`fastsce.cross_entropy_with_grad` (same arguments)."""
-    returns, options = _split_returns(options)
+    returns, denominator, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
+    denominator = check_denominator(denominator, problem.reduction)
     check_labels(problem)
     if out is not None:
         check_out(out, problem)
-    loss, grad, z_term, lse = _solve(problem, want_grad=True)
+    loss, grad, z_term, lse = _solve(problem, want_grad=True, given=denominator)
     if out is not None:
         out[...] = grad
         grad = out
@@ -62,8 +64,10 @@ def cross_entropy_with_grad(logits, target, *, out=None, **options):
 
 
 def _split_returns(options):
+    """(return flags, denominator, the options check_problem takes)."""
     options = dict(options)
-    return check_returns(options.pop("return_z_loss", False), options.pop("return_lse", False)), options
+    returns = check_returns(options.pop("return_z_loss", False), options.pop("return_lse", False))
+    return returns, options.pop("denominator", None), options
 
 
 def _pack(loss, grad, z_term, lse, returns):
@@ -80,8 +84,9 @@ def _times(a, b):
         return np.where((a == 0) & np.isinf(b), 0, a * b)
 
 
-def _solve(problem: Problem, want_grad: bool):
-    """(loss, grad or None, z-term, lse), straight from the formulas over M = prod(lead) rows."""
+def _solve(problem: Problem, want_grad: bool, given=None):
+    """(loss, grad or None, z-term, lse), straight from the formulas over M = prod(lead) rows.
+    given: None, or the (D, D_z) that "mean" divides by instead of the rows' own."""
     m, k = problem.shape
     dtype = problem.compute  # float16 / bfloat16 logits are computed in float32
     x = problem.rows.reshape(m, k).astype(dtype)
@@ -141,6 +146,8 @@ def _solve(problem: Problem, want_grad: bool):
         if problem.z_loss:  # (not 0 * inf when lse^2 overflows)
             z_row = np.where(counted, v * problem.z_loss * lse.astype(np.float64) ** 2, 0)
         z_denominator = float(np.where(counted, v, 0).sum())
+        if given is not None:  # the caller's denominators, e.g. a global batch's
+            denominator, z_denominator = given
         if problem.reduction == "mean":  # 0 / 0 is NaN (as PyTorch) or 0 (all_ignored="zero")
             nothing = np.nan if problem.all_ignored == "nan" else 0.0
             scale = 1.0 / denominator if denominator else nothing
