@@ -18,7 +18,7 @@ import numpy as np
 
 from fastsce._validate import Problem, check_denominator, check_labels, check_out, check_problem, check_returns
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "linear_cross_entropy", "linear_cross_entropy_with_grad", "TOLERANCE"]
 
 # How closely fastsce matches this reference, per logits dtype, for np.allclose /
 # np.testing.assert_allclose. The reference rounds in the logits' dtype at every step
@@ -175,6 +175,46 @@ def _solve(problem: Problem, want_grad: bool, given=None):
     else:
         loss, z_term = problem.result.type(loss), problem.result.type(z_term)
     return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)
+
+
+# --- linear_cross_entropy ----------------------------------------------------------------------
+# The oracles of fastsce.linear_cross_entropy(_with_grad): the full (N, V) logits
+# x = h Wᵀ + b, the cross-entropy above, then the chain rule dh = G W, dW = Gᵀ h, db = sum_n G_n.
+
+
+def _linear_logits(input, linear_weight, target, linear_bias, options, want_grad):
+    from fastsce import linear  # here: fastsce.linear imports the kernels
+
+    chunk_rows = options.pop("chunk_rows", None)
+    setup = linear._check(
+        input, linear_weight, target, linear_bias, options.get("weight"), options.get("ignore_index", -100),
+        options.get("reduction", "mean"), options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
+        options.get("logit_scale"), options.get("softcap"), options.get("sample_weight"), options.get("where"),
+        options.get("all_ignored", "nan"), options.get("return_z_loss", False), options.get("return_lse", False),
+        options.get("denominator"), chunk_rows,
+    )  # fmt: skip (the same checks and errors; chunk_rows only checked)
+    h = np.asarray(input)
+    x = h @ setup.w.T
+    if setup.b is not None:
+        x = x + setup.b
+    fn = cross_entropy_with_grad if want_grad else cross_entropy
+    return setup, fn(x, target, **options)
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, **options):
+    """Loss only; see :func:`fastsce.linear_cross_entropy` (same arguments)."""
+    return _linear_logits(input, linear_weight, target, linear_bias, dict(options), False)[1]
+
+
+def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=None, **options):
+    """(loss, grad_input, grad_linear_weight, grad_linear_bias or None, [z_loss], [lse]);
+    see :func:`fastsce.linear_cross_entropy_with_grad`."""
+    setup, (loss, g, *extra) = _linear_logits(input, linear_weight, target, linear_bias, dict(options), True)
+    g = g.reshape(-1, g.shape[-1])
+    grad_input = (g @ setup.w).reshape(np.shape(input))
+    grad_weight = g.T @ setup.h
+    grad_bias = None if setup.b is None else g.sum(axis=0, dtype=np.float64).astype(g.dtype)
+    return (loss, grad_input, grad_weight, grad_bias, *extra)
 
 
 # --- softmax, log_softmax, logsumexp ---------------------------------------------------------
