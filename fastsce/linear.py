@@ -217,6 +217,17 @@ def _check(
     return _Setup(h2, w, b, problem, returns, denominator, int(chunk_rows), h.shape)
 
 
+def _linear_setup(input, linear_weight, target, kwargs: dict) -> _Setup:
+    """_check from keyword arguments (for fastsce.torch and the reference)."""
+    get = kwargs.get
+    return _check(
+        input, linear_weight, target, get("linear_bias"), get("weight"), get("ignore_index", -100),
+        get("reduction", "mean"), get("label_smoothing", 0.0), get("z_loss", 0.0), get("logit_scale"),
+        get("softcap"), get("sample_weight"), get("where"), get("all_ignored", "nan"), get("return_z_loss", False),
+        get("return_lse", False), get("denominator"), get("chunk_rows"),
+    )  # fmt: skip
+
+
 def _check_float(name: str, x) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype not in FLOAT_DTYPES:

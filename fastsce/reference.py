@@ -185,14 +185,8 @@ def _solve(problem: Problem, want_grad: bool, given=None):
 def _linear_logits(input, linear_weight, target, linear_bias, options, want_grad):
     from fastsce import linear  # here: fastsce.linear imports the kernels
 
-    chunk_rows = options.pop("chunk_rows", None)
-    setup = linear._check(
-        input, linear_weight, target, linear_bias, options.get("weight"), options.get("ignore_index", -100),
-        options.get("reduction", "mean"), options.get("label_smoothing", 0.0), options.get("z_loss", 0.0),
-        options.get("logit_scale"), options.get("softcap"), options.get("sample_weight"), options.get("where"),
-        options.get("all_ignored", "nan"), options.get("return_z_loss", False), options.get("return_lse", False),
-        options.get("denominator"), chunk_rows,
-    )  # fmt: skip (the same checks and errors; chunk_rows only checked)
+    setup = linear._linear_setup(input, linear_weight, target, dict(options, linear_bias=linear_bias))
+    options.pop("chunk_rows", None)  # (checked only)
     h = np.asarray(input)
     x = h @ setup.w.T
     if setup.b is not None:
