@@ -8,7 +8,7 @@ through :func:`fastsce.cross_entropy`, computed a tile of rows at a time: a BLAS
 product makes the tile's logits, the fused row kernels of :mod:`fastsce.api` turn them
 into loss and gradient in place, and two more products take the tile's gradient G back
 to ``grad_input`` (G W) and add it into ``grad_linear_weight`` (Gᵀ h). The extra memory
-is the tile (``chunk_rows`` x V, 32 MiB by default, whatever N) plus O(N + V) vectors.
+is the tile (``chunk_rows`` x V, 48 MiB by default, whatever N) plus O(N + V) vectors.
 """
 
 from __future__ import annotations
@@ -33,15 +33,19 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
 # The default tile of logits: chunk_rows = TILE_BYTES // (V * itemsize), at least one
 # row. The tile is the only (rows, V) buffer, so the extra memory stays under 64 MiB
-# whatever N (one row longer than this still makes a tile: V > 8M float32 classes).
-TILE_BYTES = 32 << 20
+# whatever N (one row longer than this still makes a tile: V > 12M float32 classes).
+# As large as that allows: the product G W of a tile (rows x V by V x H) runs well below
+# BLAS's peak for a few hundred rows (2 threads, loaded machine: 256 rows 3x the time per
+# row of 1024; the other two products are flat), so fewer, larger tiles are faster.
+TILE_BYTES = 48 << 20
 
 # grad_linear_weight is accumulated in its own dtype (float32 for float32): every tile's
 # Gᵀ h is added in place by BLAS (gemm with beta = 1), so no (V, H) temporary is made.
-# A float64 accumulator would cost V * H * 8 bytes (262 MB at V = 32000, H = 1024), and
-# measured it buys nothing: at N = 4096, H = 1024, V = 32000 the float32 weight gradient
-# differs from a float64 one by the same relative amount (max 3e-7 of the largest entry)
-# whatever chunk_rows, as the unfused float32 Gᵀ h does (see tests/test_linear.py).
+# A float64 accumulator would cost V * H * 8 bytes (262 MB at V = 32000, H = 1024) and
+# buys nothing measurable: at N = 4096, H = 512, V = 8000 the float32 weight gradient's
+# largest error against float64 is 4.6e-7 / 6.5e-7 / 1.1e-6 of its largest entry with
+# 64 / 512 / 1572 (the default) rows a tile, the unfused float32 Gᵀ h's 9.3e-7 (tests/test_linear.py::
+# test_float32_weight_gradient_error_like_unfused keeps it so).
 # The bias gradient (V values) is summed in float64.
 
 
@@ -91,7 +95,7 @@ def linear_cross_entropy(
     linear_bias : (V,) array of the input's dtype, optional
     chunk_rows : int >= 1, optional
         Rows per tile: the extra memory is chunk_rows x V logits. Default: as many as
-        fit in ``TILE_BYTES`` (32 MiB), at least one.
+        fit in ``TILE_BYTES`` (48 MiB), at least one.
 
     The other arguments are those of :func:`fastsce.cross_entropy` (class indices, the
     classes on the last axis) with the same meaning, and ``denominator`` that of
@@ -268,7 +272,7 @@ def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
     g_w = np.zeros(w.shape, dtype) if want[1] else None
     g_b = np.zeros(classes, np.float64) if want[2] else None
     ce = z_sum = 0.0
-    size = min(setup.chunk_rows, n)
+    size = max(1, min(setup.chunk_rows, n))
     tile = np.empty((size, classes), dtype) if n else None
     wt = w.T
     for r0 in range(0, n, size):

@@ -2,6 +2,11 @@
 rows at a time, against the NumPy reference (full logits), finite differences and PyTorch;
 denominator= on the cross-entropy functions; bad input; the torch adapter."""
 
+import json
+import subprocess
+import sys
+import textwrap
+
 import numba
 import numpy as np
 import pytest
@@ -404,3 +409,64 @@ def test_torch_adapter_trains_like_pytorch():
         curves[name] = np.array(curve)
     assert curves["torch"][-1] < 0.5 * curves["torch"][0]  # it learns
     np.testing.assert_allclose(curves["fastsce"], curves["torch"], rtol=2e-4, atol=1e-5)
+
+
+# --- memory ------------------------------------------------------------------------------
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, tracemalloc
+    import numpy as np
+    import fastsce
+
+    def peak_bytes(fn):
+        fn()  # compile and warm up outside the trace
+        tracemalloc.start()
+        try:
+            out = fn()
+            return tracemalloc.get_traced_memory()[1], out
+        finally:
+            tracemalloc.stop()
+
+    peaks = {}
+    for name, (n, h, v, chunk_rows, grad) in json.loads(sys.argv[1]).items():
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, h), dtype=np.float32)
+        w = rng.standard_normal((v, h), dtype=np.float32)
+        b = rng.standard_normal(v, dtype=np.float32)
+        y = rng.integers(0, v, n)
+        fn = fastsce.linear_cross_entropy_with_grad if grad else fastsce.linear_cross_entropy
+        peak, out = peak_bytes(lambda: fn(x, w, y, linear_bias=b, chunk_rows=chunk_rows, label_smoothing=0.1))
+        returned = sum(a.nbytes for a in (out if grad else (out,)) if isinstance(a, np.ndarray))
+        peaks[name] = peak - returned
+    print(json.dumps(peaks))
+    """
+)
+
+# name -> (N, H, V, chunk_rows, with gradients)
+MEMORY_CASES = {
+    "grad-N2048": (2048, 16, 3000, 128, True),
+    "grad-N16384": (16384, 16, 3000, 128, True),
+    "loss-N16384": (16384, 16, 3000, 128, False),
+    "default-tile-N32768": (32768, 8, 2000, None, True),
+}
+
+
+@pytest.fixture(scope="module")
+def extra_memory():
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, json.dumps(MEMORY_CASES)], capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_extra_memory_bounded_independent_of_n(extra_memory):
+    """Beyond the inputs and the returned gradients: the tile of logits, the kernels'
+    per-thread scratch and O(V) vectors, whatever N; the default tile within 64 MiB."""
+    for name, (n, h, v, chunk_rows, grad) in MEMORY_CASES.items():
+        tile = (chunk_rows or linear.TILE_BYTES // (4 * v)) * v * 4
+        scratch = numba.get_num_threads() * (2 * v * 4 + 16 * 1024)
+        assert extra_memory[name] <= tile + scratch + 8 * v * 8 + (256 << 10), (name, extra_memory[name], tile)
+    assert extra_memory["grad-N16384"] <= extra_memory["grad-N2048"] + (64 << 10)
+    assert extra_memory["default-tile-N32768"] <= 64 << 20
