@@ -13,6 +13,7 @@ RATIO_REPORTS = (
     ("step", "fastsce.torch", "a training step's loss, forward and backward: median / fastsce.torch's (this run)"),
     ("dask_run", "in-memory", "fastsce.dask: median / the in-memory call's (this run)"),
     ("path", "unsharded", "classes split across shards: median / the unsharded call's (this run)"),
+    ("linear", "products", "a linear head's loss and gradients: median / the three matrix products' (this run)"),
 )
 
 

@@ -138,6 +138,22 @@ def check_returns(return_z_loss, return_lse) -> tuple[bool, bool]:
     return bool(return_z_loss), bool(return_lse)
 
 
+def check_denominator(denominator, reduction) -> tuple[float, float] | None:
+    """None, or the (D, D_z) a "mean" divides by instead of the call's own: one number
+    >= 0 for both, or a pair (cross-entropy, z-loss)."""
+    if denominator is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(
+            f"denominator={denominator!r} only applies to reduction='mean'; got reduction={reduction!r}. "
+            "Leave denominator=None or use reduction='mean'"
+        )
+    pair = denominator if isinstance(denominator, (tuple, list)) else (denominator, denominator)
+    if len(pair) != 2:
+        raise ValueError(f"denominator must be a number or a pair (D, D_z); got {denominator!r}")
+    return tuple(_check_real("denominator", d, 0.0, np.inf) for d in pair)
+
+
 def _index_name(row: int, lead: tuple[int, ...]) -> str:
     """How the user would index row ``row`` of their target: [5] or [2, 7]."""
     index = np.unravel_index(row, lead) if lead else ()

@@ -13,7 +13,15 @@ from fastsce._kernels import rows as row_kernels, tiles as tile_kernels
 from fastsce._kernels.half import bits_view
 from fastsce._layout import row_blocks
 from fastsce._typing import Array, ArrayLike, DTypeLike, Loss
-from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
+from fastsce._validate import (
+    Problem,
+    check_denominator,
+    check_labels,
+    check_out,
+    check_problem,
+    check_returns,
+    same_memory,
+)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -69,6 +77,7 @@ def cross_entropy(
     return_z_loss: Literal[False] = False,
     return_lse: Literal[False] = False,
     dtype: DTypeLike | None = None,
+    denominator: float | tuple[float, float] | None = None,
 ) -> Loss: ...
 
 
@@ -91,6 +100,7 @@ def cross_entropy(
     return_z_loss: bool = False,
     return_lse: bool = False,
     dtype: DTypeLike | None = None,
+    denominator: float | tuple[float, float] | None = None,
 ) -> Loss | tuple[Any, ...]: ...
 
 
@@ -112,6 +122,7 @@ def cross_entropy(
     return_z_loss: bool = False,
     return_lse: bool = False,
     dtype: DTypeLike | None = None,
+    denominator: float | tuple[float, float] | None = None,
 ) -> Loss | tuple[Any, ...]:
     """Softmax cross-entropy loss of a batch of logits, with PyTorch's semantics.
 
@@ -160,6 +171,12 @@ def cross_entropy(
     dtype : optional
         dtype of the loss (and gradient): the logits' (default), or float32 for
         float16 / bfloat16 logits.
+    denominator : float >= 0, or a pair (D, D_z), optional
+        With ``reduction="mean"`` only: divide by this instead of this call's own
+        denominators (D for the cross-entropy, D_z for the z-loss; one number sets
+        both), e.g. the number of counted tokens of the whole global batch, so the
+        losses and gradients of its micro-batches add up to the full batch's. 0 gives
+        what ``all_ignored`` says.
 
     Returns
     -------
@@ -175,7 +192,8 @@ def cross_entropy(
         softcap=softcap, all_ignored=all_ignored, dtype=dtype,
     )  # fmt: skip
     returns = check_returns(return_z_loss, return_lse)
-    loss, z_term, lse = _run(problem, None, returns)
+    denominator = check_denominator(denominator, reduction)
+    loss, z_term, lse = _run(problem, None, returns, denominator)
     return _pack(loss, None, z_term, lse, returns)
 
 
@@ -198,6 +216,7 @@ def cross_entropy_with_grad(
     return_z_loss: Literal[False] = False,
     return_lse: Literal[False] = False,
     dtype: DTypeLike | None = None,
+    denominator: float | tuple[float, float] | None = None,
     out: Array | None = None,
 ) -> tuple[Loss, Array]: ...
 
@@ -221,6 +240,7 @@ def cross_entropy_with_grad(
     return_z_loss: bool = False,
     return_lse: bool = False,
     dtype: DTypeLike | None = None,
+    denominator: float | tuple[float, float] | None = None,
     out: Array | None = None,
 ) -> tuple[Any, ...]: ...
 
@@ -243,6 +263,7 @@ def cross_entropy_with_grad(
     return_z_loss: bool = False,
     return_lse: bool = False,
     dtype: DTypeLike | None = None,
+    denominator: float | tuple[float, float] | None = None,
     out: Array | None = None,
 ) -> tuple[Any, ...]:
     """Loss and its gradient with respect to the logits, in one fused pass per row.
@@ -267,11 +288,12 @@ def cross_entropy_with_grad(
         softcap=softcap, all_ignored=all_ignored, dtype=dtype,
     )  # fmt: skip
     returns = check_returns(return_z_loss, return_lse)
+    denominator = check_denominator(denominator, reduction)
     if out is None:
         out = np.empty(problem.logits.shape, problem.result)
     else:
         check_out(out, problem)
-    loss, z_term, lse = _run(problem, out, returns)
+    loss, z_term, lse = _run(problem, out, returns, denominator)
     return _pack(loss, out, z_term, lse, returns)
 
 
@@ -355,17 +377,32 @@ def _mean(total: float, d: float, all_ignored: str) -> float:
     return np.nan if all_ignored == "nan" else 0.0  # 0 / 0: NaN, as PyTorch; or 0, as Liger
 
 
-def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
-    """(loss, z-term, lse) in the shapes and dtypes returned; the gradient into ``grad``."""
+def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool], denominator=None):
+    """(loss, z-term, lse) in the shapes and dtypes returned; the gradient into ``grad``.
+    denominator: None, or the (D, D_z) that "mean" divides by instead of this call's own."""
+    w, w_sum, d, d_z = _weights(problem)
+    if denominator is not None:
+        d, d_z = denominator
+    sums = _fused(problem, grad, returns, w, w_sum, *_scales(problem, d, d_z))
+    return _reduce(problem, *sums, d, d_z, returns)
+
+
+def _scales(problem: Problem, d: float, d_z: float) -> tuple[float, float]:
+    """What the gradients of the cross-entropy and of the z-loss are multiplied by."""
+    if problem.reduction == "mean":
+        return _mean(1.0, d, problem.all_ignored), _mean(1.0, d_z, problem.all_ignored)
+    return 1.0, 1.0
+
+
+def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: float):
+    """The kernels over all rows: (float64 sum of the row losses, of the z-terms, per-row
+    losses, per-row z-terms (both only for "none"), lse (only when wanted)), flat, in the
+    compute dtype; the gradient (scaled by scale / scale_z) into ``grad``. Labels must
+    have been checked (by _weights); fastsce.linear calls this once per tile of rows."""
     m, k = problem.shape
     compute = problem.compute
     want_z, want_lse = returns
-    w, w_sum, d, d_z = _weights(problem)
     none = problem.reduction == "none"
-    if problem.reduction == "mean":
-        scale, scale_z = _mean(1.0, d, problem.all_ignored), _mean(1.0, d_z, problem.all_ignored)
-    else:
-        scale = scale_z = 1.0
     a = 1.0 if problem.logit_scale is None else problem.logit_scale
     c = 0.0 if problem.softcap is None else problem.softcap
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
@@ -410,16 +447,22 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
                 pick(row_kernels.hard_loss_grad)(*args, gb, in_place, long_rows)
             zb = tb = gb = args = outs = None  # (as in _blocks)
 
+    ce = _total(chunk_loss)  # float64, in a fixed order
+    z_term = _total(chunk_z) if problem.z_loss else 0.0
+    return ce, z_term, row_loss, row_z, lse
+
+
+def _reduce(problem: Problem, ce, z_term, row_loss, row_z, lse, d, d_z, returns):
+    """(loss, z-term, lse) as returned, from _fused's sums and rows and the denominators."""
+    want_z, want_lse = returns
     result = problem.result
     lse = lse.reshape(problem.lead) if want_lse else None
-    if none:
+    if problem.reduction == "none":
 
         def per_row(x):
             return x.astype(result, copy=False).reshape(problem.lead)
 
         return per_row(row_loss), per_row(row_z) if want_z else None, lse
-    ce = _total(chunk_loss)
-    z_term = _total(chunk_z) if problem.z_loss else 0.0
     if problem.reduction == "mean":
         ce = _mean(ce, d, problem.all_ignored)
         z_term = _mean(z_term, d_z, problem.all_ignored) if problem.z_loss else 0.0

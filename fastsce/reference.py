@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastsce._typing import Array, ArrayLike, same_signature
-from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns
+from fastsce._validate import Problem, check_denominator, check_labels, check_out, check_problem, check_returns
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "linear_cross_entropy", "linear_cross_entropy_with_grad", "TOLERANCE"]
 
 
 class _Tolerances(dict):
@@ -72,22 +72,24 @@ else:
 @same_signature(api.cross_entropy)
 def cross_entropy(logits: ArrayLike, target: ArrayLike, **options: Any) -> Any:
     """Loss only; see :func:`fastsce.cross_entropy` (same keyword arguments)."""
-    returns, options = _split_returns(options)
+    returns, denominator, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
+    denominator = check_denominator(denominator, problem.reduction)
     check_labels(problem)
-    loss, _, z_term, lse = _solve(problem, want_grad=False)
+    loss, _, z_term, lse = _solve(problem, want_grad=False, given=denominator)
     return _pack(loss, None, z_term, lse, returns)
 
 
 @same_signature(api.cross_entropy_with_grad)
 def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *, out: Array | None = None, **options: Any) -> Any:
     """Loss and gradient; see :func:`fastsce.cross_entropy_with_grad` (same arguments)."""
-    returns, options = _split_returns(options)
+    returns, denominator, options = _split_returns(options)
     problem = check_problem(logits, target, **options)
+    denominator = check_denominator(denominator, problem.reduction)
     check_labels(problem)
     if out is not None:
         check_out(out, problem)
-    loss, grad, z_term, lse = _solve(problem, want_grad=True)
+    loss, grad, z_term, lse = _solve(problem, want_grad=True, given=denominator)
     if out is not None:
         out[...] = grad
         grad = out
@@ -95,8 +97,10 @@ def cross_entropy_with_grad(logits: ArrayLike, target: ArrayLike, *, out: Array 
 
 
 def _split_returns(options):
+    """(return flags, denominator, the options check_problem takes)."""
     options = dict(options)
-    return check_returns(options.pop("return_z_loss", False), options.pop("return_lse", False)), options
+    returns = check_returns(options.pop("return_z_loss", False), options.pop("return_lse", False))
+    return returns, options.pop("denominator", None), options
 
 
 def _pack(loss, grad, z_term, lse, returns):
@@ -113,8 +117,9 @@ def _times(a, b):
         return np.where((a == 0) & np.isinf(b), 0, a * b)
 
 
-def _solve(problem: Problem, want_grad: bool):
-    """(loss, grad or None, z-term, lse), straight from the formulas over M = prod(lead) rows."""
+def _solve(problem: Problem, want_grad: bool, given=None):
+    """(loss, grad or None, z-term, lse), straight from the formulas over M = prod(lead) rows.
+    given: None, or the (D, D_z) that "mean" divides by instead of the rows' own."""
     m, k = problem.shape
     dtype = problem.compute  # float16 / bfloat16 logits are computed in float32
     x = problem.rows.reshape(m, k).astype(dtype)
@@ -174,6 +179,8 @@ def _solve(problem: Problem, want_grad: bool):
         if problem.z_loss:  # (not 0 * inf when lse^2 overflows)
             z_row = np.where(counted, v * problem.z_loss * lse.astype(np.float64) ** 2, 0)
         z_denominator = float(np.where(counted, v, 0).sum())
+        if given is not None:  # the caller's denominators, e.g. a global batch's
+            denominator, z_denominator = given
         if problem.reduction == "mean":  # 0 / 0 is NaN (as PyTorch) or 0 (all_ignored="zero")
             nothing = np.nan if problem.all_ignored == "nan" else 0.0
             scale = 1.0 / denominator if denominator else nothing
@@ -201,6 +208,40 @@ def _solve(problem: Problem, want_grad: bool):
     else:
         loss, z_term = problem.result.type(loss), problem.result.type(z_term)
     return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)
+
+
+# --- linear_cross_entropy ----------------------------------------------------------------------
+# The oracles of fastsce.linear_cross_entropy(_with_grad): the full (N, V) logits
+# x = h Wᵀ + b, the cross-entropy above, then the chain rule dh = G W, dW = Gᵀ h, db = sum_n G_n.
+
+
+def _linear_logits(input, linear_weight, target, linear_bias, options, want_grad):
+    from fastsce import linear  # here: fastsce.linear imports the kernels
+
+    setup = linear._linear_setup(input, linear_weight, target, dict(options, linear_bias=linear_bias))
+    options.pop("chunk_rows", None)  # (checked only)
+    h = np.asarray(input)
+    x = h @ setup.w.T
+    if setup.b is not None:
+        x = x + setup.b
+    fn = cross_entropy_with_grad if want_grad else cross_entropy
+    return setup, fn(x, target, **options)
+
+
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, **options):
+    """Loss only; see :func:`fastsce.linear_cross_entropy` (same arguments)."""
+    return _linear_logits(input, linear_weight, target, linear_bias, dict(options), False)[1]
+
+
+def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=None, **options):
+    """(loss, grad_input, grad_linear_weight, grad_linear_bias or None, [z_loss], [lse]);
+    see :func:`fastsce.linear_cross_entropy_with_grad`."""
+    setup, (loss, g, *extra) = _linear_logits(input, linear_weight, target, linear_bias, dict(options), True)
+    g = g.reshape(-1, g.shape[-1])
+    grad_input = (g @ setup.w).reshape(np.shape(input))
+    grad_weight = g.T @ setup.h
+    grad_bias = None if setup.b is None else g.sum(axis=0, dtype=np.float64).astype(g.dtype)
+    return (loss, grad_input, grad_weight, grad_bias, *extra)
 
 
 # --- softmax, log_softmax, logsumexp ---------------------------------------------------------

@@ -1,0 +1,336 @@
+"""Cross-entropy straight from hidden states, never holding the (N, V) logits.
+
+    loss = fastsce.linear_cross_entropy(hidden, W, labels)
+    loss, g_hidden, g_W, g_b = fastsce.linear_cross_entropy_with_grad(hidden, W, labels)
+
+The loss of logits = input @ linear_weightᵀ + linear_bias (PyTorch's ``F.linear``)
+through :func:`fastsce.cross_entropy`, computed a tile of rows at a time: a BLAS
+product makes the tile's logits, the fused row kernels of :mod:`fastsce.api` turn them
+into loss and gradient in place, and two more products take the tile's gradient G back
+to ``grad_input`` (G W) and add it into ``grad_linear_weight`` (Gᵀ h). The extra memory
+is the tile (``chunk_rows`` x V, 48 MiB by default, whatever N) plus O(N + V) vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+from fastsce import api
+from fastsce._validate import (
+    FLOAT_DTYPES,
+    HALF_DTYPE_NAMES,
+    Problem,
+    check_denominator,
+    check_problem,
+    check_returns,
+)
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
+
+# The default tile of logits: chunk_rows = TILE_BYTES // (V * itemsize), at least one
+# row. The tile is the only (rows, V) buffer, so the extra memory stays under 64 MiB
+# whatever N (one row longer than this still makes a tile: V > 12M float32 classes).
+# As large as that allows: the product G W of a tile (rows x V by V x H) runs well below
+# BLAS's peak for a few hundred rows (2 threads, loaded machine: 256 rows 3x the time per
+# row of 1024; the other two products are flat), so fewer, larger tiles are faster.
+TILE_BYTES = 48 << 20
+
+# grad_linear_weight is accumulated in its own dtype (float32 for float32): every tile's
+# Gᵀ h is added in place by BLAS (gemm with beta = 1), so no (V, H) temporary is made.
+# A float64 accumulator would cost V * H * 8 bytes (262 MB at V = 32000, H = 1024) and
+# buys nothing measurable: at N = 4096, H = 512, V = 8000 the float32 weight gradient's
+# largest error against float64 is 4.6e-7 / 6.5e-7 / 1.1e-6 of its largest entry with
+# 64 / 512 / 1572 (the default) rows a tile, the unfused float32 Gᵀ h's 9.3e-7 (tests/test_linear.py::
+# test_float32_weight_gradient_error_like_unfused keeps it so).
+# The bias gradient (V values) is summed in float64.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    h: np.ndarray  # (N, H) C-contiguous
+    w: np.ndarray  # (V, H)
+    b: np.ndarray | None  # (V,)
+    problem: Problem  # the cross-entropy of the (N, V) logits, seen only through their shape
+    returns: tuple[bool, bool]
+    denominator: tuple[float, float] | None
+    chunk_rows: int
+    input_shape: tuple[int, ...]
+
+
+def linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_scale=None,
+    softcap=None,
+    sample_weight=None,
+    where=None,
+    all_ignored="nan",
+    return_z_loss=False,
+    return_lse=False,
+    denominator=None,
+    chunk_rows=None,
+):
+    """Cross-entropy of logits = input @ linear_weightᵀ + linear_bias, without them.
+
+    Parameters
+    ----------
+    input : float32 or float64 array (..., H)
+        Hidden states, one row per token.
+    linear_weight : (V, H) array of the input's dtype
+        The classifier head (``torch.nn.Linear(H, V).weight``).
+    target : integer array of class indices, shaped like ``input`` without its last axis
+        (Probabilities are not taken: an (N, V) target is the array this avoids.)
+    linear_bias : (V,) array of the input's dtype, optional
+    chunk_rows : int >= 1, optional
+        Rows per tile: the extra memory is chunk_rows x V logits. Default: as many as
+        fit in ``TILE_BYTES`` (48 MiB), at least one.
+
+    The other arguments are those of :func:`fastsce.cross_entropy` (class indices, the
+    classes on the last axis) with the same meaning, and ``denominator`` that of
+    :func:`fastsce.cross_entropy_with_grad`.
+
+    Returns
+    -------
+    loss, or ``(loss, z_loss, lse)`` with the requested extras, as :func:`fastsce.cross_entropy`.
+    """
+    setup = _check(
+        input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+        logit_scale, softcap, sample_weight, where, all_ignored, return_z_loss, return_lse, denominator, chunk_rows,
+    )  # fmt: skip
+    loss, grads, z_term, lse = _solve(setup, (False, False, False))
+    extra = [x for x, wanted in zip((z_term, lse), setup.returns) if wanted]
+    return (loss, *extra) if extra else loss
+
+
+def linear_cross_entropy_with_grad(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    logit_scale=None,
+    softcap=None,
+    sample_weight=None,
+    where=None,
+    all_ignored="nan",
+    return_z_loss=False,
+    return_lse=False,
+    denominator=None,
+    chunk_rows=None,
+):
+    """Loss and its gradients with respect to input, linear_weight and linear_bias.
+
+    Takes the arguments of :func:`linear_cross_entropy`.
+
+    Returns
+    -------
+    (loss, grad_input, grad_linear_weight, grad_linear_bias), then z_loss and lse when
+    requested. ``grad_linear_bias`` is None without a bias. The gradients have the
+    shapes and dtype of their arrays. For ``reduction="none"`` they are those of the sum
+    of the per-row losses.
+    """
+    setup = _check(
+        input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+        logit_scale, softcap, sample_weight, where, all_ignored, return_z_loss, return_lse, denominator, chunk_rows,
+    )  # fmt: skip
+    loss, grads, z_term, lse = _solve(setup, (True, True, setup.b is not None))
+    extra = [x for x, wanted in zip((z_term, lse), setup.returns) if wanted]
+    return (loss, *grads, *extra)
+
+
+def _check(
+    input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
+    logit_scale, softcap, sample_weight, where, all_ignored, return_z_loss, return_lse, denominator, chunk_rows,
+) -> _Setup:  # fmt: skip
+    """Everything checked before any product: shapes and dtypes here (in the linear
+    layer's terms), the cross-entropy's options by fastsce._validate on a stand-in for
+    the (N, V) logits that has their shape and dtype and no memory."""
+    h = _check_float("input", input)
+    if h.ndim == 0 or h.shape[-1] == 0:
+        raise ValueError(f"input must have shape (..., H) with H >= 1 features; got shape {h.shape}")
+    lead, hidden = h.shape[:-1], h.shape[-1]
+    w = _check_float("linear_weight", linear_weight)
+    if w.ndim != 2:
+        raise ValueError(f"linear_weight must be 2-D, (V, H) = (classes, features); got shape {w.shape}")
+    if w.shape[1] != hidden:
+        raise ValueError(
+            f"linear_weight has shape {w.shape} but input has H={hidden} features (shape {h.shape}); "
+            f"linear_weight must be (V, {hidden}), as torch.nn.Linear({hidden}, V).weight"
+        )
+    if not (w.flags.c_contiguous or w.flags.f_contiguous):
+        w = np.ascontiguousarray(w)  # once, rather than by BLAS at every tile
+    classes = w.shape[0]
+    if classes == 0:
+        raise ValueError(f"linear_weight must have at least one row (class); got shape {w.shape}")
+    _same_dtype("linear_weight", w, h)
+    b = None
+    if linear_bias is not None:
+        b = _check_float("linear_bias", linear_bias)
+        if b.shape != (classes,):
+            raise ValueError(
+                f"linear_bias has shape {b.shape} but linear_weight has V={classes} rows; "
+                f"linear_bias must have shape ({classes},)"
+            )
+        _same_dtype("linear_bias", b, h)
+    y = np.asarray(target)
+    if y.shape != lead:
+        raise ValueError(
+            f"target has shape {y.shape} but input has shape {h.shape}; target must hold one class "
+            f"index per row of input, shape {lead} (probability targets are not supported here)"
+        )
+    if y.dtype.kind not in "iu":
+        raise TypeError(
+            f"target must be an integer array of class indices; got dtype {y.dtype}. "
+            "Convert with target.astype(np.int64)"
+        )
+    if weight is not None and np.shape(weight) != (classes,):
+        raise ValueError(
+            f"weight has shape {np.shape(weight)} but linear_weight has V={classes} rows (classes); "
+            f"weight must have one entry per class, shape ({classes},)"
+        )
+    logits = np.broadcast_to(np.zeros((), h.dtype), lead + (classes,))  # shape and dtype only
+    problem = check_problem(
+        logits, y, weight, ignore_index, reduction, label_smoothing, sample_weight=sample_weight, where=where,
+        z_loss=z_loss, logit_scale=logit_scale, softcap=softcap, all_ignored=all_ignored,
+    )  # fmt: skip
+    returns = check_returns(return_z_loss, return_lse)
+    denominator = check_denominator(denominator, reduction)
+    if chunk_rows is None:
+        chunk_rows = max(1, TILE_BYTES // (classes * h.dtype.itemsize))
+    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be an integer >= 1 (rows per tile) or None; got {chunk_rows!r}")
+    rows = math.prod(lead)
+    h2 = np.ascontiguousarray(h.reshape(rows, hidden))  # a copy only if input is not C-contiguous
+    return _Setup(h2, w, b, problem, returns, denominator, int(chunk_rows), h.shape)
+
+
+def _linear_setup(input, linear_weight, target, kwargs: dict) -> _Setup:
+    """_check from keyword arguments (for fastsce.torch and the reference)."""
+    get = kwargs.get
+    return _check(
+        input, linear_weight, target, get("linear_bias"), get("weight"), get("ignore_index", -100),
+        get("reduction", "mean"), get("label_smoothing", 0.0), get("z_loss", 0.0), get("logit_scale"),
+        get("softcap"), get("sample_weight"), get("where"), get("all_ignored", "nan"), get("return_z_loss", False),
+        get("return_lse", False), get("denominator"), get("chunk_rows"),
+    )  # fmt: skip
+
+
+def _check_float(name: str, x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        half = " (half precision is not supported here)" if x.dtype.name in HALF_DTYPE_NAMES else ""
+        raise TypeError(
+            f"{name} must be float32 or float64; got dtype {x.dtype}{half}. Convert with {name}.astype(np.float32)"
+        )
+    return x
+
+
+def _same_dtype(name: str, x: np.ndarray, h: np.ndarray) -> None:
+    if x.dtype != h.dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but input has dtype {h.dtype}; pass them in one dtype, "
+            f"e.g. {name}.astype(np.{h.dtype})"
+        )
+
+
+def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
+    """(loss, (grad_input, grad_linear_weight, grad_linear_bias), z-term, lse), the
+    gradients computed as far as ``want`` says (None otherwise), a tile of rows at a time."""
+    p, h, w, b = setup.problem, setup.h, setup.w, setup.b
+    n, classes = p.shape
+    dtype = p.compute  # = the input's
+    want_z, want_lse = setup.returns
+    want_grad = any(want)
+    # The whole batch's class weights and "mean" denominators, its labels checked (the
+    # first bad one named by its row in the batch), before any product.
+    cw, cw_sum, d, d_z = api._weights(p)
+    if setup.denominator is not None:
+        d, d_z = setup.denominator
+    scale, scale_z = api._scales(p, d, d_z)
+    none = p.reduction == "none"
+    row_loss = np.empty(n if none else 0, dtype)
+    row_z = np.empty(n if none and want_z else 0, dtype)
+    lse = np.empty(n if want_lse else 0, dtype)
+    g_in = np.empty(h.shape, dtype) if want[0] else None
+    g_w = np.zeros(w.shape, dtype) if want[1] else None
+    g_b = np.zeros(classes, np.float64) if want[2] else None
+    ce = z_sum = 0.0
+    size = max(1, min(setup.chunk_rows, n))
+    tile = np.empty((size, classes), dtype) if n else None
+    wt = w.T
+    for r0 in range(0, n, size):
+        r1 = min(n, r0 + size)
+        t, ht = tile[: r1 - r0], h[r0:r1]
+        np.matmul(ht, wt, out=t)
+        if b is not None:
+            t += b
+        rows = dataclasses.replace(
+            p, logits=t, axis=1, rows=t, target=p.target[r0:r1],
+            row_weight=None if p.row_weight is None else p.row_weight[r0:r1],
+        )  # fmt: skip
+        # The tile's gradient (of the whole batch's loss) replaces its logits in place.
+        c, zs, rl, rz, ls = api._fused(rows, t if want_grad else None, setup.returns, cw, cw_sum, scale, scale_z)
+        ce, z_sum = ce + c, z_sum + zs  # float64, tile after tile: the same for any thread count
+        if none:
+            row_loss[r0:r1] = rl
+            if want_z:
+                row_z[r0:r1] = rz
+        if want_lse:
+            lse[r0:r1] = ls
+        if want[0]:
+            np.matmul(t, w, out=g_in[r0:r1])
+        if want[1]:
+            _add_product(g_w, t, ht)
+        if want[2]:
+            g_b += t.sum(axis=0, dtype=np.float64)
+    loss, z_term, lse = api._reduce(p, ce, z_sum, row_loss, row_z, lse, d, d_z, setup.returns)
+    grads = (
+        None if g_in is None else g_in.reshape(setup.input_shape),
+        g_w,
+        None if g_b is None else g_b.astype(dtype),
+    )
+    return loss, grads, z_term, lse
+
+
+def _add_product(c: np.ndarray, g: np.ndarray, h: np.ndarray) -> None:
+    """c += gᵀ h in place: c (V, H) C-contiguous, g (rows, V) and h (rows, H) C-contiguous.
+
+    BLAS gemm with beta = 1 on cᵀ (Fortran order): no (V, H) temporary. Without SciPy,
+    NumPy's matmul into a block of classes at a time, then an add."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - exercised by monkeypatching _GEMM in the tests
+        blas = None
+    gemm = None if blas is None or not _GEMM else (blas.sgemm if c.dtype == np.float32 else blas.dgemm)
+    if gemm is not None:
+        done = gemm(1.0, h.T, g.T, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
+        if np.shares_memory(done, c):
+            return
+        c[...] = done.T  # pragma: no cover - gemm copied c (it does not for these layouts)
+        return
+    step = max(1, (4 << 20) // max(1, h.shape[1] * c.itemsize))  # 4 MB blocks of classes
+    block = np.empty((min(step, c.shape[0]), c.shape[1]), c.dtype)
+    for j0 in range(0, c.shape[0], step):
+        j1 = min(c.shape[0], j0 + step)
+        np.matmul(g[:, j0:j1].T, h, out=block[: j1 - j0])
+        c[j0:j1] += block[: j1 - j0]
+
+
+_GEMM = True  # False: the NumPy path of _add_product (tests)
