@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Any
 
 import numpy as np
 
 from fastsce import api
+from fastsce._typing import ArrayLike, Loss
 from fastsce._validate import (
     FLOAT_DTYPES,
     HALF_DTYPE_NAMES,
@@ -62,26 +64,26 @@ class _Setup:
 
 
 def linear_cross_entropy(
-    input,
-    linear_weight,
-    target,
+    input: ArrayLike,
+    linear_weight: ArrayLike,
+    target: ArrayLike,
     *,
-    linear_bias=None,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_scale=None,
-    softcap=None,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-    denominator=None,
-    chunk_rows=None,
-):
+    linear_bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    denominator: float | tuple[float, float] | None = None,
+    chunk_rows: int | None = None,
+) -> Loss | tuple[Any, ...]:
     """Cross-entropy of logits = input @ linear_weightᵀ + linear_bias, without them.
 
     Parameters
@@ -115,26 +117,26 @@ def linear_cross_entropy(
 
 
 def linear_cross_entropy_with_grad(
-    input,
-    linear_weight,
-    target,
+    input: ArrayLike,
+    linear_weight: ArrayLike,
+    target: ArrayLike,
     *,
-    linear_bias=None,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    logit_scale=None,
-    softcap=None,
-    sample_weight=None,
-    where=None,
-    all_ignored="nan",
-    return_z_loss=False,
-    return_lse=False,
-    denominator=None,
-    chunk_rows=None,
-):
+    linear_bias: ArrayLike | None = None,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    all_ignored: str = "nan",
+    return_z_loss: bool = False,
+    return_lse: bool = False,
+    denominator: float | tuple[float, float] | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[Any, ...]:
     """Loss and its gradients with respect to input, linear_weight and linear_bias.
 
     Takes the arguments of :func:`linear_cross_entropy`.

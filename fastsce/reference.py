@@ -62,11 +62,14 @@ TOLERANCE: dict[np.dtype, dict[str, float]] = _Tolerances({
 
 
 if TYPE_CHECKING:  # the API's signatures, for type checkers; not imported at run time (the kernels)
-    from fastsce import api
+    from fastsce import api, linear
 else:
 
-    class api:  # stands in for it at run time: same_signature ignores its argument
+    class api:  # stand in for them at run time: same_signature ignores its argument
         cross_entropy = cross_entropy_with_grad = None
+
+    class linear:
+        linear_cross_entropy = linear_cross_entropy_with_grad = None
 
 
 @same_signature(api.cross_entropy)
@@ -228,12 +231,18 @@ def _linear_logits(input, linear_weight, target, linear_bias, options, want_grad
     return setup, fn(x, target, **options)
 
 
-def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, **options):
+@same_signature(linear.linear_cross_entropy)
+def linear_cross_entropy(
+    input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *, linear_bias: ArrayLike | None = None, **options: Any
+) -> Any:
     """Loss only; see :func:`fastsce.linear_cross_entropy` (same arguments)."""
     return _linear_logits(input, linear_weight, target, linear_bias, dict(options), False)[1]
 
 
-def linear_cross_entropy_with_grad(input, linear_weight, target, *, linear_bias=None, **options):
+@same_signature(linear.linear_cross_entropy_with_grad)
+def linear_cross_entropy_with_grad(
+    input: ArrayLike, linear_weight: ArrayLike, target: ArrayLike, *, linear_bias: ArrayLike | None = None, **options: Any
+) -> Any:
     """(loss, grad_input, grad_linear_weight, grad_linear_bias or None, [z_loss], [lse]);
     see :func:`fastsce.linear_cross_entropy_with_grad`."""
     setup, (loss, g, *extra) = _linear_logits(input, linear_weight, target, linear_bias, dict(options), True)

@@ -23,6 +23,8 @@ This module imports torch; ``import fastsce`` does not.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -415,18 +417,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(
-    input,
-    linear_weight,
-    target,
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
     *,
-    linear_bias=None,
-    weight=None,
-    reduction="mean",
-    ignore_index=None,
-    label_smoothing=0.0,
-    options=None,
-    **fastsce_options,
-):
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    options: Any = None,
+    **fastsce_options: Any,
+) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.linear_cross_entropy`` (same arguments), on
     :func:`fastsce.linear_cross_entropy_with_grad`: the logits are never held whole.
 

@@ -52,3 +52,11 @@ def dask_use() -> None:
 
     loss, grad = fastsce.dask.cross_entropy_with_grad(da.zeros((4, 10), chunks=2), np.zeros(4, np.int64))
     d: da.Array = grad
+
+
+def linear_use() -> None:
+    hidden = np.zeros((4, 8), np.float32)
+    head = np.zeros((10, 8), np.float32)
+    lin_loss = fastsce.linear_cross_entropy(hidden, head, labels, chunk_rows=2)
+    lin: tuple[Any, ...] = fastsce.linear_cross_entropy_with_grad(hidden, head, labels, denominator=8.0)
+    fastsce.linear_cross_entropy(hidden, head, labels, chunk_rows="2")  # type: ignore[arg-type]  # a str is refused
