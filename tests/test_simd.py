@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 
-from fastsce._kernels.vec import lanes, load_rows, narrow, prefetch, store_rows, transpose, transpose_indices, widen
+from fastsce._kernels.vec import float16_bits_to_float32, float32_to_float16_bits, lanes, load_rows, narrow, prefetch, store_rows, transpose, transpose_indices, widen
 from fastsce._kernels.half import bits_view
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -129,3 +129,26 @@ def test_prefetch_changes_nothing():
     a = np.arange(100.0)
     assert _prefetched(a, 50) == 50.0
     np.testing.assert_array_equal(a, np.arange(100.0))
+
+
+@numba.njit
+def _scalar_f16(h, x, out_f32, out_bits):
+    for i in range(h.size):
+        out_f32[i] = float16_bits_to_float32(h[i])
+    for i in range(x.size):
+        out_bits[i] = float32_to_float16_bits(x[i])
+
+
+def test_scalar_float16_conversions_are_numpys():
+    every = np.arange(1 << 16).astype(np.uint16)  # every float16, NaNs and subnormals included
+    x = _special_float32(4096, seed=3)
+    out_f32 = np.zeros(every.size, np.float32)
+    out_bits = np.zeros(x.size, np.uint16)
+    _scalar_f16(every, x, out_f32, out_bits)
+    np.testing.assert_array_equal(out_f32, every.view(np.float16).astype(np.float32))
+    with np.errstate(over="ignore"):
+        expect = x.astype(np.float16)
+    got = out_bits.view(np.float16)
+    np.testing.assert_array_equal(got, expect)
+    finite = ~np.isnan(expect)
+    np.testing.assert_array_equal(out_bits[finite], expect.view(np.uint16)[finite])  # bit for bit, signs too

@@ -18,6 +18,9 @@ by one against NumPy in tests/test_simd.py:
     widen(v)                                   -> float16 / bfloat16 bits as float32 (floats as they are)
     narrow(v, a)                               -> float32 rounded to a's element type (nearest even)
     prefetch(a, i)                                hint: bring a.flat[i]'s cache line in
+    float16_bits_to_float32(h), float32_to_float16_bits(x)
+                                                  one element (fpext / fptrunc): in a loop
+                                                  LLVM makes them vcvtph2ps / vcvtps2ph
 
 Addresses are not checked: ``a`` must be C-contiguous and every element addressed (by
 the masks) inside it; the kernels guarantee that. Masked-off lanes touch no memory.
@@ -308,4 +311,32 @@ def narrow(typingctx, block, a):
     return out(block, a), codegen
 
 
-__all__ = ["Vec", "lanes", "width", "load_rows", "store_rows", "transpose", "widen", "narrow", "prefetch", "transpose_indices"]
+@intrinsic
+def float16_bits_to_float32(typingctx, h):
+    """float16 bits (any integer type; the low 16 bits) as float32: exact."""
+    if not isinstance(h, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = builder.trunc(args[0], ir.IntType(16)) if h.bitwidth > 16 else args[0]
+        return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+    return types.float32(h), codegen
+
+
+@intrinsic
+def float32_to_float16_bits(typingctx, x):
+    """float32 rounded to float16 (nearest even, subnormals, overflow to inf, NaN quiet),
+    its bits as an int32 in 0 .. 0xFFFF."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return builder.zext(bits, _I32)
+
+    return types.int32(x), codegen
+
+
+__all__ = ["Vec", "lanes", "width", "load_rows", "store_rows", "transpose", "widen", "narrow", "prefetch", "transpose_indices",
+           "float16_bits_to_float32", "float32_to_float16_bits"]
