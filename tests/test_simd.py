@@ -4,8 +4,19 @@ import numba
 import numpy as np
 import pytest
 
-from fastsce._kernels.vec import float16_bits_to_float32, float32_to_float16_bits, lanes, load_rows, narrow, prefetch, store_rows, transpose, transpose_indices, widen
 from fastsce._kernels.half import bits_view
+from fastsce._kernels.vec import (
+    float16_bits_to_float32,
+    float32_to_float16_bits,
+    lanes,
+    load_rows,
+    narrow,
+    prefetch,
+    store_rows,
+    transpose,
+    transpose_indices,
+    widen,
+)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 

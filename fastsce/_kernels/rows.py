@@ -34,8 +34,8 @@ from numba.extending import overload
 
 from fastsce._kernels.half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
 from fastsce._kernels.jit import jit, parallel, vector
-from fastsce._kernels.vec import prefetch
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.vec import prefetch
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would

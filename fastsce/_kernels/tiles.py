@@ -28,8 +28,8 @@ from numba.extending import overload
 from fastsce._kernels.half import as_float, as_stored, scratch_row
 from fastsce._kernels.jit import jit, parallel
 from fastsce._kernels.rows import _chain, _scale_and_cap
-from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
 
 # Tiles per prange iteration: the scratch is allocated once per chunk.
 TILES_PER_CHUNK = 32
@@ -65,8 +65,11 @@ def _tile_rows(z):
 def _load_tile(zt, T):
     """T[j, r] = zt[r, j] (half bits converted): blocks of W rows x W classes, each W
     masked row loads, an in-register transpose and W stores (fastsce._kernels.vec).
-    Assembly (float32, K = 10): per block 16 vmovups {k}{z} loads, 64 vpermt2ps /
-    vpermi2ps / vunpck / vshuff shuffles, 16 vmovups {k} stores; no gather."""
+    Assembly (float32, K = 10, inspect_asm): per block 16 masked vmovups loads (kmovd
+    masks), 64 shuffles on zmm (vpermt2ps / vpermt2pd / vunpck*pd / vshuff64x2 /
+    vinsertf64x4), 16 stores; no gather, no scatter. Measured on one tile in L1: load and
+    store 0.18-0.23 ns per element each; the tile as a whole ~10% faster at K = 100 and
+    unchanged within noise at K = 10, where the per-row float64 work dominates."""
     k = T.shape[0]
     R = tile_rows(T)
     W = width(T)

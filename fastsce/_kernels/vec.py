@@ -338,5 +338,17 @@ def float32_to_float16_bits(typingctx, x):
     return types.int32(x), codegen
 
 
-__all__ = ["Vec", "lanes", "width", "load_rows", "store_rows", "transpose", "widen", "narrow", "prefetch", "transpose_indices",
-           "float16_bits_to_float32", "float32_to_float16_bits"]
+__all__ = [
+    "Vec",
+    "float16_bits_to_float32",
+    "float32_to_float16_bits",
+    "lanes",
+    "load_rows",
+    "narrow",
+    "prefetch",
+    "store_rows",
+    "transpose",
+    "transpose_indices",
+    "widen",
+    "width",
+]
