@@ -40,8 +40,11 @@ COPY_BLOCK_LOGITS = 1 << 20
 # Up to these K, integer-target rows are vectorised across rows (fastsce._kernels.tiles)
 # rather than along them: the measured break-even (2 threads, N * K ~ 1.6M; e.g.
 # float32 loss+grad at K=128: 2.84x memcpy across rows, 3.34x along; at K=160: 3.46x, 3.23x).
+# Remeasured with the in-register transposes (1 thread, N * K = 1M, CPU time, a loaded
+# machine): loss+grad still crosses between 128 and 160 (4.85x / 5.82x at 128, 5.26x /
+# 4.68x at 160); loss only now at ~400 (2.78x / 3.08x at 300, 2.75x / 2.66x at 400).
 SMALL_K = {  # compute dtype: (loss only, loss and gradient)
-    np.dtype(np.float32): (200, 128),
+    np.dtype(np.float32): (384, 128),
     np.dtype(np.float64): (200, 100),
 }
 

@@ -5,8 +5,8 @@ their bit patterns: float16 viewed as uint16, bfloat16 as int16 (the signedness 
 view is how a kernel tells the two apart, at compile time). A row is converted to
 float32 into a scratch row before anything else and its gradient, formed in float32
 (the target's p_y - 1 as -sum_{j != y} p_j, without cancellation), is rounded once,
-to nearest even, when stored. The conversions are integer and float32 arithmetic that
-vectorises (no lookup table, no branch).
+to nearest even, when stored. The conversions vectorise (no lookup table, no branch):
+float16's are LLVM's fpext / fptrunc (vcvtph2ps / vcvtps2ph), bfloat16's integer arithmetic.
 
 The overloads below let one driver serve float and half rows: for float arrays they
 fold away at compile time.
@@ -18,36 +18,13 @@ from numba.extending import overload
 
 from fastsce._kernels.jit import jit, vector
 from fastsce._kernels.simd import _f32_as_i32, _i32_as_f32, prefer_512bit
+from fastsce._kernels.vec import float16_bits_to_float32, float32_to_float16_bits
 
-_F32_2_112 = np.float32(2.0**112)  # float16 exponent bias 15 -> float32 bias 127
-_F32_HALF = np.float32(0.5)  # bits 126 << 23: aligns a float16 subnormal's last bit
-
-
-@jit
-def _float16_to_float32(h):
-    """Exact: a float16 subnormal becomes a float32 normal through the * 2^112."""
-    h = np.int32(h) & 0xFFFF
-    sign = (h & 0x8000) << 16
-    bits = (h & 0x7FFF) << 13
-    finite = _i32_as_f32(np.int32(bits)) * _F32_2_112
-    special = _i32_as_f32(np.int32(bits | 0x7F800000))  # inf and NaN (payload kept)
-    f = special if (h & 0x7C00) == 0x7C00 else finite
-    return _i32_as_f32(np.int32(_f32_as_i32(f) | sign))
-
-
-@jit
-def _float32_to_float16(x):
-    """Round to nearest even, with subnormals, overflow to inf and NaN kept NaN."""
-    f = np.int32(_f32_as_i32(x))
-    sign = (f >> 16) & 0x8000
-    f = f & 0x7FFFFFFF
-    # small: a float add rounds the value into a subnormal's place (0.5 = bits 126 << 23)
-    small = np.int32(_f32_as_i32(_i32_as_f32(f) + _F32_HALF)) - np.int32(0x3F000000)
-    # normal: rebias the exponent and round the 13 dropped bits, ties to even
-    normal = (f + np.int32(-0x38000000 + 0xFFF) + ((f >> 13) & 1)) >> 13
-    big = np.int32(0x7E00) if f > 0x7F800000 else np.int32(0x7C00)
-    o = big if f >= 0x47800000 else (small if f < 0x38800000 else normal)
-    return o | sign
+# float16 <-> float32 are single instructions (vcvtph2ps / vcvtps2ph) once a loop over
+# them vectorises: LLVM's fpext / fptrunc (fastsce._kernels.vec). Measured, the integer
+# emulation they replace made float16 rows 1.2x slower than float32 ones at K = 1000.
+_float16_to_float32 = float16_bits_to_float32
+_float32_to_float16 = float32_to_float16_bits
 
 
 @jit

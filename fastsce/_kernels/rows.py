@@ -35,6 +35,7 @@ from numba.extending import overload
 from fastsce._kernels.half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
 from fastsce._kernels.jit import jit, parallel, vector
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.vec import prefetch
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
@@ -411,6 +412,19 @@ def _chain(g, z, a, c):
 
 
 @jit
+def _prefetch_row(z, i):
+    """Ask for row i's cache lines, if there is a row i: issued for the next row before
+    this one is computed, its memory reads overlap this row's passes (which otherwise
+    wait on memory in the max pass and on arithmetic in the exp pass). Measured, 8M
+    float32 logits, loss+grad, 1 thread, CPU time: K = 1000 10.4-10.6 -> 8.1 ms,
+    K = 32000 9.6-10.3 -> 8.6-8.8 ms. Assembly: prefetcht0 per 64 bytes, unrolled 8 times."""
+    if i < z.shape[0]:
+        row = z[i]
+        for j in range(0, row.size, 64 // row.itemsize):
+            prefetch(row, j)
+
+
+@jit
 def _record(i, live, vi, zl, ce, lse, outs, totals):
     """Row i's weighted loss and z-term into the outputs; returns the updated chunk totals."""
     row_loss, row_z, lse_out, _, _ = outs
@@ -439,6 +453,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
         zt = scratch_row(z, k if transform else 0)  # the row as the loss sees it
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
+            _prefetch_row(z, i + 1)
             y = target[i]
             vi = v[i] if v.size else 1.0
             live = y != ignore_index and vi != 0
@@ -470,6 +485,7 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
         gt = scratch_row(z, k if is_half(g) else 0)  # a half gradient row, in float32
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
+            _prefetch_row(z, i + 1)
             y = target[i]
             vi = v[i] if v.size else 1.0
             live = y != ignore_index and vi != 0

@@ -29,10 +29,7 @@ from fastsce._kernels.half import as_float, as_stored, scratch_row
 from fastsce._kernels.jit import jit, parallel
 from fastsce._kernels.rows import _chain, _scale_and_cap
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
-
-# From this many classes on, a tile's gradient is written row by row (vectorised along
-# the row) instead of class by class (a scatter per class).
-ROWS_OUT_K = 16
+from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
 
 # Tiles per prange iteration: the scratch is allocated once per chunk.
 TILES_PER_CHUNK = 32
@@ -66,33 +63,33 @@ def _tile_rows(z):
 
 @jit
 def _load_tile(zt, T):
-    """T[j, r] = zt[r, j]: a gather per class."""
-    prefer_512bit()
-    for j in range(T.shape[0]):
-        tj = T[j]
-        zj = zt[:, j]
-        for r in range(tile_rows(T)):
-            tj[r] = as_float(zj[r])
+    """T[j, r] = zt[r, j] (half bits converted): blocks of W rows x W classes, each W
+    masked row loads, an in-register transpose and W stores (fastsce._kernels.vec).
+    Assembly (float32, K = 10, inspect_asm): per block 16 masked vmovups loads (kmovd
+    masks), 64 shuffles on zmm (vpermt2ps / vpermt2pd / vunpck*pd / vshuff64x2 /
+    vinsertf64x4), 16 stores; no gather, no scatter. Measured on one tile in L1: load and
+    store 0.18-0.23 ns per element each; the tile as a whole ~10% faster at K = 100 and
+    unchanged within noise at K = 10, where the per-row float64 work dominates."""
+    k = T.shape[0]
+    R = tile_rows(T)
+    W = width(T)
+    for r0 in range(0, R, W):
+        for c0 in range(0, k, W):
+            n = min(W, k - c0)
+            store_rows(T, c0 * R + r0, R, n, W, transpose(widen(load_rows(zt, r0 * k + c0, k, W, n))))
 
 
 @jit
 def _store_tile(T, gt):
-    """gt[r, j] = T[j, r]. Few classes: a scatter per class; more: row by row, a gather
-    along each row (faster from ROWS_OUT_K classes on, and for float64)."""
-    prefer_512bit()
+    """gt[r, j] = T[j, r] (rounded to half bits for a half gradient): _load_tile's
+    blocks the other way round."""
     k = T.shape[0]
-    if k < ROWS_OUT_K:
-        for j in range(k):
-            tj = T[j]
-            gj = gt[:, j]
-            for r in range(tile_rows(T)):
-                gj[r] = as_stored(tj[r], gt)
-    else:
-        for r in range(tile_rows(T)):
-            gr = gt[r]
-            tr = T[:, r]
-            for j in range(k):
-                gr[j] = as_stored(tr[j], gt)
+    R = tile_rows(T)
+    W = width(T)
+    for r0 in range(0, R, W):
+        for c0 in range(0, k, W):
+            n = min(W, k - c0)
+            store_rows(gt, r0 * k + c0, k, W, n, narrow(transpose(load_rows(T, c0 * R + r0, R, n, W)), gt))
 
 
 @jit
