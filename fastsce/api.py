@@ -11,7 +11,7 @@ import numpy as np
 from fastsce._kernels import rows as row_kernels, tiles as tile_kernels
 from fastsce._kernels.half import bits_view
 from fastsce._layout import row_blocks
-from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, same_memory
+from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, native, same_memory
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -226,7 +226,8 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
     fast path, else copies a block at a time: see fastsce._layout)."""
     last = problem.axis == problem.logits.ndim - 1
     g_rows = grad if grad is None or last else np.moveaxis(grad, problem.axis, -1)
-    z_dtype = problem.rows.dtype if problem.rows.dtype.itemsize == 2 else problem.compute
+    # half rows go to the kernels as they are, in native byte order (else copied to it)
+    z_dtype = native(problem.rows.dtype) if problem.rows.dtype.itemsize == 2 else problem.compute
     inputs = (problem.target,) if problem.soft else ()
     blocks = row_blocks(
         problem.rows, z_dtype, COPY_BLOCK_LOGITS, inputs, (g_rows,), in_dtype=problem.compute, out_dtype=problem.result
@@ -242,9 +243,9 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
     on an axis other than the last: the memory as (A, K, D), for the tile kernel that
     reads rows x[a, :, d] 64 at a time without a transposed copy. Else None."""
     logits, axis = problem.logits, problem.axis
-    if axis == logits.ndim - 1 or not logits.flags.c_contiguous:
+    if axis == logits.ndim - 1 or not logits.flags.c_contiguous or not logits.dtype.isnative:
         return None
-    if grad is not None and not grad.flags.c_contiguous:
+    if grad is not None and not (grad.flags.c_contiguous and grad.dtype.isnative):
         return None
     a, k, d = math.prod(logits.shape[:axis]), logits.shape[axis], math.prod(logits.shape[axis + 1 :])
     if d < CLASS_MAJOR_MIN_D:
@@ -324,8 +325,9 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
             return x.astype(result, copy=False).reshape(problem.lead)
 
         return per_row(row_loss), per_row(row_z) if want_z else None, lse
-    ce = float(np.concatenate(chunk_loss).sum())  # float64, in a fixed order
-    z_term = float(np.concatenate(chunk_z).sum()) if problem.z_loss else 0.0
+    # float64, in a fixed order; no blocks at all when a copied layout has no rows
+    ce = float(np.concatenate([_NO_ROW_WEIGHTS, *chunk_loss]).sum())
+    z_term = float(np.concatenate([_NO_ROW_WEIGHTS, *chunk_z]).sum()) if problem.z_loss else 0.0
     if problem.reduction == "mean":
         ce = _mean(ce, d, problem.all_ignored)
         z_term = _mean(z_term, d_z, problem.all_ignored) if problem.z_loss else 0.0

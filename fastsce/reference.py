@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns
+from fastsce._validate import Problem, check_labels, check_out, check_problem, check_returns, native
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "TOLERANCE"]
 
@@ -182,7 +182,7 @@ def _rows_of(name, x, axis, out, shape=None):
     x, axis, compute = primitives._check_x(x, axis, name)
     if out is not None:
         primitives._check_out(out, x, x.shape if shape is None else shape(x, axis), name, allow_x=shape is None)
-    return x.astype(compute), axis, x.dtype
+    return x.astype(compute), axis, native(x.dtype)
 
 
 def _store(result, out, dtype):
