@@ -19,7 +19,7 @@ REDUCTIONS = ("mean", "sum", "none")
 ALL_IGNORED = ("nan", "zero")
 
 # Class and row weights whose largest lies outside [2^-32, 2^32] are scaled by a power of
-# two (exactly) so it lands in [0.5, 1): the compute dtype then holds them (float32 cannot
+# two (exactly) so it lands in [1, 2): the compute dtype then holds them (float32 cannot
 # hold 1e300) and the "mean" denominators and 1 / D neither overflow nor underflow.
 _WEIGHT_RANGE = (2.0**-32, 2.0**32)
 
@@ -92,6 +92,8 @@ class Problem:
     compute: np.dtype  # float32 (also for float16/bfloat16 logits) or float64
     result: np.dtype  # dtype of the loss and gradient returned
     given: dict  # the user's target and weight arrays before conversion, for overlap checks
+    fold: float = 1.0  # a factor of row_weight that "mean" denominators divide out (see scale_weights)
+    units: tuple = (1.0, 1.0)  # "mean" denominators D, D_z of the user's weights / of the scaled ones
 
     @property
     def lead(self) -> tuple[int, ...]:
@@ -140,46 +142,54 @@ def check_problem(
     z_loss = _check_real("z_loss", z_loss, 0.0, np.inf)
     logit_scale, softcap = check_transform(logit_scale, softcap)
     row_weight = _check_row_weight(sample_weight, where, rows.shape[:-1])
-    weight, row_weight, z_loss = scale_weights(weight, row_weight, z_loss, reduction, math.prod(rows.shape[:-1]), compute)
+    m = math.prod(rows.shape[:-1])
+    weight, row_weight, z_loss, fold, units = scale_weights(weight, row_weight, z_loss, reduction, soft, m, compute)
     return Problem(
         logits, axis, rows, target, soft, weight, ignore_index, reduction, label_smoothing, row_weight,
-        z_loss, logit_scale, softcap, all_ignored, compute, result, given,
+        z_loss, logit_scale, softcap, all_ignored, compute, result, given, fold, units,
     )
 
 
 def _power_of_two_scale(a: np.ndarray | None) -> float:
-    """1, or the power of two that brings max(a) into [0.5, 1) when it lies outside _WEIGHT_RANGE."""
+    """1, or the power of two that brings max(a) into [1, 2) when it lies outside _WEIGHT_RANGE
+    (2^1023 at most: [0.5, 1) would need 2^1024 for weights near the float64 maximum)."""
     if a is None or a.size == 0:
         return 1.0
     top = float(a.max())
     if top == 0 or _WEIGHT_RANGE[0] <= top <= _WEIGHT_RANGE[1]:
         return 1.0
-    return math.ldexp(1.0, math.frexp(top)[1])
+    return math.ldexp(1.0, math.frexp(top)[1] - 1)
 
 
-def scale_weights(weight, row_weight, z_loss, reduction, m, compute):
-    """(class weights in the compute dtype, row weights, z_loss) as the kernels and the
-    reference take them, scaled by powers of two (exact) so that extreme weights that
-    pass validation neither overflow nor underflow there.
+def scale_weights(weight, row_weight, z_loss, reduction, soft, m, compute):
+    """(class weights in the compute dtype, row weights, z_loss, fold, units) as the
+    kernels and the reference take them, scaled by powers of two (exactly) so that extreme weights
+    that pass validation neither overflow nor underflow there.
 
-    With W and V the scales of the class and row weights (1 for ordinary weights):
-    "mean" is unchanged by them (w / W and v / V in numerator and denominator alike);
-    "sum" and "none" fold W into the row weights (v W) and undo it on the z-loss
-    (z_loss / W), which the class weights do not touch. A class weight below 2^-149
-    (float32) or 2^-1074 (float64) times the largest becomes 0."""
+    With W and V the scales of the class and row weights (1 for ordinary weights): the
+    class-index "mean" is unchanged by them (w / W and v / V in its numerator and
+    denominator alike). Elsewhere the loss is linear in w: W is folded into the row
+    weights (float64: v W) and taken off the z-loss (z_loss / W), which class weights do
+    not touch, and ``fold`` = W tells the probability-target "mean" to divide its
+    denominators (sums of row weights) by it. ``units``: the "mean" denominators (D, D_z)
+    of the given weights over those of the scaled ones. A class weight below 2^-149 (float32) or
+    2^-1074 (float64) times the largest becomes 0."""
     w_scale = _power_of_two_scale(weight)
     if weight is not None:
         if w_scale != 1:
             weight = np.asarray(weight, np.float64) / w_scale
         weight = np.ascontiguousarray(weight, dtype=compute)
+    v_scale = 1.0
     if reduction == "mean":
         v_scale = _power_of_two_scale(row_weight)
         if v_scale != 1:
             row_weight = row_weight / v_scale
-    elif w_scale != 1:
-        row_weight = np.full(m, w_scale) if row_weight is None else row_weight * w_scale
-        z_loss = z_loss / w_scale
-    return weight, row_weight, z_loss
+        if not soft:
+            return weight, row_weight, z_loss, 1.0, (w_scale * v_scale, v_scale)
+    if w_scale == 1:
+        return weight, row_weight, z_loss, 1.0, (v_scale, v_scale)
+    row_weight = np.full(m, w_scale) if row_weight is None else row_weight * w_scale
+    return weight, row_weight, z_loss / w_scale, w_scale, (v_scale, v_scale)
 
 
 def check_labels(problem: Problem, first_bad_row: int | None = None) -> None:

@@ -203,8 +203,16 @@ def _ones(k: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _weights(problem: Problem):
-    """(class weights, their float64 sum, the "mean" denominators D and D_z), checking
-    the labels in the same compiled pass over them."""
+    """As _scaled_weights, with D and D_z those of the weights as given (for a caller that
+    reduces with them itself, e.g. the command line)."""
+    w, w_sum, d, d_z = _scaled_weights(problem)
+    return w, w_sum, d * problem.units[0], d_z * problem.units[1]
+
+
+def _scaled_weights(problem: Problem):
+    """(class weights, their float64 sum, the "mean" denominators D and D_z), as the
+    kernels take them (see fastsce._validate.scale_weights), checking the labels in the
+    same compiled pass over them."""
     m, k = problem.shape
     if problem.weight is None:
         w, w_sum = _ones(k, problem.compute), float(k)
@@ -212,7 +220,7 @@ def _weights(problem: Problem):
         w, w_sum = problem.weight, row_kernels.float64_sum(problem.weight)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     if problem.soft:
-        d = float(m) if problem.row_weight is None else row_kernels.float64_sum(v)
+        d = float(m) if problem.row_weight is None else row_kernels.float64_sum(v) / problem.fold
         return w, w_sum, d, d
     bad_row, d, d_z = row_kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
     check_labels(problem, bad_row)
@@ -267,7 +275,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
     m, k = problem.shape
     compute = problem.compute
     want_z, want_lse = returns
-    w, w_sum, d, d_z = _weights(problem)
+    w, w_sum, d, d_z = _scaled_weights(problem)
     none = problem.reduction == "none"
     if problem.reduction == "mean":
         scale, scale_z = _mean(1.0, d, problem.all_ignored), _mean(1.0, d_z, problem.all_ignored)

@@ -111,7 +111,7 @@ def _solve(problem: Problem, want_grad: bool):
                 t = (1 - eps) * t + dtype.type(eps / k)
             counted = v > 0  # ignore_index does not apply to probabilities
             row_loss = -_times(w * t, log_p).sum(axis=1)
-            denominator = float(v.sum())
+            denominator = float(v.sum()) / problem.fold  # v carries the class weights' scale
             # d l_n / d z_nj = p_nj sum_k w_k t_nk - w_j t_nj
             grad = p * (w * t).sum(axis=1, keepdims=True) - w * t if want_grad else None
         else:
@@ -140,7 +140,7 @@ def _solve(problem: Problem, want_grad: bool):
         z_row = np.zeros(m)
         if problem.z_loss:  # (not 0 * inf when lse^2 overflows)
             z_row = np.where(counted, v * problem.z_loss * lse.astype(np.float64) ** 2, 0)
-        z_denominator = float(np.where(counted, v, 0).sum())
+        z_denominator = float(np.where(counted, v, 0).sum()) / problem.fold
         if problem.reduction == "mean":  # 0 / 0 is NaN (as PyTorch) or 0 (all_ignored="zero")
             nothing = np.nan if problem.all_ignored == "nan" else 0.0
             scale = 1.0 / denominator if denominator else nothing

@@ -5,6 +5,8 @@ Fast against the reference on a grid; the reference against central differences 
 closed forms; the class axis and the half-precision dtypes through the block-copy path.
 """
 
+import math
+
 import numpy as np
 import pytest
 
@@ -522,3 +524,68 @@ def test_float32_softcap_is_within_a_few_ulp_of_tanh():
     out = np.empty_like(special)
     softcap(special, out, 1.0, 1.0)
     np.testing.assert_array_equal(out, [0.0, -0.0, 1.0, -1.0, np.nan])
+
+
+# --- extreme weights ---------------------------------------------------------------------
+
+# Weight scales c that pass validation but leave the compute dtype's range when applied
+# naively (float32 cannot hold 1e300; 1 / D overflows for D ~ 1e-320).
+EXTREME = {np.float32: (1e300, 1e39, 1e-40, 1e-300), np.float64: (1e300, 1e-300, 1e-320, 8e307)}
+
+
+@pytest.mark.parametrize(
+    "soft, which", ((False, "weight"), (False, "sample_weight"), (True, "sample_weight")), ids=("int-w", "int-v", "soft-v")
+)
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mean_is_unchanged_by_scaling_extreme_weights(impl, dtype, soft, which):
+    """"mean" divides by the summed weight: c w gives the loss and gradient of w, for any c
+    that passes validation (float32 with weight 1e300 gave NaN; float64 with 1e-320 a NaN
+    gradient). (Probability targets divide by the summed row weights only.)"""
+    rng, x, target = make(40, 10, dtype, soft, ("extreme", which))
+    w = dict(weight=rng.uniform(0.5, 2, 10), sample_weight=rng.uniform(0.5, 2, 40))
+    options = dict(label_smoothing=0.1, z_loss=1e-3, return_z_loss=True)
+    for c in EXTREME[dtype]:
+        given = w[which] * c  # (a subnormal c w carries fewer digits than w: compare with it
+        # brought back exactly, by a power of two, into the normal range)
+        got = IMPLS[impl].cross_entropy_with_grad(x, target, **dict(w, **{which: given}), **options)
+        normal = dict(w, **{which: np.ldexp(given, -math.frexp(c)[1])})
+        want = IMPLS[impl].cross_entropy_with_grad(x, target, **normal, **options)
+        for a, b in zip(got, want, strict=True):
+            assert np.all(np.isfinite(a)), (c, a)
+            assert_close(a, b, dtype)
+
+
+LINEAR_IN_W = [("int", "sum"), ("int", "none"), ("soft", "mean"), ("soft", "sum"), ("soft", "none")]
+
+
+@pytest.mark.parametrize("target, reduction", LINEAR_IN_W, ids=[f"{t}-{r}" for t, r in LINEAR_IN_W])
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_scaling_extreme_class_weights_scales_the_loss(impl, dtype, target, reduction):
+    """Where the cross-entropy is linear in the class weights, c w gives c times the result
+    of w when that fits the dtype; the z-loss, which class weights do not touch, stays."""
+    rng, x, t = make(30, 12, dtype, target == "soft", ("extreme-linear", reduction))
+    w = rng.uniform(0.5, 2, 12)
+    options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, return_z_loss=True)
+    fn = IMPLS[impl].cross_entropy_with_grad
+    ce, ce_grad, _ = fn(x, t, weight=w, **dict(options, z_loss=0.0))
+    _, z_grad, z_term = fn(x, t, weight=0 * w, **options)  # the z-loss alone
+    for c in {np.float32: (1e30, 1e-30), np.float64: (1e300, 1e-290)}[dtype]:
+        got_loss, got_grad, got_z = fn(x, t, weight=w * c, **options)
+        assert_close(got_loss, (c * np.float64(ce) + z_term).astype(dtype), dtype)
+        assert_close(got_z, z_term, dtype)
+        assert_close(got_grad, (c * ce_grad.astype(np.float64) + z_grad).astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_weights_of_the_issue(impl):
+    rng, x, target = make(8, 10, np.float32, False, ("issue-3",))
+    want = IMPLS[impl].cross_entropy_with_grad(x, target)
+    got = IMPLS[impl].cross_entropy_with_grad(x, target, weight=np.full(10, 1e300))
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    x64 = x.astype(np.float64)
+    got = IMPLS[impl].cross_entropy_with_grad(x64, target, weight=np.full(10, 1e-320))
+    for a, b in zip(got, IMPLS[impl].cross_entropy_with_grad(x64, target), strict=True):
+        assert_close(a, b)
