@@ -26,6 +26,7 @@ _WEIGHT_RANGE = (2.0**-32, 2.0**32)
 # How to drop a masked array's mask into a plain one, per argument (see as_array).
 _MASK_FIXES = {
     "logits": "logits.filled(-np.inf) to mask classes, or where= to skip rows",
+    "logits_shard": "logits_shard.filled(-np.inf) to mask classes",
     "x": "x.filled(-np.inf) to mask entries",
     "target": "target.filled(0) with where=~target.mask to skip the masked rows",
     "weight": "weight.filled(0)",
