@@ -90,13 +90,7 @@ def _solve(problem: Problem, want_grad: bool):
     v = np.ones(m) if problem.row_weight is None else problem.row_weight
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        # The logits the loss sees: z = c tanh(a x / c), dz/dx = a (1 - (z / c)^2).
-        a = 1.0 if problem.logit_scale is None else problem.logit_scale
-        z, dz_dx = dtype.type(a) * x, dtype.type(a)
-        if problem.softcap is not None:
-            c = dtype.type(problem.softcap)
-            z = c * np.tanh(z / c)
-            dz_dx = dz_dx * (1 - (z / c) ** 2)
+        z, dz_dx = _transformed(problem, x)
 
         shifted = z - z.max(axis=1, keepdims=True)
         log_s = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -167,7 +161,30 @@ def _solve(problem: Problem, want_grad: bool):
         loss, z_term = (np.asarray(x).astype(problem.result).reshape(problem.lead) for x in (loss, z_term))
     else:
         loss, z_term = problem.result.type(loss), problem.result.type(z_term)
-    return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)
+    return loss, grad, z_term, _lse(z).astype(dtype).reshape(problem.lead)
+
+
+def _transformed(problem: Problem, x):
+    """(z, dz/dx): the logits the loss sees, z = c tanh(a x / c), dz/dx = a (1 - (z / c)^2)."""
+    dtype = x.dtype
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = 1.0 if problem.logit_scale is None else problem.logit_scale
+        z, dz_dx = dtype.type(a) * x, dtype.type(a)
+        if problem.softcap is not None:
+            c = dtype.type(problem.softcap)
+            z = c * np.tanh(z / c)
+            dz_dx = dz_dx * (1 - (z / c) ** 2)
+    return z, dz_dx
+
+
+def _lse(z):
+    """logsumexp of every row of z as fastsce.logsumexp: NaN for a row holding NaN, else
+    +inf for one holding +inf, -inf for a row of -inf only (shifting by an infinite max
+    would give inf - inf = NaN)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = z.max(axis=1, keepdims=True)
+        m = np.where(np.isinf(m), 0, m).astype(z.dtype)
+        return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
 # --- softmax, log_softmax, logsumexp ---------------------------------------------------------

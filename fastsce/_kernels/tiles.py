@@ -239,8 +239,9 @@ def _target_entry(lanes, r, y, Tz, params):
     gy = lanes[6][r]
     if Tz.size:
         scale_x, cap = params[4], params[5]
+        # exactly 0 where saturated, z = +-c (c rounded as z was; see rows._softcap_chain)
         q = float(Tz[y, r]) / cap if cap > 0 else 0.0
-        gy *= scale_x * (1 - q * q)
+        gy = 0.0 * gy if cap > 0 and abs(Tz[y, r]) == like(cap, Tz) else gy * scale_x * (1 - q * q)
     return gy
 
 
