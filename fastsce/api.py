@@ -264,19 +264,6 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
     return x3, y3, -(-tiles // tile_kernels.TILES_PER_CHUNK)
 
 
-def _lse_of_infinite_rows(problem: Problem, lse: np.ndarray) -> np.ndarray:
-    """lse with its NaN rows that hold no NaN set as fastsce.logsumexp has them: -inf for
-    a row of -inf only, +inf for one holding +inf (the kernels shift by the max, and
-    inf - inf is NaN there). The reference gives the same (its _lse)."""
-    bad = np.flatnonzero(np.isnan(lse))
-    if bad.size:
-        from fastsce.reference import _lse, _transformed  # (the reference imports this module's checks only)
-
-        rows = problem.rows[np.unravel_index(bad, problem.lead)] if problem.lead else problem.rows[None]
-        lse[bad] = _lse(_transformed(problem, rows.astype(problem.compute))[0])
-    return lse
-
-
 def _mean(total: float, d: float, all_ignored: str) -> float:
     if d:
         return total / d
@@ -339,7 +326,7 @@ def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool]):
             zb = tb = gb = args = outs = None  # (as in _blocks)
 
     result = problem.result
-    lse = _lse_of_infinite_rows(problem, lse).reshape(problem.lead) if want_lse else None
+    lse = lse.reshape(problem.lead) if want_lse else None
     if none:
 
         def per_row(x):

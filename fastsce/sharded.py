@@ -477,7 +477,8 @@ class _Rows:
         eps, k, w_sum = stats.label_smoothing, stats.classes, stats.weight_sum
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             log_s = np.log(stats.s)
-            self.lse = stats.m + log_s
+            # a row of -inf only has lse -inf, one holding +inf +inf (m + log s is NaN there)
+            self.lse = np.where(np.isinf(stats.m), stats.m, stats.m + log_s)
             ce = stats.a * log_s - stats.b
             if eps > 0:
                 ce = (1 - eps) * ce + eps / k * (w_sum * log_s - stats.c)

@@ -236,6 +236,15 @@ def _soft_sums(z, t, w, m, c1, c0, g, store):
     return s, a, b
 
 
+@jit
+def row_lse(m, log_s):
+    """lse = m + log s of a row whose max is m, or m itself when that is +-inf: a row of
+    -inf only gives -inf and one holding +inf gives +inf (as fastsce.logsumexp), where
+    the shift by m gave inf - inf = NaN."""
+    m = float(m)
+    return m if math.isinf(m) else m + log_s
+
+
 # --- integer targets --------------------------------------------------------------------------
 
 
@@ -256,14 +265,14 @@ def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse):
     m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False)
     zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
     loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
-    return loss, float(m) + math.log(s_other + math.exp(zy)) if need_lse else 0.0
+    return loss, row_lse(m, math.log(s_other + math.exp(zy))) if need_lse else 0.0
 
 
 @jit
 def _row_lse(zi, w, no_store):
     """logsumexp of a row, in one read (for rows that are otherwise skipped)."""
     m, s, _ = _row_stats(zi, -1, w, 0.0, no_store, no_store, False)
-    return float(m) + math.log(s)
+    return row_lse(m, math.log(s))
 
 
 @jit
@@ -285,7 +294,7 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, 
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
     e_y = math.exp(zy)
     s = s_other + e_y
-    lse = float(m) + math.log(s) if need_lse else 0.0
+    lse = row_lse(m, math.log(s)) if need_lse else 0.0
     w_y = float(w[y])
 
     # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K] + zg lse p_j
@@ -519,7 +528,7 @@ def _soft_loss(zi, ti, w, m, c1, c0, s, a, b):
 def _soft_row(zi, ti, w, c1, c0, no_store):
     m = _row_max(zi)
     s, a, b = _soft_sums(zi, ti, w, m, c1, c0, no_store, False)
-    return _soft_loss(zi, ti, w, m, c1, c0, s, a, b), float(m) + math.log(s)
+    return _soft_loss(zi, ti, w, m, c1, c0, s, a, b), row_lse(m, math.log(s))
 
 
 @jit
@@ -527,7 +536,7 @@ def _soft_row_grad(zi, ti, gi, w, c1, c0, scale, zg):
     m = _row_max(zi)
     s, a, b = _soft_sums(zi, ti, w, m, c1, c0, gi, True)
     log_s = math.log(s)
-    lse = float(m) + log_s
+    lse = row_lse(m, log_s)
     loss = a * log_s - b
     if not math.isfinite(loss):  # as _soft_terms, from the stored exp(z_j - m) (zi may be gi)
         loss = 0.0
