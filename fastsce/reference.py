@@ -95,7 +95,7 @@ def _solve(problem: Problem, want_grad: bool):
         shifted = z - z.max(axis=1, keepdims=True)
         log_s = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         log_p = shifted - log_s
-        lse = (z.max(axis=1, keepdims=True) + log_s)[:, 0]
+        lse = _lse(z)  # max + log_s, or the max itself where that is +-inf (see _lse)
         p = np.exp(log_p)
 
         if problem.soft:
@@ -116,7 +116,8 @@ def _solve(problem: Problem, want_grad: bool):
             rows = np.arange(m)
             row_loss = _times(w_y, -log_p[rows, y])
             if eps > 0:
-                row_loss = (1 - eps) * row_loss + eps / k * -_times(w, log_p).sum(axis=1)
+                # (eps / K in float64: a tiny eps is not 0 here, so a -inf class still gives +inf)
+                row_loss = (1 - eps) * row_loss + np.float64(eps / k) * -_times(w, log_p).sum(axis=1)
             denominator = float((v * w_y).sum(dtype=np.float64))
             if want_grad:
                 one_hot = np.zeros_like(z)
@@ -133,7 +134,8 @@ def _solve(problem: Problem, want_grad: bool):
         row_loss = np.where(counted, v * row_loss, 0)
         z_row = np.zeros(m)
         if problem.z_loss:  # (not 0 * inf when lse^2 overflows)
-            z_row = np.where(counted, v * problem.z_loss * lse.astype(np.float64) ** 2, 0)
+            lse64 = lse.astype(np.float64)  # (s lse) lse: a tiny s keeps lse^2 of a huge lse finite
+            z_row = np.where(counted, v * problem.z_loss * lse64 * lse64, 0)
         z_denominator = float(np.where(counted, v, 0).sum()) / problem.fold
         if problem.reduction == "mean":  # 0 / 0 is NaN (as PyTorch) or 0 (all_ignored="zero")
             nothing = np.nan if problem.all_ignored == "nan" else 0.0
@@ -161,7 +163,7 @@ def _solve(problem: Problem, want_grad: bool):
         loss, z_term = (np.asarray(x).astype(problem.result).reshape(problem.lead) for x in (loss, z_term))
     else:
         loss, z_term = problem.result.type(loss), problem.result.type(z_term)
-    return loss, grad, z_term, _lse(z).astype(dtype).reshape(problem.lead)
+    return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)
 
 
 def _transformed(problem: Problem, x):
