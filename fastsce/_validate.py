@@ -58,6 +58,8 @@ def check_no_self_overlap(name: str, out: np.ndarray, prefix: str = "") -> None:
 
     Sufficient test: with the axes sorted by |stride|, each stride clears the extent of
     the smaller ones (true of every layout NumPy makes: C, F, transposes, slices)."""
+    if out.size == 0:  # no elements, nothing to overlap (NumPy gives them zero strides)
+        return
     extent = out.itemsize
     for n, stride in sorted(((n, abs(st)) for n, st in zip(out.shape, out.strides) if n > 1), key=lambda t: t[1]):
         if stride < extent:
