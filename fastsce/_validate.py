@@ -18,10 +18,13 @@ HALF_DTYPE_NAMES = ("float16", "bfloat16")  # bfloat16: ml_dtypes' NumPy dtype, 
 REDUCTIONS = ("mean", "sum", "none")
 ALL_IGNORED = ("nan", "zero")
 
-# Class and row weights whose largest lies outside [2^-32, 2^32] are scaled by a power of
+# Class weights whose largest lies outside these bounds (per compute dtype), and row
+# weights (float64) whose largest lies outside the float64 ones, are scaled by a power of
 # two (exactly) so it lands in [1, 2): the compute dtype then holds them (float32 cannot
-# hold 1e300) and the "mean" denominators and 1 / D neither overflow nor underflow.
-_WEIGHT_RANGE = (2.0**-32, 2.0**32)
+# hold 1e300) and the float64 "mean" denominators (sums of v w) and 1 / D neither
+# overflow nor underflow. Only then: scaling loses class weights below 2^-149 (float32)
+# times the largest, which unscaled weights of an ordinary range keep.
+_WEIGHT_RANGE = {np.dtype(np.float32): (2.0**-100, 2.0**100), np.dtype(np.float64): (2.0**-500, 2.0**500)}
 
 # How to drop a masked array's mask into a plain one, per argument (see as_array).
 _MASK_FIXES = {
@@ -153,13 +156,13 @@ def check_problem(
     )
 
 
-def _power_of_two_scale(a: np.ndarray | None) -> float:
-    """1, or the power of two that brings max(a) into [1, 2) when it lies outside _WEIGHT_RANGE
+def _power_of_two_scale(a: np.ndarray | None, bounds: tuple[float, float]) -> float:
+    """1, or the power of two that brings max(a) into [1, 2) when it lies outside bounds
     (2^1023 at most: [0.5, 1) would need 2^1024 for weights near the float64 maximum)."""
     if a is None or a.size == 0:
         return 1.0
     top = float(a.max())
-    if top == 0 or _WEIGHT_RANGE[0] <= top <= _WEIGHT_RANGE[1]:
+    if top == 0 or bounds[0] <= top <= bounds[1]:
         return 1.0
     return math.ldexp(1.0, math.frexp(top)[1] - 1)
 
@@ -177,14 +180,14 @@ def scale_weights(weight, row_weight, z_loss, reduction, soft, m, compute):
     denominators (sums of row weights) by it. ``units``: the "mean" denominators (D, D_z)
     of the given weights over those of the scaled ones. A class weight below 2^-149 (float32) or
     2^-1074 (float64) times the largest becomes 0."""
-    w_scale = _power_of_two_scale(weight)
+    w_scale = _power_of_two_scale(weight, _WEIGHT_RANGE[compute])
     if weight is not None:
         if w_scale != 1:
             weight = np.asarray(weight, np.float64) / w_scale
         weight = np.ascontiguousarray(weight, dtype=compute)
     v_scale = 1.0
     if reduction == "mean":
-        v_scale = _power_of_two_scale(row_weight)
+        v_scale = _power_of_two_scale(row_weight, _WEIGHT_RANGE[np.dtype(np.float64)])
         if v_scale != 1:
             row_weight = row_weight / v_scale
         if not soft:
