@@ -18,6 +18,60 @@ HALF_DTYPE_NAMES = ("float16", "bfloat16")  # bfloat16: ml_dtypes' NumPy dtype, 
 REDUCTIONS = ("mean", "sum", "none")
 ALL_IGNORED = ("nan", "zero")
 
+# Class weights whose largest lies outside these bounds (per compute dtype), and row
+# weights (float64) whose largest lies outside the float64 ones, are scaled by a power of
+# two (exactly) so it lands in [1, 2): the compute dtype then holds them (float32 cannot
+# hold 1e300) and the float64 "mean" denominators (sums of v w) and 1 / D neither
+# overflow nor underflow. Only then: scaling loses class weights below 2^-149 (float32)
+# times the largest, which unscaled weights of an ordinary range keep.
+_WEIGHT_RANGE = {np.dtype(np.float32): (2.0**-100, 2.0**100), np.dtype(np.float64): (2.0**-500, 2.0**500)}
+
+# How to drop a masked array's mask into a plain one, per argument (see as_array).
+_MASK_FIXES = {
+    "logits": "logits.filled(-np.inf) to mask classes, or where= to skip rows",
+    "logits_shard": "logits_shard.filled(-np.inf) to mask classes",
+    "x": "x.filled(-np.inf) to mask entries",
+    "target": "target.filled(0) with where=~target.mask to skip the masked rows",
+    "weight": "weight.filled(0)",
+    "sample_weight": "sample_weight.filled(0)",
+    "where": "where.filled(False)",
+    "out": "a plain numpy.ndarray",
+}
+
+
+def native(dtype: np.dtype) -> np.dtype:
+    """dtype in this machine's byte order: arrays of the other order are computed (and
+    their results returned) as their native equivalent."""
+    return dtype.newbyteorder("=")
+
+
+def as_array(name: str, a) -> np.ndarray:
+    """np.asarray(a), refusing numpy.ma masked arrays: their mask would be dropped silently."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma masked array; fastsce does not apply masks (the mask would be "
+            f"ignored). Pass {_MASK_FIXES.get(name, f'{name}.filled(...)')}"
+        )
+    return np.asarray(a)
+
+
+def check_no_self_overlap(name: str, out: np.ndarray, prefix: str = "") -> None:
+    """ValueError unless distinct indices of ``out`` are distinct memory: a kernel writing
+    one element would otherwise change another it has still to read or write.
+
+    Sufficient test: with the axes sorted by |stride|, each stride clears the extent of
+    the smaller ones (true of every layout NumPy makes: C, F, transposes, slices)."""
+    if out.size == 0:  # no elements, nothing to overlap (NumPy gives them zero strides)
+        return
+    extent = out.itemsize
+    for n, stride in sorted(((n, abs(st)) for n, st in zip(out.shape, out.strides) if n > 1), key=lambda t: t[1]):
+        if stride < extent:
+            raise ValueError(
+                f"{prefix}{name} has overlapping elements (shape {out.shape}, strides {out.strides}): "
+                f"writing one would change another. Pass an array that owns its memory, e.g. {name}.copy()"
+            )
+        extent += stride * (n - 1)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -32,18 +86,20 @@ class Problem:
     rows: np.ndarray  # np.moveaxis(logits, axis, -1): lead + (K,)
     target: np.ndarray  # (M,) int32/int64 class indices, or probabilities shaped like ``rows``
     soft: bool  # True for probability targets
-    weight: np.ndarray | None  # (K,) in the compute dtype, or None
+    weight: np.ndarray | None  # (K,) in the compute dtype, or None (see scale_weights)
     ignore_index: int
     reduction: str
     label_smoothing: float
-    row_weight: np.ndarray | None  # (M,) float64: sample_weight * where, or None
-    z_loss: float
+    row_weight: np.ndarray | None  # (M,) float64: sample_weight * where, or None (see scale_weights)
+    z_loss: float  # (see scale_weights)
     logit_scale: float | None
     softcap: float | None
     all_ignored: str
     compute: np.dtype  # float32 (also for float16/bfloat16 logits) or float64
     result: np.dtype  # dtype of the loss and gradient returned
     given: dict  # the user's target and weight arrays before conversion, for overlap checks
+    fold: float = 1.0  # a factor of row_weight that "mean" denominators divide out (see scale_weights)
+    units: tuple = (1.0, 1.0)  # "mean" denominators D, D_z of the user's weights / of the scaled ones
 
     @property
     def lead(self) -> tuple[int, ...]:
@@ -75,11 +131,11 @@ def check_problem(
     logits = _check_logits(logits)
     axis = _check_axis(axis, logits)
     rows = logits if axis == logits.ndim - 1 else np.moveaxis(logits, axis, -1)
-    compute = np.dtype(np.float64) if logits.dtype == np.float64 else np.dtype(np.float32)
+    compute = np.dtype(np.float64) if native(logits.dtype) == np.float64 else np.dtype(np.float32)
     result = _check_dtype(dtype, logits, compute)
-    given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
+    given = {"target": as_array("target", target), "weight": None if weight is None else as_array("weight", weight)}
     target, soft = _check_target(given["target"], logits, axis, rows, compute)
-    weight = _check_weight(given["weight"], logits, axis, compute)
+    weight = _check_weight(given["weight"], logits, axis, None)
     ignore_index = _check_ignore_index(ignore_index)
     if soft and ignore_index != -100:  # as PyTorch: probabilities have no class to ignore
         raise ValueError(
@@ -92,10 +148,54 @@ def check_problem(
     z_loss = _check_real("z_loss", z_loss, 0.0, np.inf)
     logit_scale, softcap = check_transform(logit_scale, softcap)
     row_weight = _check_row_weight(sample_weight, where, rows.shape[:-1])
+    m = math.prod(rows.shape[:-1])
+    weight, row_weight, z_loss, fold, units = scale_weights(weight, row_weight, z_loss, reduction, soft, m, compute)
     return Problem(
         logits, axis, rows, target, soft, weight, ignore_index, reduction, label_smoothing, row_weight,
-        z_loss, logit_scale, softcap, all_ignored, compute, result, given,
+        z_loss, logit_scale, softcap, all_ignored, compute, result, given, fold, units,
     )
+
+
+def _power_of_two_scale(a: np.ndarray | None, bounds: tuple[float, float]) -> float:
+    """1, or the power of two that brings max(a) into [1, 2) when it lies outside bounds
+    (2^1023 at most: [0.5, 1) would need 2^1024 for weights near the float64 maximum)."""
+    if a is None or a.size == 0:
+        return 1.0
+    top = float(a.max())
+    if top == 0 or bounds[0] <= top <= bounds[1]:
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1] - 1)
+
+
+def scale_weights(weight, row_weight, z_loss, reduction, soft, m, compute):
+    """(class weights in the compute dtype, row weights, z_loss, fold, units) as the
+    kernels and the reference take them, scaled by powers of two (exactly) so that extreme weights
+    that pass validation neither overflow nor underflow there.
+
+    With W and V the scales of the class and row weights (1 for ordinary weights): the
+    class-index "mean" is unchanged by them (w / W and v / V in its numerator and
+    denominator alike). Elsewhere the loss is linear in w: W is folded into the row
+    weights (float64: v W) and taken off the z-loss (z_loss / W), which class weights do
+    not touch, and ``fold`` = W tells the probability-target "mean" to divide its
+    denominators (sums of row weights) by it. ``units``: the "mean" denominators (D, D_z)
+    of the given weights over those of the scaled ones. A class weight below 2^-149 (float32) or
+    2^-1074 (float64) times the largest becomes 0."""
+    w_scale = _power_of_two_scale(weight, _WEIGHT_RANGE[compute])
+    if weight is not None:
+        if w_scale != 1:
+            weight = np.asarray(weight, np.float64) / w_scale
+        weight = np.ascontiguousarray(weight, dtype=compute)
+    v_scale = 1.0
+    if reduction == "mean":
+        v_scale = _power_of_two_scale(row_weight, _WEIGHT_RANGE[np.dtype(np.float64)])
+        if v_scale != 1:
+            row_weight = row_weight / v_scale
+        if not soft:
+            return weight, row_weight, z_loss, 1.0, (w_scale * v_scale, v_scale)
+    if w_scale == 1:
+        return weight, row_weight, z_loss, 1.0, (v_scale, v_scale)
+    row_weight = np.full(m, w_scale) if row_weight is None else row_weight * w_scale
+    return weight, row_weight, z_loss / w_scale, w_scale, (v_scale, v_scale)
 
 
 def check_labels(problem: Problem, first_bad_row: int | None = None) -> None:
@@ -170,15 +270,17 @@ def check_out(out, problem: Problem) -> np.ndarray:
     logits = problem.logits
     if not isinstance(out, np.ndarray):
         raise ValueError(f"out must be a numpy.ndarray; got {type(out).__name__}")
+    as_array("out", out)
     if out.shape != logits.shape:
         raise ValueError(
             f"out has shape {out.shape} but logits have shape {logits.shape}; "
             "allocate out with np.empty_like(logits)"
         )
-    if out.dtype != problem.result:
+    if native(out.dtype) != problem.result:  # either byte order
         raise ValueError(f"out has dtype {out.dtype} but the gradient has dtype {problem.result}")
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array")
+    check_no_self_overlap("out", out)
     in_place = same_memory(out, logits)
     if not in_place and np.shares_memory(out, logits):
         raise ValueError("out overlaps logits without being logits itself; pass out=logits or a separate array")
@@ -197,9 +299,14 @@ def same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
+def is_float(dtype: np.dtype) -> bool:
+    """float16, bfloat16, float32 or float64, in either byte order."""
+    return native(dtype) in FLOAT_DTYPES or dtype.name in HALF_DTYPE_NAMES
+
+
 def _check_logits(logits) -> np.ndarray:
-    logits = np.asarray(logits)
-    if logits.dtype not in FLOAT_DTYPES and logits.dtype.name not in HALF_DTYPE_NAMES:
+    logits = as_array("logits", logits)
+    if not is_float(logits.dtype):
         raise TypeError(
             f"logits must be float16, bfloat16, float32 or float64; got dtype {logits.dtype}. "
             "Convert with logits.astype(np.float32)"
@@ -222,12 +329,12 @@ def _check_axis(axis, logits: np.ndarray) -> int:
 
 def _check_dtype(dtype, logits: np.ndarray, compute: np.dtype) -> np.dtype:
     if dtype is None:
-        return logits.dtype
+        return native(logits.dtype)
     try:
-        dtype = np.dtype(dtype)
+        dtype = native(np.dtype(dtype))
     except TypeError:
         raise TypeError(f"dtype must be a NumPy float dtype or None; got {dtype!r}") from None
-    if dtype not in (logits.dtype, compute):
+    if dtype not in (native(logits.dtype), compute):
         raise ValueError(
             f"dtype={dtype} is not available for {logits.dtype} logits: results come in the "
             f"logits' dtype ({logits.dtype}) or the dtype they are computed in ({compute})"
@@ -272,7 +379,8 @@ def _check_target(target, logits: np.ndarray, axis: int, rows: np.ndarray, compu
     return np.ascontiguousarray(flat, dtype=native), False
 
 
-def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype) -> np.ndarray | None:
+def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype | None) -> np.ndarray | None:
+    """The class weights, checked, as a (K,) array of ``compute`` (None: as given)."""
     if weight is None:
         return None
     k = logits.shape[axis]
@@ -287,14 +395,14 @@ def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype) -> n
     if bad.any():
         j = int(np.argmax(bad))
         raise ValueError(f"weight[{j}] = {float(weight[j])!r}; class weights must be finite and >= 0")
-    return np.ascontiguousarray(weight, dtype=compute)
+    return weight if compute is None else np.ascontiguousarray(weight, dtype=compute)
 
 
 def _check_row_weight(sample_weight, where, lead: tuple[int, ...]) -> np.ndarray | None:
     """sample_weight * where as one float64 (M,) array, or None when neither is given."""
     v = None
     if sample_weight is not None:
-        sample_weight = np.asarray(sample_weight)
+        sample_weight = as_array("sample_weight", sample_weight)
         if sample_weight.dtype.kind not in "iuf":
             raise TypeError(f"sample_weight must be a real numeric array; got dtype {sample_weight.dtype}")
         if sample_weight.shape != lead:
@@ -309,7 +417,7 @@ def _check_row_weight(sample_weight, where, lead: tuple[int, ...]) -> np.ndarray
                 f"sample_weight{_index_name(row, lead)} = {float(v[row])!r}; sample weights must be finite and >= 0"
             )
     if where is not None:
-        where = np.asarray(where)
+        where = as_array("where", where)
         if where.dtype != np.bool_:
             raise TypeError(f"where must be a boolean array; got dtype {where.dtype}. Use e.g. mask != 0")
         if where.shape != lead:

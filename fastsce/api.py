@@ -20,6 +20,7 @@ from fastsce._validate import (
     check_out,
     check_problem,
     check_returns,
+    native,
     same_memory,
 )
 
@@ -316,16 +317,28 @@ def _ones(k: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _weights(problem: Problem):
-    """(class weights, their float64 sum, the "mean" denominators D and D_z), checking
-    the labels in the same compiled pass over them."""
+    """As _scaled_weights, with D and D_z those of the weights as given (for a caller that
+    reduces with them itself, e.g. the command line)."""
+    w, w_sum, d, d_z = _scaled_weights(problem)
+    return w, w_sum, d * problem.units[0], d_z * problem.units[1]
+
+
+def _scaled_weights(problem: Problem, denominator: tuple[float, float] | None = None):
+    """(class weights, their float64 sum, the "mean" denominators D and D_z), as the
+    kernels take them (see fastsce._validate.scale_weights), checking the labels in the
+    same compiled pass over them. denominator: a caller-given (D, D_z) in the units of
+    the weights as given, used instead of this call's own."""
     m, k = problem.shape
+    if denominator is not None:
+        w, w_sum, _, _ = _scaled_weights(problem)
+        return w, w_sum, denominator[0] / problem.units[0], denominator[1] / problem.units[1]
     if problem.weight is None:
         w, w_sum = _ones(k, problem.compute), float(k)
     else:
         w, w_sum = problem.weight, row_kernels.float64_sum(problem.weight)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     if problem.soft:
-        d = float(m) if problem.row_weight is None else row_kernels.float64_sum(v)
+        d = float(m) if problem.row_weight is None else row_kernels.float64_sum(v) / problem.fold
         return w, w_sum, d, d
     bad_row, d, d_z = row_kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
     check_labels(problem, bad_row)
@@ -339,7 +352,8 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
     fast path, else copies a block at a time: see fastsce._layout)."""
     last = problem.axis == problem.logits.ndim - 1
     g_rows = grad if grad is None or last else np.moveaxis(grad, problem.axis, -1)
-    z_dtype = problem.rows.dtype if problem.rows.dtype.itemsize == 2 else problem.compute
+    # half rows go to the kernels as they are, in native byte order (else copied to it)
+    z_dtype = native(problem.rows.dtype) if problem.rows.dtype.itemsize == 2 else problem.compute
     inputs = (problem.target,) if problem.soft else ()
     blocks = row_blocks(
         problem.rows, z_dtype, COPY_BLOCK_LOGITS, inputs, (g_rows,), in_dtype=problem.compute, out_dtype=problem.result
@@ -355,9 +369,9 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
     on an axis other than the last: the memory as (A, K, D), for the tile kernel that
     reads rows x[a, :, d] 64 at a time without a transposed copy. Else None."""
     logits, axis = problem.logits, problem.axis
-    if axis == logits.ndim - 1 or not logits.flags.c_contiguous:
+    if axis == logits.ndim - 1 or not logits.flags.c_contiguous or not logits.dtype.isnative:
         return None
-    if grad is not None and not grad.flags.c_contiguous:
+    if grad is not None and not (grad.flags.c_contiguous and grad.dtype.isnative):
         return None
     a, k, d = math.prod(logits.shape[:axis]), logits.shape[axis], math.prod(logits.shape[axis + 1 :])
     if d < CLASS_MAJOR_MIN_D:
@@ -371,6 +385,8 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
 def _total(chunks: list[np.ndarray]) -> float:
     """The float64 sum of the chunks' sums, in a fixed order (one block: no concatenation,
     a few us of a small call)."""
+    if not chunks:  # a copied layout with no rows has no blocks at all
+        return 0.0
     return float((chunks[0] if len(chunks) == 1 else np.concatenate(chunks)).sum())
 
 
@@ -383,9 +399,7 @@ def _mean(total: float, d: float, all_ignored: str) -> float:
 def _run(problem: Problem, grad: np.ndarray | None, returns: tuple[bool, bool], denominator=None):
     """(loss, z-term, lse) in the shapes and dtypes returned; the gradient into ``grad``.
     denominator: None, or the (D, D_z) that "mean" divides by instead of this call's own."""
-    w, w_sum, d, d_z = _weights(problem)
-    if denominator is not None:
-        d, d_z = denominator
+    w, w_sum, d, d_z = _scaled_weights(problem, denominator)
     sums = _fused(problem, grad, returns, w, w_sum, *_scales(problem, d, d_z))
     return _reduce(problem, *sums, d, d_z, returns)
 

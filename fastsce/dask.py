@@ -42,6 +42,7 @@ from dask.highlevelgraph import HighLevelGraph
 import fastsce
 from fastsce import reference, sharded
 from fastsce._typing import ArrayLike
+from fastsce._validate import as_array
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
 
@@ -293,6 +294,8 @@ class _Job:
 def _checked_logits(logits):
     """logits as a 2-D float Dask array of known chunk sizes and at least one class."""
     logits = _as_dask(logits, "logits", lambda a: ("auto", -1))
+    if not logits.dtype.isnative:  # the other byte order: its values, in native order
+        logits = logits.astype(logits.dtype.newbyteorder("="))
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"logits must be float32 or float64; got dtype {logits.dtype}. "
@@ -384,8 +387,11 @@ def _starts(chunks):
 
 def _as_dask(x, what, chunks_of):
     if isinstance(x, da.Array):
+        if isinstance(x._meta, np.ma.MaskedArray):
+            as_array(what, x._meta)  # the TypeError of a masked array
         return x
     if isinstance(x, np.ndarray):
+        as_array(what, x)
         return da.from_array(x, chunks=chunks_of(x))
     raise TypeError(f"{what} must be a dask.array.Array or a numpy.ndarray; got {type(x).__name__}")
 

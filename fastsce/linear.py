@@ -262,9 +262,7 @@ def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
     want_grad = any(want)
     # The whole batch's class weights and "mean" denominators, its labels checked (the
     # first bad one named by its row in the batch), before any product.
-    cw, cw_sum, d, d_z = api._weights(p)
-    if setup.denominator is not None:
-        d, d_z = setup.denominator
+    cw, cw_sum, d, d_z = api._scaled_weights(p, setup.denominator)
     scale, scale_z = api._scales(p, d, d_z)
     none = p.reduction == "none"
     row_loss = np.empty(n if none else 0, dtype)

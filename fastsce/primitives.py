@@ -17,7 +17,7 @@ from fastsce import _threads, api
 from fastsce._kernels import softmax as softmax_kernels
 from fastsce._layout import row_blocks
 from fastsce._typing import Array, ArrayLike
-from fastsce._validate import FLOAT_DTYPES, HALF_DTYPE_NAMES, same_memory
+from fastsce._validate import as_array, check_no_self_overlap, is_float, native, same_memory
 
 __all__ = ["softmax", "log_softmax", "logsumexp"]
 
@@ -91,14 +91,14 @@ def logsumexp(
     if out is not None:
         out[...] = result  # rounded to float16 / bfloat16 here, once
         return out
-    result = result.astype(x.dtype, copy=False)
+    result = result.astype(native(x.dtype), copy=False)
     return result[()] if result.ndim == 0 else result
 
 
 def _rows(kernel, name, x, axis, out):
     x, axis, compute = _check_x(x, axis, name)
     if out is None:
-        out = np.empty(x.shape, x.dtype)
+        out = np.empty(x.shape, native(x.dtype))
     else:
         _check_out(out, x, x.shape, name, allow_x=True)
     rows = np.moveaxis(x, axis, -1)
@@ -123,8 +123,8 @@ def _row_options(k: int, compute: np.dtype) -> tuple[bool, int]:
 
 def _check_x(x, axis, name: str) -> tuple[np.ndarray, int, np.dtype]:
     """(x as an array, axis in [0, ndim), compute dtype)."""
-    x = np.asarray(x)
-    if x.dtype not in FLOAT_DTYPES and x.dtype.name not in HALF_DTYPE_NAMES:
+    x = as_array("x", x)
+    if not is_float(x.dtype):
         raise TypeError(
             f"{name}: x must be float16, bfloat16, float32 or float64; got dtype {x.dtype}. "
             "Convert with x.astype(np.float32)"
@@ -135,21 +135,24 @@ def _check_x(x, axis, name: str) -> tuple[np.ndarray, int, np.dtype]:
         raise TypeError(f"{name}: axis must be an integer; got {axis!r}. For several axes, reshape x so they are one")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"{name}: axis={axis} is out of range for x of shape {x.shape}; use -{x.ndim} <= axis < {x.ndim}")
-    compute = np.dtype(np.float64) if x.dtype == np.float64 else np.dtype(np.float32)
+    compute = np.dtype(np.float64) if native(x.dtype) == np.float64 else np.dtype(np.float32)
     return x, int(axis) % x.ndim, compute
 
 
 def _check_out(out, x: np.ndarray, shape: tuple[int, ...], name: str, allow_x: bool) -> None:
-    """out: an ndarray of the result's shape and x's dtype (any layout), writeable, and
-    either x itself (``allow_x``: in place) or not overlapping x."""
+    """out: an ndarray of the result's shape and x's dtype (any layout, either byte order),
+    writeable, without overlapping elements, and either x itself (``allow_x``: in place)
+    or not overlapping x."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: out must be a numpy.ndarray; got {type(out).__name__}")
+    as_array("out", out)
     if out.shape != shape:
         raise ValueError(f"{name}: out has shape {out.shape} but the result has shape {shape}; allocate out with that shape")
-    if out.dtype != x.dtype:
+    if native(out.dtype) != native(x.dtype):
         raise ValueError(f"{name}: out has dtype {out.dtype} but the result has x's dtype {x.dtype}; allocate out with that dtype")
     if not out.flags.writeable:
         raise ValueError(f"{name}: out is read-only; pass a writeable array")
+    check_no_self_overlap("out", out, f"{name}: ")
     if allow_x and same_memory(out, x):
         return
     if np.shares_memory(out, x):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fastsce._typing import Array, ArrayLike, same_signature
-from fastsce._validate import Problem, check_denominator, check_labels, check_out, check_problem, check_returns
+from fastsce._validate import Problem, check_denominator, check_labels, check_out, check_problem, check_returns, native
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "linear_cross_entropy", "linear_cross_entropy_with_grad", "TOLERANCE"]
 
@@ -131,18 +131,12 @@ def _solve(problem: Problem, want_grad: bool, given=None):
     v = np.ones(m) if problem.row_weight is None else problem.row_weight
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        # The logits the loss sees: z = c tanh(a x / c), dz/dx = a (1 - (z / c)^2).
-        a = 1.0 if problem.logit_scale is None else problem.logit_scale
-        z, dz_dx = dtype.type(a) * x, dtype.type(a)
-        if problem.softcap is not None:
-            c = dtype.type(problem.softcap)
-            z = c * np.tanh(z / c)
-            dz_dx = dz_dx * (1 - (z / c) ** 2)
+        z, dz_dx = _transformed(problem, x)
 
         shifted = z - z.max(axis=1, keepdims=True)
         log_s = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         log_p = shifted - log_s
-        lse = (z.max(axis=1, keepdims=True) + log_s)[:, 0]
+        lse = _lse(z)  # max + log_s, or the max itself where that is +-inf (see _lse)
         p = np.exp(log_p)
 
         if problem.soft:
@@ -152,7 +146,7 @@ def _solve(problem: Problem, want_grad: bool, given=None):
                 t = (1 - eps) * t + dtype.type(eps / k)
             counted = v > 0  # ignore_index does not apply to probabilities
             row_loss = -_times(w * t, log_p).sum(axis=1)
-            denominator = float(v.sum())
+            denominator = float(v.sum()) / problem.fold  # v carries the class weights' scale
             # d l_n / d z_nj = p_nj sum_k w_k t_nk - w_j t_nj
             grad = p * (w * t).sum(axis=1, keepdims=True) - w * t if want_grad else None
         else:
@@ -163,7 +157,8 @@ def _solve(problem: Problem, want_grad: bool, given=None):
             rows = np.arange(m)
             row_loss = _times(w_y, -log_p[rows, y])
             if eps > 0:
-                row_loss = (1 - eps) * row_loss + eps / k * -_times(w, log_p).sum(axis=1)
+                # (eps / K in float64: a tiny eps is not 0 here, so a -inf class still gives +inf)
+                row_loss = (1 - eps) * row_loss + np.float64(eps / k) * -_times(w, log_p).sum(axis=1)
             denominator = float((v * w_y).sum(dtype=np.float64))
             if want_grad:
                 one_hot = np.zeros_like(z)
@@ -180,10 +175,11 @@ def _solve(problem: Problem, want_grad: bool, given=None):
         row_loss = np.where(counted, v * row_loss, 0)
         z_row = np.zeros(m)
         if problem.z_loss:  # (not 0 * inf when lse^2 overflows)
-            z_row = np.where(counted, v * problem.z_loss * lse.astype(np.float64) ** 2, 0)
-        z_denominator = float(np.where(counted, v, 0).sum())
-        if given is not None:  # the caller's denominators, e.g. a global batch's
-            denominator, z_denominator = given
+            lse64 = lse.astype(np.float64)  # (s lse) lse: a tiny s keeps lse^2 of a huge lse finite
+            z_row = np.where(counted, v * problem.z_loss * lse64 * lse64, 0)
+        z_denominator = float(np.where(counted, v, 0).sum()) / problem.fold
+        if given is not None:  # the caller's (D, D_z), e.g. a global batch's, in the given weights' units
+            denominator, z_denominator = given[0] / problem.units[0], given[1] / problem.units[1]
         if problem.reduction == "mean":  # 0 / 0 is NaN (as PyTorch) or 0 (all_ignored="zero")
             nothing = np.nan if problem.all_ignored == "nan" else 0.0
             scale = 1.0 / denominator if denominator else nothing
@@ -211,6 +207,29 @@ def _solve(problem: Problem, want_grad: bool, given=None):
     else:
         loss, z_term = problem.result.type(loss), problem.result.type(z_term)
     return loss, grad, z_term, lse.astype(dtype).reshape(problem.lead)
+
+
+def _transformed(problem: Problem, x):
+    """(z, dz/dx): the logits the loss sees, z = c tanh(a x / c), dz/dx = a (1 - (z / c)^2)."""
+    dtype = x.dtype
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = 1.0 if problem.logit_scale is None else problem.logit_scale
+        z, dz_dx = dtype.type(a) * x, dtype.type(a)
+        if problem.softcap is not None:
+            c = dtype.type(problem.softcap)
+            z = c * np.tanh(z / c)
+            dz_dx = dz_dx * (1 - (z / c) ** 2)
+    return z, dz_dx
+
+
+def _lse(z):
+    """logsumexp of every row of z as fastsce.logsumexp: NaN for a row holding NaN, else
+    +inf for one holding +inf, -inf for a row of -inf only (shifting by an infinite max
+    would give inf - inf = NaN)."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m = z.max(axis=1, keepdims=True)
+        m = np.where(np.isinf(m), 0, m).astype(z.dtype)
+        return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
 # --- linear_cross_entropy ----------------------------------------------------------------------
@@ -265,7 +284,7 @@ def _rows_of(name, x, axis, out, shape=None):
     x, axis, compute = primitives._check_x(x, axis, name)
     if out is not None:
         primitives._check_out(out, x, x.shape if shape is None else shape(x, axis), name, allow_x=shape is None)
-    return x.astype(compute), axis, x.dtype
+    return x.astype(compute), axis, native(x.dtype)
 
 
 def _store(result, out, dtype):

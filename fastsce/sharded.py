@@ -45,6 +45,7 @@ from fastsce._validate import (
     _check_row_weight,
     _check_target,
     _check_weight,
+    as_array,
     check_returns,
     check_transform,
     same_memory,
@@ -334,9 +335,11 @@ class _Shard:
     def __init__(self, logits, target, class_offset, weight, ignore_index, label_smoothing, logit_scale, softcap):
         logits = _check_shard_logits(logits)
         self.offset = _check_offset(class_offset)
-        self.given = {"target": np.asarray(target), "weight": None if weight is None else np.asarray(weight)}
+        self.given = {"target": as_array("target", target), "weight": None if weight is None else as_array("weight", weight)}
         self.target, self.soft = _check_target(self.given["target"], logits, 1, logits, logits.dtype)
-        w = _check_weight(self.given["weight"], logits, 1, logits.dtype)
+        w = _check_weight(self.given["weight"], logits, 1, None)
+        if w is not None:
+            w = _check_shard_weight_range(w, logits.dtype)
         self.ignore_index = _check_ignore_index(ignore_index)
         if self.soft and self.ignore_index != -100:  # as PyTorch: probabilities have no class to ignore
             raise ValueError(
@@ -361,8 +364,26 @@ class _Shard:
         return scale, cap, self.logit_scale is not None or self.softcap is not None
 
 
+def _check_shard_weight_range(w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The class weights in the logits' dtype, refusing those it cannot hold: a shard sees
+    only its own slice, so it cannot rescale them as fastsce.cross_entropy does."""
+    info = np.finfo(dtype)
+    w64 = np.asarray(w, np.float64)
+    bad = (w64 > info.max) | ((w64 > 0) & (w64 < info.tiny))
+    if bad.any():
+        j = int(np.argmax(bad))
+        raise ValueError(
+            f"weight[{j}] = {float(w64[j])!r} is outside the normal range of {dtype} "
+            f"[{info.tiny:g}, {info.max:g}]; scale every shard's weights by one common factor "
+            "(the class-index mean does not change)"
+        )
+    return np.ascontiguousarray(w, dtype=dtype)
+
+
 def _check_shard_logits(logits) -> np.ndarray:
-    logits = np.asarray(logits)
+    logits = as_array("logits_shard", logits)
+    if not logits.dtype.isnative and logits.dtype.newbyteorder("=") in FLOAT_DTYPES:
+        logits = logits.astype(logits.dtype.newbyteorder("="))  # the other byte order: its values
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"logits_shard must be float32 or float64; got dtype {logits.dtype}. "
@@ -486,7 +507,8 @@ class _Rows:
         eps, k, w_sum = stats.label_smoothing, stats.classes, stats.weight_sum
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             log_s = np.log(stats.s)
-            self.lse = stats.m + log_s
+            # a row of -inf only has lse -inf, one holding +inf +inf (m + log s is NaN there)
+            self.lse = np.where(np.isinf(stats.m), stats.m, stats.m + log_s)
             ce = stats.a * log_s - stats.b
             if eps > 0:
                 ce = (1 - eps) * ce + eps / k * (w_sum * log_s - stats.c)
@@ -560,13 +582,17 @@ def _check_out(out, shard: _Shard) -> np.ndarray:
         return np.empty(x.shape, x.dtype)
     if not isinstance(out, np.ndarray):
         raise ValueError(f"out must be a numpy.ndarray; got {type(out).__name__}")
+    as_array("out", out)
     if out.shape != x.shape:
         raise ValueError(
             f"out has shape {out.shape} but logits_shard has shape {x.shape}; allocate it with "
             "np.empty_like(logits_shard)"
         )
     if out.dtype != x.dtype:
-        raise ValueError(f"out has dtype {out.dtype} but logits_shard has dtype {x.dtype}")
+        raise ValueError(
+            f"out has dtype {out.dtype} but the gradient has dtype {x.dtype}; allocate it with "
+            f"np.empty(logits_shard.shape, np.{x.dtype})"
+        )
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous; allocate it with np.empty_like(logits_shard, order='C')")
     if not out.flags.writeable:

@@ -60,6 +60,35 @@ def out_is_weight_row():
     return logits(), labels(), dict(weight=out[0], out=out)
 
 
+def masked(name):
+    """A builder: the argument ``name`` as a numpy.ma masked array with one entry masked."""
+
+    def build():
+        z, t, kwargs = logits(), labels(), {}
+        given = dict(
+            logits=z, target=t, weight=np.ones(K), sample_weight=np.ones(N), where=np.ones(N, bool), out=np.empty((N, K))
+        )
+        mask = np.zeros(given[name].shape, bool)
+        mask.flat[0] = True
+        given[name] = np.ma.array(given[name], mask=mask)
+        return given.pop("logits"), given.pop("target"), {key: given[key] for key in (name,) if key in given}
+
+    return build
+
+
+def out_overlapping_itself():
+    """A writeable out whose rows share memory (strides (0, 8)): writing row 0 writes every row."""
+    buf = np.zeros(K)
+    return logits(), labels(), dict(out=np.lib.stride_tricks.as_strided(buf, (N, K), (0, 8), writeable=True))
+
+
+def logits_overlapping_themselves_in_place():
+    """The issue's case: self-overlapping writeable logits with out=logits."""
+    buf = np.arange(N + K, dtype=np.float64)
+    z = np.lib.stride_tricks.as_strided(buf, (N, K), (8, 8), writeable=True)
+    return z, labels(), dict(out=z)
+
+
 def bad(exc, fragments, build, id):
     """One bad call: build() -> (logits, target, kwargs); fragments must all be in the message."""
     return pytest.param(exc, fragments, build, id=id)
@@ -125,6 +154,15 @@ BAD = [
     bad(ValueError, ["overlaps target"], out_is_soft_target, "out-is-soft-target"),
     bad(ValueError, ["overlaps weight"], out_is_weight_row, "out-overlaps-weight"),
     bad(ValueError, ["overlaps logits"], out_overlapping_logits, "out-partially-overlaps-logits"),
+    bad(ValueError, ["out", "overlapping elements", "(0, 8)"], out_overlapping_itself, "out-overlaps-itself"),
+    bad(ValueError, ["out", "overlapping elements"], logits_overlapping_themselves_in_place, "out-logits-overlap-themselves"),
+    # numpy.ma masked arrays: refused (their mask would be ignored), naming the argument and a fix
+    bad(TypeError, ["logits", "masked", "filled(-np.inf)"], masked("logits"), "masked-logits"),
+    bad(TypeError, ["target", "masked", "where="], masked("target"), "masked-target"),
+    bad(TypeError, ["weight", "masked", "filled(0)"], masked("weight"), "masked-weight"),
+    bad(TypeError, ["sample_weight", "masked"], masked("sample_weight"), "masked-sample-weight"),
+    bad(TypeError, ["where", "masked", "filled(False)"], masked("where"), "masked-where"),
+    bad(TypeError, ["out", "masked"], masked("out"), "masked-out"),
     # reduction, label_smoothing, ignore_index
     *[
         bad(ValueError, ["reduction", repr(r)], options(reduction=r), f"reduction-{r}")
@@ -289,3 +327,97 @@ def test_successful_calls_leave_inputs_untouched(name, impl, fn, use_out):
         kwargs["out"] = np.full(z.shape, np.nan, z.dtype)
     getattr(IMPLS[impl], fn)(z, t, **kwargs)
     assert_unchanged(before)
+
+
+# --- byte order ---------------------------------------------------------------------------
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+HALF_AND_FLOAT = ("float16", "bfloat16", "float32", "float64")
+
+
+def swapped(a):
+    """a with the other byte order (same values): '>f4' on a little-endian machine."""
+    return a.astype(a.dtype.newbyteorder("S"))
+
+
+def as_dtype(name):
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+# (logits shape, axis, probabilities?): class-last small K (vectorised across rows),
+# class-last long rows, PyTorch's (N, K, d) read in place, and probability targets
+BYTE_ORDER_CASES = {
+    "small-K": ((6, 3), -1, False),
+    "K-300": ((5, 300), -1, False),
+    "axis-1-d-40": ((2, 7, 40), 1, False),
+    "soft": ((6, 9), -1, True),
+}
+
+
+@pytest.mark.parametrize("case", BYTE_ORDER_CASES)
+@pytest.mark.parametrize("dtype", HALF_AND_FLOAT)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_of_either_byte_order_give_the_same_results(impl, dtype, case):
+    """Non-native logits (e.g. '>f2', big-endian bfloat16) are their values, on every path:
+    they used to be read as native bits (bfloat16), or crash in the compiler ('>f2').
+    (Within tolerance: they take the copying path, whose vector loops may round differently.)"""
+    shape, axis, soft = BYTE_ORDER_CASES[case]
+    rng = np.random.default_rng(3)
+    z = (4 * rng.standard_normal(shape)).astype(as_dtype(dtype))
+    axis_n = axis % len(shape)
+    if soft:
+        t = make_probs(rng, shape[0], shape[1], np.float32)
+    else:
+        t = rng.integers(0, shape[axis_n], shape[:axis_n] + shape[axis_n + 1 :])
+    options = dict(axis=axis, label_smoothing=0.1, weight=np.linspace(0.5, 2, shape[axis_n]))
+    fn = IMPLS[impl].cross_entropy_with_grad
+    want_loss, want_grad = fn(z, t, **options)
+    z_swapped = swapped(z)
+    before = snapshot(z_swapped)
+    for t_given in (t, swapped(t)):
+        loss, grad = fn(z_swapped, t_given, **options)
+        assert grad.dtype == z.dtype and grad.dtype.isnative
+        assert_close(loss, want_loss)
+        assert_close(grad, want_grad)
+        assert_close(IMPLS[impl].cross_entropy(z_swapped, t_given, **options), want_loss)
+    out = swapped(np.zeros_like(z))  # an out of the other byte order is written through
+    assert fn(z_swapped, t, out=out, **options)[1] is out
+    assert_close(out.astype(z.dtype), want_grad)
+    assert_unchanged(before)
+    in_place = z_swapped.copy()
+    assert fn(in_place, t, out=in_place, **options)[1] is in_place
+    assert_close(in_place.astype(z.dtype), want_grad)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_big_endian_bfloat16_loss_of_the_issue(impl):
+    z = np.array([[1, 2, 3]], np.dtype(ml_dtypes.bfloat16).newbyteorder(">"))
+    loss = IMPLS[impl].cross_entropy(z, np.array([2]))
+    assert abs(float(loss) - 0.4076) < 2e-3, loss
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_of_either_byte_order(impl):
+    z, t = logits(), labels()
+    weight, sample_weight = np.array([0.5, 1.0, 2.0]), np.arange(1.0, N + 1)
+    want = IMPLS[impl].cross_entropy(z, t, weight=weight, sample_weight=sample_weight)
+    got = IMPLS[impl].cross_entropy(z, t, weight=swapped(weight), sample_weight=swapped(sample_weight))
+    assert_close(got, want)
+
+
+# --- empty batches ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("where", (None, np.empty(0, bool)), ids=("plain", "where"))
+@pytest.mark.parametrize("reduction, expected", (("mean", np.nan), ("sum", 0.0)))
+def test_empty_batch_with_probabilities_of_another_dtype(impl, where, reduction, expected):
+    """N = 0 with float64 probabilities for float32 logits: the documented NaN / 0 (it used
+    to raise "need at least one array to concatenate")."""
+    z, t = np.empty((0, 5), np.float32), np.empty((0, 5))
+    loss = IMPLS[impl].cross_entropy(z, t, where=where, reduction=reduction)
+    np.testing.assert_array_equal(loss, np.float32(expected))
+    loss, grad = IMPLS[impl].cross_entropy_with_grad(z, t, where=where, reduction=reduction)
+    np.testing.assert_array_equal(loss, np.float32(expected))
+    assert grad.shape == (0, 5) and grad.dtype == np.float32
+    assert IMPLS[impl].cross_entropy(z, t, reduction="none").shape == (0,)

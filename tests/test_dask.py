@@ -427,3 +427,20 @@ def test_local_cluster_survives_a_killed_worker(client):
     assert_close(grad, expected_grad, unit=grad_unit)
     client.wait_for_workers(2, timeout=60)
     assert victim not in client.run(os.getpid).values()  # it was really killed and replaced
+
+
+def test_byte_order_and_masked_arrays():
+    """Logits of the other byte order are their values; numpy.ma inputs are refused, as in memory."""
+    case = make_case(40, 7, np.float32, weighted=True)
+    want = fastsce.cross_entropy(case.logits, case.target, weight=case.kwargs["weight"])
+    swapped = da.from_array(case.logits.astype(">f4"), chunks=(16, -1))
+    got = fastsce_dask.cross_entropy(swapped, case.target, weight=case.kwargs["weight"]).compute()
+    assert_close(got, want)
+    for name in ("logits", "target", "sample_weight"):
+        args = dict(logits=case.logits, target=case.target, sample_weight=np.ones(40))
+        args[name] = np.ma.array(args[name])
+        with pytest.raises(TypeError, match=f"{name} is a numpy.ma masked array"):
+            fastsce_dask.cross_entropy(args["logits"], args["target"], sample_weight=args["sample_weight"])
+    masked = da.from_array(np.ma.array(case.logits), chunks=(16, -1))
+    with pytest.raises(TypeError, match="logits is a numpy.ma masked array"):
+        fastsce_dask.cross_entropy(masked, case.target)

@@ -5,11 +5,13 @@ Fast against the reference on a grid; the reference against central differences 
 closed forms; the class axis and the half-precision dtypes through the block-copy path.
 """
 
+import math
+
 import numpy as np
 import pytest
 
 from _cases import FD_STEP, FD_TOL, IMPLS, assert_close, assert_unchanged, make_labels, make_probs, seed_of, snapshot
-from fastsce import api, reference
+from fastsce import api, primitives, reference
 
 fast, ref = IMPLS["fast"], IMPLS["ref"]
 
@@ -522,3 +524,143 @@ def test_float32_softcap_is_within_a_few_ulp_of_tanh():
     out = np.empty_like(special)
     softcap(special, out, 1.0, 1.0)
     np.testing.assert_array_equal(out, [0.0, -0.0, 1.0, -1.0, np.nan])
+
+
+# --- extreme weights ---------------------------------------------------------------------
+
+# Weight scales c that pass validation but leave the compute dtype's range when applied
+# naively (float32 cannot hold 1e300; 1 / D overflows for D ~ 1e-320).
+EXTREME = {np.float32: (1e300, 1e39, 1e-40, 1e-300), np.float64: (1e300, 1e-300, 1e-320, 8e307)}
+
+
+@pytest.mark.parametrize(
+    "soft, which", ((False, "weight"), (False, "sample_weight"), (True, "sample_weight")), ids=("int-w", "int-v", "soft-v")
+)
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mean_is_unchanged_by_scaling_extreme_weights(impl, dtype, soft, which):
+    """"mean" divides by the summed weight: c w gives the loss and gradient of w, for any c
+    that passes validation (float32 with weight 1e300 gave NaN; float64 with 1e-320 a NaN
+    gradient). (Probability targets divide by the summed row weights only.)"""
+    rng, x, target = make(40, 10, dtype, soft, ("extreme", which))
+    w = dict(weight=rng.uniform(0.5, 2, 10), sample_weight=rng.uniform(0.5, 2, 40))
+    options = dict(label_smoothing=0.1, z_loss=1e-3, return_z_loss=True)
+    for c in EXTREME[dtype]:
+        given = w[which] * c  # (a subnormal c w carries fewer digits than w: compare with it
+        # brought back exactly, by a power of two, into the normal range)
+        got = IMPLS[impl].cross_entropy_with_grad(x, target, **dict(w, **{which: given}), **options)
+        normal = dict(w, **{which: np.ldexp(given, -math.frexp(c)[1])})
+        want = IMPLS[impl].cross_entropy_with_grad(x, target, **normal, **options)
+        for a, b in zip(got, want, strict=True):
+            assert np.all(np.isfinite(a)), (c, a)
+            assert_close(a, b, dtype)
+
+
+LINEAR_IN_W = [("int", "sum"), ("int", "none"), ("soft", "mean"), ("soft", "sum"), ("soft", "none")]
+
+
+@pytest.mark.parametrize("target, reduction", LINEAR_IN_W, ids=[f"{t}-{r}" for t, r in LINEAR_IN_W])
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_scaling_extreme_class_weights_scales_the_loss(impl, dtype, target, reduction):
+    """Where the cross-entropy is linear in the class weights, c w gives c times the result
+    of w when that fits the dtype; the z-loss, which class weights do not touch, stays."""
+    rng, x, t = make(30, 12, dtype, target == "soft", ("extreme-linear", reduction))
+    w = rng.uniform(0.5, 2, 12)
+    options = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, return_z_loss=True)
+    fn = IMPLS[impl].cross_entropy_with_grad
+    ce, ce_grad, _ = fn(x, t, weight=w, **dict(options, z_loss=0.0))
+    _, z_grad, z_term = fn(x, t, weight=0 * w, **options)  # the z-loss alone
+    for c in {np.float32: (1e30, 1e-30), np.float64: (1e300, 1e-290)}[dtype]:
+        got_loss, got_grad, got_z = fn(x, t, weight=w * c, **options)
+        assert_close(got_loss, (c * np.float64(ce) + z_term).astype(dtype), dtype)
+        assert_close(got_z, z_term, dtype)
+        assert_close(got_grad, (c * ce_grad.astype(np.float64) + z_grad).astype(dtype), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_extreme_weights_of_the_issue(impl):
+    rng, x, target = make(8, 10, np.float32, False, ("issue-3",))
+    want = IMPLS[impl].cross_entropy_with_grad(x, target)
+    got = IMPLS[impl].cross_entropy_with_grad(x, target, weight=np.full(10, 1e300))
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b)
+    x64 = x.astype(np.float64)
+    got = IMPLS[impl].cross_entropy_with_grad(x64, target, weight=np.full(10, 1e-320))
+    for a, b in zip(got, IMPLS[impl].cross_entropy_with_grad(x64, target), strict=True):
+        assert_close(a, b)
+
+
+# --- one answer for infinite rows, infinite targets, saturated softcaps ------------------
+
+# (shape, axis): rows vectorised across (small K), along (K = 300), read in place (axis 1)
+PATHS = {"K3": ((4, 3), -1), "K300": ((4, 300), -1), "axis1": ((2, 3, 40), 1)}
+
+
+def _row_target(shape, axis):
+    lead = tuple(n for i, n in enumerate(shape) if i != axis % len(shape))
+    return np.zeros(lead, np.int64)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+def test_lse_of_infinite_rows_is_that_of_logsumexp(dtype, path):
+    """return_lse of a row of -inf only is -inf, of a row holding +inf +inf, of a NaN row
+    NaN, whether the row counts or is skipped, as fastsce.logsumexp (it was NaN, or -inf
+    when skipped, depending on the path)."""
+    shape, axis = PATHS[path]
+    x = np.moveaxis(np.random.default_rng(5).standard_normal(shape).astype(dtype), axis, -1).copy()
+    flat = x.reshape(-1, x.shape[-1])
+    flat[0] = -np.inf
+    flat[1, 1] = np.inf
+    flat[2, 0] = np.nan
+    x = np.moveaxis(x, -1, axis)
+    t = _row_target(shape, axis)
+    want = fastsce_logsumexp = primitives.logsumexp(x, axis)
+    assert np.isneginf(want.reshape(-1)[0]) and np.isposinf(want.reshape(-1)[1]) and np.isnan(want.reshape(-1)[2])
+    for where in (None, np.zeros(t.shape, bool), np.ones(t.shape, bool)):
+        for impl in IMPLS.values():
+            for fn in ("cross_entropy", "cross_entropy_with_grad"):
+                lse = getattr(impl, fn)(x, t, axis=axis, where=where, return_lse=True)[-1]
+                assert_close(lse, fastsce_logsumexp, dtype)
+    # with a logit_scale of -1 a row of -inf is a row of +inf
+    lse = IMPLS["fast"].cross_entropy(x, t, axis=axis, logit_scale=-1.0, return_lse=True)[-1]
+    assert np.isposinf(lse.reshape(-1)[0])
+    assert_close(lse, IMPLS["ref"].cross_entropy(x, t, axis=axis, logit_scale=-1.0, return_lse=True)[-1], dtype)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+@pytest.mark.parametrize("k", (3, 40))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+def test_infinite_probabilities_as_the_reference_and_torch(dtype, k, reduction):
+    """A target probability of +-inf makes the loss +-inf (as PyTorch and the reference);
+    the kernels' a log s - b form gave inf - inf = NaN."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, k)).astype(dtype)
+    x[0, 0] = x[0].max() + 1  # the max itself (z - m = 0 there)
+    t = make_probs(rng, 4, k, np.float64).astype(dtype)
+    t[0, 0], t[1, 1], t[2, 2] = np.inf, -np.inf, np.inf
+    for eps in (0.0, 0.1):
+        options = dict(reduction=reduction, label_smoothing=eps)
+        xt = torch.tensor(x, requires_grad=True)
+        loss_t = torch.nn.functional.cross_entropy(xt, torch.tensor(t), **options)
+        loss_t.sum().backward()
+        for impl in IMPLS.values():
+            assert_close(impl.cross_entropy(x, t, **options), loss_t.detach().numpy(), dtype)
+            loss, grad = impl.cross_entropy_with_grad(x, t, **options)
+            assert_close(loss, loss_t.detach().numpy(), dtype)
+            np.testing.assert_array_equal(np.isnan(grad), np.isnan(xt.grad.numpy()))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=("f32", "f64"))
+def test_saturated_softcap_has_a_zero_gradient(dtype, path):
+    """z = c tanh(x / c) = +-c exactly: dz/dx is exactly 0 (a rounded 1 / c left 1.4e-6
+    in float32 with a z-loss)."""
+    shape, axis = PATHS[path]
+    x = np.where(np.random.default_rng(7).random(shape) < 0.5, -1e30, 1e30).astype(dtype)
+    t = _row_target(shape, axis)
+    for impl in IMPLS.values():
+        _, grad = impl.cross_entropy_with_grad(x, t, axis=axis, softcap=53.55, z_loss=0.9)
+        np.testing.assert_array_equal(grad, 0)

@@ -427,3 +427,50 @@ def test_property_identities(x, c):
     assert_close(fastsce.softmax(shifted)[rows], p[rows], x.dtype, unit=1.0)
     want = np.asarray(lse[..., 0] + x.dtype.type(c))
     assert_close(np.asarray(fastsce.logsumexp(shifted))[rows], want[rows], x.dtype, unit=1.0)
+
+
+# --- byte order, masked arrays, overlapping out --------------------------------------------
+
+
+@pytest.mark.parametrize("axis", (0, -1))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_either_byte_order(name, dtype, axis):
+    """x (and out) of the non-native byte order give the values of native x, in x's dtype in
+    native order ('>f4' / '>f8' used to be refused while '>f2' was computed)."""
+    x = make_x((5, 7), DTYPES[dtype], "byte-order")
+    other = x.astype(x.dtype.newbyteorder("S"))
+    want = call(fastsce, name, x, axis)
+    for module in (fastsce, reference):
+        got = call(module, name, other, axis)
+        assert np.asarray(got).dtype == x.dtype and np.asarray(got).dtype.isnative
+        check(got, want, x.dtype)
+        out = np.empty_like(np.asarray(want)).astype(other.dtype)
+        assert call(module, name, other, axis, out=out) is out
+        check(out.astype(x.dtype), want, x.dtype)
+    if name != "logsumexp":
+        in_place = other.copy()
+        assert call(fastsce, name, in_place, axis, out=in_place) is in_place
+        check(in_place.astype(x.dtype), want, x.dtype)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_masked_arrays_are_refused(name):
+    x = np.ma.array(make_x((3, 4), np.float64, "masked"), mask=np.eye(3, 4, dtype=bool))
+    for module in (fastsce, reference):
+        with pytest.raises(TypeError, match=f"{name}: x is a numpy.ma masked array|x is a numpy.ma masked array"):
+            call(module, name, x)
+        out = np.ma.array(np.empty(3 if name == "logsumexp" else (3, 4)))
+        with pytest.raises(TypeError, match="out is a numpy.ma masked array"):
+            call(module, name, x.data, out=out)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_out_overlapping_itself_is_refused(name):
+    x = make_x((3, 4), np.float64, "overlap")
+    buf = np.zeros(4)
+    shape, strides = ((3,), (0,)) if name == "logsumexp" else ((3, 4), (0, 8))
+    out = np.lib.stride_tricks.as_strided(buf, shape, strides, writeable=True)
+    for module in (fastsce, reference):
+        with pytest.raises(ValueError, match=f"{name}: out has overlapping elements"):
+            call(module, name, x, out=out)

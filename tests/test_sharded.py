@@ -527,3 +527,44 @@ def test_bad_shapes_and_values():
     shared[: y.size] = y
     with pytest.raises(ValueError, match="out overlaps target"):
         fastsce.finish_grad(z, shared[: y.size], total, 0, out=shared.view(np.float64).reshape(z.shape))
+
+
+# --- byte order, masked arrays, weights the dtype cannot hold ------------------------------
+
+
+def test_shards_of_either_byte_order():
+    case = make_case(6, 10, np.float32, weighted=True)
+    w = case.kwargs["weight"]
+    want = fastsce.finish(
+        fastsce.combine(*(fastsce.partial_stats(case.logits[:, lo:hi], case.target, lo, weight=w[lo:hi]) for lo, hi in ((0, 4), (4, 10))))
+    )
+    swap = case.logits.astype(case.logits.dtype.newbyteorder("S"))
+    stats = [
+        fastsce.partial_stats(swap[:, lo:hi], case.target.astype(">i8"), lo, weight=w[lo:hi].astype(">f8"))
+        for lo, hi in ((0, 4), (4, 10))
+    ]
+    assert fastsce.finish(fastsce.combine(*stats)) == want
+    g = fastsce.finish_grad(swap[:, :4], case.target, fastsce.combine(*stats), 0)
+    assert g.dtype == np.float32 and g.dtype.isnative
+
+
+@pytest.mark.parametrize("name", ("logits_shard", "target", "weight", "out"))
+def test_masked_arrays_are_refused(name):
+    case = make_case(6, 10, np.float64)
+    args = dict(logits_shard=case.logits, target=case.target, weight=np.ones(10), out=np.empty((6, 10)))
+    args[name] = np.ma.array(args[name])
+    with pytest.raises(TypeError, match=f"{name} is a numpy.ma masked array"):
+        if name == "out":
+            stats = fastsce.partial_stats(case.logits, case.target, 0)
+            fastsce.finish_grad(case.logits, case.target, stats, 0, out=args["out"])
+        else:
+            fastsce.partial_stats(args["logits_shard"], args["target"], 0, weight=args["weight"])
+
+
+@pytest.mark.parametrize("dtype, value", ((np.float32, 1e300), (np.float32, 1e-40), (np.float64, 1e-320)))
+def test_weights_the_dtype_cannot_hold_are_refused(dtype, value):
+    """A shard sees only its slice of the weights, so it cannot rescale them: refused clearly
+    rather than overflowing to a NaN loss (fastsce.cross_entropy computes them)."""
+    case = make_case(6, 10, dtype)
+    with pytest.raises(ValueError, match=r"weight\[0\] = .* outside the normal range"):
+        fastsce.partial_stats(case.logits, case.target, 0, weight=np.full(10, value))

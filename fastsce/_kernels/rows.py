@@ -237,6 +237,15 @@ def _soft_sums(z, t, w, m, c1, c0, g, store):
     return s, a, b
 
 
+@jit
+def row_lse(m, log_s):
+    """lse = m + log s of a row whose max is m, or m itself when that is +-inf: a row of
+    -inf only gives -inf and one holding +inf gives +inf (as fastsce.logsumexp), where
+    the shift by m gave inf - inf = NaN."""
+    m = float(m)
+    return m if math.isinf(m) else m + log_s
+
+
 # --- integer targets --------------------------------------------------------------------------
 
 
@@ -257,14 +266,14 @@ def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse):
     m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False)
     zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
     loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
-    return loss, float(m) + math.log(s_other + math.exp(zy)) if need_lse else 0.0
+    return loss, row_lse(m, math.log(s_other + math.exp(zy))) if need_lse else 0.0
 
 
 @jit
 def _row_lse(zi, w, no_store):
     """logsumexp of a row, in one read (for rows that are otherwise skipped)."""
     m, s, _ = _row_stats(zi, -1, w, 0.0, no_store, no_store, False)
-    return float(m) + math.log(s)
+    return row_lse(m, math.log(s))
 
 
 @jit
@@ -286,7 +295,7 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, 
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
     e_y = math.exp(zy)
     s = s_other + e_y
-    lse = float(m) + math.log(s) if need_lse else 0.0
+    lse = row_lse(m, math.log(s)) if need_lse else 0.0
     w_y = float(w[y])
 
     # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K] + zg lse p_j
@@ -371,12 +380,15 @@ def _scale_row(x, out, a):
 
 
 @vector
-def _softcap_chain(g, z, a, c_inv):
-    """g = a (1 - (z / c)^2) g: dz/dx of the softcap."""
+def _softcap_chain(g, z, a, c):
+    """g = a (1 - (z / c)^2) g: dz/dx of the softcap; exactly 0 where z = +-c (saturated),
+    as the exact derivative: z / c is z (1 / c) under fastmath, a few ulps off 1, which
+    left e.g. 1.4e-6 of a large z-loss gradient."""
     prefer_512bit()
+    zero = like(0, g)
     for j in range(g.size):
-        q = z[j] * c_inv
-        g[j] = a * (1 - q * q) * g[j]
+        q = z[j] / c
+        g[j] = zero * g[j] if abs(z[j]) == c else a * (1 - q * q) * g[j]  # (NaN stays NaN)
 
 
 @jit
@@ -400,7 +412,7 @@ def _transform(x, out, a, c):
 @jit
 def _chain(g, z, a, c):
     if c > 0:
-        _softcap_chain(g, z, like(a, g), like(1.0 / c, g))
+        _softcap_chain(g, z, like(a, g), like(c, g))
     elif a != 1.0:
         _scale(g, like(a, g))
 
@@ -511,20 +523,44 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 
 
 @jit
+def _soft_terms(zi, ti, w, m, c1, c0, log_s):
+    """sum_j w_j t'_j (log s - (z_j - m)) term by term, a zero weight adding 0: the loss
+    of a row whose a log s - b is not finite (an infinite target or logit), where the
+    difference of the two sums would be inf - inf = NaN but the sum of the terms is +-inf."""
+    loss = 0.0
+    for j in range(zi.size):
+        loss += times(float(w[j]) * (c1 * float(ti[j]) + c0), log_s - (float(zi[j]) - float(m)))
+    return loss
+
+
+@jit
+def _soft_loss(zi, ti, w, m, c1, c0, s, a, b):
+    log_s = math.log(s)
+    loss = a * log_s - b
+    return loss if math.isfinite(loss) else _soft_terms(zi, ti, w, m, c1, c0, log_s)
+
+
+@jit
 def _soft_row(zi, ti, w, c1, c0, no_store):
     m = _row_max(zi)
     s, a, b = _soft_sums(zi, ti, w, m, c1, c0, no_store, False)
-    return a * math.log(s) - b, float(m) + math.log(s)
+    return _soft_loss(zi, ti, w, m, c1, c0, s, a, b), row_lse(m, math.log(s))
 
 
 @jit
 def _soft_row_grad(zi, ti, gi, w, c1, c0, scale, zg):
     m = _row_max(zi)
     s, a, b = _soft_sums(zi, ti, w, m, c1, c0, gi, True)
-    lse = float(m) + math.log(s)
+    log_s = math.log(s)
+    lse = row_lse(m, log_s)
+    loss = a * log_s - b
+    if not math.isfinite(loss):  # as _soft_terms, from the stored exp(z_j - m) (zi may be gi)
+        loss = 0.0
+        for j in range(gi.size):
+            loss += times(float(w[j]) * (c1 * float(ti[j]) + c0), log_s - math.log(float(gi[j])))
     # g_j = scale (p_j sum_k w_k t'_k - w_j t'_j) + zg lse p_j
     _soft_grad(gi, ti, w, like((scale * a + zg * lse) / s, gi), like(scale, gi), c1, c0)
-    return a * math.log(s) - b, lse
+    return loss, lse
 
 
 @vector

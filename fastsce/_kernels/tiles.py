@@ -27,7 +27,7 @@ from numba.extending import overload
 
 from fastsce._kernels.half import as_float, as_stored, scratch_row
 from fastsce._kernels.jit import jit, parallel
-from fastsce._kernels.rows import _chain, _scale_and_cap
+from fastsce._kernels.rows import _chain, _scale_and_cap, row_lse
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
 
@@ -173,7 +173,7 @@ def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z, need_lse):
         s = s_other[r] + e_y
         inv_s = 1.0 / s
         log_s = log_normal(s) if need_log else 0.0
-        lse = float(m[r]) + log_s if need_lse else 0.0
+        lse = row_lse(m[r], log_s) if need_lse else 0.0
         # (1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log s - (z - m)
         loss = times(w_y[r], lse_minus_target(s_other[r], e_y, zy[r]))
         if eps > 0:
@@ -236,8 +236,9 @@ def _target_entry(lanes, r, y, Tz, params):
     gy = lanes[6][r]
     if Tz.size:
         scale_x, cap = params[4], params[5]
+        # exactly 0 where saturated, z = +-c (c rounded as z was; see rows._softcap_chain)
         q = float(Tz[y, r]) / cap if cap > 0 else 0.0
-        gy *= scale_x * (1 - q * q)
+        gy = 0.0 * gy if cap > 0 and abs(Tz[y, r]) == like(cap, Tz) else gy * scale_x * (1 - q * q)
     return gy
 
 
