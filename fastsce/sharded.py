@@ -39,12 +39,14 @@ from fastsce._validate import (
     ALL_IGNORED,
     FLOAT_DTYPES,
     REDUCTIONS,
+    _WEIGHT_RANGE,
     _check_choice,
     _check_ignore_index,
     _check_real,
     _check_row_weight,
     _check_target,
     _check_weight,
+    _power_of_two_scale,
     as_array,
     check_returns,
     check_transform,
@@ -498,6 +500,8 @@ class _Rows:
         n = stats.n
         v = _check_row_weight(sample_weight, where, (n,))
         v = np.ones(n) if v is None else v
+        if reduction == "mean":  # v / V in numerator and denominator alike: extreme sample
+            v = v / _power_of_two_scale(v, _WEIGHT_RANGE[np.dtype(np.float64)])  # weights stay normal
         if not stats.soft:
             _check_held(stats)
         _check_coverage(stats)

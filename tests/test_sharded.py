@@ -568,3 +568,24 @@ def test_weights_the_dtype_cannot_hold_are_refused(dtype, value):
     case = make_case(6, 10, dtype)
     with pytest.raises(ValueError, match=r"weight\[0\] = .* outside the normal range"):
         fastsce.partial_stats(case.logits, case.target, 0, weight=np.full(10, value))
+
+
+@pytest.mark.parametrize("value", (1e-320, 1.7e308, "spread"))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_extreme_sample_weights_as_the_reference(value, reduction):
+    """Sample weights are whole rows, the same on every shard, so a "mean" over them is
+    rescaled by a power of two as in fastsce.cross_entropy: a subnormal weight neither
+    loses digits of the loss nor makes the gradient 0/0 = NaN."""
+    case = make_case(6, 10, np.float64)
+    sw = np.geomspace(1e-300, 1e300, 6) if value == "spread" else np.full(6, value)
+    shards = [(0, case.logits[:, :4]), (4, case.logits[:, 4:])]
+    stats = fastsce.combine(*(fastsce.partial_stats(z, case.target, offset) for offset, z in shards))
+    with np.errstate(over="ignore"):  # "sum" of 1.7e308-weighted rows is inf, in both
+        loss = fastsce.finish(stats, reduction=reduction, sample_weight=sw)
+        grad = np.concatenate(
+            [fastsce.finish_grad(z, case.target, stats, offset, reduction=reduction, sample_weight=sw) for offset, z in shards],
+            axis=1,
+        )
+        ref_loss, ref_grad = reference.cross_entropy_with_grad(case.logits, case.target, reduction=reduction, sample_weight=sw)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-300)
