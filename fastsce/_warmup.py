@@ -148,11 +148,19 @@ PATHS: dict[str, tuple[Callable[[np.dtype], None], tuple[str, ...] | None]] = {
 def _run_path(dtype_name: str, path: str) -> tuple[float, int, float]:
     """In a worker: (seconds, functions compiled, CPU seconds) of one path. The CPU
     time is what the path costs on an idle core (Numba compiles on one thread)."""
+    from fastsce import _threads
     from fastsce._kernels import jit
 
     before = jit.compile_count()
     t0, c0 = time.perf_counter(), time.process_time()
-    PATHS[path][0](_dtype(dtype_name))
+    run, dtype = PATHS[path][0], _dtype(dtype_name)
+    run(dtype)  # small shapes: the serial twins (fastsce._threads)
+    serial_logits = _threads.SERIAL_LOGITS
+    _threads.SERIAL_LOGITS = -1  # the same calls on the threaded kernels (this process only)
+    try:
+        run(dtype)
+    finally:
+        _threads.SERIAL_LOGITS = serial_logits
     return time.perf_counter() - t0, jit.compile_count() - before, time.process_time() - c0
 
 
@@ -305,6 +313,7 @@ def _in_workers(jobs, processes: int):
         finally:
             worker.stdin.close()
             worker.wait()
+            worker.stdout.close()  # (left open, a ResourceWarning when collected)
 
     threads = [threading.Thread(target=work, daemon=True) for _ in range(processes)]
     for t in threads:
