@@ -23,26 +23,29 @@ from numba.np.ufunc import parallel as _numba_parallel
 # bench/small_calls.py).
 SERIAL_LOGITS = 1 << 16
 
-# Numba's threading layer, when neither the user (NUMBA_THREADING_LAYER) nor another
-# library has chosen one before fastsce's first parallel call. "workqueue" rather than
-# the default GNU OpenMP ("omp"; TBB is rarely installed): it survives fork (OpenMP kills
-# a forked child on its first parallel call) and it was faster here: float32 loss+grad,
-# omp time / workqueue time, 15 interleaved rounds on a 2-core machine loaded by other
-# processes: 3.3x at 65536 x 10, 3.0x at 16384 x 100, 1.8x at 8192 x 1000, 1.45x at
-# 1024 x 32000 (bench/threading_layers.py). It takes one launch at a time: hence the
-# lock below (each launch uses every thread anyway).
-LAYER = "workqueue"
+# Numba's threading layers in the order fastsce asks for them, when neither the user
+# (NUMBA_THREADING_LAYER, numba.config) nor another library has chosen one before
+# fastsce's first parallel call: GNU OpenMP first, as it is the fastest here. float32
+# loss+grad, workqueue time / OpenMP time, 9 interleaved rounds on an idle 2-core machine
+# (bench/threading_layers.py): 2.15x at 65536 x 10, 2.08x at 16384 x 100, 1.23x at
+# 8192 x 1000, 1.10x at 1024 x 32000. (Under two busy-loop processes the order turned,
+# workqueue 1.45-3.3x faster: OpenMP's threads spin while waiting for a core.) OpenMP
+# cannot run a parallel region in a child forked after it ran one: such a child runs the
+# serial twins (see _after_fork_in_child). TBB (fork-safe) when OpenMP is missing.
+LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 _lock = threading.Lock()
 _pool_unusable = False  # set in a forked child of a process whose OpenMP pool ran
 
 
 def pin_layer() -> None:
-    """Choose LAYER unless the user did (environment or numba.config) or the pool runs."""
+    """Ask for LAYER_PRIORITY unless the user chose a layer (environment or numba.config)
+    or the pool runs. Numba takes the first of them that loads; the launch lock below
+    serves every layer (the workqueue takes one launch at a time)."""
     if _numba_parallel._is_initialized or "NUMBA_THREADING_LAYER" in os.environ:
         return
     if str(numba.config.THREADING_LAYER).lower() == "default":
-        numba.config.THREADING_LAYER = LAYER
+        numba.config.THREADING_LAYER_PRIORITY = list(LAYER_PRIORITY)
 
 
 def _after_fork_in_child() -> None:

@@ -120,7 +120,7 @@ def run_in_own_group(argv, env):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_child_works_with_the_default_layer(tmp_path, scenario):
     out = run(tmp_path, scenario, None)
-    assert "layer workqueue" in out  # the layer fastsce pins when nobody chose one
+    assert "layer omp" in out  # the layer fastsce asks for first when nobody chose one
 
 
 @pytest.mark.parametrize("scenario", ["fork", "pool-fork", "fork-during-call"])
@@ -129,6 +129,13 @@ def test_child_works_after_gnu_openmp(tmp_path, scenario):
     pytest.importorskip("numba.np.ufunc.omppool")
     out = run(tmp_path, scenario, "omp")
     assert "layer omp" in out
+
+
+@pytest.mark.parametrize("scenario", ["fork", "pool-fork", "fork-during-call"])
+def test_child_works_with_workqueue(tmp_path, scenario):
+    """The layer to choose on a shared machine: the child starts a pool of its own."""
+    out = run(tmp_path, scenario, "workqueue")
+    assert "layer workqueue" in out
 
 
 def test_the_users_layer_is_kept(tmp_path):
