@@ -88,4 +88,7 @@ def test_unwritable_cache_directory_falls_back_to_numbas_locators(monkeypatch, t
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "file" / "cache"))  # not a directory
     assert jit._Locator.from_function(fn, rows.__file__) is None
-    assert isinstance(jit._CacheImpl(fn).locator, caching.InTreeCacheLocator)
+    # Numba's own: next to the source, or under the NUMBA_CACHE_DIR this process started with
+    numbas = (caching.InTreeCacheLocator, caching.UserProvidedCacheLocator)
+    assert isinstance(jit._CacheImpl(fn).locator, numbas)
+    assert not isinstance(jit._CacheImpl(fn).locator, jit._Locator)
