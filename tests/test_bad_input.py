@@ -64,7 +64,7 @@ def masked(name):
     """A builder: the argument ``name`` as a numpy.ma masked array with one entry masked."""
 
     def build():
-        z, t, kwargs = logits(), labels(), {}
+        z, t = logits(), labels()
         given = dict(
             logits=z, target=t, weight=np.ones(K), sample_weight=np.ones(N), where=np.ones(N, bool), out=np.empty((N, K))
         )
