@@ -30,6 +30,20 @@ def index_blocks(lead: tuple[int, ...], rows: int):
                 yield (a, *rest)
 
 
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a`` (``a`` itself when it is read-only already).
+
+    Every input array goes to the kernels read-only: Numba compiles a kernel again for
+    each writeable flag of its arguments (a read-only memmap or broadcast view would
+    otherwise compile a second copy of every kernel, 5-30 s each), and the kernels
+    cannot write an input by mistake: such a write does not compile."""
+    if not a.flags.writeable:
+        return a
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def row_blocks(rows: np.ndarray, dtype: np.dtype, block_logits: int, inputs=(), outputs=(), *, in_dtype=None, out_dtype=None):
     """(r0, r1, z, ins, outs) per block of rows r0:r1 of ``rows`` (lead + (K,)).
 
@@ -57,17 +71,17 @@ def row_blocks(rows: np.ndarray, dtype: np.dtype, block_logits: int, inputs=(), 
         yield (
             0,
             m,
-            rows.reshape(m, k),
-            tuple(a.reshape(m, k) for a in inputs),
+            read_only(rows.reshape(m, k)),
+            tuple(read_only(a.reshape(m, k)) for a in inputs),
             tuple(None if a is None else a.reshape(m, k) for a in outputs),
         )
         return
     r0 = 0
     for index in index_blocks(lead, max(1, block_logits // max(k, 1))):
         block = rows[index]
-        z = np.array(block, dtype=dtype, order="C").reshape(-1, k)  # always a copy
+        z = read_only(np.array(block, dtype=dtype, order="C").reshape(-1, k))  # always a copy
         r1 = r0 + z.shape[0]
-        ins = tuple(np.ascontiguousarray(a[index], dtype=in_dtype).reshape(-1, k) for a in inputs)
+        ins = tuple(read_only(np.ascontiguousarray(a[index], dtype=in_dtype).reshape(-1, k)) for a in inputs)
         outs = tuple(None if a is None else np.empty(z.shape, out_dtype) for a in outputs)
         yield r0, r1, z, ins, outs
         for a, o in zip(outputs, outs):

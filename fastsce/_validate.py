@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastsce._layout import read_only
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 HALF_DTYPE_NAMES = ("float16", "bfloat16")  # bfloat16: ml_dtypes' NumPy dtype, when given one
 REDUCTIONS = ("mean", "sum", "none")
@@ -374,9 +376,10 @@ def _check_target(target, logits: np.ndarray, axis: int, rows: np.ndarray, compu
             f"target{_index_name(row, lead)} = {int(flat[row])} is not a class index for "
             f"K={rows.shape[-1]} classes"
         )
-    # The kernels take int32 and int64 labels as they are; others become int64.
-    native = target.dtype if target.dtype in (np.dtype(np.int32), np.dtype(np.int64)) else np.int64
-    return np.ascontiguousarray(flat, dtype=native), False
+    # The kernels take int64 labels only: one compiled copy of each kernel instead of one
+    # per label dtype (measured: converting int32 labels takes 0.2-0.6 ns a row,
+    # 11 us at 65536 rows against ~1 ms for the kernel at 65536 x 10).
+    return read_only(np.ascontiguousarray(flat, dtype=np.int64)), False
 
 
 def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype | None) -> np.ndarray | None:

@@ -62,14 +62,14 @@ def _weights(logits: np.ndarray) -> dict:
     return dict(weight=np.ones(logits.shape[-1]), sample_weight=np.ones(logits.shape[0]))
 
 
-def _hard(k_of: Callable[[np.dtype], int], grad: bool, labels_dtype: type = np.int64):
+def _hard(k_of: Callable[[np.dtype], int], grad: bool):
     def run(dtype: np.dtype) -> None:
         import fastsce
 
         logits, labels = _data(dtype, (130, k_of(dtype)))
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
-        fn(logits, labels.astype(labels_dtype))
-        fn(logits, labels.astype(labels_dtype), **_weights(logits))
+        fn(logits, labels)
+        fn(logits, labels, **_weights(logits))
 
     return run
 
@@ -134,10 +134,6 @@ PATHS: dict[str, tuple[Callable[[np.dtype], None], tuple[str, ...] | None]] = {
     "class axis": (_class_axis, None),
     "probabilities loss+grad": (_soft(True), None),
     "probabilities loss": (_soft(False), None),
-    "int32 small-K loss+grad": (_hard(_small_k, True, np.int32), None),
-    "int32 small-K loss": (_hard(_small_k, False, np.int32), None),
-    "int32 large-K loss+grad": (_hard(_large_k, True, np.int32), None),
-    "int32 large-K loss": (_hard(_large_k, False, np.int32), None),
     "shards": (_shards, _SHARDED_DTYPES),
     "softmax": (_primitive("softmax"), None),
     "log_softmax": (_primitive("log_softmax"), None),
@@ -200,7 +196,7 @@ def warmup(
         The logits' dtypes to compile for (default float32).
     paths : a name or list of names of ``fastsce._warmup.PATHS``, or None for all
         Class-index targets with small K (up to 100-200 classes, vectorised across rows)
-        and larger K, loss and loss+grad, int64 and int32 labels; probability targets;
+        and larger K, loss and loss+grad; probability targets;
         the class axis not last; softmax, log_softmax, logsumexp; classes split across
         shards.
     progress : bool

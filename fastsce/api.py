@@ -11,7 +11,7 @@ import numpy as np
 from fastsce import _threads
 from fastsce._kernels import rows as row_kernels, tiles as tile_kernels
 from fastsce._kernels.half import bits_view
-from fastsce._layout import row_blocks
+from fastsce._layout import read_only, row_blocks
 from fastsce._typing import Array, ArrayLike, DTypeLike, Loss
 from fastsce._validate import (
     Problem,
@@ -376,7 +376,7 @@ def _class_major(problem: Problem, grad: np.ndarray | None):
     a, k, d = math.prod(logits.shape[:axis]), logits.shape[axis], math.prod(logits.shape[axis + 1 :])
     if d < CLASS_MAJOR_MIN_D:
         return None
-    x3 = bits_view(logits.reshape(a, k, d))
+    x3 = read_only(bits_view(logits.reshape(a, k, d)))
     y3 = np.empty((0, 0, 0), problem.compute) if grad is None else bits_view(grad.reshape(a, k, d))
     tiles = a * -(-d // tile_kernels.CLASS_MAJOR_ROWS)
     return x3, y3, -(-tiles // tile_kernels.TILES_PER_CHUNK)

@@ -35,6 +35,7 @@ from fastsce import _threads
 from fastsce._kernels import shards as shard_kernels
 from fastsce._typing import Array, ArrayLike, Loss
 from fastsce._kernels.rows import float64_sum
+from fastsce._layout import read_only
 from fastsce._validate import (
     ALL_IGNORED,
     FLOAT_DTYPES,
@@ -351,12 +352,12 @@ class _Shard:
         self.eps = _check_real("label_smoothing", label_smoothing, 0.0, 1.0)
         self.logit_scale, self.softcap = check_transform(logit_scale, softcap)
         self.logits = logits
-        self.x = np.ascontiguousarray(logits)  # no copy on the fast path
+        self.x = read_only(np.ascontiguousarray(logits))  # no copy on the fast path
         k = logits.shape[1]
-        self.w = np.ones(k, logits.dtype) if w is None else w
+        self.w = read_only(np.ones(k, logits.dtype) if w is None else w)
         self.w_sum = float(k) if w is None else float64_sum(w)
         if self.soft:  # probabilities of another float dtype: converted (a copy)
-            self.target = np.ascontiguousarray(self.target, dtype=logits.dtype)
+            self.target = read_only(np.ascontiguousarray(self.target, dtype=logits.dtype))
 
     @property
     def transform_args(self):

@@ -68,7 +68,7 @@ def pytest_collection_finish(session):
     from fastsce._warmup import PATHS
 
     half = ["float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") is not None else [])
-    full_paths = [p for p in PATHS if not p.startswith("int32")]  # int32 labels: float32/64 tests only
+    full_paths = list(PATHS)
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():  # the progress lines show while it compiles
         fastsce.warmup(["float32", "float64"])

@@ -92,3 +92,35 @@ def test_unwritable_cache_directory_falls_back_to_numbas_locators(monkeypatch, t
     numbas = (caching.InTreeCacheLocator, caching.UserProvidedCacheLocator)
     assert isinstance(jit._CacheImpl(fn).locator, numbas)
     assert not isinstance(jit._CacheImpl(fn).locator, jit._Locator)
+
+
+@pytest.mark.parametrize("k", [8, 1000])  # the tile kernels and the row kernels
+def test_read_only_inputs_and_other_label_dtypes_reuse_the_compiled_kernels(k):
+    """Numba compiles a kernel again for each writeable flag and dtype of its arguments:
+    read-only inputs and int32 / uint8 labels must not compile a second set of kernels."""
+    import numpy as np
+
+    import fastsce
+    from fastsce._kernels import jit
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((130, k)).astype(np.float32)
+    y = rng.integers(0, k, 130)
+    w, v = np.linspace(0.5, 2, k), np.ones(130)
+    options = [dict(), dict(weight=w, sample_weight=v)]
+    for kw in options:
+        fastsce.cross_entropy_with_grad(z, y, **kw)
+        fastsce.cross_entropy(z, y, **kw)
+    before = jit.compile_count()
+
+    def frozen(a):
+        a = a.copy()
+        a.flags.writeable = False
+        return a
+
+    for labels in (frozen(y), y.astype(np.int32), frozen(y.astype(np.int32)), (y % 200).astype(np.uint8)):
+        for kw in options + [{name: frozen(a) for name, a in options[1].items()}]:
+            loss, grad = fastsce.cross_entropy_with_grad(frozen(z), labels, **kw)
+            np.testing.assert_array_equal(grad, fastsce.cross_entropy_with_grad(z, labels.astype(np.int64), **kw)[1])
+            fastsce.cross_entropy(frozen(z), labels, **kw)
+    assert jit.compile_count() == before
