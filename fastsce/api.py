@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Literal, overload
@@ -14,6 +15,8 @@ from fastsce._kernels.half import bits_view
 from fastsce._layout import row_blocks
 from fastsce._typing import Array, ArrayLike, DTypeLike, Loss
 from fastsce._validate import (
+    _INT64_MAX,
+    _INT64_MIN,
     Problem,
     check_denominator,
     check_labels,
@@ -70,7 +73,6 @@ _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)  # NumPy's own dtype objects, compared by identity
 _I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 _F32_MAX = float(np.finfo(np.float32).max)
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 # Per-row outputs not asked for: never written (size 0), so every call may share them.
 _NO_ROWS = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}
 
@@ -400,11 +402,7 @@ def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss
         if reduction == "mean":
             ce = _mean(ce, d, all_ignored)
         ce += 0.0  # the z-term
-        if dt is _F64 or abs(ce) <= _F32_MAX:
-            loss = dt.type(ce)
-        else:
-            with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
-                loss = dt.type(ce)
+        loss = _scalar(ce, dt)
     return (loss, g) if grad else loss
 
 
@@ -543,7 +541,9 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     lse = np.empty(m if want_lse else 0, compute)
     chunk_loss, chunk_z = [], []
     class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
-    with _threads.launching(m * k) as pick:  # the pool, or the serial twins (fastsce._threads)
+    # the pool, or the serial twins (fastsce._threads); small calls skip launching()'s generator
+    serial = _threads.runs_serial(m * k)
+    with contextlib.nullcontext(_threads._serial) if serial else _threads.launching(m * k) as pick:
         if class_major is not None:  # no block copies: tiles of 64 rows read in place
             x3, y3, n_chunks = class_major
             chunk_loss.append(np.empty(n_chunks, np.float64))
@@ -590,5 +590,13 @@ def _reduce(problem: Problem, ce, z_term, row_loss, row_z, lse, d, d_z, returns)
     if problem.reduction == "mean":
         ce = _mean(ce, d, problem.all_ignored)
         z_term = _mean(z_term, d_z, problem.all_ignored) if problem.z_loss else 0.0
-    with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
-        return result.type(ce + z_term), result.type(z_term), lse
+    return _scalar(ce + z_term, result), _scalar(z_term, result), lse
+
+
+def _scalar(x: float, dtype: np.dtype):
+    """x as a NumPy scalar of dtype; beyond the dtype's range it is inf, quietly (np.errstate
+    only when float32 or a half dtype may overflow: it costs ~2 us)."""
+    if dtype == _F64 or (dtype == _F32 and abs(x) <= _F32_MAX):
+        return dtype.type(x)
+    with np.errstate(over="ignore"):
+        return dtype.type(x)
