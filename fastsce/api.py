@@ -536,9 +536,10 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     # only, so the total is the same for any thread count, with O(N / chunk) memory.
     chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
 
-    row_loss = np.empty(m if none else 0, compute)
-    row_z = np.empty(m if none and want_z else 0, compute)
-    lse = np.empty(m if want_lse else 0, compute)
+    no_rows = _NO_ROWS[compute]  # (shared: never written)
+    row_loss = np.empty(m, compute) if none else no_rows
+    row_z = np.empty(m, compute) if none and want_z else no_rows
+    lse = np.empty(m, compute) if want_lse else no_rows
     chunk_loss, chunk_z = [], []
     class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
     # the pool, or the serial twins (fastsce._threads); small calls skip launching()'s generator
