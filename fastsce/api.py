@@ -457,6 +457,21 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
     fast path, else copies a block at a time: see fastsce._layout)."""
     last = problem.axis == problem.logits.ndim - 1
     g_rows = grad if grad is None or last else np.moveaxis(grad, problem.axis, -1)
+    rows = problem.rows
+    if (
+        not problem.soft and rows.dtype == problem.compute and rows.flags.c_contiguous
+        and (g_rows is None or (g_rows.dtype == problem.result and g_rows.flags.c_contiguous))
+    ):  # fmt: skip
+        # row_blocks' one block of views, without its generator and this one (~3 us a call)
+        m, k = problem.shape
+        z = rows.reshape(m, k)
+        g = None if g_rows is None else g_rows.reshape(m, k)
+        return ((0, m, z, problem.target, g, g is not None and same_memory(g, z)),)
+    return _copied_blocks(problem, g_rows)
+
+
+def _copied_blocks(problem: Problem, g_rows: np.ndarray | None):
+    """_blocks through row_blocks: one block of views, or copies a block at a time."""
     # half rows go to the kernels as they are, in native byte order (else copied to it)
     z_dtype = native(problem.rows.dtype) if problem.rows.dtype.itemsize == 2 else problem.compute
     inputs = (problem.target,) if problem.soft else ()
