@@ -68,8 +68,9 @@ _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 # (N, K) float32 / float64 logits, (N,) int64 / int32 labels, no option beyond
 # ignore_index / reduction / label_smoothing / all_ignored, out= absent or a C-contiguous
 # array of the logits' shape and dtype. _fast checks exactly that and runs the kernels
-# (~3x less time over them at 64 x 10; bench/small_calls.py); anything else, and every
-# error, goes to the general path, which gives the same results (tests/test_fast_path.py).
+# (3-7 us of CPU time over them instead of 44-52 at 1 x 10 to 64 x 1000, loss+grad;
+# bench/small_calls.py); anything else, and every error, goes to the general path, which
+# gives the same results (tests/test_fast_path.py). (torch.Tensor.numpy() views qualify.)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)  # NumPy's own dtype objects, compared by identity
 _I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -331,7 +332,7 @@ def cross_entropy_with_grad(
 
 
 def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, grad, out):
-    """The common call (see _NO_ROWS above): loss, or (loss, gradient) when ``grad``, as
+    """The common call (see above _F32): loss, or (loss, gradient) when ``grad``, as
     the general path returns them; None when the arguments are anything else or wrong
     (then the general path checks them and raises). Does what check_problem, check_out
     and _run do for these arguments, without the Problem, the block generator and the
