@@ -5,7 +5,10 @@ keep every core busy (float32, integer targets, mean).
 
 Overhead: the calling thread's CPU time per whole call minus that spent inside the kernel
 (the kernels are wrapped by a timer for that run only; the kernel's own dispatch counts
-as kernel time). Under load: two busy-loop
+as kernel time), for the common call (the fast path of fastsce.api) and for one that takes
+the general path (weight= given). Dispatch: what Numba's dispatcher takes to unbox the
+kernel's arguments, timed as a no-op jitted function of the same arguments, against the
+kernel call itself. Under load: two busy-loop
 processes (killed after --load-seconds) run while calls on the serial path (the default
 for <= 64K logits) and calls forced onto the thread pool alternate.
 """
@@ -62,31 +65,86 @@ def per_call(fn, calls=CALLS, clock=time.thread_time) -> float:
     return statistics.median(samples)
 
 
+def call_and_kernel(fn) -> tuple[float, float]:
+    """(CPU time per call, of it inside the kernel)."""
+    fn()
+    total = per_call(fn)
+    spent = [0.0]
+    saved = timed_kernels(spent)
+    try:
+        per_call(fn, calls=700)
+        kernel = spent[0] / 700  # (the timer's own ~0.2 us included)
+    finally:
+        for kern, inner in saved:
+            kern.serial = inner
+    return total, kernel
+
+
+def problem(n, k):
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((n, k), dtype=np.float32)
+    return z, rng.integers(0, k, n), np.empty_like(z)
+
+
 def overhead() -> None:
-    print("N x K        call        kernel      overhead   (loss+grad, out=)  |  loss only: call, overhead")
+    print("CPU time per call, float32, integer labels, mean:")
+    print(
+        "N x K        call        kernel      overhead   (loss+grad, out=)  |  loss only: call, overhead"
+        "  |  general path (weight=), loss+grad out=: overhead"
+    )
     for n, k in SHAPES:
-        rng = np.random.default_rng(0)
-        z = rng.standard_normal((n, k), dtype=np.float32)
-        y = rng.integers(0, k, n)
-        out = np.empty_like(z)
-        row = []
-        for fn in (lambda: fastsce.cross_entropy_with_grad(z, y, out=out), lambda: fastsce.cross_entropy(z, y)):
-            fn()
-            total = per_call(fn)
-            spent = [0.0]
-            saved = timed_kernels(spent)
-            try:
-                per_call(fn, calls=700)
-                kernel = spent[0] / 700  # (the timer's own ~0.2 us included)
-            finally:
-                for kern, inner in saved:
-                    kern.serial = inner
-            row.append((total, kernel))
-        (t1, k1), (t2, k2) = row
+        z, y, out = problem(n, k)
+        ones = np.ones(k, np.float32)
+        (t1, k1), (t2, k2), (t3, k3) = (
+            call_and_kernel(fn)
+            for fn in (
+                lambda: fastsce.cross_entropy_with_grad(z, y, out=out),
+                lambda: fastsce.cross_entropy(z, y),
+                lambda: fastsce.cross_entropy_with_grad(z, y, out=out, weight=ones),
+            )
+        )
         print(
             f"{n:>5} x {k:<6}{t1 * 1e6:8.1f} us {k1 * 1e6:8.1f} us {(t1 - k1) * 1e6:8.1f} us"
             f"                     |  {t2 * 1e6:8.1f} us {(t2 - k2) * 1e6:8.1f} us"
+            f"          |  {(t3 - k3) * 1e6:8.1f} us"
         )
+
+
+def dispatch() -> None:
+    """The kernel call of a loss+grad call, against a no-op jitted function given the same
+    arguments (Numba's unboxing and type dispatch of them) and given none."""
+    import numba
+
+    print("\nNumba dispatch (loss+grad, out=): kernel call  |  no-op of the same arguments  |  no-op of none")
+    for n, k in SHAPES[:3]:
+        z, y, out = problem(n, k)
+        fastsce.cross_entropy_with_grad(z, y, out=out)
+        captured = []
+        saved = []
+        for module in (rows, tiles):
+            kernel = module.hard_loss_grad
+            inner = kernel.serial
+
+            def capture(*args, _inner=inner):
+                captured.append((_inner, args))
+                return _inner(*args)
+
+            saved.append((kernel, inner))
+            kernel.serial = capture
+        try:
+            fastsce.cross_entropy_with_grad(z, y, out=out)
+        finally:
+            for kern, inner in saved:
+                kern.serial = inner
+        kernel, args = captured[0]
+        names = ", ".join(f"a{i}" for i in range(len(args)))
+        scope: dict = {}
+        exec(f"def noop({names}):\n    return 0", scope)
+        noop = numba.njit(nogil=True)(scope["noop"])
+        noop_none = numba.njit(nogil=True)(lambda: 0)
+        noop(*args), noop_none()
+        times = [per_call(lambda: f(*a), calls=14000) for f, a in ((kernel, args), (noop, args), (noop_none, ()))]
+        print(f"{n:>5} x {k:<6} {len(args)} arguments: " + "  |  ".join(f"{t * 1e6:6.2f} us" for t in times))
 
 
 def under_load(seconds: float) -> None:
@@ -138,6 +196,7 @@ def main() -> None:
     parser.add_argument("--load-seconds", type=float, default=30)
     args = parser.parse_args()
     overhead()
+    dispatch()
     under_load(args.load_seconds)
 
 

@@ -90,13 +90,19 @@ def launching(n_logits: int):
     """Yields ``pick``, which maps a parallel kernel to the one to call for a problem of
     ``n_logits`` logits: its serial twin for small problems (and in a forked child of an
     OpenMP process), else the kernel itself, launched under the lock."""
-    if n_logits <= SERIAL_LOGITS or _pool_unusable:
+    if runs_serial(n_logits):
         yield _serial  # no pool, no lock: small calls from several threads run at once
         return
     with _lock:
         if not _numba_parallel._is_initialized:
             _start_pool()
         yield _threaded
+
+
+def runs_serial(n_logits: int) -> bool:
+    """True when launching(n_logits) would pick the serial twins (no pool, no lock): a
+    caller may then call them directly, without the context manager (~2 us of a small call)."""
+    return n_logits <= SERIAL_LOGITS or _pool_unusable
 
 
 def serial_only() -> bool:

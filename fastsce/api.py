@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Literal, overload
@@ -14,6 +15,8 @@ from fastsce._kernels.half import bits_view
 from fastsce._layout import read_only, row_blocks
 from fastsce._typing import Array, ArrayLike, DTypeLike, Loss
 from fastsce._validate import (
+    _INT64_MAX,
+    _INT64_MIN,
     Problem,
     check_denominator,
     check_labels,
@@ -60,6 +63,19 @@ CLASS_MAJOR_K = 1 << 16
 CLASS_MAJOR_MIN_D = 32
 
 _NO_ROW_WEIGHTS = np.empty(0, np.float64)
+
+# The common call, on which a small problem spends most of its time in Python: C-contiguous
+# (N, K) float32 / float64 logits, (N,) int64 / int32 labels, no option beyond
+# ignore_index / reduction / label_smoothing / all_ignored, out= absent or a C-contiguous
+# array of the logits' shape and dtype. _fast checks exactly that and runs the kernels
+# (3-7 us of CPU time over them instead of 44-52 at 1 x 10 to 64 x 1000, loss+grad;
+# bench/small_calls.py); anything else, and every error, goes to the general path, which
+# gives the same results (tests/test_fast_path.py). (torch.Tensor.numpy() views qualify.)
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)  # NumPy's own dtype objects, compared by identity
+_I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
+_F32_MAX = float(np.finfo(np.float32).max)
+# Per-row outputs not asked for: never written (size 0), so every call may share them.
+_NO_ROWS = {_F32: np.empty(0, _F32), _F64: np.empty(0, _F64)}
 
 
 @overload
@@ -190,6 +206,13 @@ def cross_entropy(
 
     Only the loss is computed: no gradient is formed or written.
     """
+    if (
+        weight is None and sample_weight is None and where is None and logit_scale is None and softcap is None
+        and dtype is None and denominator is None and return_z_loss is False and return_lse is False
+    ):  # fmt: skip
+        fast = _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, False, None)
+        if fast is not None:
+            return fast
     problem = check_problem(
         logits, target, weight, ignore_index, reduction, label_smoothing, axis=axis,
         sample_weight=sample_weight, where=where, z_loss=z_loss, logit_scale=logit_scale,
@@ -286,6 +309,13 @@ def cross_entropy_with_grad(
     ``grad`` is the gradient of row n's loss. With ``logit_scale`` / ``softcap`` it is
     the gradient with respect to the logits as given (the chain rule applied).
     """
+    if (
+        weight is None and sample_weight is None and where is None and logit_scale is None and softcap is None
+        and dtype is None and denominator is None and return_z_loss is False and return_lse is False
+    ):  # fmt: skip
+        fast = _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, True, out)
+        if fast is not None:
+            return fast
     problem = check_problem(
         logits, target, weight, ignore_index, reduction, label_smoothing, axis=axis,
         sample_weight=sample_weight, where=where, z_loss=z_loss, logit_scale=logit_scale,
@@ -299,6 +329,81 @@ def cross_entropy_with_grad(
         check_out(out, problem)
     loss, z_term, lse = _run(problem, out, returns, denominator)
     return _pack(loss, out, z_term, lse, returns)
+
+
+def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, grad, out):
+    """The common call (see above _F32): loss, or (loss, gradient) when ``grad``, as
+    the general path returns them; None when the arguments are anything else or wrong
+    (then the general path checks them and raises). Does what check_problem, check_out
+    and _run do for these arguments, without the Problem, the block generator and the
+    thread-launch context manager."""
+    if type(logits) is not np.ndarray or type(target) is not np.ndarray:  # (no subclass: masked arrays)
+        return None
+    dt = logits.dtype
+    if not (dt is _F32 or dt is _F64) or logits.ndim != 2 or not logits.flags.c_contiguous:
+        return None
+    m, k = logits.shape
+    t_dt = target.dtype
+    if (
+        not (t_dt is _I64 or t_dt is _I32) or target.shape != (m,) or not target.flags.c_contiguous or m * k == 0
+        or type(axis) is not int or not (axis == -1 or axis == 1)
+        or type(ignore_index) is not int or not _INT64_MIN <= ignore_index <= _INT64_MAX
+        or type(reduction) is not str or reduction not in ("mean", "sum", "none")
+        or type(all_ignored) is not str or all_ignored not in ("nan", "zero")
+        or type(label_smoothing) not in (float, int) or not 0.0 <= label_smoothing <= 1.0
+        or type(z_loss) not in (float, int) or z_loss != 0
+    ):  # fmt: skip
+        return None
+    in_place = False
+    if out is not None:
+        if type(out) is not np.ndarray or out.dtype is not dt or out.shape != logits.shape:
+            return None
+        flags = out.flags
+        if not (flags.c_contiguous and flags.writeable) or np.may_share_memory(out, target):
+            return None
+        in_place = out is logits
+        if not in_place and np.may_share_memory(out, logits):
+            return None
+    w = _ones(k, dt)
+    bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, w, _NO_ROW_WEIGHTS)
+    if bad_row >= 0:  # the general path names it
+        return None
+    if reduction == "mean":
+        scale, scale_z = _mean(1.0, d, all_ignored), _mean(1.0, d_z, all_ignored)
+    else:
+        scale = scale_z = 1.0
+    params = (float(label_smoothing), 0.0, scale, scale_z, 1.0, 0.0)
+    none = reduction == "none"
+    small = k <= SMALL_K[dt][grad]
+    chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
+    n_chunks = -(-m // chunk_rows)
+    no_rows = _NO_ROWS[dt]
+    row_loss = np.empty(m, dt) if none else no_rows
+    chunk_loss = np.empty(n_chunks)
+    outs = (row_loss, no_rows, no_rows, chunk_loss, np.empty(n_chunks))
+    args = (logits, target, ignore_index, w, float(k), _NO_ROW_WEIGHTS, params, chunk_rows, outs)
+    if grad:
+        g = np.empty((m, k), dt) if out is None else out
+        if small:
+            kernel, args = tile_kernels.hard_loss_grad, (*args, g, in_place)
+        else:
+            kernel, args = row_kernels.hard_loss_grad, (*args, g, in_place, k * dt.itemsize > LONG_ROW_BYTES)
+    else:
+        kernel = (tile_kernels if small else row_kernels).hard_loss
+    if _threads.runs_serial(m * k):
+        _threads._serial(kernel)(*args)
+    else:
+        with _threads.launching(m * k) as pick:
+            pick(kernel)(*args)
+    if none:
+        loss = row_loss
+    else:
+        ce = float(chunk_loss[0] if n_chunks == 1 else chunk_loss.sum())  # (as _total)
+        if reduction == "mean":
+            ce = _mean(ce, d, all_ignored)
+        ce += 0.0  # the z-term
+        loss = _scalar(ce, dt)
+    return (loss, g) if grad else loss
 
 
 def _pack(loss, grad, z_term, lse, returns):
@@ -352,6 +457,21 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
     fast path, else copies a block at a time: see fastsce._layout)."""
     last = problem.axis == problem.logits.ndim - 1
     g_rows = grad if grad is None or last else np.moveaxis(grad, problem.axis, -1)
+    rows = problem.rows
+    if (
+        not problem.soft and rows.dtype == problem.compute and rows.flags.c_contiguous
+        and (g_rows is None or (g_rows.dtype == problem.result and g_rows.flags.c_contiguous))
+    ):  # fmt: skip
+        # row_blocks' one block of views, without its generator and this one (~3 us a call)
+        m, k = problem.shape
+        z = rows.reshape(m, k)
+        g = None if g_rows is None else g_rows.reshape(m, k)
+        return ((0, m, z, problem.target, g, g is not None and same_memory(g, z)),)
+    return _copied_blocks(problem, g_rows)
+
+
+def _copied_blocks(problem: Problem, g_rows: np.ndarray | None):
+    """_blocks through row_blocks: one block of views, or copies a block at a time."""
     # half rows go to the kernels as they are, in native byte order (else copied to it)
     z_dtype = native(problem.rows.dtype) if problem.rows.dtype.itemsize == 2 else problem.compute
     inputs = (problem.target,) if problem.soft else ()
@@ -387,6 +507,9 @@ def _total(chunks: list[np.ndarray]) -> float:
     a few us of a small call)."""
     if not chunks:  # a copied layout with no rows has no blocks at all
         return 0.0
+    if len(chunks) == 1 and chunks[0].size == 1:
+        # its sum (~1.5 us): the kernels' chunk sums start from +0.0, so never -0.0
+        return float(chunks[0][0])
     return float((chunks[0] if len(chunks) == 1 else np.concatenate(chunks)).sum())
 
 
@@ -431,12 +554,15 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     # only, so the total is the same for any thread count, with O(N / chunk) memory.
     chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
 
-    row_loss = np.empty(m if none else 0, compute)
-    row_z = np.empty(m if none and want_z else 0, compute)
-    lse = np.empty(m if want_lse else 0, compute)
+    no_rows = _NO_ROWS[compute]  # (shared: never written)
+    row_loss = np.empty(m, compute) if none else no_rows
+    row_z = np.empty(m, compute) if none and want_z else no_rows
+    lse = np.empty(m, compute) if want_lse else no_rows
     chunk_loss, chunk_z = [], []
     class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
-    with _threads.launching(m * k) as pick:  # the pool, or the serial twins (fastsce._threads)
+    # the pool, or the serial twins (fastsce._threads); small calls skip launching()'s generator
+    serial = _threads.runs_serial(m * k)
+    with contextlib.nullcontext(_threads._serial) if serial else _threads.launching(m * k) as pick:
         if class_major is not None:  # no block copies: tiles of 64 rows read in place
             x3, y3, n_chunks = class_major
             chunk_loss.append(np.empty(n_chunks, np.float64))
@@ -483,5 +609,13 @@ def _reduce(problem: Problem, ce, z_term, row_loss, row_z, lse, d, d_z, returns)
     if problem.reduction == "mean":
         ce = _mean(ce, d, problem.all_ignored)
         z_term = _mean(z_term, d_z, problem.all_ignored) if problem.z_loss else 0.0
-    with np.errstate(over="ignore"):  # a float32 loss beyond 3.4e38 is inf, quietly
-        return result.type(ce + z_term), result.type(z_term), lse
+    return _scalar(ce + z_term, result), _scalar(z_term, result), lse
+
+
+def _scalar(x: float, dtype: np.dtype):
+    """x as a NumPy scalar of dtype; beyond the dtype's range it is inf, quietly (np.errstate
+    only when float32 or a half dtype may overflow: it costs ~2 us)."""
+    if dtype == _F64 or (dtype == _F32 and abs(x) <= _F32_MAX):
+        return dtype.type(x)
+    with np.errstate(over="ignore"):
+        return dtype.type(x)
