@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import zlib
 
 import pytest
@@ -45,31 +46,55 @@ def pytest_collection_modifyitems(config, items):
                 if zlib.crc32(item.nodeid.encode()) % FULL_KEEP:
                     item.add_marker(pytest.mark.full)
     for item in items:
-        if item.get_closest_marker("slow"):
+        if item.get_closest_marker("slow") or item.get_closest_marker("half") or _names_a_half_dtype(item):
             item.add_marker(pytest.mark.full)
+
+
+# Logits of a half dtype compile every kernel path once more per dtype (about as long as
+# float32's paths): the default run leaves their cases to the full run. A case is one when
+# a parameter of its id names float16 / bfloat16, or its test is marked "half".
+HALF_DTYPES = {"f16", "bf16", "float16", "bfloat16"}
+
+
+def _names_a_half_dtype(item) -> bool:
+    params = item.nodeid.partition("[")[2]
+    return not HALF_DTYPES.isdisjoint(re.split(r"[^A-Za-z0-9]+", params))
 
 
 # A run of many tests compiles most kernel paths; Numba compiles one at a time in a
 # process, so they are compiled first in worker processes on every core (fastsce.warmup;
-# a few seconds when the cache is already warm). FASTSCE_TEST_WARMUP=0 skips it.
+# a few seconds when the cache is already warm), before the tests start: by the only
+# process under plain pytest, by pytest-xdist's controller when the tests run in workers.
+# The default run compiles the float32 and float64 paths, the full run (-m "") the half
+# dtypes' too. FASTSCE_TEST_WARMUP=0 skips it.
 WARMUP_FROM_ITEMS = 300
 
 
-def pytest_collection_finish(session):
-    if (
-        session.config.option.collectonly
-        or len(session.items) < WARMUP_FROM_ITEMS
-        or os.environ.get("FASTSCE_TEST_WARMUP", "1") == "0"
-    ):
+def _warm_up(config, n_items: int) -> None:
+    if config.option.collectonly or n_items < WARMUP_FROM_ITEMS or os.environ.get("FASTSCE_TEST_WARMUP", "1") == "0":
         return
     import importlib.util
 
     import fastsce
-    from fastsce._warmup import PATHS
 
-    half = ["float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") is not None else [])
-    full_paths = list(PATHS)
-    capture = session.config.pluginmanager.getplugin("capturemanager")
+    dtypes = ["float32", "float64"]
+    if "not full" not in (config.option.markexpr or ""):  # the half dtypes' cases run too
+        dtypes += ["float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") is not None else [])
+    capture = config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():  # the progress lines show while it compiles
-        fastsce.warmup(["float32", "float64"])
-        fastsce.warmup(half, full_paths)
+        fastsce.warmup(dtypes)
+
+
+def pytest_collection_finish(session):
+    if not hasattr(session.config, "workerinput"):  # (a pytest-xdist worker: its controller warms up)
+        _warm_up(session.config, len(session.items))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """pytest-xdist's controller, once the first worker has collected (the tests start
+    when all have)."""
+    config = node.config
+    if not getattr(config, "_fastsce_warmed_up", False):
+        config._fastsce_warmed_up = True
+        _warm_up(config, len(ids))

@@ -389,6 +389,7 @@ def test_logits_of_either_byte_order_give_the_same_results(impl, dtype, case):
     assert_close(in_place.astype(z.dtype), want_grad)
 
 
+@pytest.mark.half
 @pytest.mark.parametrize("impl", IMPLS)
 def test_big_endian_bfloat16_loss_of_the_issue(impl):
     z = np.array([[1, 2, 3]], np.dtype(ml_dtypes.bfloat16).newbyteorder(">"))

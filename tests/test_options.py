@@ -385,6 +385,7 @@ def test_half_confident_row_keeps_the_target_gradient(half):
     np.testing.assert_allclose(float(grad[0, 0]), exact, rtol=reference.TOLERANCE[dtype]["rtol"])
 
 
+@pytest.mark.half
 def test_half_logits_in_place():
     rng, x32, target = make(64, 33, np.float32, False, ("half-in-place",))
     x = x32.astype(np.float16)
