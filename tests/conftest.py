@@ -46,27 +46,31 @@ def pytest_collection_modifyitems(config, items):
                 if zlib.crc32(item.nodeid.encode()) % FULL_KEEP:
                     item.add_marker(pytest.mark.full)
     for item in items:
-        if item.get_closest_marker("slow") or item.get_closest_marker("half") or _names_a_half_dtype(item):
+        if item.get_closest_marker("slow") or _names_another_dtype(item):
             item.add_marker(pytest.mark.full)
 
 
-# Logits of a half dtype compile every kernel path once more per dtype (about as long as
-# float32's paths): the default run leaves their cases to the full run. A case is one when
-# a parameter of its id names float16 / bfloat16, or its test is marked "half".
-HALF_DTYPES = {"f16", "bf16", "float16", "bfloat16"}
+# Each logits dtype compiles every kernel path of its own (1-2 min of CPU per dtype): the
+# default run tests the float32 kernels, and leaves the cases of float64, float16 and
+# bfloat16 logits to the full run. A case is one when its test's name or a parameter of
+# its id names such a dtype, or its test is marked "half" or "f64".
+OTHER_DTYPES = {"f64", "float64", "f16", "bf16", "float16", "bfloat16"}
 
 
-def _names_a_half_dtype(item) -> bool:
-    params = item.nodeid.partition("[")[2]
-    return not HALF_DTYPES.isdisjoint(re.split(r"[^A-Za-z0-9]+", params))
+def _names_another_dtype(item) -> bool:
+    return (
+        item.get_closest_marker("half") is not None
+        or item.get_closest_marker("f64") is not None
+        or not OTHER_DTYPES.isdisjoint(re.split(r"[^A-Za-z0-9]+", item.nodeid.partition("::")[2]))
+    )
 
 
 # A run of many tests compiles most kernel paths; Numba compiles one at a time in a
 # process, so they are compiled first in worker processes on every core (fastsce.warmup;
 # a few seconds when the cache is already warm), before the tests start: by the only
 # process under plain pytest, by pytest-xdist's controller when the tests run in workers.
-# The default run compiles the float32 and float64 paths, the full run (-m "") the half
-# dtypes' too. FASTSCE_TEST_WARMUP=0 skips it.
+# The default run compiles the float32 paths, the full run (-m "") every dtype's.
+# FASTSCE_TEST_WARMUP=0 skips it.
 WARMUP_FROM_ITEMS = 300
 
 
@@ -77,9 +81,9 @@ def _warm_up(config, n_items: int) -> None:
 
     import fastsce
 
-    dtypes = ["float32", "float64"]
-    if "not full" not in (config.option.markexpr or ""):  # the half dtypes' cases run too
-        dtypes += ["float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") is not None else [])
+    dtypes = ["float32"]
+    if "not full" not in (config.option.markexpr or ""):  # the other dtypes' cases run too
+        dtypes += ["float64", "float16"] + (["bfloat16"] if importlib.util.find_spec("ml_dtypes") is not None else [])
     capture = config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():  # the progress lines show while it compiles
         fastsce.warmup(dtypes)

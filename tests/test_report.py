@@ -389,6 +389,7 @@ def test_status_line_says_what_compiles_and_how_long_it_took(monkeypatch, capsys
 # --- --sweep-k, the plot, --help ---------------------------------------------------------------
 
 
+@pytest.mark.full  # 17 shapes timed (the quick report's tests cover the timing itself)
 def test_sweep_k_table_and_default_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # where the plot goes by default
     js, md = tmp_path / "s.json", tmp_path / "s.md"

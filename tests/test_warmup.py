@@ -30,6 +30,7 @@ def _env(cache):
     return {**os.environ, "NUMBA_CACHE_DIR": str(cache), "PYTHONPATH": ROOT}
 
 
+@pytest.mark.full  # compiles two float64 paths into an empty cache
 def test_warmup_compiles_in_workers_and_later_processes_compile_nothing(tmp_path):
     cmd = [sys.executable, "-m", "fastsce", "warmup", "--dtype", "float64", "--path", "large-K loss"]
     cmd += ["--path", "logsumexp", "--processes", "2"]
