@@ -419,7 +419,7 @@ def _split_tile(setup: _Setup, span, buf, cw, cw_sum, scale, scale_z, want, g_in
                 _logits(ht, w[c0:c1], None if b is None else b[c0:c1], z)
             with _threads.launching(z.size) as pick:
                 pick(shard_kernels.hard_grad)(
-                    z, y, c0, cw[c0:c1], m, pp, q, r, live, a, cap, transformed, chunk, z,
+                    z, y, c0, cw[c0:c1], m, pp, q, r, live, a, cap, transformed, chunk, z, True,
                 )  # fmt: skip
             _backward(z, ht, w, want, g_in, g_w, g_b, r0, r1, c0, c1, i == 0)
     dtype = p.compute

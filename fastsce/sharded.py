@@ -323,7 +323,7 @@ def finish_grad(
         else:
             pick(shard_kernels.hard_grad)(
                 shard.x, shard.target, shard.offset, shard.w, stats.m, p, q, r, rows.counted,
-                scale, cap, transformed, chunk_rows, g,
+                scale, cap, transformed, chunk_rows, g, same_memory(g, shard.x),
             )  # fmt: skip
     return g
 
