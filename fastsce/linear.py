@@ -8,7 +8,10 @@ through :func:`fastsce.cross_entropy`, computed a tile of rows at a time: a BLAS
 product makes the tile's logits, the fused row kernels of :mod:`fastsce.api` turn them
 into loss and gradient in place, and two more products take the tile's gradient G back
 to ``grad_input`` (G W) and add it into ``grad_linear_weight`` (Gᵀ h). The extra memory
-is the tile (``chunk_rows`` x V, 48 MiB by default, whatever N) plus O(N + V) vectors.
+is the tile (48 MiB by default, whatever N and V) plus O(N + V) vectors. When too few
+whole rows fit the tile, it holds many rows and a block of classes (``chunk_classes``):
+the rows' statistics are folded block by block with fastsce.sharded's kernels, then
+each block's logits are made again for its gradient (_split_tile).
 """
 
 from __future__ import annotations
@@ -34,17 +37,21 @@ from fastsce._validate import (
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
-# The default tile of logits: chunk_rows = TILE_BYTES // (V * itemsize), at least one
-# row. The tile is the only (rows, V) buffer, so the extra memory stays under 64 MiB
-# whatever N (one row longer than this still makes a tile: V > 12M float32 classes).
-# As large as that allows: the product G W of a tile (rows x V by V x H) runs well below
-# BLAS's peak for a few hundred rows (2 threads, loaded machine: 256 rows 3x the time per
-# row of 1024; the other two products are flat), so fewer, larger tiles are faster.
+# The default tile of logits (see _tile): the only (rows, classes) buffer, so the extra
+# memory stays under 64 MiB whatever N and V. As large as that allows: the product G W
+# of a tile (rows x V by V x H) runs well below BLAS's peak for a few hundred rows (2
+# threads, loaded machine: 256 rows 3x the time per row of 1024; the other two products
+# are flat), so fewer, larger tiles are faster.
 TILE_BYTES = 48 << 20
 
 # Fewer rows than this per tile (and than N) and the classes are split too: tiles of
 # MIN_TILE_ROWS rows by a block of classes (see _split_tile), at the cost of making
-# each block's logits twice when gradients are wanted.
+# each block's logits twice when gradients are wanted: (B - 1) / B of a fourth product
+# with B blocks. Worth it with 2 BLAS threads on a busy machine, where OpenBLAS runs
+# the product G W of a few hundred rows several times slower per row (N = 2048,
+# H = 1024, V = 32000, the three products in the tiles' pattern against on all rows:
+# whole rows of 393 (48 MiB) 1.75x, 256 2.7x; 1024 rows x 3 blocks 1.25x). With one
+# thread the small tiles cost little (393 rows 1.03x, 160 rows 1.23x; split 1.17x).
 MIN_TILE_ROWS = 1024
 
 # grad_linear_weight is accumulated in its own dtype (float32 for float32): every tile's
@@ -103,8 +110,15 @@ def linear_cross_entropy(
         (Probabilities are not taken: an (N, V) target is the array this avoids.)
     linear_bias : (V,) array of the input's dtype, optional
     chunk_rows : int >= 1, optional
-        Rows per tile: the extra memory is chunk_rows x V logits. Default: as many as
-        fit in ``TILE_BYTES`` (48 MiB), at least one.
+        Rows per tile: the extra memory is chunk_rows x chunk_classes logits. Default:
+        as many whole rows as fit in ``TILE_BYTES`` (48 MiB) when that is at least
+        min(N, ``MIN_TILE_ROWS``) (1024), else MIN_TILE_ROWS; with chunk_classes
+        given, as many as fit in TILE_BYTES.
+    chunk_classes : int >= 1, optional
+        Classes per tile (a block of each row): the rows' statistics are gathered over
+        the blocks, then each block's logits are made again for the gradient. Default:
+        all V when chunk_rows is given or whole rows fit as above, else equal blocks
+        within TILE_BYTES.
 
     The other arguments are those of :func:`fastsce.cross_entropy` (class indices, the
     classes on the last axis) with the same meaning, and ``denominator`` that of
