@@ -383,7 +383,7 @@ def _split_tile(setup: _Setup, span, buf, cw, cw_sum, scale, scale_z, want, g_in
     it into the gradients as a whole-row tile does. Returns _fused's sums for the tile."""
     p, h, w, b = setup.problem, setup.h, setup.w, setup.b
     r0, r1 = span
-    n, classes = p.shape
+    classes = p.shape[1]
     rows, cols = r1 - r0, setup.tile[1]
     ht, y = h[r0:r1], p.target[r0:r1]
     eps, zl = p.label_smoothing, p.z_loss

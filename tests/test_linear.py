@@ -121,7 +121,7 @@ def test_class_split_matches_reference(name, split, dtype, bias):
     if "ignore_index" in kwargs:
         y[y == -100] = kwargs["ignore_index"]
     snap = snapshot(x, w, y, *kwargs.values())
-    tile = dict(chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+    tile = {"chunk_rows": chunk_rows, "chunk_classes": chunk_classes}
     got = fastsce.linear_cross_entropy_with_grad(x, w, y, **tile, **kwargs)
     compare(got, reference.linear_cross_entropy_with_grad(x, w, y, **kwargs), dtype)
     loss_only = fastsce.linear_cross_entropy(x, w, y, **tile, **kwargs)
@@ -169,7 +169,7 @@ def test_default_split_of_a_wide_vocabulary(monkeypatch):
     of 2 KiB: tiles of 16 rows x 32 classes) and matches the reference."""
     monkeypatch.setattr(linear, "TILE_BYTES", 2048)
     monkeypatch.setattr(linear, "MIN_TILE_ROWS", 16)
-    x, w, y, kwargs, rng = make(50, H, V_WIDE, np.float32, bias=True)
+    x, w, y, kwargs, _ = make(50, H, V_WIDE, np.float32, bias=True)
     kwargs.update(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, return_lse=True)
     assert linear._linear_setup(x, w, y, kwargs).tile == (16, 32)
     got = fastsce.linear_cross_entropy_with_grad(x, w, y, **kwargs)
