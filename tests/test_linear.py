@@ -228,13 +228,16 @@ def test_layouts_of_input_and_weight():
 def test_same_results_for_any_thread_count():
     x, w, y, kwargs, rng = make(64, H, V_WIDE, np.float32, bias=True)
     kwargs.update(label_smoothing=0.1, sample_weight=rng.random(64))
+    # class-split tiles of 512 x 200 logits: beyond SERIAL_LOGITS, so the threaded kernels
+    xs, ws, ys, split_kwargs, rng = make(512, H, V_WIDE, np.float32, bias=True)
+    split_kwargs.update(label_smoothing=0.1, z_loss=1e-3, sample_weight=rng.random(512))
     before = numba.get_num_threads()
     try:
         runs = []
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
             runs.append(fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=16, **kwargs))
-            runs.append(fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=16, chunk_classes=64, **kwargs))
+            runs.append(fastsce.linear_cross_entropy_with_grad(xs, ws, ys, chunk_classes=200, **split_kwargs))
     finally:
         numba.set_num_threads(before)
     for a, b in zip(runs[0], runs[-2]):
