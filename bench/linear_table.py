@@ -3,6 +3,9 @@ in its own process, the variants interleaved (round after round), as in README's
 
     python bench/linear_table.py 4096 1024 32000 [--rounds 2] [--variants a,b,...]
 
+A fastsce variant takes its tile after an @: "fastsce.linear@1024" (chunk_rows=1024, whole
+rows), "fastsce.linear@1024x16000" (and chunk_classes=16000), "fastsce.linear (loss)@1024".
+
 Per run: float32 input (N, H), weight (V, H), integer labels, "mean", loss + gradients
 with respect to the input and the weight (or the loss only, for the "loss" variants).
 Time: the median of ``--rounds`` runs (one per process, after a warm-up at a small
@@ -73,6 +76,10 @@ CHILD = textwrap.dedent(
     else:
         import fastsce
 
+        variant, _, at = variant.partition("@")
+        rows, _, cols = at.partition("x")
+        tile = dict(chunk_rows=int(rows) if rows else None, chunk_classes=int(cols) if cols else None)
+
         def run(h, w, y):
             if variant == "matmuls":
                 z = np.matmul(h, w.T)
@@ -85,11 +92,18 @@ CHILD = textwrap.dedent(
                 loss, g = fastsce.cross_entropy_with_grad(z, y, out=z)
                 return float(loss), np.matmul(g, w), np.matmul(g.T, h)
             if variant == "fastsce.linear (loss)":
-                return float(fastsce.linear_cross_entropy(h, w, y)), None, None
-            loss, gh, gw, _ = fastsce.linear_cross_entropy_with_grad(h, w, y)
+                return float(fastsce.linear_cross_entropy(h, w, y, **tile)), None, None
+            loss, gh, gw, _ = fastsce.linear_cross_entropy_with_grad(h, w, y, **tile)
             return float(loss), gh, gw
 
     run(*inputs(64, 32, 1000))  # compile / warm up
+    if not variant.startswith("torch") and variant not in ("matmuls", "matmul (loss)"):
+        # the class-split kernels too, threaded (as a wide vocabulary's default tile uses them)
+        h0, w0, y0 = inputs(1024, 8, 1000)
+        if "loss" in variant:
+            fastsce.linear_cross_entropy(h0, w0, y0, chunk_classes=300)
+        else:
+            fastsce.linear_cross_entropy_with_grad(h0, w0, y0, chunk_classes=300)
     h, w, y = inputs(n, h_dim, v)
     before = rss()
     with open("/proc/self/clear_refs", "w") as f:
@@ -112,6 +126,9 @@ def main(argv=None):
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
+    unknown = [name for name in variants if name.partition("@")[0] not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)} (fastsce ones with @rows[xclasses])")
     results = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name in variants:
@@ -128,7 +145,7 @@ def main(argv=None):
     print(f"N={args.n} H={args.h} V={args.v} float32, {args.rounds} interleaved rounds, each run its own process")
     base = statistics.median(r["seconds"] for r in results["matmuls"]) if results.get("matmuls") else None
     base_loss = statistics.median(r["seconds"] for r in results["matmul (loss)"]) if results.get("matmul (loss)") else None
-    print(f"{'variant':<24} {'time s':>8} {'x products':>11} {'peak MB':>8}")
+    print(f"{'variant':<32} {'time s':>8} {'x products':>11} {'peak MB':>8}")
     for name, rs in results.items():
         if not rs:
             continue
@@ -136,7 +153,7 @@ def main(argv=None):
         peak = max(r["peak_bytes"] for r in rs) / 1e6
         ref = base_loss if "loss" in name else base
         ratio = f"{t / ref:.2f}" if ref else "-"
-        print(f"{name:<24} {t:8.2f} {ratio:>11} {peak:8.0f}")
+        print(f"{name:<32} {t:8.2f} {ratio:>11} {peak:8.0f}")
     if losses:
         spread = max(losses) - min(losses)
         print(f"losses agree to {spread:.2e} (max - min over the runs that compute one)")

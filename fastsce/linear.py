@@ -8,7 +8,10 @@ through :func:`fastsce.cross_entropy`, computed a tile of rows at a time: a BLAS
 product makes the tile's logits, the fused row kernels of :mod:`fastsce.api` turn them
 into loss and gradient in place, and two more products take the tile's gradient G back
 to ``grad_input`` (G W) and add it into ``grad_linear_weight`` (Gᵀ h). The extra memory
-is the tile (``chunk_rows`` x V, 48 MiB by default, whatever N) plus O(N + V) vectors.
+is the tile (48 MiB by default, whatever N and V) plus O(N + V) vectors. When too few
+whole rows fit the tile, it holds many rows and a block of classes (``chunk_classes``):
+the rows' statistics are folded block by block with fastsce.sharded's kernels, then
+each block's logits are made again for its gradient (_split_tile).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fastsce import api
+from fastsce import _threads, api, sharded
+from fastsce._kernels import shards as shard_kernels
 from fastsce._typing import ArrayLike, Loss
 from fastsce._validate import (
     FLOAT_DTYPES,
@@ -33,13 +37,22 @@ from fastsce._validate import (
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
-# The default tile of logits: chunk_rows = TILE_BYTES // (V * itemsize), at least one
-# row. The tile is the only (rows, V) buffer, so the extra memory stays under 64 MiB
-# whatever N (one row longer than this still makes a tile: V > 12M float32 classes).
-# As large as that allows: the product G W of a tile (rows x V by V x H) runs well below
-# BLAS's peak for a few hundred rows (2 threads, loaded machine: 256 rows 3x the time per
-# row of 1024; the other two products are flat), so fewer, larger tiles are faster.
+# The default tile of logits (see _tile): the only (rows, classes) buffer, so the extra
+# memory stays under 64 MiB whatever N and V. As large as that allows: the product G W
+# of a tile (rows x V by V x H) runs well below BLAS's peak for a few hundred rows (2
+# threads, loaded machine: 256 rows 3x the time per row of 1024; the other two products
+# are flat), so fewer, larger tiles are faster.
 TILE_BYTES = 48 << 20
+
+# Fewer rows than this per tile (and than N) and the classes are split too: tiles of
+# MIN_TILE_ROWS rows by a block of classes (see _split_tile), at the cost of making
+# each block's logits twice when gradients are wanted: (B - 1) / B of a fourth product
+# with B blocks. Worth it with 2 BLAS threads on a busy machine, where OpenBLAS runs
+# the product G W of a few hundred rows several times slower per row (N = 2048,
+# H = 1024, V = 32000, the three products in the tiles' pattern against on all rows:
+# whole rows of 393 (48 MiB) 1.75x, 256 2.7x; 1024 rows x 3 blocks 1.25x). With one
+# thread the small tiles cost little (393 rows 1.03x, 160 rows 1.23x; split 1.17x).
+MIN_TILE_ROWS = 1024
 
 # grad_linear_weight is accumulated in its own dtype (float32 for float32): every tile's
 # Gᵀ h is added in place by BLAS (gemm with beta = 1), so no (V, H) temporary is made.
@@ -59,7 +72,7 @@ class _Setup:
     problem: Problem  # the cross-entropy of the (N, V) logits, seen only through their shape
     returns: tuple[bool, bool]
     denominator: tuple[float, float] | None
-    chunk_rows: int
+    tile: tuple[int, int]  # (rows, classes) of a tile of logits
     input_shape: tuple[int, ...]
 
 
@@ -83,6 +96,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     denominator: float | tuple[float, float] | None = None,
     chunk_rows: int | None = None,
+    chunk_classes: int | None = None,
 ) -> Loss | tuple[Any, ...]:
     """Cross-entropy of logits = input @ linear_weightᵀ + linear_bias, without them.
 
@@ -96,8 +110,15 @@ def linear_cross_entropy(
         (Probabilities are not taken: an (N, V) target is the array this avoids.)
     linear_bias : (V,) array of the input's dtype, optional
     chunk_rows : int >= 1, optional
-        Rows per tile: the extra memory is chunk_rows x V logits. Default: as many as
-        fit in ``TILE_BYTES`` (48 MiB), at least one.
+        Rows per tile: the extra memory is chunk_rows x chunk_classes logits. Default:
+        as many whole rows as fit in ``TILE_BYTES`` (48 MiB) when that is at least
+        min(N, ``MIN_TILE_ROWS``) (1024), else MIN_TILE_ROWS; with chunk_classes
+        given, as many as fit in TILE_BYTES.
+    chunk_classes : int >= 1, optional
+        Classes per tile (a block of each row): the rows' statistics are gathered over
+        the blocks, then each block's logits are made again for the gradient. Default:
+        all V when chunk_rows is given or whole rows fit as above, else equal blocks
+        within TILE_BYTES.
 
     The other arguments are those of :func:`fastsce.cross_entropy` (class indices, the
     classes on the last axis) with the same meaning, and ``denominator`` that of
@@ -110,6 +131,7 @@ def linear_cross_entropy(
     setup = _check(
         input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
         logit_scale, softcap, sample_weight, where, all_ignored, return_z_loss, return_lse, denominator, chunk_rows,
+        chunk_classes,
     )  # fmt: skip
     loss, grads, z_term, lse = _solve(setup, (False, False, False))
     extra = [x for x, wanted in zip((z_term, lse), setup.returns) if wanted]
@@ -136,6 +158,7 @@ def linear_cross_entropy_with_grad(
     return_lse: bool = False,
     denominator: float | tuple[float, float] | None = None,
     chunk_rows: int | None = None,
+    chunk_classes: int | None = None,
 ) -> tuple[Any, ...]:
     """Loss and its gradients with respect to input, linear_weight and linear_bias.
 
@@ -151,6 +174,7 @@ def linear_cross_entropy_with_grad(
     setup = _check(
         input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
         logit_scale, softcap, sample_weight, where, all_ignored, return_z_loss, return_lse, denominator, chunk_rows,
+        chunk_classes,
     )  # fmt: skip
     loss, grads, z_term, lse = _solve(setup, (True, True, setup.b is not None))
     extra = [x for x, wanted in zip((z_term, lse), setup.returns) if wanted]
@@ -160,6 +184,7 @@ def linear_cross_entropy_with_grad(
 def _check(
     input, linear_weight, target, linear_bias, weight, ignore_index, reduction, label_smoothing, z_loss,
     logit_scale, softcap, sample_weight, where, all_ignored, return_z_loss, return_lse, denominator, chunk_rows,
+    chunk_classes,
 ) -> _Setup:  # fmt: skip
     """Everything checked before any product: shapes and dtypes here (in the linear
     layer's terms), the cross-entropy's options by fastsce._validate on a stand-in for
@@ -214,13 +239,32 @@ def _check(
     )  # fmt: skip
     returns = check_returns(return_z_loss, return_lse)
     denominator = check_denominator(denominator, reduction)
-    if chunk_rows is None:
-        chunk_rows = max(1, TILE_BYTES // (classes * h.dtype.itemsize))
-    elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral) or chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be an integer >= 1 (rows per tile) or None; got {chunk_rows!r}")
+    for name, value, unit in (("chunk_rows", chunk_rows, "rows"), ("chunk_classes", chunk_classes, "classes")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1 ({unit} per tile) or None; got {value!r}")
     rows = math.prod(lead)
+    tile = _tile(rows, classes, h.dtype.itemsize, chunk_rows, chunk_classes)
     h2 = np.ascontiguousarray(h.reshape(rows, hidden))  # a copy only if input is not C-contiguous
-    return _Setup(h2, w, b, problem, returns, denominator, int(chunk_rows), h.shape)
+    return _Setup(h2, w, b, problem, returns, denominator, tile, h.shape)
+
+
+def _tile(n: int, classes: int, itemsize: int, chunk_rows, chunk_classes) -> tuple[int, int]:
+    """(rows, classes) of a tile: as given, else within TILE_BYTES, whole rows when
+    at least min(N, MIN_TILE_ROWS) of them fit, else MIN_TILE_ROWS rows and blocks of
+    classes of equal size (rounded up to 16 where that still fits)."""
+    if chunk_rows is not None:
+        return int(chunk_rows), min(classes, int(chunk_classes or classes))
+    if chunk_classes is not None:
+        cols = min(classes, int(chunk_classes))
+        return max(1, TILE_BYTES // (cols * itemsize)), cols
+    whole = TILE_BYTES // (classes * itemsize)
+    rows = max(1, min(n, MIN_TILE_ROWS))
+    if whole >= rows:
+        return whole, classes
+    most = max(1, TILE_BYTES // (rows * itemsize))
+    blocks = -(-classes // most)
+    cols = -(-classes // blocks)
+    return rows, min(most, -(-cols // 16) * 16) if cols > 16 else cols
 
 
 def _linear_setup(input, linear_weight, target, kwargs: dict) -> _Setup:
@@ -230,7 +274,7 @@ def _linear_setup(input, linear_weight, target, kwargs: dict) -> _Setup:
         input, linear_weight, target, get("linear_bias"), get("weight"), get("ignore_index", -100),
         get("reduction", "mean"), get("label_smoothing", 0.0), get("z_loss", 0.0), get("logit_scale"),
         get("softcap"), get("sample_weight"), get("where"), get("all_ignored", "nan"), get("return_z_loss", False),
-        get("return_lse", False), get("denominator"), get("chunk_rows"),
+        get("return_lse", False), get("denominator"), get("chunk_rows"), get("chunk_classes"),
     )  # fmt: skip
 
 
@@ -254,7 +298,7 @@ def _same_dtype(name: str, x: np.ndarray, h: np.ndarray) -> None:
 
 def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
     """(loss, (grad_input, grad_linear_weight, grad_linear_bias), z-term, lse), the
-    gradients computed as far as ``want`` says (None otherwise), a tile of rows at a time."""
+    gradients computed as far as ``want`` says (None otherwise), a tile at a time."""
     p, h, w, b = setup.problem, setup.h, setup.w, setup.b
     n, classes = p.shape
     dtype = p.compute  # = the input's
@@ -272,21 +316,28 @@ def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
     g_w = np.zeros(w.shape, dtype) if want[1] else None
     g_b = np.zeros(classes, np.float64) if want[2] else None
     ce = z_sum = 0.0
-    size = max(1, min(setup.chunk_rows, n))
-    tile = np.empty((size, classes), dtype) if n else None
-    wt = w.T
+    size = max(1, min(setup.tile[0], n))
+    cols = setup.tile[1]
+    tile = np.empty(size * cols, dtype) if n else None  # the only (rows, classes) buffer
+    split = cols < classes
     for r0 in range(0, n, size):
         r1 = min(n, r0 + size)
-        t, ht = tile[: r1 - r0], h[r0:r1]
-        np.matmul(ht, wt, out=t)
-        if b is not None:
-            t += b
-        rows = dataclasses.replace(
-            p, logits=t, axis=1, rows=t, target=p.target[r0:r1],
-            row_weight=None if p.row_weight is None else p.row_weight[r0:r1],
-        )  # fmt: skip
-        # The tile's gradient (of the whole batch's loss) replaces its logits in place.
-        c, zs, rl, rz, ls = api._fused(rows, t if want_grad else None, setup.returns, cw, cw_sum, scale, scale_z)
+        ht = h[r0:r1]
+        if split:
+            sums = _split_tile(
+                setup, (r0, r1), tile, cw, cw_sum, scale, scale_z, want, g_in, g_w, g_b,
+            )  # fmt: skip
+            c, zs, rl, rz, ls = sums
+        else:
+            t = tile[: (r1 - r0) * classes].reshape(r1 - r0, classes)
+            _logits(ht, w, b, t)
+            rows = dataclasses.replace(
+                p, logits=t, axis=1, rows=t, target=p.target[r0:r1],
+                row_weight=None if p.row_weight is None else p.row_weight[r0:r1],
+            )  # fmt: skip
+            # The tile's gradient (of the whole batch's loss) replaces its logits in place.
+            c, zs, rl, rz, ls = api._fused(rows, t if want_grad else None, setup.returns, cw, cw_sum, scale, scale_z)
+            _backward(t, ht, w, want, g_in, g_w, g_b, r0, r1, 0, classes, True)
         ce, z_sum = ce + c, z_sum + zs  # float64, tile after tile: the same for any thread count
         if none:
             row_loss[r0:r1] = rl
@@ -294,12 +345,6 @@ def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
                 row_z[r0:r1] = rz
         if want_lse:
             lse[r0:r1] = ls
-        if want[0]:
-            np.matmul(t, w, out=g_in[r0:r1])
-        if want[1]:
-            _add_product(g_w, t, ht)
-        if want[2]:
-            g_b += t.sum(axis=0, dtype=np.float64)
     loss, z_term, lse = api._reduce(p, ce, z_sum, row_loss, row_z, lse, d, d_z, setup.returns)
     grads = (
         None if g_in is None else g_in.reshape(setup.input_shape),
@@ -309,16 +354,129 @@ def _solve(setup: _Setup, want: tuple[bool, bool, bool]):
     return loss, grads, z_term, lse
 
 
+def _logits(ht: np.ndarray, w: np.ndarray, b: np.ndarray | None, t: np.ndarray) -> None:
+    """t = ht wᵀ + b: one tile (or block of classes) of logits, by BLAS."""
+    np.matmul(ht, w.T, out=t)
+    if b is not None:
+        t += b
+
+
+def _backward(g, ht, w, want, g_in, g_w, g_b, r0, r1, c0, c1, first) -> None:
+    """Take the gradient g of rows r0:r1, classes c0:c1 (with w = their rows of the
+    weight) into the gradients wanted: G W into grad_input's rows (added to them unless
+    first), Gᵀ h into grad_linear_weight's rows c0:c1, the column sums into the bias's."""
+    if want[0]:
+        _add_gw(g_in[r0:r1], g, w[c0:c1], first)
+    if want[1]:
+        _add_product(g_w[c0:c1], g, ht)
+    if want[2]:
+        g_b[c0:c1] += g.sum(axis=0, dtype=np.float64)
+
+
+def _split_tile(setup: _Setup, span, buf, cw, cw_sum, scale, scale_z, want, g_in, g_w, g_b):
+    """A tile of rows r0:r1 whose logits do not fit the tile whole, a block of classes
+    at a time (fastsce.sharded's kernels): a first pass makes each block's logits and
+    folds them into per-row statistics (max, sum of exps, target and smoothing terms,
+    merged as fastsce.combine does), from which the rows' losses follow; with gradients,
+    a second pass (blocks in reverse order, the last one's logits still in the buffer)
+    makes each block's logits again, turns them into the gradient in place, and takes
+    it into the gradients as a whole-row tile does. Returns _fused's sums for the tile."""
+    p, h, w, b = setup.problem, setup.h, setup.w, setup.b
+    r0, r1 = span
+    classes = p.shape[1]
+    rows, cols = r1 - r0, setup.tile[1]
+    ht, y = h[r0:r1], p.target[r0:r1]
+    eps, zl = p.label_smoothing, p.z_loss
+    a = 1.0 if p.logit_scale is None else p.logit_scale
+    cap = 0.0 if p.softcap is None else p.softcap
+    transformed = a != 1.0 or cap > 0
+    blocks = [(c0, min(classes, c0 + cols)) for c0 in range(0, classes, cols)]
+    chunk = max(1, sharded._CHUNK_LOGITS // cols)  # rows per prange chunk of the shard kernels
+    held = np.empty(rows, np.int64)  # (every label was checked: held once by its block)
+    total = None
+    w_seen = 0.0
+    for c0, c1 in blocks:
+        z = buf[: rows * (c1 - c0)].reshape(rows, c1 - c0)
+        _logits(ht, w[c0:c1], None if b is None else b[c0:c1], z)
+        part = tuple(np.empty(rows) for _ in range(5))
+        with _threads.launching(z.size) as pick:
+            pick(shard_kernels.hard_stats)(
+                z, y, c0, p.ignore_index, cw[c0:c1], eps, a, cap, transformed, chunk, *part, held,
+            )  # fmt: skip
+        w_block = float(cw[c0:c1].sum(dtype=np.float64))
+        total = part if total is None else sharded.merge_rows(total, w_seen, part, w_block)
+        w_seen += w_block
+    m, s, wy, bb, cc = total
+    v = 1.0 if p.row_weight is None else p.row_weight[r0:r1]
+    live = (y != p.ignore_index) & (np.asarray(v) != 0)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        log_s = np.log(s)
+        lse = np.where(np.isinf(m), m, m + log_s)  # as row_lse
+        ce = wy * log_s - bb  # as fastsce.sharded's finish
+        if eps > 0:
+            ce = (1 - eps) * ce + eps / classes * (cw_sum * log_s - cc)
+        ce = np.where(live, v * ce, 0.0)
+        zt = np.where(live, v * (zl * lse * lse), 0.0) if zl > 0 else np.zeros(rows)
+        if any(want):
+            # g_j = (pp e_j - q w_j [j = y] - r w_j) dz_j/dx_j, e_j = exp(z_j - m): the
+            # row kernels' gradient (scale, z-loss, row weight) in fastsce.sharded's terms
+            coef = scale * ((1 - eps) * wy + eps * cw_sum / classes)
+            if zl > 0:
+                coef = coef + 2 * zl * scale_z * lse
+            pp = v * coef / s
+            q = np.broadcast_to(v * (scale * (1 - eps)), (rows,)).astype(np.float64)
+            r = np.broadcast_to(v * (scale * eps / classes), (rows,)).astype(np.float64)
+    if any(want):
+        for i, (c0, c1) in enumerate(reversed(blocks)):
+            z = buf[: rows * (c1 - c0)].reshape(rows, c1 - c0)
+            if i:  # the last block's logits are still there from the first pass
+                _logits(ht, w[c0:c1], None if b is None else b[c0:c1], z)
+            with _threads.launching(z.size) as pick:
+                pick(shard_kernels.hard_grad)(
+                    z, y, c0, cw[c0:c1], m, pp, q, r, live, a, cap, transformed, chunk, z, True,
+                )  # fmt: skip
+            _backward(z, ht, w, want, g_in, g_w, g_b, r0, r1, c0, c1, i == 0)
+    dtype = p.compute
+    none = p.reduction == "none"
+    row_loss = (ce + zt).astype(dtype) if none else None
+    return float(ce.sum()), float(zt.sum()), row_loss, zt.astype(dtype), lse.astype(dtype)
+
+
+def _add_gw(out: np.ndarray, g: np.ndarray, w: np.ndarray, first: bool) -> None:
+    """out = g w (first), else out += g w: out (rows, H) C-contiguous, g (rows, K) C-contiguous.
+
+    BLAS gemm with beta = 1 on outᵀ (no (rows, H) temporary) where SciPy takes w as it
+    is (C-contiguous), else NumPy's matmul into a temporary, then an add."""
+    if first:
+        np.matmul(g, w, out=out)
+        return
+    gemm = _gemm(out.dtype)
+    if gemm is not None and w.flags.c_contiguous:
+        done = gemm(1.0, w.T, g.T, beta=1.0, c=out.T, overwrite_c=1)
+        if np.shares_memory(done, out):
+            return
+        out[...] = done.T  # pragma: no cover - gemm copied out (it does not for these layouts)
+        return
+    out += g @ w
+
+
+def _gemm(dtype):
+    """SciPy's BLAS gemm of the dtype, or None (no SciPy, or _GEMM off)."""
+    if not _GEMM:
+        return None
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - exercised by monkeypatching _GEMM in the tests
+        return None
+    return blas.sgemm if dtype == np.float32 else blas.dgemm
+
+
 def _add_product(c: np.ndarray, g: np.ndarray, h: np.ndarray) -> None:
     """c += gᵀ h in place: c (V, H) C-contiguous, g (rows, V) and h (rows, H) C-contiguous.
 
     BLAS gemm with beta = 1 on cᵀ (Fortran order): no (V, H) temporary. Without SciPy,
     NumPy's matmul into a block of classes at a time, then an add."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:  # pragma: no cover - exercised by monkeypatching _GEMM in the tests
-        blas = None
-    gemm = None if blas is None or not _GEMM else (blas.sgemm if c.dtype == np.float32 else blas.dgemm)
+    gemm = _gemm(c.dtype)
     if gemm is not None:
         done = gemm(1.0, h.T, g.T, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
         if np.shares_memory(done, c):

@@ -242,6 +242,7 @@ def _linear_logits(input, linear_weight, target, linear_bias, options, want_grad
 
     setup = linear._linear_setup(input, linear_weight, target, dict(options, linear_bias=linear_bias))
     options.pop("chunk_rows", None)  # (checked only)
+    options.pop("chunk_classes", None)
     h = np.asarray(input)
     x = h @ setup.w.T
     if setup.b is not None:

@@ -324,7 +324,7 @@ def finish_grad(
         else:
             pick(shard_kernels.hard_grad)(
                 shard.x, shard.target, shard.offset, shard.w, stats.m, p, q, r, rows.counted,
-                scale, cap, transformed, chunk_rows, g,
+                scale, cap, transformed, chunk_rows, g, same_memory(g, shard.x),
             )  # fmt: skip
     return g
 
@@ -437,20 +437,8 @@ def _combine_two(x: ShardStats, y: ShardStats) -> ShardStats:
             f"cannot combine statistics of different targets: target[{row}] is {int(x.labels[row])} "
             f"in one and {int(y.labels[row])} in the other; give every shard the same class indices"
         )
-    m = np.maximum(x.m, y.m)  # NaN-propagating
-    with np.errstate(invalid="ignore", over="ignore"):
-        # Shift each side from its max to the common one; an equal max (also both -inf) moves by 0.
-        dx = np.where(x.m == m, 0.0, x.m - m)
-        dy = np.where(y.m == m, 0.0, y.m - m)
-        arrays = dict(
-            m=m,
-            s=x.s * np.exp(dx) + y.s * np.exp(dy),
-            a=x.a + y.a,
-            b=(x.b + _times(x.a, dx)) + (y.b + _times(y.a, dy)),
-            c=(x.c + _times(x.weight_sum, dx)) + (y.c + _times(y.weight_sum, dy)),
-            held=None if x.soft else x.held + y.held,
-            labels=x.labels,
-        )
+    merged = merge_rows((x.m, x.s, x.a, x.b, x.c), x.weight_sum, (y.m, y.s, y.a, y.b, y.c), y.weight_sum)
+    arrays = dict(zip("msabc", merged), held=None if x.soft else x.held + y.held, labels=x.labels)
     for arr in arrays.values():
         if arr is not None:
             arr.setflags(write=False)
@@ -461,6 +449,26 @@ def _combine_two(x: ShardStats, y: ShardStats) -> ShardStats:
         shards=tuple(sorted(x.shards + y.shards)),
         **{name: getattr(x, name) for name in _OPTIONS},
     )
+
+
+def merge_rows(x, w_x, y, w_y):
+    """The per-row (m, s, a, b, c) of two disjoint sets of classes, from each one's
+    (float64 arrays) and its summed class weight: shared with fastsce.linear, which
+    folds a tile's blocks of classes one after another."""
+    xm, xs, xa, xb, xc = x
+    ym, ys, ya, yb, yc = y
+    m = np.maximum(xm, ym)  # NaN-propagating
+    with np.errstate(invalid="ignore", over="ignore"):
+        # Shift each side from its max to the common one; an equal max (also both -inf) moves by 0.
+        dx = np.where(xm == m, 0.0, xm - m)
+        dy = np.where(ym == m, 0.0, ym - m)
+        return (
+            m,
+            xs * np.exp(dx) + ys * np.exp(dy),
+            xa + ya,
+            (xb + _times(xa, dx)) + (yb + _times(ya, dy)),
+            (xc + _times(w_x, dx)) + (yc + _times(w_y, dy)),
+        )
 
 
 def _times(w, d):

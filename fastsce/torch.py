@@ -333,7 +333,10 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
 # --- linear_cross_entropy: the loss of a linear head from its input (fastsce.linear) ---------
 # Kept apart from cross_entropy above: its own autograd Function and helpers.
 
-_LINEAR_EXTRAS = ("z_loss", "logit_scale", "softcap", "sample_weight", "where", "all_ignored", "chunk_rows", "denominator")
+_LINEAR_EXTRAS = (
+    "z_loss", "logit_scale", "softcap", "sample_weight", "where", "all_ignored", "chunk_rows", "chunk_classes",
+    "denominator",
+)  # fmt: skip
 
 
 def _linear_supported(input, linear_weight, target, linear_bias, weight) -> bool:
@@ -438,7 +441,7 @@ def linear_cross_entropy(
     ``torch.nn.functional.linear_cross_entropy``. Gradients flow to input, linear_weight
     and linear_bias, those that require grad; under ``torch.no_grad()`` only the loss is
     computed. Also takes fastsce's options as keywords: z_loss, logit_scale, softcap,
-    sample_weight, where, all_ignored, chunk_rows, denominator.
+    sample_weight, where, all_ignored, chunk_rows, chunk_classes, denominator.
     """
     unknown = set(fastsce_options) - set(_LINEAR_EXTRAS)
     if unknown:

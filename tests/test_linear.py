@@ -95,14 +95,107 @@ def test_matches_reference(name, dtype, bias, chunk_rows):
     assert got[3] is None if not bias else got[3].shape == (V,)
 
 
+# (chunk_rows, chunk_classes) that split the V = 40 classes: uneven blocks, a block of
+# one class, a block per class, the rows in one tile or several
+SPLITS = ((None, 7), (4, 16), (1, 39), (23, 1))
+
+
+# every option set with the first two, a subset with the extreme blocks
+SPLIT_CASES = [
+    pytest.param(name, split, id=f"{name}-{split[0]}x{split[1]}")
+    for split in SPLITS
+    for name in OPTION_SETS
+    if split[1] not in (1, 39) or name in ("plain", "everything", "everything-none", "weight")
+]
+
+
+@pytest.mark.parametrize("bias", (False, True), ids=("no-bias", "bias"))
+@pytest.mark.parametrize("dtype", (np.float64, np.float32), ids=("f64", "f32"))
+@pytest.mark.parametrize("name, split", SPLIT_CASES)
+def test_class_split_matches_reference(name, split, dtype, bias):
+    """Tiles of a block of classes (chunk_classes < V): the per-row statistics folded
+    block by block, then the gradient block by block, as the whole-row tiles."""
+    chunk_rows, chunk_classes = split
+    x, w, y, kwargs, rng = make(dtype=dtype, bias=bias)
+    kwargs.update(options(name, rng, N, V))
+    if "ignore_index" in kwargs:
+        y[y == -100] = kwargs["ignore_index"]
+    snap = snapshot(x, w, y, *kwargs.values())
+    tile = {"chunk_rows": chunk_rows, "chunk_classes": chunk_classes}
+    got = fastsce.linear_cross_entropy_with_grad(x, w, y, **tile, **kwargs)
+    compare(got, reference.linear_cross_entropy_with_grad(x, w, y, **kwargs), dtype)
+    loss_only = fastsce.linear_cross_entropy(x, w, y, **tile, **kwargs)
+    want_loss = reference.linear_cross_entropy(x, w, y, **kwargs)
+    extras = kwargs.get("return_z_loss", False) or kwargs.get("return_lse", False)
+    compare(loss_only if extras else (loss_only,), want_loss if extras else (want_loss,), dtype, grads=())
+    assert_unchanged(snap)
+
+
+def test_extreme_logits_with_split_classes():
+    """-inf logits (a masked class through the bias), a block of -inf only, huge logits
+    and a row whose max lies in a late block: the folded statistics as the reference."""
+    x, w, y, kwargs, _ = make(bias=True, ignore=False)
+    b = kwargs["linear_bias"]
+    b[:8] = -np.inf  # the first block (chunk_classes=8) all -inf
+    b[20] = -np.inf
+    y[(y < 8) | (y == 20)] = 30
+    b[35:] += 400.0  # the rows' max in the last block
+    for options_ in ({}, {"label_smoothing": 0.1, "weight": np.linspace(1, 2, V)}, {"z_loss": 1e-3}):
+        got = fastsce.linear_cross_entropy_with_grad(x, w, y, linear_bias=b, chunk_rows=5, chunk_classes=8, **options_)
+        want = reference.linear_cross_entropy_with_grad(x, w, y, linear_bias=b, **options_)
+        compare(got, want, np.float64)
+
+
+def test_default_tile():
+    """Whole rows when min(N, MIN_TILE_ROWS) of them fit in TILE_BYTES, else
+    MIN_TILE_ROWS rows by equal blocks of classes; chunk_rows alone keeps whole rows."""
+    budget, most = linear.TILE_BYTES, linear.MIN_TILE_ROWS
+    assert linear._tile(4096, 1000, 4, None, None) == (budget // 4000, 1000)
+    assert linear._tile(10, 10**6, 4, None, None) == (budget // (4 * 10**6), 10**6)  # 12 rows fit: 10 asked
+    for n, v, itemsize in ((4096, 32000, 4), (2048, 128256, 4), (5000, 10**6, 8), (300, 10**6, 4)):
+        rows, cols = linear._tile(n, v, itemsize, None, None)
+        assert rows == min(n, most) and cols < v and rows * cols * itemsize <= budget, (n, v)
+        blocks = -(-v // cols)
+        assert blocks == -(-v // (budget // (rows * itemsize)))  # as few blocks as fit
+        assert v - (blocks - 1) * cols >= cols - 16 * blocks  # of (nearly) equal size
+    assert linear._tile(4096, 32000, 4, 100, None) == (100, 32000)
+    assert linear._tile(4096, 32000, 4, 100, 5000) == (100, 5000)
+    assert linear._tile(4096, 32000, 4, None, 4000) == (budget // 16000, 4000)
+    assert linear._tile(4096, 32000, 4, None, 10**6) == (budget // 128000, 32000)
+
+
+def test_default_split_of_a_wide_vocabulary(monkeypatch):
+    """V wider than a tile of rows: the default splits the classes (here with a budget
+    of 2 KiB: tiles of 16 rows x 32 classes) and matches the reference."""
+    monkeypatch.setattr(linear, "TILE_BYTES", 2048)
+    monkeypatch.setattr(linear, "MIN_TILE_ROWS", 16)
+    x, w, y, kwargs, _ = make(50, H, V_WIDE, np.float32, bias=True)
+    kwargs.update(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, return_lse=True)
+    assert linear._linear_setup(x, w, y, kwargs).tile == (16, 32)
+    got = fastsce.linear_cross_entropy_with_grad(x, w, y, **kwargs)
+    compare(got, reference.linear_cross_entropy_with_grad(x, w, y, **kwargs), np.float32)
+
+
+def test_vocabulary_of_a_million():
+    """V = 10^6 (4 MB a float32 row): the default tile splits the classes."""
+    rng = np.random.default_rng(5)
+    v, n = 10**6, 20
+    x = rng.standard_normal((n, 4), dtype=np.float32)
+    w = rng.standard_normal((v, 4), dtype=np.float32)
+    y = rng.integers(0, v, n)
+    assert linear._linear_setup(x, w, y, {}).tile[1] < v
+    got = fastsce.linear_cross_entropy_with_grad(x, w, y, label_smoothing=0.1)
+    compare(got, reference.linear_cross_entropy_with_grad(x, w, y, label_smoothing=0.1), np.float32)
+
+
 @pytest.mark.parametrize("dtype", (np.float64, np.float32), ids=("f64", "f32"))
 def test_wide_rows_and_nd_input(dtype):
     """V beyond the small-K kernels, input (2, 3, 5, H) with a target (2, 3, 5)."""
     x, w, y, kwargs, rng = make(30, H, V_WIDE, dtype, bias=True)
     x, y = x.reshape(2, 3, 5, H), y.reshape(2, 3, 5)
     kwargs.update(label_smoothing=0.1, z_loss=1e-3, return_lse=True)
-    for chunk_rows in (1, 7, None):
-        got = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=chunk_rows, **kwargs)
+    for chunk_rows, chunk_classes in ((1, None), (7, None), (None, None), (7, 64), (None, 100)):
+        got = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=chunk_rows, chunk_classes=chunk_classes, **kwargs)
         compare(got, reference.linear_cross_entropy_with_grad(x, w, y, **kwargs), dtype)
     assert got[1].shape == x.shape and got[-1].shape == y.shape
 
@@ -128,29 +221,39 @@ def test_layouts_of_input_and_weight():
     compare(got, want, np.float64)
     w_strided = np.repeat(w, 2, axis=0)[::2]
     compare(fastsce.linear_cross_entropy_with_grad(x, w_strided, y, **kwargs), want, np.float64)
+    for weight in (wf, w_strided):  # blocks of classes of a weight SciPy's gemm would copy
+        compare(fastsce.linear_cross_entropy_with_grad(xs, weight, y, chunk_classes=9, **kwargs), want, np.float64)
 
 
 def test_same_results_for_any_thread_count():
     x, w, y, kwargs, rng = make(64, H, V_WIDE, np.float32, bias=True)
     kwargs.update(label_smoothing=0.1, sample_weight=rng.random(64))
+    # class-split tiles of 512 x 200 logits: beyond SERIAL_LOGITS, so the threaded kernels
+    xs, ws, ys, split_kwargs, rng = make(512, H, V_WIDE, np.float32, bias=True)
+    split_kwargs.update(label_smoothing=0.1, z_loss=1e-3, sample_weight=rng.random(512))
     before = numba.get_num_threads()
     try:
         runs = []
         for threads in sorted({1, before}):
             numba.set_num_threads(threads)
             runs.append(fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=16, **kwargs))
+            runs.append(fastsce.linear_cross_entropy_with_grad(xs, ws, ys, chunk_classes=200, **split_kwargs))
     finally:
         numba.set_num_threads(before)
-    for a, b in zip(runs[0], runs[-1]):
+    for a, b in zip(runs[0], runs[-2]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(runs[1], runs[-1]):
         np.testing.assert_array_equal(a, b)
 
 
 def test_gemm_and_numpy_accumulation_agree(monkeypatch):
     x, w, y, kwargs, _ = make(dtype=np.float32, bias=True)
     want = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=5, **kwargs)
+    split = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=5, chunk_classes=12, **kwargs)
     monkeypatch.setattr(linear, "_GEMM", False)
     got = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=5, **kwargs)
     compare(got, want, np.float32)
+    compare(fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=5, chunk_classes=12, **kwargs), split, np.float32)
 
 
 def test_float32_weight_gradient_error_like_unfused():
@@ -161,9 +264,9 @@ def test_float32_weight_gradient_error_like_unfused():
     unfused = reference.linear_cross_entropy_with_grad(x, w, y)[2]
     scale = np.abs(exact).max()
     unfused_error = np.abs(unfused - exact).max() / scale
-    for chunk_rows in (1, 16, 128):
-        fused = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=chunk_rows)[2]
-        assert np.abs(fused - exact).max() / scale <= max(4 * unfused_error, 1e-6), chunk_rows
+    for tile in ((1, None), (16, None), (128, None), (128, 100), (512, 64)):
+        fused = fastsce.linear_cross_entropy_with_grad(x, w, y, chunk_rows=tile[0], chunk_classes=tile[1])[2]
+        assert np.abs(fused - exact).max() / scale <= max(4 * unfused_error, 1e-6), tile
 
 
 # --- the reference against finite differences --------------------------------------------
@@ -276,6 +379,8 @@ def bad_cases():
         "float target": ((x, w, y.astype(float)), {}, TypeError, "target must be an integer array"),
         "chunk_rows 0": ((x, w, y), {"chunk_rows": 0}, ValueError, "chunk_rows must be an integer >= 1"),
         "chunk_rows float": ((x, w, y), {"chunk_rows": 2.0}, ValueError, "chunk_rows must be an integer"),
+        "chunk_classes 0": ((x, w, y), {"chunk_classes": 0}, ValueError, r"chunk_classes must be an integer >= 1 \(classes"),
+        "chunk_classes bool": ((x, w, y), {"chunk_classes": True}, ValueError, "chunk_classes must be an integer"),
         "sample_weight shape": ((x, w, y), {"sample_weight": np.ones(N + 1)}, ValueError, "sample_weight has shape"),
         "reduction": ((x, w, y), {"reduction": "avg"}, ValueError, "reduction must be one of"),
         "softcap": ((x, w, y), {"softcap": 0.0}, ValueError, "softcap must be > 0"),
@@ -357,7 +462,13 @@ def test_torch_adapter_gradcheck(reduction):
             xt, wt, yt, linear_bias=bt, reduction=reduction, label_smoothing=0.1, chunk_rows=4, **extras
         )
 
+    def split(xt, wt, bt):
+        return fastsce_torch.linear_cross_entropy(
+            xt, wt, yt, linear_bias=bt, reduction=reduction, label_smoothing=0.1, chunk_classes=4, **extras
+        )
+
     assert torch.autograd.gradcheck(fn, (xt, wt, bt))
+    assert torch.autograd.gradcheck(split, (xt, wt, bt))
     # only the gradients asked for; loss only under no_grad
     xt2 = torch.from_numpy(x)
     out = fastsce_torch.linear_cross_entropy(xt2, wt, yt, reduction=reduction)
@@ -431,26 +542,31 @@ MEMORY_SCRIPT = textwrap.dedent(
             tracemalloc.stop()
 
     peaks = {}
-    for name, (n, h, v, chunk_rows, grad) in json.loads(sys.argv[1]).items():
+    for name, (n, h, v, chunk_rows, chunk_classes, grad) in json.loads(sys.argv[1]).items():
         rng = np.random.default_rng(0)
         x = rng.standard_normal((n, h), dtype=np.float32)
         w = rng.standard_normal((v, h), dtype=np.float32)
         b = rng.standard_normal(v, dtype=np.float32)
         y = rng.integers(0, v, n)
         fn = fastsce.linear_cross_entropy_with_grad if grad else fastsce.linear_cross_entropy
-        peak, out = peak_bytes(lambda: fn(x, w, y, linear_bias=b, chunk_rows=chunk_rows, label_smoothing=0.1))
+        tile = dict(chunk_rows=chunk_rows, chunk_classes=chunk_classes)
+        peak, out = peak_bytes(lambda: fn(x, w, y, linear_bias=b, label_smoothing=0.1, **tile))
         returned = sum(a.nbytes for a in (out if grad else (out,)) if isinstance(a, np.ndarray))
         peaks[name] = peak - returned
     print(json.dumps(peaks))
     """
 )
 
-# name -> (N, H, V, chunk_rows, with gradients)
+# name -> (N, H, V, chunk_rows, chunk_classes, with gradients)
 MEMORY_CASES = {
-    "grad-N2048": (2048, 16, 3000, 128, True),
-    "grad-N16384": (16384, 16, 3000, 128, True),
-    "loss-N16384": (16384, 16, 3000, 128, False),
-    "default-tile-N32768": (32768, 8, 2000, None, True),
+    "grad-N2048": (2048, 16, 3000, 128, None, True),
+    "grad-N16384": (16384, 16, 3000, 128, None, True),
+    "loss-N16384": (16384, 16, 3000, 128, None, False),
+    "default-tile-N32768": (32768, 8, 2000, None, None, True),
+    "split-N2048-V20000": (2048, 8, 20000, 256, 1000, True),
+    "split-N8192-V20000": (8192, 8, 20000, 256, 1000, True),
+    "split-N2048-V80000": (2048, 8, 80000, 256, 1000, True),
+    "split-loss-N8192-V80000": (8192, 8, 80000, 256, 1000, False),
 }
 
 
@@ -466,9 +582,13 @@ def extra_memory():
 def test_extra_memory_bounded_independent_of_n(extra_memory):
     """Beyond the inputs and the returned gradients: the tile of logits, the kernels'
     per-thread scratch and O(V) vectors, whatever N; the default tile within 64 MiB."""
-    for name, (n, h, v, chunk_rows, grad) in MEMORY_CASES.items():
-        tile = (chunk_rows or linear.TILE_BYTES // (4 * v)) * v * 4
-        scratch = numba.get_num_threads() * (2 * v * 4 + 16 * 1024)
+    for name, (n, h, v, chunk_rows, chunk_classes, grad) in MEMORY_CASES.items():
+        rows, cols = linear._tile(n, v, 4, chunk_rows, chunk_classes)
+        tile = rows * cols * 4
+        scratch = numba.get_num_threads() * (2 * cols * 4 + 16 * 1024) + 16 * rows * 8  # + per-row statistics
         assert extra_memory[name] <= tile + scratch + 8 * v * 8 + (256 << 10), (name, extra_memory[name], tile)
     assert extra_memory["grad-N16384"] <= extra_memory["grad-N2048"] + (64 << 10)
     assert extra_memory["default-tile-N32768"] <= 64 << 20
+    # split classes: independent of N, and of V but for O(V) vectors (the float64 bias gradient)
+    assert extra_memory["split-N8192-V20000"] <= extra_memory["split-N2048-V20000"] + (64 << 10)
+    assert extra_memory["split-N2048-V80000"] <= extra_memory["split-N2048-V20000"] + 60000 * 12 + (64 << 10)

@@ -208,6 +208,15 @@ def _grad_block(z, w, m, p, r, g):
 
 
 @jit
+def _grad_in_place_block(g, w, m, p, r):
+    """_grad_block with g the logits themselves: its own loop, as with two arguments that
+    are one array LLVM's overlap check falls back to scalar code (4x slower)."""
+    prefer_512bit()
+    for j in range(g.size):
+        g[j] = p * exp_shifted(g[j], m) - r * w[j]
+
+
+@jit
 def _soft_grad_block(z, t, w, m, p, q, r, g):
     """g = p exp(z - m) - q w t - r w."""
     prefer_512bit()
@@ -223,10 +232,10 @@ def _times_block(g, d):
 
 
 @parallel
-def hard_grad(x, target, offset, w, m, p, q, r, active, a, c, transformed, chunk_rows, g):
+def hard_grad(x, target, offset, w, m, p, q, r, active, a, c, transformed, chunk_rows, g, in_place):
     """Rows with active[i] False get a zero gradient, their logits never read. In the
     label's column the gradient is formed in float64: p e_y - q w_y keeps the digits of
-    p_y - 1 when p_y is close to 1."""
+    p_y - 1 when p_y is close to 1. in_place: g is x."""
     n, k = x.shape
     for ch in prange((n + chunk_rows - 1) // chunk_rows):
         tz = np.empty(min(k, BLOCK), x.dtype)
@@ -247,6 +256,8 @@ def hard_grad(x, target, offset, w, m, p, q, r, active, a, c, transformed, chunk
                     _transform_block(x[i, lo:hi], a, c, tz[: hi - lo], td[: hi - lo], True)
                     _grad_block(tz[: hi - lo], w[lo:hi], mi, pi, ri, g[i, lo:hi])
                     _times_block(g[i, lo:hi], td[: hi - lo])
+                elif in_place:
+                    _grad_in_place_block(g[i, lo:hi], w[lo:hi], mi, pi, ri)
                 else:
                     _grad_block(x[i, lo:hi], w[lo:hi], mi, pi, ri, g[i, lo:hi])
             if holds:
