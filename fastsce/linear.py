@@ -25,6 +25,7 @@ import numpy as np
 
 from fastsce import _threads, api, sharded
 from fastsce._kernels import shards as shard_kernels
+from fastsce._layout import read_only
 from fastsce._typing import ArrayLike, Loss
 from fastsce._validate import (
     FLOAT_DTYPES,
@@ -400,8 +401,8 @@ def _split_tile(setup: _Setup, span, buf, cw, cw_sum, scale, scale_z, want, g_in
         _logits(ht, w[c0:c1], None if b is None else b[c0:c1], z)
         part = tuple(np.empty(rows) for _ in range(5))
         with _threads.launching(z.size) as pick:
-            pick(shard_kernels.hard_stats)(
-                z, y, c0, p.ignore_index, cw[c0:c1], eps, a, cap, transformed, chunk, *part, held,
+            pick(shard_kernels.hard_stats)(  # (inputs read-only, as fastsce.sharded gives them)
+                read_only(z), y, c0, p.ignore_index, read_only(cw[c0:c1]), eps, a, cap, transformed, chunk, *part, held,
             )  # fmt: skip
         w_block = float(cw[c0:c1].sum(dtype=np.float64))
         total = part if total is None else sharded.merge_rows(total, w_seen, part, w_block)
@@ -427,13 +428,14 @@ def _split_tile(setup: _Setup, span, buf, cw, cw_sum, scale, scale_z, want, g_in
             q = np.broadcast_to(v * (scale * (1 - eps)), (rows,)).astype(np.float64)
             r = np.broadcast_to(v * (scale * eps / classes), (rows,)).astype(np.float64)
     if any(want):
+        frozen = [read_only(np.asarray(x)) for x in (m, pp, q, r, live)]  # (as fastsce.sharded gives them)
         for i, (c0, c1) in enumerate(reversed(blocks)):
             z = buf[: rows * (c1 - c0)].reshape(rows, c1 - c0)
             if i:  # the last block's logits are still there from the first pass
                 _logits(ht, w[c0:c1], None if b is None else b[c0:c1], z)
             with _threads.launching(z.size) as pick:
                 pick(shard_kernels.hard_grad)(
-                    z, y, c0, cw[c0:c1], m, pp, q, r, live, a, cap, transformed, chunk, z, True,
+                    read_only(z), y, c0, read_only(cw[c0:c1]), *frozen, a, cap, transformed, chunk, z, True,
                 )  # fmt: skip
             _backward(z, ht, w, want, g_in, g_w, g_b, r0, r1, c0, c1, i == 0)
     dtype = p.compute

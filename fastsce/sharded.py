@@ -315,15 +315,15 @@ def finish_grad(
         r = v * (sc * eps / big_k)
     scale, cap, transformed = shard.transform_args
     chunk_rows = max(1, _CHUNK_LOGITS // k)
+    m, p, q, r, counted = (read_only(np.asarray(a)) for a in (stats.m, p, q, r, rows.counted))  # (as fastsce.linear)
     with _threads.launching(shard.x.size) as pick:  # the pool, or the serial twins
         if shard.soft:
             pick(shard_kernels.soft_grad)(
-                shard.x, shard.target, shard.w, stats.m, p, q, r, rows.counted,
-                scale, cap, transformed, chunk_rows, g,
+                shard.x, shard.target, shard.w, m, p, q, r, counted, scale, cap, transformed, chunk_rows, g,
             )  # fmt: skip
         else:
             pick(shard_kernels.hard_grad)(
-                shard.x, shard.target, shard.offset, shard.w, stats.m, p, q, r, rows.counted,
+                shard.x, shard.target, shard.offset, shard.w, m, p, q, r, counted,
                 scale, cap, transformed, chunk_rows, g, same_memory(g, shard.x),
             )  # fmt: skip
     return g
