@@ -470,7 +470,7 @@ def _blocks(problem: Problem, grad: np.ndarray | None):
         m, k = problem.shape
         z = rows.reshape(m, k)
         g = None if g_rows is None else g_rows.reshape(m, k)
-        return ((0, m, z, problem.target, g, g is not None and same_memory(g, z)),)
+        return ((0, m, read_only(z), problem.target, g, g is not None and same_memory(g, z)),)
     return _copied_blocks(problem, g_rows)
 
 
