@@ -61,6 +61,6 @@ def test_long_rows_are_really_taken(long_rows, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(api.row_kernels, "hard_loss_grad", spy)
-    case = make_case(3, 2000)
+    case = make_case(3, 2000, np.float32)
     case.loss_grad(IMPLS["fast"])
     assert seen == [True]

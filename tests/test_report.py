@@ -281,6 +281,7 @@ def test_progress_line_updates_in_place_on_a_terminal():
     assert text.endswith("\r")  # the line is cleared, the table starts on a clean line
 
 
+@pytest.mark.full  # bench/test_options.py in a subprocess: 40 s (the other bench/ run here covers bench/conftest.py)
 def test_option_benchmarks_run_and_check_their_output():
     """bench/test_options.py on its smallest shape: every option's result checked, and
     the overhead summary printed."""

@@ -44,7 +44,7 @@ def test_small_k_kernels_are_really_taken(monkeypatch):
     for name in ("hard_loss", "hard_loss_grad"):
         real = getattr(tile_kernels, name)
         monkeypatch.setattr(tile_kernels, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
-    case = make_case(5, 300)  # beyond the default thresholds
+    case = make_case(5, 300, np.float32)  # beyond the default thresholds
     run_small(case, grad=True)
     run_small(case, grad=False)
     assert seen == ["hard_loss_grad", "hard_loss"]
