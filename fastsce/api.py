@@ -23,6 +23,7 @@ from fastsce._validate import (
     check_out,
     check_problem,
     check_returns,
+    kernel_labels,
     native,
     same_memory,
 )
@@ -364,10 +365,8 @@ def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss
         in_place = out is logits
         if not in_place and np.may_share_memory(out, logits):
             return None
-    # as the general path gives them to the kernels (so that both use the same compiled
-    # kernels): read-only views, int64 labels
-    logits = read_only(logits)
-    target = read_only(target if t_dt is _I64 else target.astype(np.int64))
+    # as the general path gives them to the kernels (so that both use the same compiled kernels)
+    logits, target = read_only(logits), kernel_labels(target)
     w = _ones(k, dt)
     bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, w, _NO_ROW_WEIGHTS)
     if bad_row >= 0:  # the general path names it
