@@ -638,10 +638,33 @@ def soft_loss_grad(z, t, w, v, params, chunk_rows, outs, g):
 
 
 @jit
+def _all_ones(w):
+    for j in range(w.size):
+        if w[j] != 1:
+            return False
+    return True
+
+
+@jit
 def label_stats(target, k, ignore_index, w, v):
     """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
     denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
     float64 and row order). v: row weights, or empty for ones."""
+    if v.size == 0 and _all_ones(w):
+        # The common call: both denominators are the count of counted rows. Counting
+        # vectorises; the float64 chain below costs ~1.3 ns a row, and it runs before
+        # the threaded kernel, on one thread.
+        k_u = np.uint64(k)
+        ignored = 0
+        out_of_range = 0
+        for i in range(target.size):
+            y = target[i]
+            skip = y == ignore_index
+            ignored += skip
+            out_of_range += (not skip) & (np.uint64(y) >= k_u)
+        if out_of_range == 0:
+            counted = float(target.size - ignored)
+            return -1, counted, counted
     d = 0.0
     d_z = 0.0
     for i in range(target.size):

@@ -26,7 +26,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from fastsce._kernels.half import as_float, as_stored, scratch_row
-from fastsce._kernels.jit import jit, parallel
+from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel
 from fastsce._kernels.rows import _chain, _scale_and_cap, row_lse
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
@@ -270,8 +270,18 @@ def _scratch(k, like_z, transform):
     a = np.empty(R, like_z.dtype)
     b = np.empty(R, like_z.dtype)
     lr = np.empty((10, R), np.float64)
+    return T, m, a, b, lr, Tz
+
+
+@jit
+def _borrow_scratch(owned):
+    """_scratch's arrays borrowed (see jit.borrowed), the float64 lanes as a tuple of ten
+    rows: the tile helpers then make their views without reference counting. The caller
+    keeps ``owned`` alive while it uses them."""
+    T, m, a, b, lr, Tz = owned
+    lr = borrowed(lr)
     lanes = (lr[0], lr[1], lr[2], lr[3], lr[4], lr[5], lr[6], lr[7], lr[8], lr[9])
-    return T, m, a, b, lanes, Tz
+    return borrowed(T), borrowed(m), borrowed(a), borrowed(b), lanes, borrowed(Tz)
 
 
 @jit
@@ -334,8 +344,10 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
     tiles = -(-d_size // R)
     chunk_loss, chunk_z = outs[3], outs[4]
     need_lse = params[1] > 0 or outs[2].size > 0
+    x3, y3, target, w, v = borrowed(x3), borrowed(y3), borrowed(target), borrowed(w), borrowed(v)
     for c in prange(chunk_loss.size):
-        T, m, a, b, lanes, Tz = _scratch(k, scratch_row(x3, 0), params[4] != 1.0 or params[5] > 0)
+        owned = _scratch(k, scratch_row(x3, 0), params[4] != 1.0 or params[5] > 0)
+        T, m, a, b, lanes, Tz = _borrow_scratch(owned)
         yt = np.empty(R, target.dtype)
         vt = np.empty(R if v.size else 0, np.float64)
         total = 0.0
@@ -363,6 +375,7 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
             dt, dz = _record_lanes(lanes, rows, first, outs)
             total += dt
             z_total += dz
+        keep_alive(owned)
         chunk_loss[c], chunk_z[c] = total, z_total
 
 
@@ -373,7 +386,8 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     arrays that are not empty)."""
     R = tile_rows(z)
     k = z.shape[1]
-    T, m, a, b, lanes, Tz = _scratch(k, scratch_row(z, 0), params[4] != 1.0 or params[5] > 0)
+    owned = _scratch(k, scratch_row(z, 0), params[4] != 1.0 or params[5] > 0)
+    T, m, a, b, lanes, Tz = _borrow_scratch(owned)
     need_lse = params[1] > 0 or outs[2].size > 0
     no_weights = v[:0]
     total = 0.0
@@ -398,6 +412,7 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
         dt, dz = _record_lanes(lanes, rows, i, outs)
         total += dt
         z_total += dz
+    keep_alive(owned)
     return total, z_total
 
 
@@ -415,7 +430,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c], chunk_z[c] = _chunk(z, target, ignore_index, w, w_sum, v, params, outs, no_grad, lo, hi, False)
+        chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, outs, no_grad, lo, hi, False)
 
 
 @parallel
@@ -426,4 +441,4 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c], chunk_z[c] = _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, True)
+        chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, outs, borrowed(g), lo, hi, True)
