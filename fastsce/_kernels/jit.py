@@ -13,7 +13,7 @@ import numba
 from numba import types as nb_types
 from numba.core import caching, cgutils
 from numba.core.dispatcher import Dispatcher
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.misc.appdirs import AppDirs
 
 from fastsce._version import __version__
@@ -208,3 +208,14 @@ def keep_alive(typingctx, owners):
         return context.get_dummy_value()
 
     return nb_types.none(owners), codegen
+
+
+def borrow_outs(outs):
+    """The kernels' five output arrays (row_loss, row_z, lse, chunk_loss, chunk_z),
+    borrowed: the caller holds them for the call."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(borrow_outs)
+def _borrow_outs(outs):
+    return lambda outs: (borrowed(outs[0]), borrowed(outs[1]), borrowed(outs[2]), borrowed(outs[3]), borrowed(outs[4]))

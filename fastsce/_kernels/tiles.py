@@ -26,7 +26,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from fastsce._kernels.half import as_float, as_stored, scratch_row
-from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel
+from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, parallel
 from fastsce._kernels.rows import _chain, _scale_and_cap, row_lse
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
@@ -344,7 +344,7 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
     tiles = -(-d_size // R)
     chunk_loss, chunk_z = outs[3], outs[4]
     need_lse = params[1] > 0 or outs[2].size > 0
-    x3, y3, target, w, v = borrowed(x3), borrowed(y3), borrowed(target), borrowed(w), borrowed(v)
+    x3, y3, target, w, v, outs = borrowed(x3), borrowed(y3), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
     for c in prange(chunk_loss.size):
         owned = _scratch(k, scratch_row(x3, 0), params[4] != 1.0 or params[5] > 0)
         T, m, a, b, lanes, Tz = _borrow_scratch(owned)
@@ -430,7 +430,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, outs, no_grad, lo, hi, False)
+        chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, borrow_outs(outs), no_grad, lo, hi, False)
 
 
 @parallel
@@ -441,4 +441,4 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
     for c in prange(chunk_loss.size):
         lo = c * chunk_rows
         hi = min(lo + chunk_rows, n)
-        chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, outs, borrowed(g), lo, hi, True)
+        chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, borrow_outs(outs), borrowed(g), lo, hi, True)
