@@ -265,9 +265,12 @@ def lse_minus_target(s_other, e_y, zy):
     log(sum_j exp(z_j - z_y)). While e_y has not underflowed it is taken as
     log1p(s_other / e_y), so a tiny loss (a confident, right prediction) keeps its
     relative digits: with u = 1 + x rounded, log1p(x) = log(u) - ((u - 1) - x) / u.
-    One log and selects, no branch: the small-K kernels vectorise this across rows."""
+    One log and selects, no branch: the small-K kernels vectorise this across rows.
+    1 / u is taken as e_y / s, s = s_other + e_y: the kernels divide by s anyway (one
+    division fewer where vdivpd bounds the loop), and the correction is a rounding
+    error, which a relative 1e-16 more does not change."""
     x = s_other / e_y
     as_ratio = e_y > 1e-30
     u = 1.0 + x if as_ratio else s_other + e_y
-    correction = ((u - 1.0) - x) / u if as_ratio else zy
+    correction = ((u - 1.0) - x) * (e_y * (1.0 / (s_other + e_y))) if as_ratio else zy
     return log_normal(u) - correction
