@@ -180,7 +180,9 @@ def parallel(fn):
 # instructions, ~20 ns together. Helpers that Numba does not inline pay them per call;
 # measured with perf, they took 25% of the small-K kernel's time. A borrowed view has no
 # owner to count: its views cost nothing. The owner must outlive it: borrow arguments
-# (the caller holds them) or arrays kept alive by keep_alive() after the last use.
+# (the caller holds them) or arrays kept alive by keep_alive() after the last use. In a
+# parallel kernel borrow inside the prange body (or pass the borrowed array to a call
+# there): an array borrowed outside the loop and written in it lost its writes.
 
 
 @intrinsic

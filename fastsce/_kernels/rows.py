@@ -33,7 +33,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from fastsce._kernels.half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
-from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel, vector
+from fastsce._kernels.jit import jit, parallel, vector
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.vec import prefetch
 
@@ -453,7 +453,6 @@ def _record(i, live, vi, zl, ce, lse, outs, totals):
 
 @parallel
 def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
-    z, target, w, v, outs = borrowed(z), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
     eps, zl, _, _, a, c = params
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
@@ -485,7 +484,6 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
 
 @parallel
 def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place, long_rows):
-    z, target, w, v, g, outs = borrowed(z), borrowed(target), borrowed(w), borrowed(v), borrowed(g), borrow_outs(outs)
     eps, zl, scale, scale_z, a, c = params
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
@@ -508,8 +506,12 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             ce = lse = 0.0
             gi = grad_row(g, i, gt)
             if live and transform:
-                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, False, long_rows, need_lse)
-                _chain(gi, zt, a, c)
+                # dz/dx of a logit_scale alone is one number: it joins the gradient's
+                # scale instead of a pass of its own (_chain, for the softcap)
+                dz = a if c == 0 else 1.0
+                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, scale * vi * dz, 2 * zl * scale_z * vi * dz, False, long_rows, need_lse)
+                if c > 0:
+                    _chain(gi, zt, a, c)
                 store_grad_row(g, i, gt)
             elif live:
                 ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows, need_lse)

@@ -27,7 +27,7 @@ from numba.extending import overload
 
 from fastsce._kernels.half import as_float, as_stored, scratch_row
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, parallel
-from fastsce._kernels.rows import _chain, _scale_and_cap, row_lse
+from fastsce._kernels.rows import _chain, _scale, _scale_and_cap, row_lse
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
 
@@ -156,12 +156,13 @@ def _lane_grad(T, a, b, w, eps):
 
 
 @jit
-def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z, need_lse):
+def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z, need_lse, x_scale):
     """For each lane: its weighted loss, z-term and lse into the lanes (0 for a row not
     counted) and, with ``grad``, the gradient's factors a = v scale ((1 - eps) w_y + eps W
     / K) / s + zg / s and b = v scale eps / K (in z's dtype), and the target's entry
     gy = v scale [-(1 - eps) w_y s_other / s + (eps / K) (W e_y / s - w_y)] + zg e_y / s,
-    zg = 2 z_loss v scale_z lse. lse only ``need_lse`` (else 0): a log per row saved."""
+    zg = 2 z_loss v scale_z lse, all times x_scale (dz/dx of a logit_scale applied to the
+    tile in place, else 1). lse only ``need_lse`` (else 0): a log per row saved."""
     prefer_512bit()
     eps, zl, scale, scale_z = params[0], params[1], params[2], params[3]
     need_log = need_lse or eps > 0
@@ -181,9 +182,9 @@ def _lane_loss(k, lanes, m, w_sum, params, grad, a, b, like_z, need_lse):
         zt[r] = vr[r] * zl * lse * lse if counted and zl > 0 else 0.0
         lse_l[r] = lse
         if grad:
-            sv = scale * vr[r]
+            sv = scale * vr[r] * x_scale
             hard = (1 - eps) * w_y[r] * sv
-            zg = 2 * zl * scale_z * vr[r] * lse if zl > 0 else 0.0
+            zg = 2 * zl * scale_z * vr[r] * x_scale * lse if zl > 0 else 0.0
             a[r] = like((hard + eps * w_sum / k * sv + zg) * inv_s, like_z)
             b[r] = like(eps / k * sv, like_z)
             gy[r] = -hard * (s_other[r] * inv_s) + eps / k * sv * (w_sum * (e_y * inv_s) - w_y[r]) + zg * (e_y * inv_s)
@@ -201,10 +202,16 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, 
     k = T.shape[0]
     eps, scale_x, cap = params[0], params[4], params[5]
     live, vr, w_y, zy, s_other, w_shift = lanes[0], lanes[1], lanes[2], lanes[3], lanes[4], lanes[5]
+    x_scale = 1.0  # dz/dx where it is one number for the tile
     if Tz.size:  # z = cap tanh(scale_x x / cap), kept in Tz for the chain rule
         flat, flat_z = T.reshape(T.size), Tz.reshape(Tz.size)  # one loop, not one per class
         _scale_and_cap(flat, flat_z, scale_x, cap)
         flat[:] = flat_z
+    elif scale_x != 1.0:
+        # z = scale_x x, in place (rounded as the row kernels round it); the chain rule's
+        # factor joins the gradient's coefficients instead of a pass of its own
+        _scale(T.reshape(T.size), like(scale_x, T))
+        x_scale = scale_x
     _lane_max(T, m)
     if eps > 0:
         _lane_weighted_shift(T, w, m, w_shift)
@@ -221,7 +228,7 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, 
             zy[r] = float(T[y, r]) - float(m[r])  # exact for float32 logits
             T[y, r] = -np.inf  # leaves the target out of s_other
     _lane_exp_sum(T, m, s_other)
-    _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T, need_lse)
+    _lane_loss(k, lanes, m, w_sum, params, grad, a, b, T, need_lse, x_scale)
     if grad:
         _lane_grad(T, a, b, w, eps)
         if Tz.size:
@@ -260,7 +267,7 @@ def _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lane
 @jit
 def _scratch(k, like_z, transform):
     """Per-thread scratch of a tile: T (K, R), lane values m, a, b in z's dtype, ten
-    float64 lanes (see _lane_loss), and with a logit transform Tz (K, R), the tile as
+    float64 lanes (see _lane_loss), and with a softcap Tz (K, R), the tile as
     the loss sees it."""
     R = tile_rows(like_z)
     T = np.empty((k, R), like_z.dtype)
@@ -343,9 +350,11 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
     tiles = -(-d_size // R)
     chunk_loss, chunk_z = outs[3], outs[4]
     need_lse = params[1] > 0 or outs[2].size > 0
-    x3, y3, target, w, v, outs = borrowed(x3), borrowed(y3), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
+    # Inputs only: an array written inside the prange loop must not be borrowed outside
+    # it (the parallel lowering then lost the writes to chunk_loss).
+    x3, target, w, v = borrowed(x3), borrowed(target), borrowed(w), borrowed(v)
     for c in prange(chunk_loss.size):
-        owned = _scratch(k, scratch_row(x3, 0), params[4] != 1.0 or params[5] > 0)
+        owned = _scratch(k, scratch_row(x3, 0), params[5] > 0)
         T, m, a, b, lanes, Tz = _borrow_scratch(owned)
         yt = np.empty(R, target.dtype)
         vt = np.empty(R if v.size else 0, np.float64)
@@ -385,7 +394,7 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
     arrays that are not empty)."""
     R = tile_rows(z)
     k = z.shape[1]
-    owned = _scratch(k, scratch_row(z, 0), params[4] != 1.0 or params[5] > 0)
+    owned = _scratch(k, scratch_row(z, 0), params[5] > 0)
     T, m, a, b, lanes, Tz = _borrow_scratch(owned)
     need_lse = params[1] > 0 or outs[2].size > 0
     no_weights = v[:0]
