@@ -369,8 +369,10 @@ def test_unknown_chunk_sizes():
 
 @pytest.fixture(scope="module")
 def client():
+    # dashboard_address=None still asks for port 8787: a second test process starting a
+    # cluster at the same time (pytest-xdist) got a "port in use" warning, an error here.
     with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
         # The workers run the fastsce under test, not another installed copy.
         assert set(client.run(lambda: fastsce.__file__).values()) == {fastsce.__file__}
