@@ -48,8 +48,11 @@ COPY_BLOCK_LOGITS = 1 << 20
 # Remeasured with the in-register transposes (1 thread, N * K = 1M, CPU time, a loaded
 # machine): loss+grad still crosses between 128 and 160 (4.85x / 5.82x at 128, 5.26x /
 # 4.68x at 160); loss only now at ~400 (2.78x / 3.08x at 300, 2.75x / 2.66x at 400).
+# With borrowed views and 16-wide exps in the tiles (2 threads, N * K = 1M, interleaved,
+# two runs): loss+grad across / along rows 2.82x / 3.09x and 2.67x / 2.82x at 128,
+# 3.07x / 3.85x and 2.63x / 3.93x at 160, 3.25x / 3.19x and 3.49x / 2.91x at 200.
 SMALL_K = {  # compute dtype: (loss only, loss and gradient)
-    np.dtype(np.float32): (384, 128),
+    np.dtype(np.float32): (384, 160),
     np.dtype(np.float64): (200, 100),
 }
 
