@@ -177,7 +177,7 @@ def parallel(fn):
 # --- reference counts ----------------------------------------------------------------
 # Every array view a compiled function makes (T[j], z[i:i + R], unpacking a tuple of
 # arrays) increments its owner's reference count and decrements it again: two locked
-# instructions, ~20 ns together. Helpers that Numba does not inline pay them per call;
+# instructions. Helpers that Numba does not inline pay them per call;
 # measured with perf, they took 25% of the small-K kernel's time. A borrowed view has no
 # owner to count: its views cost nothing. The owner must outlive it: borrow arguments
 # (the caller holds them) or arrays kept alive by keep_alive() after the last use. In a

@@ -656,8 +656,8 @@ def label_stats(target, k, ignore_index, w, v):
     float64 and row order). v: row weights, or empty for ones."""
     if v.size == 0 and _all_ones(w):
         # The common call: both denominators are the count of counted rows. Counting
-        # vectorises; the float64 chain below costs ~1.3 ns a row, and it runs before
-        # the threaded kernel, on one thread.
+        # vectorises (16 us for 65536 labels, call included); the float64 chain below
+        # took 51 us (weighted), on one thread before the threaded kernel.
         k_u = np.uint64(k)
         ignored = 0
         out_of_range = 0
