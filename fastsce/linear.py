@@ -407,28 +407,13 @@ def _split_tile(setup: _Setup, span, buf, cw, cw_sum, scale, scale_z, want, g_in
         w_block = float(cw[c0:c1].sum(dtype=np.float64))
         total = part if total is None else sharded.merge_rows(total, w_seen, part, w_block)
         w_seen += w_block
-    m, s, wy, bb, cc = total
-    v = 1.0 if p.row_weight is None else p.row_weight[r0:r1]
-    live = (y != p.ignore_index) & (np.asarray(v) != 0)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        log_s = np.log(s)
-        lse = np.where(np.isinf(m), m, m + log_s)  # as row_lse
-        ce = wy * log_s - bb  # as fastsce.sharded's finish
-        if eps > 0:
-            ce = (1 - eps) * ce + eps / classes * (cw_sum * log_s - cc)
-        ce = np.where(live, v * ce, 0.0)
-        zt = np.where(live, v * (zl * lse * lse), 0.0) if zl > 0 else np.zeros(rows)
-        if any(want):
-            # g_j = (pp e_j - q w_j [j = y] - r w_j) dz_j/dx_j, e_j = exp(z_j - m): the
-            # row kernels' gradient (scale, z-loss, row weight) in fastsce.sharded's terms
-            coef = scale * ((1 - eps) * wy + eps * cw_sum / classes)
-            if zl > 0:
-                coef = coef + 2 * zl * scale_z * lse
-            pp = v * coef / s
-            q = np.broadcast_to(v * (scale * (1 - eps)), (rows,)).astype(np.float64)
-            r = np.broadcast_to(v * (scale * eps / classes), (rows,)).astype(np.float64)
+    v = np.ones(rows) if p.row_weight is None else p.row_weight[r0:r1]
+    live = (y != p.ignore_index) & (v != 0)
+    lse, ce, zt = sharded.row_terms(total, cw_sum, classes, eps, v, live, zl)  # as fastsce.finish
     if any(want):
-        frozen = [read_only(np.asarray(x)) for x in (m, pp, q, r, live)]  # (as fastsce.sharded gives them)
+        # the row kernels' gradient (scale, z-loss, row weight) in fastsce.sharded's terms
+        pp, q, r = sharded.grad_coefficients(total[2], total[1], lse, cw_sum, classes, eps, v, scale, scale_z, zl)
+        frozen = [read_only(np.asarray(x)) for x in (total[0], pp, q, r, live)]  # (as fastsce.sharded gives them)
         for i, (c0, c1) in enumerate(reversed(blocks)):
             z = buf[: rows * (c1 - c0)].reshape(rows, c1 - c0)
             if i:  # the last block's logits are still there from the first pass

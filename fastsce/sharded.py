@@ -298,21 +298,14 @@ def finish_grad(
     k = shard.x.shape[1]
     eps, big_k = stats.label_smoothing, stats.classes
 
-    # g_j = v sc [((1 - eps) A + eps W / K) p_j - (1 - eps) w_j t_j - eps w_j / K]
-    #     + v sc_z 2 z_loss lse p_j,   p_j = e_j / s, e_j = exp(z_j - m)
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         if reduction == "mean":
             sc = 1.0 / rows.d if rows.d else rows.fill
             sc_z = 1.0 / rows.d_z if rows.d_z else rows.fill
         else:
             sc = sc_z = 1.0
-        v = np.where(rows.counted, rows.v, 0.0)
-        coef = sc * ((1 - eps) * stats.a + eps * stats.weight_sum / big_k)
-        if rows.z_loss > 0:
-            coef = coef + sc_z * 2 * rows.z_loss * rows.lse
-        p = v * coef / stats.s
-        q = v * (sc * (1 - eps))
-        r = v * (sc * eps / big_k)
+    v = np.where(rows.counted, rows.v, 0.0)
+    p, q, r = grad_coefficients(stats.a, stats.s, rows.lse, stats.weight_sum, big_k, eps, v, sc, sc_z, rows.z_loss)
     scale, cap, transformed = shard.transform_args
     chunk_rows = max(1, _CHUNK_LOGITS // k)
     m, p, q, r, counted = (read_only(np.asarray(a)) for a in (stats.m, p, q, r, rows.counted))  # (as fastsce.linear)
@@ -471,6 +464,36 @@ def merge_rows(x, w_x, y, w_y):
         )
 
 
+def row_terms(stats, w_sum, k, eps, v, counted, z_loss):
+    """Per-row float64 (lse, ce, zl) from the combined (m, s, a, b, c) of all K classes
+    (w_sum: their summed weight): the logsumexp, and v times the row's cross-entropy and
+    z-term, 0 where not counted. Shared with fastsce.linear's class-split tiles."""
+    m, s, a, b, c = stats
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        log_s = np.log(s)
+        # a row of -inf only has lse -inf, one holding +inf +inf (m + log s is NaN there)
+        lse = np.where(np.isinf(m), m, m + log_s)
+        ce = a * log_s - b
+        if eps > 0:
+            ce = (1 - eps) * ce + eps / k * (w_sum * log_s - c)
+        ce = np.where(counted, v * ce, 0.0)
+        zl = np.where(counted, v * (z_loss * lse * lse), 0.0) if z_loss > 0 else np.zeros(len(m))
+    return lse, ce, zl
+
+
+def grad_coefficients(a, s, lse, w_sum, k, eps, v, sc, sc_z, z_loss):
+    """(p, q, r) per row, float64, of the gradient the shard kernels form,
+    g_j = (p e_j - q w_j [j = y] - r w_j) dz_j/dx_j with e_j = exp(z_j - m), that is
+    v sc [((1 - eps) a + eps W / K) p_j - (1 - eps) w_j t_j - eps w_j / K]
+    + v sc_z 2 z_loss lse p_j, p_j = e_j / s (sc, sc_z: the loss's and the z-term's
+    scale). Shared with fastsce.linear's class-split tiles."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        coef = sc * ((1 - eps) * a + eps * w_sum / k)
+        if z_loss > 0:
+            coef = coef + sc_z * 2 * z_loss * lse
+        return v * coef / s, v * (sc * (1 - eps)), v * (sc * eps / k)
+
+
 def _times(w, d):
     """w * d with 0 * inf = 0 (a zero weight on a -inf logit adds nothing); NaN stays NaN."""
     w = np.asarray(w, np.float64)
@@ -517,19 +540,11 @@ class _Rows:
         counted = v != 0
         if not stats.soft:
             counted &= stats.labels != stats.ignore_index
-        eps, k, w_sum = stats.label_smoothing, stats.classes, stats.weight_sum
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            log_s = np.log(stats.s)
-            # a row of -inf only has lse -inf, one holding +inf +inf (m + log s is NaN there)
-            self.lse = np.where(np.isinf(stats.m), stats.m, stats.m + log_s)
-            ce = stats.a * log_s - stats.b
-            if eps > 0:
-                ce = (1 - eps) * ce + eps / k * (w_sum * log_s - stats.c)
-            self.ce = np.where(counted, v * ce, 0.0)
-            if self.z_loss > 0:
-                self.zl = np.where(counted, v * (self.z_loss * self.lse * self.lse), 0.0)
-            else:
-                self.zl = np.zeros(n)
+        self.lse, self.ce, self.zl = row_terms(
+            (stats.m, stats.s, stats.a, stats.b, stats.c), stats.weight_sum, stats.classes,
+            stats.label_smoothing, v, counted, self.z_loss,
+        )  # fmt: skip
+        with np.errstate(invalid="ignore", over="ignore"):
             self.d = float(np.where(counted, v * (1.0 if stats.soft else stats.a), 0.0).sum())
         self.d_z = float(np.where(counted, v, 0.0).sum())
         self.v = v
