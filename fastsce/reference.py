@@ -21,7 +21,7 @@ import numpy as np
 from fastsce._typing import Array, ArrayLike, same_signature
 from fastsce._validate import Problem, check_denominator, check_labels, check_out, check_problem, check_returns, native
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad", "linear_cross_entropy", "linear_cross_entropy_with_grad", "TOLERANCE"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "linear_cross_entropy", "linear_cross_entropy_with_grad", "evaluate", "TOLERANCE"]
 
 
 class _Tolerances(dict):
@@ -331,3 +331,97 @@ def logsumexp(x: ArrayLike, axis: int = -1, *, keepdims: bool = False, out: Arra
         return out
     lse = lse.astype(dtype)
     return lse[()] if lse.ndim == 0 else lse
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+# The oracle of fastsce.evaluate: the full softmax in the logits' dtype, then each metric
+# from its definition with NumPy (argmax, a count of larger logits, histograms).
+
+
+def evaluate(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    topk: Any = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    per_row: bool = False,
+) -> Any:
+    """See :func:`fastsce.evaluate` (same arguments, same result)."""
+    from fastsce.metrics import Evaluation, check_evaluation
+
+    problem, ks, nbins = check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where)
+    check_labels(problem)
+    m, k = problem.shape
+    dtype = problem.compute
+    z = problem.rows.reshape(m, k).astype(dtype)
+    w = np.ones(k, dtype) if problem.weight is None else problem.weight
+    v = np.ones(m) if problem.row_weight is None else problem.row_weight
+    has_target = problem.target != problem.ignore_index
+    y = np.where(has_target, problem.target, 0)
+    rows = np.arange(m)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        shifted = z - z.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        p = np.exp(log_p)
+        target_logprob = np.where(has_target, log_p[rows, y], np.nan)
+        entropy = -_times(p, log_p).sum(axis=1)
+        confidence = p.max(axis=1)
+        argmax = np.argmax(z, axis=1)
+        target_rank = np.where(has_target, (z > z[rows, y][:, None]).sum(axis=1), -1)
+        nan_row = np.isnan(z).any(axis=1)
+
+        counted = has_target & (v > 0)
+        vc = v[counted]
+        total = vc.sum()
+
+        def mean(x):
+            return float((vc * x[counted]).sum() / total) if total else np.nan
+
+        loss = -target_logprob.astype(np.float64)
+        w_y = w[y].astype(np.float64)[counted]
+        loss_weight = float((vc * w_y).sum())
+        weighted_loss = float(_times(vc * w_y, loss[counted]).sum() / loss_weight) if loss_weight else np.nan
+        correct = np.where(nan_row, np.nan, (argmax == y).astype(np.float64))
+        topk_accuracy = {kk: mean(np.where(nan_row, np.nan, (target_rank < kk).astype(np.float64))) for kk in ks}
+
+        # calibration: bins (i/B, (i+1)/B] of the confidence, over the counted rows
+        conf = confidence.astype(np.float64)[counted]
+        finite = ~np.isnan(conf)
+        index = np.clip(np.ceil(conf[finite] * nbins).astype(np.int64) - 1, 0, nbins - 1)
+        counts = np.bincount(index, vc[finite], nbins)
+        conf_sums = np.bincount(index, (vc * conf)[finite], nbins)
+        correct_sums = np.bincount(index, (vc * correct[counted])[finite], nbins)
+        ece = float(np.abs(correct_sums - conf_sums).sum() / total) if finite.all() and total else np.nan
+        mean_loss = mean(loss)
+    per_row_arrays = {}
+    if per_row:
+        lead = problem.lead
+        per_row_arrays = dict(
+            target_logprob=target_logprob.astype(dtype).reshape(lead),
+            entropy=entropy.astype(dtype).reshape(lead),
+            argmax=argmax.astype(np.int64).reshape(lead),
+            target_rank=target_rank.astype(np.int64).reshape(lead),
+            confidence=confidence.astype(dtype).reshape(lead),
+        )
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        return Evaluation(
+            loss=weighted_loss,
+            perplexity=float(np.exp(mean_loss)),
+            accuracy=mean(correct),
+            topk_accuracy=topk_accuracy,
+            mean_entropy=mean(entropy.astype(np.float64)),
+            mean_target_probability=mean(np.exp(target_logprob.astype(np.float64))),
+            mean_confidence=mean(confidence.astype(np.float64)),
+            ece=ece,
+            bin_counts=counts,
+            bin_confidence=np.where(counts > 0, conf_sums / counts, np.nan),
+            bin_accuracy=np.where(counts > 0, correct_sums / counts, np.nan),
+            rows=int(counted.sum()),
+            ignored_rows=int(m - counted.sum()),
+            **per_row_arrays,
+        )

@@ -1,0 +1,368 @@
+"""Evaluation kernels: every per-row number an evaluation needs, from one read of each row.
+
+Per row, with m = max_j z_j, s = sum_j exp(z_j - m) and lse = m + log s:
+  loss          lse - z_y (as the loss kernels: log1p form while p_y is not tiny)
+  entropy       lse - sum_j p_j z_j = log s - sum_j e_j (z_j - m) / s, e_j = exp(z_j - m)
+  confidence    max_j p_j = 1 / s
+  p_y           exp(z_y - m) / s
+  argmax        the first j with z_j = m (the first NaN for a row holding NaN, as np.argmax)
+  rank          #{j : z_j > z_y} (ties in the target's favour)
+The max pass gives m; one more pass over the row, still in cache, gives s, the entropy's
+sum, the rank and the argmax. Few classes go 64 rows at a time with the vector lanes
+across rows (fastsce._kernels.tiles' transposed tile), more one row at a time.
+
+Rows are reduced into per-chunk sums (each a float64 row of ``acc``, its layout below),
+in row order within a chunk and over fixed chunks, so the sums do not depend on the
+thread count; the caller adds the chunks. A row counts when its target is not
+ignore_index and its row weight v (sample_weight * where) is not 0; counted rows add
+v times each quantity. A row holding NaN makes its accuracy terms NaN (as its loss),
+and a row whose confidence is NaN is left out of the bins and counted in NAN_CONFIDENCE.
+
+Arguments: z (N, K) C-contiguous float32 / float64; target (N,) int64, checked (each in
+[0, K) or ignore_index); w (K,) class weights in z's dtype; v (N,) float64 or empty for
+all ones; topk (T,) int64; bins >= 1; acc (chunks, SUMS + T + 3 bins) float64; per_row
+(target_logprob, entropy, confidence) in z's dtype and (argmax, target_rank) int64, each
+(N,) or empty when not wanted (an ignored row's target_logprob is NaN, its rank -1).
+"""
+
+import math
+
+import numpy as np
+from numba import prange
+
+from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel, vector
+from fastsce._kernels.rows import BLOCK, _row_max
+from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.tiles import TILES_PER_CHUNK, _lane_max, _load_tile, tile_rows
+
+# The per-chunk sums, one float64 each (then T top-k sums, then the bins: B weights, B
+# confidence sums, B correct sums).
+LOSS = 0  # sum v w_y loss
+LOSS_WEIGHT = 1  # sum v w_y
+PLAIN_LOSS = 2  # sum v loss (perplexity)
+WEIGHT = 3  # sum v
+ROWS = 4  # counted rows
+ENTROPY = 5  # sum v entropy
+TARGET_PROBABILITY = 6  # sum v p_y
+CONFIDENCE = 7  # sum v confidence
+CORRECT = 8  # sum v [argmax = y]
+NAN_CONFIDENCE = 9  # sum v over counted rows whose confidence is NaN
+SUMS = 10
+
+
+def sums_size(topk: int, bins: int) -> int:
+    """Length of a row of ``acc`` for ``topk`` values of k and ``bins`` bins."""
+    return SUMS + topk + 3 * bins
+
+
+# --- one row (any K) ----------------------------------------------------------------------
+
+
+@vector
+def _eval_block(z, m, zy, offset, first):
+    """Over a part of a row: (sum exp(z - m) in z's dtype, sum exp(z - m) (z - m) likewise,
+    #{z > zy}, min(first, offset + the first j with z_j = m)). A term exp(d) d with
+    exp(d) = 0 adds 0 (d may be -inf)."""
+    prefer_512bit()
+    s = like(0, z)
+    sd = like(0, z)
+    zero = like(0, z)
+    rank = 0
+    none = first  # no match here: min() keeps first
+    for j in range(z.size):
+        d = z[j] - m
+        e = exp_nonpositive(d)
+        s += e
+        sd += e * d if e != zero else zero
+        rank += 1 if z[j] > zy else 0
+        first = min(first, offset + j if z[j] == m else none)
+    return s, sd, rank, first
+
+
+@jit
+def _eval_part(z, m, zy, offset, first):
+    """_eval_block over blocks of BLOCK terms, each block's sums added in float64."""
+    s = 0.0
+    sd = 0.0
+    rank = 0
+    for lo in range(0, z.size, BLOCK):
+        bs, bsd, br, first = _eval_block(z[lo : lo + BLOCK], m, zy, offset + lo, first)
+        s += bs
+        sd += bsd
+        rank += br
+    return s, sd, rank, first
+
+
+@jit
+def _first_nan(z):
+    for j in range(z.size):
+        if z[j] != z[j]:
+            return j
+    return 0
+
+
+@jit
+def _eval_row(zi, y, live):
+    """(loss, entropy, confidence, p_y, argmax, rank) of one row; y: its target, used when
+    ``live`` (else loss, p_y and rank are not meaningful)."""
+    k = zi.size
+    m = _row_max(zi)
+    if live:
+        zy = zi[y]
+        s1, sd1, r1, first = _eval_part(zi[:y], m, zy, 0, k)
+        s2, sd2, r2, first = _eval_part(zi[y + 1 :], m, zy, y + 1, first)
+        s_other, sd, rank = s1 + s2, sd1 + sd2, r1 + r2
+        if (zy == m or zy != zy) and y < first:
+            first = y
+    else:
+        zy = m
+        s_other, sd, rank, first = _eval_part(zi, m, m, 0, k)
+    if first == k:  # no logit equals the max: it is NaN
+        first = _first_nan(zi)
+    zy_shift = float(zy) - float(m) if live else -math.inf
+    e_y = math.exp(zy_shift)
+    s = s_other + e_y
+    loss = lse_minus_target(s_other, e_y, zy_shift) if live else 0.0
+    if e_y != 0:
+        sd += e_y * zy_shift
+    entropy = math.log(s) - sd / s
+    return loss, entropy, 1.0 / s, e_y / s, first, rank, m != m
+
+
+@jit
+def _bin(conf, bins):
+    """The bin (i/B, (i+1)/B] holding a confidence in (0, 1]."""
+    return min(max(int(math.ceil(conf * bins)) - 1, 0), bins - 1)
+
+
+@jit
+def _add_row(acc, vi, w_y, loss, entropy, conf, p_y, correct, rank, topk, bins):
+    acc[LOSS] += times(vi * w_y, loss)
+    acc[LOSS_WEIGHT] += vi * w_y
+    acc[PLAIN_LOSS] += vi * loss
+    acc[WEIGHT] += vi
+    acc[ROWS] += 1.0
+    acc[ENTROPY] += vi * entropy
+    acc[TARGET_PROBABILITY] += vi * p_y
+    acc[CONFIDENCE] += vi * conf
+    acc[CORRECT] += vi * correct
+    nan_row = correct != correct
+    for t in range(topk.size):
+        acc[SUMS + t] += math.nan if nan_row else (vi if rank < topk[t] else 0.0)
+    if conf == conf:
+        base = SUMS + topk.size
+        b = _bin(conf, bins)
+        acc[base + b] += vi
+        acc[base + bins + b] += vi * conf
+        acc[base + 2 * bins + b] += vi * correct
+    else:
+        acc[NAN_CONFIDENCE] += vi
+
+
+@jit
+def _store_row(per_row, i, live, loss, entropy, conf, first, rank):
+    target_logprob, ent, confidence, argmax, target_rank = per_row
+    if target_logprob.size:
+        target_logprob[i] = -loss if live else math.nan
+    if ent.size:
+        ent[i] = entropy
+    if confidence.size:
+        confidence[i] = conf
+    if argmax.size:
+        argmax[i] = first
+    if target_rank.size:
+        target_rank[i] = rank if live else -1
+
+
+@parallel
+def evaluate_rows(z, target, ignore_index, w, v, topk, bins, chunk_rows, acc, per_row):
+    """One row at a time, rows lo .. hi of chunk c into acc[c]."""
+    n = z.shape[0]
+    for c in prange(acc.shape[0]):
+        row = np.zeros(acc.shape[1])
+        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
+            y = target[i]
+            has_target = y != ignore_index
+            loss, entropy, conf, p_y, first, rank, nan_row = _eval_row(z[i], y, has_target)
+            vi = (v[i] if v.size else 1.0) if has_target else 0.0
+            if vi != 0:
+                correct = math.nan if nan_row else (1.0 if first == y else 0.0)
+                _add_row(row, vi, float(w[y]), loss, entropy, conf, p_y, correct, rank, topk, bins)
+            _store_row(per_row, i, has_target, loss, entropy, conf, first, rank)
+        acc[c, :] = row
+
+
+# --- 64 rows at a time (few classes) -----------------------------------------------------------
+
+
+@jit
+def _lane_argmax_rank(T, m, zt, first, rank):
+    """first[r] = the first j with T[j, r] = m[r] or NaN (K when none), rank[r] = #{j :
+    T[j, r] > zt[r]}."""
+    prefer_512bit()
+    k = T.shape[0]
+    for r in range(tile_rows(T)):
+        first[r] = k
+        rank[r] = 0
+    for jj in range(k):
+        j = k - 1 - jj  # descending: the last one written is the first
+        tj = T[j]
+        for r in range(tile_rows(T)):
+            x = tj[r]
+            first[r] = j if x == m[r] or x != x else first[r]
+            rank[r] += 1 if x > zt[r] else 0
+
+
+@jit
+def _lane_exp_entropy(T, m, s, sd):
+    """s[r] = sum_j exp(T[j, r] - m[r]), sd[r] = sum_j exp(..) (T[j, r] - m[r]), float64."""
+    prefer_512bit()
+    for r in range(tile_rows(T)):
+        s[r] = 0.0
+        sd[r] = 0.0
+    zero = like(0, T)
+    for j in range(T.shape[0]):
+        tj = T[j]
+        for r in range(tile_rows(T)):
+            d = tj[r] - m[r]
+            e = exp_nonpositive(d)
+            s[r] += float(e)
+            sd[r] += float(e * d) if e != zero else 0.0
+
+
+@vector
+def _lane_finish(k, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, conf, py, correct, tsum):
+    """Per lane: loss, entropy, confidence, p_y and correctness (see the module notes);
+    tsum += the tile's first SUMS sums, over the lanes with vr != 0. A lane with yl = k
+    has no target (ignored)."""
+    prefer_512bit()
+    t_loss = 0.0
+    t_lw = 0.0
+    t_plain = 0.0
+    t_w = 0.0
+    t_rows = 0.0
+    t_ent = 0.0
+    t_py = 0.0
+    t_conf = 0.0
+    t_corr = 0.0
+    for r in range(tile_rows(m)):
+        live = yl[r] != k
+        counted = vr[r] != 0
+        zy = float(zt[r]) - float(m[r]) if live else -math.inf
+        e_y = exp_nonpositive(zy)
+        s = s_other[r] + e_y
+        inv_s = 1.0 / s
+        log_s = log_normal(s) if s >= 1.0 else math.nan  # s >= 1 or NaN
+        lo = lse_minus_target(s_other[r], e_y, zy) if live else 0.0
+        ent = log_s - (sd[r] + (e_y * zy if e_y != 0 else 0.0)) * inv_s
+        f = first[r]
+        if (zt[r] == m[r] or zt[r] != zt[r]) and yl[r] < f:
+            f = yl[r]
+        first[r] = f
+        cor = math.nan if m[r] != m[r] else (1.0 if f == yl[r] else 0.0)
+        loss[r] = lo
+        entropy[r] = ent
+        conf[r] = inv_s
+        py[r] = e_y * inv_s
+        correct[r] = cor
+        v = vr[r]
+        zero = 0.0
+        t_loss += times(v * wy[r], lo) if counted else zero
+        t_lw += v * wy[r]
+        t_plain += v * lo if counted else zero
+        t_w += v
+        t_rows += 1.0 if counted else zero
+        t_ent += v * ent if counted else zero
+        t_py += v * py[r] if counted else zero
+        t_conf += v * inv_s if counted else zero
+        t_corr += v * cor if counted else zero
+    tsum[LOSS] += t_loss
+    tsum[LOSS_WEIGHT] += t_lw
+    tsum[PLAIN_LOSS] += t_plain
+    tsum[WEIGHT] += t_w
+    tsum[ROWS] += t_rows
+    tsum[ENTROPY] += t_ent
+    tsum[TARGET_PROBABILITY] += t_py
+    tsum[CONFIDENCE] += t_conf
+    tsum[CORRECT] += t_corr
+
+
+@jit
+def _tile_eval(zt, yt, vt, rows, ignore_index, w, topk, bins, T, m, zl, il, fl, acc, first_row, per_row):
+    """The tile zt (R, K) (rows beyond ``rows`` ignored) into acc and per_row."""
+    k = T.shape[0]
+    _load_tile(zt, T)
+    _lane_max(T, m)
+    yl, first, rank = il[0], il[1], il[2]
+    vr, wy, s_other, sd, loss, entropy, conf, py, correct = fl[0], fl[1], fl[2], fl[3], fl[4], fl[5], fl[6], fl[7], fl[8]
+    for r in range(tile_rows(T)):
+        y = yt[r] if r < rows else ignore_index
+        if y == ignore_index:
+            yl[r] = k
+            zl[r] = m[r]
+            vr[r] = 0.0
+            wy[r] = 0.0
+        else:
+            yl[r] = y
+            zl[r] = T[y, r]
+            vr[r] = vt[r] if vt.size else 1.0
+            wy[r] = w[y] if vr[r] != 0 else 0.0
+    _lane_argmax_rank(T, m, zl, first, rank)
+    for r in range(tile_rows(T)):
+        if yl[r] != k:
+            T[yl[r], r] = -np.inf  # leaves the target out of s_other
+    _lane_exp_entropy(T, m, s_other, sd)
+    _lane_finish(k, m, zl, yl, vr, wy, first, s_other, sd, loss, entropy, conf, py, correct, acc)
+    base = SUMS + topk.size
+    for r in range(tile_rows(T)):
+        v = vr[r]
+        if v != 0:
+            nan_row = correct[r] != correct[r]
+            for t in range(topk.size):
+                acc[SUMS + t] += math.nan if nan_row else (v if rank[r] < topk[t] else 0.0)
+            c = conf[r]
+            if c == c:
+                b = _bin(c, bins)
+                acc[base + b] += v
+                acc[base + bins + b] += v * c
+                acc[base + 2 * bins + b] += v * correct[r]
+            else:
+                acc[NAN_CONFIDENCE] += v
+    for r in range(rows):
+        live = yl[r] != k
+        _store_row(per_row, first_row + r, live, loss[r], entropy[r], conf[r], first[r], rank[r])
+
+
+@parallel
+def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, acc, per_row):
+    """64 rows at a time, TILES_PER_CHUNK tiles per chunk c into acc[c]."""
+    n, k = z.shape
+    R = tile_rows(z)
+    for c in prange(acc.shape[0]):
+        row = np.zeros(acc.shape[1])
+        T = np.empty((k, R), z.dtype)
+        m = np.empty(R, z.dtype)
+        zl = np.empty(R, z.dtype)
+        il = np.empty((3, R), np.int64)
+        fl = np.empty((9, R), np.float64)
+        zpad = np.zeros((R, k), z.dtype)
+        ypad = np.empty(R, np.int64)
+        vpad = np.ones(R if v.size else 0, np.float64)
+        for i in range(c * TILES_PER_CHUNK * R, min(n, (c + 1) * TILES_PER_CHUNK * R), R):
+            rows = min(R, n - i)
+            if rows == R:
+                zt, yt, vt = z[i : i + R], target[i : i + R], v[i : i + R] if v.size else v
+            else:
+                zpad[:rows] = z[i:n]
+                zt = zpad
+                ypad[:rows] = target[i:n]
+                yt = ypad
+                if v.size:
+                    vpad[:rows] = v[i:n]
+                vt = vpad
+            _tile_eval(
+                zt, yt, vt, rows, ignore_index, borrowed(w), topk, bins, borrowed(T), borrowed(m), borrowed(zl),
+                borrowed(il), borrowed(fl), row, i, per_row,
+            )  # fmt: skip
+        keep_alive((T, m, zl, il, fl))
+        acc[c, :] = row

@@ -1,0 +1,262 @@
+"""fastsce.evaluate: loss, accuracy, top-k, perplexity, entropy and calibration from one
+read of the logits.
+
+The kernels (fastsce._kernels.metrics) reduce the rows into float64 sums, chunk by
+chunk; :class:`MetricSums` holds them, adds the sums of several batches (the command
+line's chunks, a Dask array's blocks) and finishes them into an :class:`Evaluation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fastsce import _threads
+from fastsce._kernels import metrics as kernels, rows as row_kernels
+from fastsce._kernels.tiles import CHUNK_ROWS
+from fastsce._layout import row_blocks
+from fastsce._typing import ArrayLike
+from fastsce._validate import Problem, check_labels, check_problem
+
+__all__ = ["evaluate", "Evaluation", "MetricSums"]
+
+# Few classes go to the tile kernel (rows across the vector lanes), more one row at a
+# time: the loss-only thresholds of fastsce.api.SMALL_K.
+SMALL_K = {np.dtype(np.float32): 384, np.dtype(np.float64): 200}
+ROW_CHUNK_LOGITS = 1 << 16  # logits per chunk of the row kernel (as fastsce.api)
+COPY_BLOCK_LOGITS = 1 << 20  # logits per copied block when the layout needs copies
+
+_NO_F32, _NO_F64, _NO_INT = np.empty(0, np.float32), np.empty(0, np.float64), np.empty(0, np.int64)
+_NO_ROW_WEIGHTS = np.empty(0, np.float64)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class Evaluation:
+    """The metrics of a batch of logits against class-index targets.
+
+    Rows count unless their target is ``ignore_index`` or their row weight
+    (``sample_weight`` times ``where``) is 0; every mean is over the counted rows, each
+    weighted by its row weight. ``loss`` also weights each row by its target's class
+    weight and divides by their sum (PyTorch's "mean"); the other metrics ignore class
+    weights. Per-row arrays are present only with ``per_row=True``.
+    """
+
+    loss: float  #: mean cross-entropy, PyTorch's weighting
+    perplexity: float  #: exp of the mean cross-entropy without class weights
+    accuracy: float  #: fraction whose argmax (first maximum) is the target
+    topk_accuracy: dict[int, float]  #: k -> fraction with fewer than k logits above the target's
+    mean_entropy: float  #: mean entropy of the predicted distributions (nats)
+    mean_target_probability: float  #: mean softmax probability of the target
+    mean_confidence: float  #: mean of the largest softmax probability
+    ece: float  #: expected calibration error over equal-width confidence bins
+    bin_counts: np.ndarray  #: (bins,) counted rows (their total row weight) per bin (i/B, (i+1)/B]
+    bin_confidence: np.ndarray  #: (bins,) mean confidence per bin (NaN when empty)
+    bin_accuracy: np.ndarray  #: (bins,) accuracy per bin (NaN when empty)
+    rows: int  #: rows counted
+    ignored_rows: int  #: rows left out (ignore_index, where=False or weight 0)
+    target_logprob: np.ndarray | None = field(default=None)  #: log p of the target (NaN if ignored)
+    entropy: np.ndarray | None = field(default=None)  #: per-row entropy
+    argmax: np.ndarray | None = field(default=None)  #: per-row first maximum
+    target_rank: np.ndarray | None = field(default=None)  #: logits above the target's (-1 if ignored)
+    confidence: np.ndarray | None = field(default=None)  #: per-row largest probability
+
+    PER_ROW = ("target_logprob", "entropy", "argmax", "target_rank", "confidence")
+    SCALARS = ("loss", "perplexity", "accuracy", "mean_entropy", "mean_target_probability", "mean_confidence", "ece")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain Python values (JSON-ready): floats, ints, a dict of top-k accuracies, the bins as
+        lists; the per-row arrays, when present, as NumPy arrays under their names."""
+        d: dict[str, Any] = {name: float(getattr(self, name)) for name in self.SCALARS}
+        d["topk_accuracy"] = {int(k): float(v) for k, v in self.topk_accuracy.items()}
+        d["rows"], d["ignored_rows"] = int(self.rows), int(self.ignored_rows)
+        d["bins"] = {
+            "counts": self.bin_counts.tolist(),
+            "confidence": self.bin_confidence.tolist(),
+            "accuracy": self.bin_accuracy.tolist(),
+        }
+        for name in self.PER_ROW:
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        return d
+
+    def __repr__(self) -> str:
+        topk = ", ".join(f"{k}: {v:.6g}" for k, v in self.topk_accuracy.items())
+        lines = [f"{name}={getattr(self, name):.6g}" for name in self.SCALARS]
+        lines.insert(3, f"topk_accuracy={{{topk}}}")
+        lines.append(f"bins={self.bin_counts.size}")
+        lines.append(f"rows={self.rows}, ignored_rows={self.ignored_rows}")
+        per_row = [name for name in self.PER_ROW if getattr(self, name) is not None]
+        if per_row:
+            lines.append(f"per-row arrays of shape {getattr(self, per_row[0]).shape}: {', '.join(per_row)}")
+        return "Evaluation(\n    " + ",\n    ".join(lines) + ",\n)"
+
+
+@dataclass(frozen=True)
+class MetricSums:
+    """The float64 sums an Evaluation is made of (layout: fastsce._kernels.metrics), for
+    ``topk`` and ``bins``. Sums of batches of rows add up to those of all the rows
+    (``a + b``, in a fixed order: the same bits for the same batches)."""
+
+    topk: tuple[int, ...]
+    bins: int
+    sums: np.ndarray
+    rows: int  # rows seen, counted or not
+
+    def __add__(self, other: MetricSums) -> MetricSums:
+        if (self.topk, self.bins) != (other.topk, other.bins):
+            raise ValueError(f"cannot add the sums of topk={other.topk}, bins={other.bins} to topk={self.topk}, bins={self.bins}")
+        return MetricSums(self.topk, self.bins, self.sums + other.sums, self.rows + other.rows)
+
+    @classmethod
+    def zero(cls, topk: tuple[int, ...], bins: int) -> MetricSums:
+        return cls(topk, bins, np.zeros(kernels.sums_size(len(topk), bins)), 0)
+
+    def finish(self, per_row: dict[str, np.ndarray] | None = None) -> Evaluation:
+        s, t, b = self.sums, len(self.topk), self.bins
+        weight = s[kernels.WEIGHT]
+        base = kernels.SUMS + t
+        counts, conf, correct = s[base : base + b], s[base + b : base + 2 * b], s[base + 2 * b : base + 3 * b]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bin_confidence = np.where(counts > 0, conf / np.where(counts > 0, counts, 1), np.nan)
+            bin_accuracy = np.where(counts > 0, correct / np.where(counts > 0, counts, 1), np.nan)
+        ece = math.nan if s[kernels.NAN_CONFIDENCE] else _ratio(float(np.abs(correct - conf).sum()), weight)
+        mean_loss = _ratio(s[kernels.PLAIN_LOSS], weight)
+        counted = int(s[kernels.ROWS])
+        return Evaluation(
+            loss=_ratio(s[kernels.LOSS], s[kernels.LOSS_WEIGHT]),
+            perplexity=math.exp(mean_loss) if mean_loss < 709.0 else (math.inf if mean_loss == mean_loss else math.nan),
+            accuracy=_ratio(s[kernels.CORRECT], weight),
+            topk_accuracy={k: _ratio(s[kernels.SUMS + i], weight) for i, k in enumerate(self.topk)},
+            mean_entropy=_ratio(s[kernels.ENTROPY], weight),
+            mean_target_probability=_ratio(s[kernels.TARGET_PROBABILITY], weight),
+            mean_confidence=_ratio(s[kernels.CONFIDENCE], weight),
+            ece=ece,
+            bin_counts=counts.copy(),
+            bin_confidence=bin_confidence,
+            bin_accuracy=bin_accuracy,
+            rows=counted,
+            ignored_rows=self.rows - counted,
+            **(per_row or {}),
+        )
+
+
+def check_topk(topk) -> tuple[int, ...]:
+    """topk as a tuple of distinct positive ints, in the order given."""
+    items = (topk,) if isinstance(topk, numbers.Integral) else topk
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"topk must be an int or a sequence of ints; got {topk!r}. Pass e.g. topk=(1, 5)") from None
+    for k in items:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"topk must hold positive integers; got {k!r} in topk={topk!r}. Pass e.g. topk=(1, 5)")
+    if len(set(items)) != len(items):
+        raise ValueError(f"topk has a repeated value: topk={topk!r}. Pass each k once")
+    return tuple(int(k) for k in items)
+
+
+def check_bins(bins) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 1 <= bins <= 1 << 20:
+        raise ValueError(f"bins must be an integer from 1 to {1 << 20}; got {bins!r}. Pass e.g. bins=15")
+    return int(bins)
+
+
+def check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where):
+    """(problem, topk, bins), checked as fastsce.cross_entropy checks its arguments;
+    class-index targets only."""
+    problem = check_problem(
+        logits, target, weight, ignore_index, "mean", axis=axis, sample_weight=sample_weight, where=where
+    )
+    if problem.soft:
+        raise ValueError(
+            f"evaluate takes class indices; target has the logits' shape {np.shape(target)} (probabilities). "
+            f"Pass target.argmax(axis={problem.axis}) for the most likely class of each row"
+        )
+    return problem, check_topk(topk), check_bins(bins)
+
+
+def metric_sums(problem: Problem, topk: tuple[int, ...], bins: int, per_row: bool = False):
+    """(MetricSums, per-row arrays or None) of a checked problem (labels checked here)."""
+    m, k = problem.shape
+    compute = problem.compute
+    w = np.ones(k, compute) if problem.weight is None else problem.weight
+    v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
+    bad_row, _, _ = row_kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
+    check_labels(problem, bad_row)
+    no_float = _NO_F32 if compute == np.float32 else _NO_F64
+    if per_row:
+        arrays = (np.empty(m, compute), np.empty(m, compute), np.empty(m, compute), np.empty(m, np.int64), np.empty(m, np.int64))
+    else:
+        arrays = (no_float, no_float, no_float, _NO_INT, _NO_INT)
+    ks = np.array(topk, np.int64)
+    small = k <= SMALL_K[compute]
+    chunk_rows = CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // max(k, 1))
+    accs = []
+    serial = _threads.runs_serial(m * k)
+    with contextlib.nullcontext(_threads._serial) if serial else _threads.launching(m * k) as pick:
+        for r0, r1, z, _, _ in row_blocks(problem.rows, compute, COPY_BLOCK_LOGITS):
+            acc = np.zeros((-(-(r1 - r0) // chunk_rows), kernels.sums_size(len(topk), bins)))
+            outs = tuple(a[r0:r1] if a.size else a for a in arrays)
+            t, vb = problem.target[r0:r1], v[r0:r1] if v.size else v
+            if small:
+                pick(kernels.evaluate_tiles)(z, t, problem.ignore_index, w, vb, ks, bins, acc, outs)
+            else:
+                pick(kernels.evaluate_rows)(z, t, problem.ignore_index, w, vb, ks, bins, chunk_rows, acc, outs)
+            accs.append(acc)
+            z = None
+    total = MetricSums.zero(topk, bins)
+    sums = np.concatenate(accs).sum(axis=0) if accs else total.sums
+    result = MetricSums(topk, bins, sums, m)
+    if not per_row:
+        return result, None
+    lead = problem.lead
+    names = ("target_logprob", "entropy", "confidence", "argmax", "target_rank")
+    return result, {name: a.reshape(lead) for name, a in zip(names, arrays)}
+
+
+def evaluate(
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    per_row: bool = False,
+) -> Evaluation:
+    """Loss, perplexity, accuracy, top-k accuracy, entropy, target probability,
+    confidence and expected calibration error of ``logits`` against class indices
+    ``target``, from one read of each row.
+
+    Arguments as :func:`fastsce.cross_entropy` (class-index targets; ``axis`` the class
+    axis; float32, float64, float16 and bfloat16 logits, the last two computed in
+    float32). ``topk``: the k of the top-k accuracies (a k of K or more gives 1);
+    ``bins``: the number of equal-width confidence bins (i/B, (i+1)/B] of the
+    calibration error (Guo et al. 2017: sum over bins of |accuracy - confidence|
+    weighted by the bin's share of the rows). ``per_row=True`` also returns per-row
+    arrays (shaped like ``target``): target_logprob (NaN where ignored), entropy,
+    argmax, target_rank (-1 where ignored) and confidence.
+
+    Ties: ``accuracy`` asks whether the argmax (NumPy's: the first maximum) is the target;
+    the top-k accuracies count a row when fewer than k logits are strictly greater than
+    the target's, so a tie counts in the target's favour (topk_accuracy[1] >= accuracy,
+    equal without ties). A row holding NaN has NaN loss, entropy, probabilities and
+    accuracies, as its loss is NaN; those NaNs carry into the means. A counted row whose
+    confidence is NaN (NaN or +inf logits, or only -inf) makes ``ece`` NaN and is left
+    out of the bins. With no row counted every mean is NaN.
+    """
+    problem, ks, nbins = check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where)
+    sums, arrays = metric_sums(problem, ks, nbins, per_row)
+    return sums.finish(arrays)
