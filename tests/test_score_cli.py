@@ -291,3 +291,27 @@ def test_help_is_plain_text(capsys):
     for option in ("--topk", "--bins", "--per-row-out DIR", "--plot FILE.png", "--chunk-rows", "--json", "Exit status"):
         assert option in text
     assert "``" not in text and ":func:" not in text
+
+
+def test_memory_is_bounded_by_the_chunk(tmp_path, capsys):
+    """40 MB of logits in chunks of 1 MB: the memory allocated (NumPy's, traced) stays a
+    few chunks, whatever the file's size — the logits are read through the memory map."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, k = 20000, 500
+    np.save(tmp_path / "x.npy", rng.standard_normal((n, k), dtype=np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, k, n))
+    argv = [str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), "--chunk-rows", "500", "--json"]
+    status, _, err = _run(argv, capsys)  # compiled, and the modules imported, before measuring
+    assert status == 0, err
+    tracemalloc.start()
+    try:
+        status, out, err = _run([*argv, "--per-row-out", str(tmp_path / "rows")], capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 0, err
+    assert json.loads(out)["chunks"] == 40
+    # the labels (int64, 160 kB) and their checks are O(N); a chunk of logits is 1 MB
+    assert peak < 4e6, f"{peak / 1e6:.1f} MB allocated for 40 MB of logits"
