@@ -218,8 +218,9 @@ def test_outputs_never_replace_inputs(tmp_path, capsys):
         assert exc.value.code == 2 and "would replace the input" in capsys.readouterr().err
 
 
-def test_a_failure_leaves_no_output(tmp_path, capsys, monkeypatch):
-    """An error half-way: no per-row file, no plot, and the directory made for them removed."""
+@pytest.mark.parametrize("error", ["RuntimeError", "KeyboardInterrupt"])
+def test_a_failure_leaves_no_output(tmp_path, capsys, monkeypatch, error):
+    """An error or Ctrl-C half-way: no per-row file, no plot, and the directory made for them removed."""
     from fastsce import metrics
 
     _, paths = _files(tmp_path)
@@ -228,7 +229,7 @@ def test_a_failure_leaves_no_output(tmp_path, capsys, monkeypatch):
     def fail_on_the_third_chunk(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:  # the warm-up, then chunks
-            raise RuntimeError("disk on fire")
+            raise RuntimeError("disk on fire") if error == "RuntimeError" else KeyboardInterrupt()
         return real(*args, **kwargs)
 
     monkeypatch.setattr(metrics, "metric_sums", fail_on_the_third_chunk)
@@ -236,8 +237,10 @@ def test_a_failure_leaves_no_output(tmp_path, capsys, monkeypatch):
     if HAS_MATPLOTLIB:
         argv += ["--plot", str(tmp_path / "r.png")]
     status, out, err = _run(argv, capsys)
-    assert status == 1 and out == ""
-    assert err.strip().splitlines()[-1] == "error: RuntimeError: disk on fire; no output written"
+    assert (status, out) == ((1, "") if error == "RuntimeError" else (130, ""))
+    last = {"RuntimeError": "error: RuntimeError: disk on fire; no output written",
+            "KeyboardInterrupt": "interrupted: no output written"}[error]  # fmt: skip
+    assert err.strip().splitlines()[-1] == last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logits.npy", "target.npy"]
 
 
