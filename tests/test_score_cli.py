@@ -37,7 +37,8 @@ def _files(tmp_path, shape=(N, K), axis=-1, dtype="float32", weight=False, sampl
     lead = shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
     target = rng.integers(0, k, lead)
     logits = rng.standard_normal(shape)
-    np.put_along_axis(logits, np.expand_dims(target, axis), 2.0 + np.take_along_axis(logits, np.expand_dims(target, axis), axis), axis)
+    at = np.expand_dims(target, axis)
+    np.put_along_axis(logits, at, 2.0 + np.take_along_axis(logits, at, axis), axis)
     logits = 2.5 * logits
     if ties:
         logits = np.round(logits)  # many ties with the target's logit

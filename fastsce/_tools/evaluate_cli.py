@@ -58,8 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "target", metavar="TARGET.npy", help="integer class indices shaped like the logits without the class axis"
     )
-    parser.add_argument("--topk", type=_topk, default=(1, 5), metavar="K,...", help="the k of the top-k accuracies (default 1,5)")
-    parser.add_argument("--bins", type=int, default=15, metavar="B", help="equal-width confidence bins of the ECE (default 15)")
+    parser.add_argument(
+        "--topk", type=_topk, default=(1, 5), metavar="K,...", help="the k of the top-k accuracies (default 1,5)"
+    )
+    parser.add_argument(
+        "--bins", type=int, default=15, metavar="B", help="equal-width confidence bins of the ECE (default 15)"
+    )
     parser.add_argument(
         "--axis", type=int, default=-1, help="the class axis (default -1; 1 for PyTorch's (N, K, d1, ...))"
     )
@@ -288,7 +292,8 @@ def format_table(evaluation, summary: dict | None = None) -> str:
                 + (f" (after {summary['compile_seconds']:.1f} s of compiling)" if summary["compile_seconds"] else "")
             )
         if summary["per_row_out"]:
-            lines.append(f"per-row arrays ({', '.join(n + '.npy' for n in PER_ROW)}) written to {summary['per_row_out']}")
+            names = ", ".join(n + ".npy" for n in PER_ROW)
+            lines.append(f"per-row arrays ({names}) written to {summary['per_row_out']}")
         if summary["plot"]:
             lines.append(f"reliability diagram written to {summary['plot']}")
     lines.append("")

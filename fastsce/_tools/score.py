@@ -613,7 +613,8 @@ class _CompileNotice:
         if self.depth == 0:
             self.t0 = time.perf_counter()
             if not self.announced:
-                print(f"{self.name}: compiling the kernels for these dtypes and options (first use only)...", file=sys.stderr)
+                message = f"{self.name}: compiling the kernels for these dtypes and options (first use only)..."
+                print(message, file=sys.stderr)
                 self.announced = True
         self.depth += 1
 
