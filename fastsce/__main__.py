@@ -9,6 +9,10 @@ python -m fastsce loss LOGITS.npy TARGET.npy: the loss (and optionally gradient 
 per-row losses) of logits and targets in .npy files, in chunks of rows
 (python -m fastsce loss --help).
 
+python -m fastsce score LOGITS.npy TARGET.npy: every metric of fastsce.evaluate (loss,
+perplexity, accuracy, top-k, entropy, calibration) of the same files, in chunks, with
+per-row arrays and a reliability diagram (python -m fastsce score --help).
+
 python -m fastsce warmup: compile every kernel path ahead of time into the on-disk
 cache, on all cores (python -m fastsce warmup --help)."""
 
@@ -34,7 +38,7 @@ def _plain(doc: str) -> str:
 
 def main(argv=None) -> int:
     from fastsce import __version__, _warmup
-    from fastsce._tools import report, score
+    from fastsce._tools import evaluate_cli, report, score
 
     parser = argparse.ArgumentParser(
         prog="python -m fastsce", description=_plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
@@ -47,7 +51,7 @@ def main(argv=None) -> int:
         "--repeat", dest="check_repeat", type=int, metavar="R", help="timed calls per implementation (default 10)"
     )
     parser.add_argument("--seed", type=int, help="random seed of the batch (default 0)")
-    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench,loss,warmup}")
+    commands = parser.add_subparsers(dest="command", title="subcommands", metavar="{bench,loss,score,warmup}")
     bench = commands.add_parser(
         "bench",
         help="benchmark report: fastsce against memcpy, the NumPy reference and the peers installed",
@@ -62,6 +66,13 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     score.add_arguments(loss)
+    scoring = commands.add_parser(
+        "score",
+        help="loss, accuracy, top-k, entropy and calibration of logits and targets in .npy files, in chunks",
+        description=_plain(evaluate_cli.__doc__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate_cli.add_arguments(scoring)
     warm = commands.add_parser(
         "warmup",
         help="compile every kernel path now, into the on-disk cache",
@@ -95,6 +106,10 @@ def main(argv=None) -> int:
         if given:
             parser.error(f"{', '.join(given)}: options of the check job (no subcommand); loss's go after 'loss'")
         return score.run(args, loss)
+    if args.command == "score":
+        if given:
+            parser.error(f"{', '.join(given)}: options of the check job (no subcommand); score's go after 'score'")
+        return evaluate_cli.run(args, scoring)
     if args.command == "warmup":
         if given:
             parser.error(f"{', '.join(given)}: options of the check job (no subcommand); warmup's go after 'warmup'")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import errno
 import json
 import math
@@ -282,16 +283,15 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-class _AtomicNpy:
-    """An .npy file of the given shape and dtype, reserved in full on disk and
-    memory-mapped (``array``), put in place at ``path`` by :meth:`commit` and removed
-    by :meth:`discard`.
+class _AtomicFile:
+    """A file of ``nbytes``, reserved in full on disk, put in place at ``path`` by
+    :meth:`commit` and removed by :meth:`discard`; subclasses fill it (:meth:`_fill`).
 
     Written through an unnamed file (O_TMPFILE) where the filesystem allows: nothing is
     visible until commit links it into the directory, so even SIGKILL leaves nothing
     behind. Elsewhere, through a hidden named file next to the destination."""
 
-    def __init__(self, path: str, shape, dtype: np.dtype, option: str):
+    def __init__(self, path: str, nbytes: int, option: str):
         self.path = path  # a real path (see _output_path)
         self.directory = os.path.dirname(path)
         self.fd = None
@@ -299,16 +299,14 @@ class _AtomicNpy:
         self.array = None
         try:
             self._open()
-            header = _npy_header(shape, dtype)
-            nbytes = math.prod(shape) * dtype.itemsize
-            _reserve(self.fd, len(header) + nbytes, path, option)
-            os.pwrite(self.fd, header, 0)
-            if nbytes:
-                with os.fdopen(os.dup(self.fd), "r+b") as f:  # np.memmap maps its own descriptor
-                    self.array = np.memmap(f, dtype=dtype, mode="r+", offset=len(header), shape=shape)
+            _reserve(self.fd, nbytes, path, option)
+            self._fill()
         except BaseException:
             self.discard()
             raise
+
+    def _fill(self) -> None:
+        pass
 
     def _open(self) -> None:
         if hasattr(os, "O_TMPFILE"):
@@ -353,6 +351,35 @@ class _AtomicNpy:
             except FileNotFoundError:
                 pass
             self.tmp = None
+
+
+class _AtomicNpy(_AtomicFile):
+    """An .npy file of the given shape and dtype, memory-mapped as ``array`` to be
+    written in place."""
+
+    def __init__(self, path: str, shape, dtype: np.dtype, option: str):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.header = _npy_header(shape, dtype)
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+        super().__init__(path, len(self.header) + self.nbytes, option)
+
+    def _fill(self) -> None:
+        os.pwrite(self.fd, self.header, 0)
+        if self.nbytes:
+            with os.fdopen(os.dup(self.fd), "r+b") as f:  # np.memmap maps its own descriptor
+                self.array = np.memmap(f, dtype=self.dtype, mode="r+", offset=len(self.header), shape=self.shape)
+
+
+class _AtomicBytes(_AtomicFile):
+    """A file holding ``data`` (e.g. a rendered image)."""
+
+    def __init__(self, path: str, data: bytes, option: str):
+        self.data = data
+        super().__init__(path, len(data), option)
+
+    def _fill(self) -> None:
+        os.pwrite(self.fd, self.data, 0)
+        self.data = None
 
 
 def _link_unnamed(fd: int, path: str) -> str:
@@ -416,45 +443,90 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """The ``loss`` subcommand; returns the exit status."""
     from fastsce import api
 
+    check_chunk_rows(args, parser)
+    named_outputs = [(o, p) for o, p in (("--grad-out", args.grad_out), ("--per-row-out", args.per_row_out)) if p]
+    refuse_overwriting_inputs(args, parser, named_outputs)
+    try:
+        outputs = {option: _output_path(p, option) for option, p in named_outputs}
+        sources, logits, target, weight, row_weights = read_inputs(args)
+        problem = _check(logits, target, weight, row_weights, args)
+    except (InputError, TypeError, ValueError, IndexError) as e:  # the API's checks too
+        return _fail(f"error: {e}", 2)
+
+    def work(compiling, written):
+        try:
+            # The first pass over the labels (and row weights): the "mean"
+            # denominators; an IndexError names the first bad label.
+            _, _, d, d_z = api._weights(problem)
+        except (TypeError, ValueError, IndexError) as e:
+            raise InputError(str(e)) from None
+        return _compute(args, problem, sources, (d, d_z), outputs, written, compiling)
+
+    summary = execute("loss", work)
+    if isinstance(summary, int):
+        return summary
+    _timing(summary)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(_text(summary))
+    return 0
+
+
+# --- pieces shared with the score subcommand (fastsce/_tools/evaluate_cli.py) -------------
+
+
+def check_chunk_rows(args, parser) -> None:
     if args.chunk_rows is not None and args.chunk_rows < 1:
         parser.error("--chunk-rows must be positive")
-    named_outputs = [(o, p) for o, p in (("--grad-out", args.grad_out), ("--per-row-out", args.per_row_out)) if p]
-    if args.grad_out and args.per_row_out and _same_file(args.grad_out, args.per_row_out):
-        parser.error("--grad-out and --per-row-out name the same file")
+
+
+def refuse_overwriting_inputs(args, parser, named_outputs) -> None:
+    """parser.error (exit 2) when two outputs, or an output and an input file (args.logits,
+    target, weight, sample_weight, where), are the same file. named_outputs: (option, path)."""
+    for i, (option, out) in enumerate(named_outputs):
+        for other, earlier in named_outputs[:i]:
+            if _same_file(out, earlier):
+                parser.error(f"{other} and {option} name the same file")
     inputs = [args.logits, args.target, args.weight, args.sample_weight, args.where]
     for _, out in named_outputs:
         for src in inputs:
             if src and _same_file(out, src):
                 parser.error(f"output {out} would replace the input {src} (the same file)")
-    try:
-        outputs = {option: _output_path(p, option) for option, p in named_outputs}
-        logits = _load(args.logits, "logits", half=True)
-        target = _native_labels(_load(args.target, "target", half=True), logits)
-        weight = None if args.weight is None else _load(args.weight, "weight")
-        row_weights = tuple(None if p is None else _load(p, what) for p, what in
-                            ((args.sample_weight, "sample_weight"), (args.where, "where")))  # fmt: skip
-        # Files in the other byte order (written on a big-endian machine): the (N, K)
-        # arrays converted a chunk at a time, the per-row and per-class ones whole.
-        sources = {"logits": logits, "target": target}
-        weight, *row_weights = (_native(a) for a in (weight, *row_weights))
-        if target.shape != logits.shape:
-            sources["target"] = target = _native(target)
-        logits, target = (_native_view(a) for a in (logits, target))
-        problem = _check(logits, target, weight, row_weights, args)
-    except (InputError, TypeError, ValueError, IndexError) as e:  # the API's checks too
-        return _fail(f"error: {e}", 2)
 
+
+def read_inputs(args):
+    """(sources, logits, target, weight, (sample_weight, where)) of the files args names,
+    memory-mapped: sources are the logits and target as read (chunks of them are
+    converted to the native byte order), the others seen in the native byte order for
+    the checks. InputError for a file that cannot be read."""
+    logits = _load(args.logits, "logits", half=True)
+    target = _native_labels(_load(args.target, "target", half=True), logits)
+    weight = None if args.weight is None else _load(args.weight, "weight")
+    row_weights = tuple(None if p is None else _load(p, what) for p, what in
+                        ((args.sample_weight, "sample_weight"), (args.where, "where")))  # fmt: skip
+    # Files in the other byte order (written on a big-endian machine): the (N, K)
+    # arrays converted a chunk at a time, the per-row and per-class ones whole.
+    sources = {"logits": logits, "target": target}
+    weight, *row_weights = (_native(a) for a in (weight, *row_weights))
+    if target.shape != logits.shape:
+        sources["target"] = target = _native(target)
+    logits, target = (_native_view(a) for a in (logits, target))
+    return sources, logits, target, weight, tuple(row_weights)
+
+
+def execute(name: str, work):
+    """Runs ``work(compiling, written)`` -> summary (a dict with "seconds"), which
+    creates its outputs (objects with prepare, commit and discard) and appends them to
+    ``written``; then puts every output in place, or none. Returns the summary, or the
+    exit status of a failure after printing its one-line message: 2 for an InputError
+    raised by work, 1 for a full disk or any other error, 128 + the signal for Ctrl-C,
+    SIGTERM and SIGHUP. name: the subcommand, as the compile notice says it."""
     written = []
     with _Signals() as signals:
         try:
-            with _CompileNotice() as compiling:
-                try:
-                    # The first pass over the labels (and row weights): the "mean"
-                    # denominators; an IndexError names the first bad label.
-                    _, _, d, d_z = api._weights(problem)
-                except (TypeError, ValueError, IndexError) as e:
-                    return _fail(f"error: {e}", 2)
-                summary = _compute(args, problem, sources, (d, d_z), outputs, written, compiling)
+            with _CompileNotice(name) as compiling:
+                summary = work(compiling, written)
                 t_commit = time.perf_counter()
                 for out in written:
                     out.prepare()
@@ -462,6 +534,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 for out in written:
                     out.commit()
                 summary["seconds"] += time.perf_counter() - t_commit  # the flush is part of the work
+        except InputError as e:
+            _discard(written)
+            return _fail(f"error: {e}", 2)
         except KeyboardInterrupt:
             _discard(written)
             return _fail("interrupted: no output written", 130)
@@ -475,13 +550,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             _discard(written)
             first_line = (str(e).splitlines() or [""])[0]  # e.g. a compiler's many-line report
             return _fail(f"error: {type(e).__name__}: {first_line}; no output written", 1)
-
-    _timing(summary)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(_text(summary))
-    return 0
+    return summary
 
 
 class _Signals:
@@ -517,6 +586,9 @@ class _CompileNotice:
     options) and, at the end of the warm-up, how long it took; ``seconds`` is the time
     spent compiling (0 when every kernel came from the on-disk cache)."""
 
+    def __init__(self, name: str = "loss"):
+        self.name = name  # the subcommand
+
     def __enter__(self):
         from numba.core import event
 
@@ -534,14 +606,15 @@ class _CompileNotice:
 
     def report(self) -> None:
         if self.announced:
-            print(f"loss: compiled in {self.seconds:.1f} s (cached on disk for the next runs)", file=sys.stderr)
+            print(f"{self.name}: compiled in {self.seconds:.1f} s (cached on disk for the next runs)", file=sys.stderr)
             self.announced = False
 
     def _start(self):
         if self.depth == 0:
             self.t0 = time.perf_counter()
             if not self.announced:
-                print("loss: compiling the kernels for these dtypes and options (first use only)...", file=sys.stderr)
+                message = f"{self.name}: compiling the kernels for these dtypes and options (first use only)..."
+                print(message, file=sys.stderr)
                 self.announced = True
         self.depth += 1
 
@@ -565,7 +638,7 @@ class _CompileNotice:
 
 
 def _discard(written):
-    for out in written:
+    for out in reversed(written):  # a directory created for outputs after the files in it
         out.discard()
 
 
@@ -584,39 +657,74 @@ def _slicer(ndim: int, axis: int):
     return take
 
 
+class Chunks:
+    """How the memory-mapped logits are cut: along their first axis, or the second when
+    it holds the classes, which is always the first axis of the per-row arrays (target,
+    row weights, per-row results) seen in ``lead_view``. ``take_z`` / ``take_r`` slice
+    the logits / a per-row array there (converted to the native byte order); ``size``
+    entries of that axis a chunk (chunk_rows, or about CHUNK_BYTES of logits), ``count``
+    chunks."""
+
+    def __init__(self, problem, logits: np.ndarray, chunk_rows: int | None):
+        k = problem.shape[1]
+        if logits.ndim == 1:  # one row: seen as (1, K) with a target of shape (1,)
+            logits, self.lead_view, self.axis = logits.reshape(1, k), (1,), 1
+        else:
+            self.lead_view, self.axis = problem.lead, problem.axis
+        self.logits = logits
+        self.chunked_axis = c = 1 if self.axis == 0 else 0
+        self.take_z = _slicer(logits.ndim, c)
+        self.take_r = _slicer(len(self.lead_view), 0)
+        self.length = length = logits.shape[c]
+        self.per_index = math.prod(logits.shape) // length if length else 0  # logits per entry of the chunked axis
+        self.itemsize = problem.result.itemsize
+        size = chunk_rows or max(1, CHUNK_BYTES // max(1, self.per_index * self.itemsize))
+        self.size = min(size, max(1, length))
+        self.count = -(-length // self.size)
+
+    def ranges(self, name: str):
+        """(start, stop) of each chunk; progress on stderr (name: the subcommand) after each."""
+        from fastsce._tools.report import Progress
+
+        progress = Progress() if self.count > 1 else None
+        c, n = self.chunked_axis, self.count
+        unit = "rows" if self.logits.ndim == 2 and c == 0 else f"entries of axis {c}"
+        t0 = time.perf_counter()
+        try:
+            for i, start in enumerate(range(0, self.length, self.size)):
+                stop = min(self.length, start + self.size)
+                yield start, stop
+                if progress is not None:
+                    elapsed = time.perf_counter() - t0
+                    message = (
+                        f"{name}: chunk {i + 1}/{n}, {stop:,}/{self.length:,} {unit}, "
+                        f"{stop * self.per_index * self.itemsize / 1e9 / max(elapsed, 1e-9):.2f} GB/s"
+                    )
+                    progress.update(message, milestone=(i + 1) % max(1, n // 10) == 0 or i + 1 == n)
+        finally:
+            if progress is not None:
+                progress.done()
+
+
 def _compute(args, problem, sources, denominators, outputs, written, compiling) -> dict:
     """The chunked run: the summary (without rates); outputs created and appended to
     ``written`` (the caller commits or discards them). ``sources``: the logits and target
     as read, chunks of which are converted to the native byte order."""
     import fastsce
-    from fastsce._tools.report import Progress
 
-    logits = sources["logits"]
+    chunks = Chunks(problem, sources["logits"], args.chunk_rows)
+    logits, lead_view, axis = chunks.logits, chunks.lead_view, chunks.axis
+    take_z, take_r = chunks.take_z, chunks.take_r
     m, k = problem.shape
     dtype = problem.result  # the logits' dtype
     half = problem.compute != dtype  # float16 / bfloat16: chunks computed in float32, rounded once
     soft = problem.soft
     lead = problem.lead
-    if logits.ndim == 1:  # one row: seen as (1, K) with a target of shape (1,)
-        logits, lead_view = logits.reshape(1, k), (1,)
-        axis = 1
-    else:
-        lead_view, axis = lead, problem.axis
-    # Chunks run along the logits' first axis, or the second when it holds the classes;
-    # that is always the first axis of the per-row arrays (target, row weights, losses).
-    c = 1 if axis == 0 else 0
-    take_z = _slicer(logits.ndim, c)
-    take_r = _slicer(len(lead_view), 0)
     # class indices as validated (int64); probabilities as read, in the logits' layout
     target = sources["target"].reshape(logits.shape) if soft else problem.target.reshape(lead_view)
     take_t = take_z if soft else take_r
     v = None if problem.row_weight is None else problem.row_weight.reshape(lead_view)
-
-    length = logits.shape[c]
-    per_index = math.prod(logits.shape) // length if length else 0  # logits per entry of the chunked axis
-    chunk = args.chunk_rows or max(1, CHUNK_BYTES // max(1, per_index * dtype.itemsize))
-    chunk = min(chunk, max(1, length))
-    n_chunks = -(-length // chunk)
+    n_chunks = chunks.count
     reduction = problem.reduction
     per_row = reduction == "none" or "--per-row-out" in outputs
 
@@ -687,17 +795,15 @@ def _compute(args, problem, sources, denominators, outputs, written, compiling) 
 
     # Warm-up on one entry of the chunked axis: the same kernels as every chunk, so the
     # compile (or the load from the on-disk cache) is timed apart from the work.
-    if length:
+    if chunks.length:
         z, t, vb = chunk_of(0, 1)
         call(z, t, vb, None if grad_array is None else np.empty(z.shape, problem.compute))
     compiling.report()
 
-    progress = Progress() if n_chunks > 1 else None
     total = 0.0
     t0 = time.perf_counter()
-    try:
-        for i, start in enumerate(range(0, length, chunk)):
-            stop = min(length, start + chunk)
+    with contextlib.closing(chunks.ranges("loss")) as ranges:  # closed (progress line cleared) on errors too
+        for start, stop in ranges:
             z, t, vb = chunk_of(start, stop)
             if grad_array is None:
                 loss = call(z, t, vb, None)
@@ -722,17 +828,6 @@ def _compute(args, problem, sources, denominators, outputs, written, compiling) 
                 total += float(np.sum(loss, dtype=np.float64))
             else:
                 total += float(loss)
-            if progress is not None:
-                elapsed = time.perf_counter() - t0
-                unit = "rows" if logits.ndim == 2 and c == 0 else f"entries of axis {c}"
-                message = (
-                    f"loss: chunk {i + 1}/{n_chunks}, {stop:,}/{length:,} {unit}, "
-                    f"{stop * per_index * dtype.itemsize / 1e9 / max(elapsed, 1e-9):.2f} GB/s"
-                )
-                progress.update(message, milestone=(i + 1) % max(1, n_chunks // 10) == 0 or i + 1 == n_chunks)
-    finally:
-        if progress is not None:
-            progress.done()
     seconds = time.perf_counter() - t0
 
     with np.errstate(over="ignore", invalid="ignore"):
@@ -749,7 +844,7 @@ def _compute(args, problem, sources, denominators, outputs, written, compiling) 
         target="probabilities" if soft else "class indices",
         denominator=d,
         chunks=n_chunks,
-        chunk_rows=chunk,
+        chunk_rows=chunks.size,
         grad_out=args.grad_out,
         per_row_out=args.per_row_out,
         compile_seconds=compiling.seconds,
