@@ -24,6 +24,10 @@ computed first from the target (and sample weights) alone, a cheap pass that rea
 logits, and every gradient block is formed already divided by them. The result does not
 depend on the chunking: it equals the in-memory call within ``reference.TOLERANCE``.
 
+:func:`evaluate` (the metrics of :func:`fastsce.evaluate`) needs whole rows: one task per
+block of rows computes its float64 sums (:class:`fastsce.metrics.MetricSums`), added in a
+binary tree of fixed shape, finished into the :class:`fastsce.Evaluation` by a Delayed.
+
 This module imports dask; ``import fastsce`` does not. Optional extra ``fastsce[dask]``.
 """
 
@@ -33,6 +37,7 @@ import dataclasses
 import functools
 import math
 import operator
+from typing import Literal, overload
 
 import dask.array as da
 import numpy as np
@@ -123,6 +128,54 @@ def cross_entropy_with_grad(
     """
     job = _Job(logits, target, locals())
     return job.build(grad=True)
+
+
+@overload
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: Literal[False] = False,
+) -> Delayed: ...
+
+
+@overload
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: Literal[True],
+) -> tuple[Delayed, dict[str, da.Array]]: ...
+
+
+@overload
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: bool = False,
+) -> Delayed | tuple[Delayed, dict[str, da.Array]]: ...
 
 
 def evaluate(
