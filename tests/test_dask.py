@@ -614,6 +614,34 @@ def test_evaluate_lazy_one_task_per_block_and_same_bits_on_any_scheduler(monkeyp
         a, b = first.as_dict(), other.as_dict()
         assert repr(a) == repr(b)
     assert_same_evaluation(first, fastsce.evaluate(logits, target, **kwargs), np.float32)
+    # with the per-row arrays: still one call per block when computed together
+    monkeypatch.setattr(fastsce.metrics, "metric_sums", counting)
+    calls.clear()
+    evaluation, rows = fastsce_dask.evaluate(x, target, per_row=True, **kwargs)
+    got = computed(evaluation, rows)
+    assert sorted(calls) == sorted((100,) * 19 + (37, 63))
+    monkeypatch.undo()
+    assert_same_evaluation(got, fastsce.evaluate(logits, target, per_row=True, **kwargs), np.float32)
+
+
+def test_evaluate_nan_and_infinite_rows():
+    """Rows holding NaN, +inf or only -inf, in different blocks: NaN means and ECE, as in memory."""
+    logits, target, kwargs = eval_case(N, K, np.float32, "weighted")
+    logits[3, 5] = np.nan
+    logits[20, 1] = np.inf
+    logits[30] = -np.inf
+    target[[3, 20, 30]] = 1
+    evaluation, rows = fastsce_dask.evaluate(da.from_array(logits, chunks=(10, -1)), target, per_row=True, **kwargs)
+    got = computed(evaluation, rows)
+    want = fastsce.evaluate(logits, target, per_row=True, **kwargs)
+    assert np.isnan(want.ece) and np.isnan(want.loss)
+    assert_same_evaluation(got, want, np.float32)
+    # the NaN rows in blocks left out: finite again
+    kwargs["where"] = ~np.isin(np.arange(N), [3, 20, 30])
+    got = fastsce_dask.evaluate(da.from_array(logits, chunks=(10, -1)), target, **kwargs).compute()
+    want = fastsce.evaluate(logits, target, **kwargs)
+    assert np.isfinite(want.ece)
+    assert_same_evaluation(got, want, np.float32)
 
 
 @pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
