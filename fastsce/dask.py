@@ -807,7 +807,9 @@ class _EvaluationJob:
             return evaluation
         dtypes = {"argmax": np.dtype(np.int64), "target_rank": np.dtype(np.int64)}
         per_row = {
-            field: _select(parts, 1 + j, f"fastsce-{field.replace('_', '-')}", (self.rows,), dtypes.get(field, self.compute))
+            field: _select(
+                parts, 1 + j, f"fastsce-{field.replace('_', '-')}", (self.rows,), dtypes.get(field, self.compute)
+            )
             for j, field in enumerate(metrics.Evaluation.PER_ROW)
         }
         return evaluation, per_row
