@@ -24,6 +24,10 @@ computed first from the target (and sample weights) alone, a cheap pass that rea
 logits, and every gradient block is formed already divided by them. The result does not
 depend on the chunking: it equals the in-memory call within ``reference.TOLERANCE``.
 
+:func:`evaluate` (the metrics of :func:`fastsce.evaluate`) needs whole rows: one task per
+block of rows computes its float64 sums (:class:`fastsce.metrics.MetricSums`), added in a
+binary tree of fixed shape, finished into the :class:`fastsce.Evaluation` by a Delayed.
+
 This module imports dask; ``import fastsce`` does not. Optional extra ``fastsce[dask]``.
 """
 
@@ -33,18 +37,20 @@ import dataclasses
 import functools
 import math
 import operator
+from typing import Literal, overload
 
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 import fastsce
-from fastsce import reference, sharded
+from fastsce import metrics, reference, sharded
 from fastsce._typing import ArrayLike
-from fastsce._validate import as_array
+from fastsce._validate import _WEIGHT_RANGE, _check_axis, _power_of_two_scale, as_array, is_float, native
 
-__all__ = ["cross_entropy", "cross_entropy_with_grad"]
+__all__ = ["cross_entropy", "cross_entropy_with_grad", "evaluate"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -122,6 +128,110 @@ def cross_entropy_with_grad(
     """
     job = _Job(logits, target, locals())
     return job.build(grad=True)
+
+
+@overload
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: Literal[False] = False,
+) -> Delayed: ...
+
+
+@overload
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: Literal[True],
+) -> tuple[Delayed, dict[str, da.Array]]: ...
+
+
+@overload
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: bool = False,
+) -> Delayed | tuple[Delayed, dict[str, da.Array]]: ...
+
+
+def evaluate(
+    logits: da.Array | ArrayLike,
+    target: da.Array | ArrayLike,
+    *,
+    topk: int | tuple[int, ...] = (1, 5),
+    bins: int = 15,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    axis: int = -1,
+    sample_weight: da.Array | ArrayLike | None = None,
+    where: da.Array | ArrayLike | None = None,
+    per_row: bool = False,
+) -> Delayed | tuple[Delayed, dict[str, da.Array]]:
+    """Lazy :func:`fastsce.evaluate` of a Dask array of logits: loss, perplexity, accuracy,
+    top-k accuracy, entropy, target probability, confidence and calibration error.
+
+    Parameters
+    ----------
+    logits : (N, K) float Dask array (or NumPy array)
+        2-D; ``axis`` is the class axis (-1 or 1: (N, K); 0 or -2: (K, N)). float32,
+        float64, float16 or bfloat16 (the last two computed in float32). Chunked along
+        the rows; logits chunked along the classes too are rechunked to whole rows
+        (``logits.rechunk({axis: -1})``, the row chunks kept): every metric needs a whole
+        row (its argmax, the target's rank, the entropy), so each task then holds a block
+        of rows times K.
+    target : (N,) integer class indices, Dask or NumPy
+        Rechunked to the logits' rows when they differ (cheap).
+    sample_weight : (N,) real array, where : (N,) bool array, optional; Dask or NumPy
+        Row weights and row mask, rechunked to the logits' rows.
+    topk, bins, weight, ignore_index
+        As in :func:`fastsce.evaluate`. ``weight`` is a small (K,) array.
+    per_row : bool
+        Also return the per-row arrays, lazily.
+
+    Returns
+    -------
+    evaluation : dask.delayed.Delayed
+        ``evaluation.compute()`` (or ``dask.compute(evaluation, ...)``) gives the
+        :class:`fastsce.Evaluation` of the whole batch, without per-row arrays.
+    (evaluation, rows) with ``per_row=True``
+        ``rows``: a dict of (N,) Dask arrays chunked like the logits' rows, keyed
+        target_logprob, entropy, argmax, target_rank, confidence (as the Evaluation's
+        fields of those names). Computing them together with the evaluation
+        (``dask.compute(evaluation, rows)``) reads the logits once.
+
+    Each block of rows is one task that computes its float64 sums
+    (:class:`fastsce.metrics.MetricSums`); the sums are added in a binary tree of fixed
+    shape (neighbouring blocks first), so the result depends on the chunking only by
+    rounding and not at all on the scheduling; it equals the in-memory call within
+    ``reference.TOLERANCE``. Option errors are raised here; labels outside [0, K) raise
+    ``IndexError`` and bad sample weights ``ValueError`` (naming the row in the whole
+    batch) when computed.
+    """
+    return _EvaluationJob(locals()).build()
 
 
 class _Job:
@@ -638,3 +748,197 @@ def _check_sample_weights(v, start):
     if bad.any():
         row = int(np.argmax(bad))
         raise ValueError(f"sample_weight[{start + row}] = {float(v[row])!r}; sample weights must be finite and >= 0")
+
+
+# --- evaluate ----------------------------------------------------------------------------
+
+
+class _EvaluationJob:
+    """Checked, row-aligned inputs of one evaluate call, and the graph built from them."""
+
+    def __init__(self, given):
+        logits, shape, axis = _evaluation_logits(given["logits"], given["axis"])
+        n, k = logits.shape
+        if len(logits.chunks[1]) > 1:
+            # Every metric needs whole rows (the argmax, the target's rank, the entropy):
+            # one class chunk, the row chunks kept.
+            logits = logits.rechunk({1: -1})
+        rows = logits.chunks[0]
+        target = _evaluation_target(given["target"], logits, shape, axis)
+        row_arrays = _checked_row_arrays(given, n, rows)
+        weight = given["weight"]
+        if isinstance(weight, da.Array):
+            weight = weight.compute()  # (K,): small
+        per_row = given["per_row"]
+        if not isinstance(per_row, (bool, np.bool_)):  # it decides what is returned
+            raise TypeError(f"per_row must be True or False; got {per_row!r}")
+        # The other options, checked by the in-memory call on an empty batch: the same
+        # errors as fastsce.evaluate, raised now rather than inside a task.
+        empty = {name: np.empty(0, x.dtype) for name, x in row_arrays.items()}
+        _, topk, bins = metrics.check_evaluation(
+            np.empty((0, k), logits.dtype), np.empty(0, target.dtype), given["topk"], given["bins"], weight,
+            given["ignore_index"], -1, empty.get("sample_weight"), empty.get("where"),
+        )  # fmt: skip
+
+        self.logits, self.target, self.rows = logits, target, rows
+        self.sample_weight, self.where = row_arrays.get("sample_weight"), row_arrays.get("where")
+        # The class weights as given (converted in each task as in memory), once in the graph.
+        self.weight = None if weight is None else da.from_array(as_array("weight", weight), chunks=-1)
+        self.compute = np.dtype(np.float64) if native(logits.dtype) == np.float64 else np.dtype(np.float32)
+        self.options = dict(topk=topk, bins=bins, ignore_index=given["ignore_index"], k=k, per_row=bool(per_row))
+
+    def build(self):
+        inputs = [a for a in (self.logits, self.target, self.weight, self.sample_weight, self.where) if a is not None]
+        top = self._top_weight()
+        token = tokenize(inputs, self.options)
+        name = f"fastsce-evaluate-{token}"
+        call = functools.partial(_evaluate_block, **self.options)
+        dsk = {}
+        for i, start in enumerate(_starts(self.rows)):
+            dsk[(name, i)] = (
+                call, (self.logits.name, i, 0), (self.target.name, i), _key(self.weight, 0),
+                _key(self.sample_weight, i), _key(self.where, i), None if top is None else top.__dask_keys__()[0],
+                start,
+            )  # fmt: skip
+        blocks = (1,) * len(self.rows)
+        parts = _array(name, dsk, inputs + ([top] if top is not None else []), (blocks,), object)
+        evaluation = self._total(parts, token)
+        if not self.options["per_row"]:
+            return evaluation
+        dtypes = {"argmax": np.dtype(np.int64), "target_rank": np.dtype(np.int64)}
+        per_row = {
+            field: _select(
+                parts, 1 + j, f"fastsce-{field.replace('_', '-')}", (self.rows,), dtypes.get(field, self.compute)
+            )
+            for j, field in enumerate(metrics.Evaluation.PER_ROW)
+        }
+        return evaluation, per_row
+
+    def _top_weight(self):
+        """0-d Dask array: the largest row weight (sample_weight * where) of the batch, or None
+        without sample weights. The in-memory call scales the row weights of a batch by the
+        power of two that brings this into range (fastsce._validate.scale_weights); each
+        block's sums must use the batch's scale, not the block's own, to add up."""
+        if self.sample_weight is None:
+            return None
+        sw, wh = self.sample_weight, self.where
+        name = f"fastsce-top-weight-{tokenize(sw, wh)}"
+        dsk = {(name, i): (_top_weight_block, (sw.name, i), _key(wh, i)) for i in range(len(self.rows))}
+        tops = _array(name, dsk, [a for a in (sw, wh) if a is not None], ((1,) * len(self.rows),), np.float64)
+        return tops.max()
+
+    def _total(self, parts, token):
+        """A Delayed of the Evaluation: the blocks' MetricSums added in a binary tree of fixed
+        shape (neighbours first: the same sums in the same order whatever the scheduling),
+        then finished."""
+        name = f"fastsce-evaluation-{token}"
+        tree = {}
+        level = []
+        for i in range(parts.numblocks[0]):
+            tree[(f"{name}-tree", 0, i)] = (operator.getitem, (parts.name, i), 0)
+            level.append((f"{name}-tree", 0, i))
+        depth = 0
+        while len(level) > 1:
+            depth += 1
+            merged = []
+            for p in range(0, len(level) - 1, 2):
+                key = (f"{name}-tree", depth, p // 2)
+                tree[key] = (operator.add, level[p], level[p + 1])
+                merged.append(key)
+            level = merged + level[len(level) - len(level) % 2 :]
+        if level:
+            tree[name] = (metrics.MetricSums.finish, level[0])
+        else:  # no blocks at all
+            tree[name] = (_no_rows, self.options["topk"], self.options["bins"])
+        return Delayed(name, HighLevelGraph.from_collections(name, tree, dependencies=[parts]))
+
+
+def _evaluation_logits(logits, axis):
+    """(logits as an (N, K) float Dask array of known chunks, the shape given, axis as given)."""
+    if not isinstance(logits, (da.Array, np.ndarray)):
+        raise TypeError(f"logits must be a dask.array.Array or a numpy.ndarray; got {type(logits).__name__}")
+    shape = logits.shape
+    if logits.ndim != 2:
+        raise ValueError(
+            f"logits must be 2-D, shape (N, K) (or (K, N) with axis=0); got shape {shape}. "
+            "Reshape to 2-D first, e.g. logits.reshape(-1, K) for classes last"
+        )
+    axis = _check_axis(axis, np.broadcast_to(np.empty((), np.float32), shape))  # its errors, no data read
+    if axis == 0:
+        logits = logits.T  # rows first (lazy; each block a transposed view)
+    logits = _as_dask(logits, "logits", lambda a: ("auto", -1))
+    if not logits.dtype.isnative:  # the other byte order: its values, in native order
+        logits = logits.astype(logits.dtype.newbyteorder("="))
+    if not is_float(logits.dtype):
+        raise TypeError(
+            f"logits must be float16, bfloat16, float32 or float64; got dtype {logits.dtype}. "
+            "Convert with logits.astype(np.float32)"
+        )
+    if any(math.isnan(c) for c in logits.chunks[0] + logits.chunks[1]):
+        raise ValueError("logits have unknown chunk sizes; call logits.compute_chunk_sizes() first")
+    return logits, shape, axis
+
+
+def _evaluation_target(target, logits, shape, axis):
+    """target: (N,) integer class indices as a Dask array chunked like the logits' rows."""
+    n = logits.shape[0]
+    if not isinstance(target, (da.Array, np.ndarray)):
+        raise TypeError(f"target must be a dask.array.Array or a numpy.ndarray; got {type(target).__name__}")
+    if target.shape == shape:
+        raise ValueError(
+            f"evaluate takes class indices; target has the logits' shape {shape} (probabilities). "
+            f"Pass target.argmax(axis={axis}) for the most likely class of each row"
+        )
+    if target.shape != (n,):
+        raise ValueError(
+            f"target has shape {target.shape} but logits have shape {shape}; "
+            f"target must be class indices of shape ({n},)"
+        )
+    if target.dtype.kind not in "iu":
+        raise TypeError(
+            f"target holds class indices and must be an integer array; got dtype {target.dtype}. "
+            "Convert with target.astype(np.int64)"
+        )
+    rows = logits.chunks[0]
+    target = _as_dask(target, "target", lambda a: (rows,))
+    return target if target.chunks == (rows,) else target.rechunk((rows,))
+
+
+def _key(x, i):
+    return None if x is None else (x.name, i)
+
+
+def _evaluate_block(z, t, weight, sw, wh, top, start, *, topk, bins, ignore_index, k, per_row):
+    """(MetricSums, then the per-row arrays in Evaluation.PER_ROW's order when per_row) of
+    one block of whole rows; a bad label or sample weight reported by its row in the
+    whole batch."""
+    try:
+        problem, _, _ = metrics.check_evaluation(z, t, topk, bins, weight, ignore_index, -1, sw, wh)
+        if sw is not None:
+            # The batch's scale of the row weights, not the block's (see _top_weight).
+            v = np.array(sw, np.float64)
+            if wh is not None:
+                v = np.where(wh, v, 0.0)
+            scale = _power_of_two_scale(np.array([top], np.float64), _WEIGHT_RANGE[np.dtype(np.float64)])
+            problem = dataclasses.replace(problem, row_weight=v / scale if scale != 1 else v)
+        sums, arrays = metrics.metric_sums(problem, topk, bins, per_row)
+    except (IndexError, ValueError):
+        if sw is not None:  # the in-memory order: sample weights, then labels
+            _check_sample_weights(np.asarray(sw, np.float64), start)
+        _check_labels(t, start, ignore_index, k)
+        raise
+    if not per_row:
+        return (sums,)
+    return (sums, *(arrays[field] for field in metrics.Evaluation.PER_ROW))
+
+
+def _top_weight_block(sw, wh):
+    """[the largest row weight of the block] (0 for none; NaN if one is NaN)."""
+    v = np.asarray(sw, np.float64)
+    if wh is not None:
+        v = np.where(wh, v, 0.0)
+    return np.array([v.max(initial=0.0)])
+
+
+def _no_rows(topk, bins):
+    return metrics.MetricSums.zero(topk, bins).finish()

@@ -2,13 +2,14 @@
 options, laziness, bad input, the threaded scheduler, and a LocalCluster of worker
 processes (one of them killed mid-run)."""
 
+import dataclasses
 import os
 import signal
 import time
 
 import numpy as np
 import pytest
-from _cases import DTYPES, REDUCTIONS, assert_close, make_case, seed_of, short
+from _cases import DTYPES, REDUCTIONS, assert_close, make_case, make_labels, make_logits, make_weight, seed_of, short
 
 import fastsce
 
@@ -16,6 +17,7 @@ dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 fastsce_dask = pytest.importorskip("fastsce.dask")
+Delayed = pytest.importorskip("dask.delayed").Delayed
 
 N, K = 37, 11
 
@@ -308,7 +310,7 @@ def test_bad_sample_weight_names_the_row_in_the_batch(chunking, soft):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(sample_weight=np.ones(4)), ValueError, r"sample_weight has shape \(4,\)"),
+        (dict(sample_weight=np.ones(4)), ValueError, r"shape \(4,\)"),
         (dict(sample_weight=np.ones(3, bool)), TypeError, "sample_weight must be a real numeric array"),
         (dict(sample_weight=[1.0, 1.0, 1.0]), TypeError, "sample_weight must be a dask.array.Array or a numpy"),
         (dict(where=np.ones(3)), TypeError, "where must be a boolean array"),
@@ -446,3 +448,273 @@ def test_byte_order_and_masked_arrays():
     masked = da.from_array(np.ma.array(case.logits), chunks=(16, -1))
     with pytest.raises(TypeError, match="logits is a numpy.ma masked array"):
         fastsce_dask.cross_entropy(masked, case.target)
+
+
+# --- evaluate --------------------------------------------------------------------------
+
+EVAL_OPTIONS = {
+    "plain": dict(),
+    "ignore-3": dict(ignore_index=3),
+    "weighted": dict(weight="random"),
+    "rows": dict(sample_weight="random", where="random"),
+    "everything": dict(
+        ignore_index=3, weight="random", sample_weight="random", where="random", topk=(3, 1, 20), bins=7
+    ),
+}
+
+
+def eval_case(n, k, dtype, option, seed=None):
+    """(logits, target, kwargs) of an evaluate call; row weights with zeros among them."""
+    rng = np.random.default_rng(seed_of("evaluate", n, k, short(dtype), option) if seed is None else seed)
+    kwargs = dict(EVAL_OPTIONS[option])
+    target = make_labels(rng, n, k, kwargs.get("ignore_index", -100))
+    if kwargs.get("weight") == "random":
+        kwargs["weight"] = make_weight(rng, k)
+    if kwargs.get("sample_weight") == "random":
+        kwargs["sample_weight"] = rng.uniform(0, 2, n)
+        kwargs["sample_weight"][::5] = 0
+    if kwargs.get("where") == "random":
+        kwargs["where"] = rng.random(n) < 0.7
+    return make_logits(rng, n, k, dtype), target, kwargs
+
+
+def assert_same_evaluation(got, want, dtype):
+    """Every field of two Evaluations, within the dtype's tolerance (per-row integers and
+    row counts exactly; bin counts, float64 sums of row weights, within float64 rounding)."""
+    assert type(got) is fastsce.Evaluation
+    for name in fastsce.Evaluation.SCALARS:
+        assert_close(getattr(got, name), getattr(want, name), dtype, unit=1.0)
+    assert list(got.topk_accuracy) == list(want.topk_accuracy)
+    assert_close(list(got.topk_accuracy.values()), list(want.topk_accuracy.values()), dtype, unit=1.0)
+    np.testing.assert_allclose(got.bin_counts, want.bin_counts, rtol=1e-12, atol=1e-12)
+    assert_close(got.bin_confidence, want.bin_confidence, dtype, unit=1.0)
+    assert_close(got.bin_accuracy, want.bin_accuracy, dtype, unit=1.0)
+    assert (got.rows, got.ignored_rows) == (want.rows, want.ignored_rows)
+    for name in fastsce.Evaluation.PER_ROW:
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype)
+            if a.dtype.kind == "i":
+                np.testing.assert_array_equal(a, b, err_msg=name)
+            else:
+                assert_close(a, b, dtype, unit=1.0)
+
+
+def computed(evaluation, rows=None):
+    """The Evaluation with the per-row arrays computed into it (one compute)."""
+    got, rows = dask.compute(evaluation, rows)
+    return got if rows is None else dataclasses.replace(got, **rows)
+
+
+@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=short)
+@pytest.mark.parametrize("option", EVAL_OPTIONS)
+def test_evaluate_matches_in_memory(chunking, dtype, option):
+    logits, target, kwargs = eval_case(N, K, dtype, option)
+    chunks = CHUNKINGS[chunking]
+    x = da.from_array(logits, chunks=chunks)
+    kwargs_dask = {
+        key: da.from_array(v, chunks=9) if key in ("sample_weight", "where") else v for key, v in kwargs.items()
+    }
+    evaluation = fastsce_dask.evaluate(x, da.from_array(target, chunks=chunks[:1]), **kwargs_dask)
+    assert isinstance(evaluation, Delayed)
+    assert_same_evaluation(evaluation.compute(), fastsce.evaluate(logits, target, **kwargs), dtype)
+    evaluation, rows = fastsce_dask.evaluate(x, target, per_row=True, **kwargs_dask)
+    assert list(rows) == list(fastsce.Evaluation.PER_ROW)
+    assert all(r.chunks == (chunks[0],) for r in rows.values())  # the logits' rows
+    assert_same_evaluation(computed(evaluation, rows), fastsce.evaluate(logits, target, per_row=True, **kwargs), dtype)
+
+
+@pytest.mark.parametrize("chunks", [((300,), (500,)), ((64, 1, 235), (500,)), ((150, 150), (100, 400))],
+                         ids=["one-block", "uneven", "class-chunks"])
+def test_evaluate_many_classes(chunks):
+    """K above the tile kernel's limit: the row kernel."""
+    logits, target, kwargs = eval_case(300, 500, np.float32, "everything")
+    evaluation, rows = fastsce_dask.evaluate(da.from_array(logits, chunks=chunks), target, per_row=True, **kwargs)
+    want = fastsce.evaluate(logits, target, per_row=True, **kwargs)
+    assert_same_evaluation(computed(evaluation, rows), want, np.float32)
+
+
+@pytest.mark.parametrize("dask_input", [False, True], ids=["numpy", "dask"])
+def test_evaluate_class_axis_first(dask_input):
+    logits, target, kwargs = eval_case(N, K, np.float64, "everything")
+    t = np.ascontiguousarray(logits.T)  # (K, N)
+    x = da.from_array(t, chunks=(5, 10)) if dask_input else t
+    evaluation, rows = fastsce_dask.evaluate(x, target, axis=0, per_row=True, **kwargs)
+    if dask_input:
+        assert rows["argmax"].chunks == ((10, 10, 10, 7),)
+    want = fastsce.evaluate(t, target, axis=0, per_row=True, **kwargs)
+    assert_same_evaluation(computed(evaluation, rows), want, np.float64)
+
+
+def test_evaluate_float16_logits():
+    logits, target, kwargs = eval_case(N, K, np.float32, "weighted")
+    half = logits.astype(np.float16)
+    evaluation, rows = fastsce_dask.evaluate(da.from_array(half, chunks=(10, -1)), target, per_row=True, **kwargs)
+    assert rows["entropy"].dtype == np.float32  # computed in float32, as in memory
+    want = fastsce.evaluate(half, target, per_row=True, **kwargs)
+    assert_same_evaluation(computed(evaluation, rows), want, np.float32)
+
+
+def test_evaluate_numpy_inputs_and_other_chunks_of_the_row_arrays():
+    logits, target, kwargs = eval_case(N, K, np.float32, "everything")
+    want = fastsce.evaluate(logits, target, per_row=True, **kwargs)
+    evaluation, rows = fastsce_dask.evaluate(logits, target, per_row=True, **kwargs)
+    assert_same_evaluation(computed(evaluation, rows), want, np.float32)
+    x = da.from_array(logits, chunks=((10, 20, 7), (K,)))
+    row_arrays = {key: da.from_array(kwargs[key], chunks=4) for key in ("sample_weight", "where")}
+    evaluation, rows = fastsce_dask.evaluate(
+        x, da.from_array(target, chunks=5), per_row=True, **dict(kwargs, **row_arrays),
+    )
+    assert rows["confidence"].chunks == ((10, 20, 7),)  # the logits kept their chunks
+    assert_same_evaluation(computed(evaluation, rows), want, np.float32)
+
+
+def test_evaluate_row_weights_scaled_as_one_batch():
+    """A block whose sample weights are all tiny (1e-200, below the range the in-memory
+    call rescales) weighs what it weighs in the whole batch, not what it would alone."""
+    logits, target, kwargs = eval_case(N, K, np.float64, "plain")
+    sample_weight = np.ones(N)
+    sample_weight[20:] = 1e-200
+    want = fastsce.evaluate(logits, target, sample_weight=sample_weight)
+    got = fastsce_dask.evaluate(da.from_array(logits, chunks=(20, -1)), target, sample_weight=sample_weight).compute()
+    assert_same_evaluation(got, want, np.float64)
+    # and a batch of huge weights, which the in-memory call scales down
+    want = fastsce.evaluate(logits, target, sample_weight=sample_weight * 1e300)
+    got = fastsce_dask.evaluate(da.from_array(logits, chunks=(20, -1)), target, sample_weight=sample_weight * 1e300)
+    assert_same_evaluation(got.compute(), want, np.float64)
+
+
+@pytest.mark.parametrize("n", [0, N], ids=["no-rows", "all-ignored"])
+def test_evaluate_nothing_counted(n):
+    logits, target, _ = eval_case(n, K, np.float32, "plain")
+    target[:] = -100
+    got = fastsce_dask.evaluate(da.from_array(logits, chunks=(10, -1)), target).compute()
+    want = fastsce.evaluate(logits, target)
+    assert np.isnan(got.loss) and got.rows == 0 and got.ignored_rows == n
+    assert_same_evaluation(got, want, np.float32)
+
+
+def test_evaluate_lazy_one_task_per_block_and_same_bits_on_any_scheduler(monkeypatch):
+    calls = []
+    real = fastsce.metrics.metric_sums
+
+    def counting(problem, *args, **kwargs):
+        calls.append(problem.shape[0])
+        return real(problem, *args, **kwargs)
+
+    monkeypatch.setattr(fastsce.metrics, "metric_sums", counting)
+    logits, target, kwargs = eval_case(2000, 50, np.float32, "everything")
+    x = da.from_array(logits, chunks=((100,) * 19 + (37, 63), (20, 30)))  # 21 blocks of rows, 2 of classes
+    evaluation = fastsce_dask.evaluate(x, target, **kwargs)
+    assert calls == []
+    first = evaluation.compute(scheduler="sync")
+    assert sorted(calls) == sorted((100,) * 19 + (37, 63))
+    monkeypatch.undo()
+    with dask.config.set(scheduler="threads", num_workers=8):
+        again = [evaluation.compute() for _ in range(3)]
+    for other in again:  # the sums are added in the same order whatever finishes first
+        a, b = first.as_dict(), other.as_dict()
+        assert repr(a) == repr(b)
+    assert_same_evaluation(first, fastsce.evaluate(logits, target, **kwargs), np.float32)
+    # with the per-row arrays: still one call per block when computed together
+    monkeypatch.setattr(fastsce.metrics, "metric_sums", counting)
+    calls.clear()
+    evaluation, rows = fastsce_dask.evaluate(x, target, per_row=True, **kwargs)
+    got = computed(evaluation, rows)
+    assert sorted(calls) == sorted((100,) * 19 + (37, 63))
+    monkeypatch.undo()
+    assert_same_evaluation(got, fastsce.evaluate(logits, target, per_row=True, **kwargs), np.float32)
+
+
+def test_evaluate_nan_and_infinite_rows():
+    """Rows holding NaN, +inf or only -inf, in different blocks: NaN means and ECE, as in memory."""
+    logits, target, kwargs = eval_case(N, K, np.float32, "weighted")
+    logits[3, 5] = np.nan
+    logits[20, 1] = np.inf
+    logits[30] = -np.inf
+    target[[3, 20, 30]] = 1
+    evaluation, rows = fastsce_dask.evaluate(da.from_array(logits, chunks=(10, -1)), target, per_row=True, **kwargs)
+    got = computed(evaluation, rows)
+    want = fastsce.evaluate(logits, target, per_row=True, **kwargs)
+    assert np.isnan(want.ece) and np.isnan(want.loss)
+    assert_same_evaluation(got, want, np.float32)
+    # the NaN rows in blocks left out: finite again
+    kwargs["where"] = ~np.isin(np.arange(N), [3, 20, 30])
+    got = fastsce_dask.evaluate(da.from_array(logits, chunks=(10, -1)), target, **kwargs).compute()
+    want = fastsce.evaluate(logits, target, **kwargs)
+    assert np.isfinite(want.ece)
+    assert_same_evaluation(got, want, np.float32)
+
+
+@pytest.mark.parametrize("chunking", ["uneven", "class-chunks-uneven"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_evaluate_bad_label_or_sample_weight_names_the_row_in_the_batch(chunking, per_row):
+    logits, target, _ = eval_case(N, K, np.float64, "plain")
+    x = da.from_array(logits, chunks=CHUNKINGS[chunking])
+    bad = target.copy()
+    bad[25] = K
+    got = fastsce_dask.evaluate(x, bad, per_row=per_row)
+    with pytest.raises(IndexError, match=rf"target\[25\] = {K} is not a class index"):
+        dask.compute(got)
+    sample_weight = np.ones(N)
+    sample_weight[30] = np.nan
+    got = fastsce_dask.evaluate(x, target, per_row=per_row, sample_weight=da.from_array(sample_weight, chunks=7))
+    with pytest.raises(ValueError, match=r"sample_weight\[30\] = nan"):
+        dask.compute(got)
+
+
+@pytest.mark.parametrize(
+    "logits, target, kwargs, error, match",
+    [
+        ([[0.0, 1.0]], [0], {}, TypeError, "logits must be a dask.array.Array or a numpy.ndarray; got list"),
+        (np.zeros((3, 2), np.int64), np.zeros(3, np.int64), {}, TypeError, "float16, bfloat16, float32 or float64"),
+        (np.zeros((3, 2, 4)), np.zeros(3, np.int64), {}, ValueError, r"2-D.*logits.reshape\(-1, K\)"),
+        (np.zeros((3, 0)), np.zeros(3, np.int64), {}, ValueError, "at least one class"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(axis=2), ValueError, "axis=2 is out of range"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(axis=1.0), TypeError, "axis must be an integer"),
+        (np.zeros((3, 2)), np.zeros(4, np.int64), {}, ValueError, r"target has shape \(4,\).*shape \(3,\)"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(axis=0), ValueError, r"target has shape \(3,\).*shape \(2,\)"),
+        (np.zeros((3, 2)), np.zeros(3), {}, TypeError, "integer array"),
+        (np.zeros((3, 2)), np.zeros((3, 2)), {}, ValueError, r"class indices.*target.argmax\(axis=1\)"),
+        (np.zeros((3, 2)), [0, 1, 0], {}, TypeError, "target must be"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(topk=0), ValueError, "topk"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(topk=(1, 1)), ValueError, "topk has a repeated value"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(bins=0), ValueError, "bins"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(weight=[1.0, -1.0]), ValueError, "weight"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(weight=np.ones(3)), ValueError, "weight"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(ignore_index=1.5), TypeError, "ignore_index"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(sample_weight=np.ones(4)), ValueError, r"shape \(4,\)"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(sample_weight=np.ones(3, bool)), TypeError, "real numeric"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(where=np.ones(3)), TypeError, "where must be a boolean array"),
+        (np.zeros((3, 2)), np.zeros(3, np.int64), dict(per_row=1), TypeError, "per_row must be True or False"),
+    ],
+    ids=["list", "int-logits", "3d", "no-classes", "axis-range", "axis-float", "short-target", "target-axis0",
+         "float-labels", "probabilities", "list-target", "topk-0", "topk-repeated", "bins-0", "weight-negative",
+         "weight-shape", "ignore-index", "sw-shape", "sw-bool", "where-float", "per-row-int"],
+)
+@pytest.mark.parametrize("chunks", [(2, 2), (2, 1)], ids=["rows", "classes"])
+def test_evaluate_bad_input_raises_before_computing(logits, target, kwargs, error, match, chunks):
+    if isinstance(logits, np.ndarray) and logits.ndim == 2 and logits.shape[1]:
+        logits = da.from_array(logits, chunks=chunks)
+    with pytest.raises(error, match=match):
+        fastsce_dask.evaluate(logits, target, **kwargs)
+
+
+def test_evaluate_masked_arrays_refused():
+    logits, target, _ = eval_case(N, K, np.float32, "plain")
+    for name in ("logits", "target", "sample_weight"):
+        args = dict(logits=logits, target=target, sample_weight=np.ones(N))
+        args[name] = np.ma.array(args[name])
+        with pytest.raises(TypeError, match=f"{name} is a numpy.ma masked array"):
+            fastsce_dask.evaluate(args["logits"], args["target"], sample_weight=args["sample_weight"])
+
+
+def test_evaluate_local_cluster(client):
+    logits, target, kwargs = eval_case(N, K, np.float32, "everything")
+    x = da.from_array(logits, chunks=CHUNKINGS["class-chunks-uneven"])
+    evaluation, rows = fastsce_dask.evaluate(x, target, per_row=True, **kwargs)
+    got, rows = client.compute([evaluation, rows], sync=True)
+    want = fastsce.evaluate(logits, target, per_row=True, **kwargs)
+    assert_same_evaluation(dataclasses.replace(got, **rows), want, np.float32)

@@ -52,6 +52,10 @@ def dask_use() -> None:
 
     loss, grad = fastsce.dask.cross_entropy_with_grad(da.zeros((4, 10), chunks=2), np.zeros(4, np.int64))
     d: da.Array = grad
+    lazy = fastsce.dask.evaluate(da.zeros((4, 10), chunks=2), np.zeros(4, np.int64))
+    evaluation: fastsce.Evaluation = lazy.compute()
+    lazy, rows = fastsce.dask.evaluate(da.zeros((4, 10), chunks=2), np.zeros(4, np.int64), per_row=True)
+    confidence: da.Array = rows["confidence"]
 
 
 def linear_use() -> None:
