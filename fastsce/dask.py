@@ -48,7 +48,7 @@ from dask.highlevelgraph import HighLevelGraph
 import fastsce
 from fastsce import metrics, reference, sharded
 from fastsce._typing import ArrayLike
-from fastsce._validate import _WEIGHT_RANGE, _check_axis, _power_of_two_scale, as_array, is_float, native
+from fastsce._validate import _check_axis, as_array, is_float, native
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "evaluate"]
 
@@ -789,7 +789,6 @@ class _EvaluationJob:
 
     def build(self):
         inputs = [a for a in (self.logits, self.target, self.weight, self.sample_weight, self.where) if a is not None]
-        top = self._top_weight()
         token = tokenize(inputs, self.options)
         name = f"fastsce-evaluate-{token}"
         call = functools.partial(_evaluate_block, **self.options)
@@ -797,11 +796,10 @@ class _EvaluationJob:
         for i, start in enumerate(_starts(self.rows)):
             dsk[(name, i)] = (
                 call, (self.logits.name, i, 0), (self.target.name, i), _key(self.weight, 0),
-                _key(self.sample_weight, i), _key(self.where, i), None if top is None else top.__dask_keys__()[0],
-                start,
+                _key(self.sample_weight, i), _key(self.where, i), start,
             )  # fmt: skip
         blocks = (1,) * len(self.rows)
-        parts = _array(name, dsk, inputs + ([top] if top is not None else []), (blocks,), object)
+        parts = _array(name, dsk, inputs, (blocks,), object)
         evaluation = self._total(parts, token)
         if not self.options["per_row"]:
             return evaluation
@@ -813,19 +811,6 @@ class _EvaluationJob:
             for j, field in enumerate(metrics.Evaluation.PER_ROW)
         }
         return evaluation, per_row
-
-    def _top_weight(self):
-        """0-d Dask array: the largest row weight (sample_weight * where) of the batch, or None
-        without sample weights. The in-memory call scales the row weights of a batch by the
-        power of two that brings this into range (fastsce._validate.scale_weights); each
-        block's sums must use the batch's scale, not the block's own, to add up."""
-        if self.sample_weight is None:
-            return None
-        sw, wh = self.sample_weight, self.where
-        name = f"fastsce-top-weight-{tokenize(sw, wh)}"
-        dsk = {(name, i): (_top_weight_block, (sw.name, i), _key(wh, i)) for i in range(len(self.rows))}
-        tops = _array(name, dsk, [a for a in (sw, wh) if a is not None], ((1,) * len(self.rows),), np.float64)
-        return tops.max()
 
     def _total(self, parts, token):
         """A Delayed of the Evaluation: the blocks' MetricSums added in a binary tree of fixed
@@ -908,19 +893,13 @@ def _key(x, i):
     return None if x is None else (x.name, i)
 
 
-def _evaluate_block(z, t, weight, sw, wh, top, start, *, topk, bins, ignore_index, k, per_row):
+def _evaluate_block(z, t, weight, sw, wh, start, *, topk, bins, ignore_index, k, per_row):
     """(MetricSums, then the per-row arrays in Evaluation.PER_ROW's order when per_row) of
     one block of whole rows; a bad label or sample weight reported by its row in the
     whole batch."""
     try:
+        # (each block's sums in its own units of extreme weights: MetricSums' + rescales them)
         problem, _, _ = metrics.check_evaluation(z, t, topk, bins, weight, ignore_index, -1, sw, wh)
-        if sw is not None:
-            # The batch's scale of the row weights, not the block's (see _top_weight).
-            v = np.array(sw, np.float64)
-            if wh is not None:
-                v = np.where(wh, v, 0.0)
-            scale = _power_of_two_scale(np.array([top], np.float64), _WEIGHT_RANGE[np.dtype(np.float64)])
-            problem = dataclasses.replace(problem, row_weight=v / scale if scale != 1 else v)
         sums, arrays = metrics.metric_sums(problem, topk, bins, per_row)
     except (IndexError, ValueError):
         if sw is not None:  # the in-memory order: sample weights, then labels
@@ -930,14 +909,6 @@ def _evaluate_block(z, t, weight, sw, wh, top, start, *, topk, bins, ignore_inde
     if not per_row:
         return (sums,)
     return (sums, *(arrays[field] for field in metrics.Evaluation.PER_ROW))
-
-
-def _top_weight_block(sw, wh):
-    """[the largest row weight of the block] (0 for none; NaN if one is NaN)."""
-    v = np.asarray(sw, np.float64)
-    if wh is not None:
-        v = np.where(wh, v, 0.0)
-    return np.array([v.max(initial=0.0)])
 
 
 def _no_rows(topk, bins):

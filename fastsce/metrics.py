@@ -104,17 +104,38 @@ class Evaluation:
 class MetricSums:
     """The float64 sums an Evaluation is made of (layout: fastsce._kernels.metrics), for
     ``topk`` and ``bins``. Sums of batches of rows add up to those of all the rows
-    (``a + b``, in a fixed order: the same bits for the same batches)."""
+    (``a + b``, in a fixed order: the same bits for the same batches).
+
+    ``units``: what the stored sums are in, as powers of two (see
+    fastsce._validate.scale_weights, which scales extreme weights into range): the sums
+    weighted by class and row weights (LOSS, LOSS_WEIGHT) are ``units[0]`` times
+    smaller than in the weights as given, those weighted by row weights ``units[1]``
+    times. Adding batches of different units brings both to the larger (exactly, but for
+    terms that then fall below the smallest float64)."""
 
     topk: tuple[int, ...]
     bins: int
     sums: np.ndarray
     rows: int  # rows seen, counted or not
+    units: tuple[float, float] = (1.0, 1.0)
 
     def __add__(self, other: MetricSums) -> MetricSums:
         if (self.topk, self.bins) != (other.topk, other.bins):
             raise ValueError(f"cannot add the sums of topk={other.topk}, bins={other.bins} to topk={self.topk}, bins={self.bins}")
-        return MetricSums(self.topk, self.bins, self.sums + other.sums, self.rows + other.rows)
+        if not other.rows or not self.rows:  # (a batch of no rows takes the other's units)
+            keep = self if other.rows == 0 else other
+            return MetricSums(self.topk, self.bins, keep.sums, self.rows + other.rows, keep.units)
+        if self.units == other.units:
+            return MetricSums(self.topk, self.bins, self.sums + other.sums, self.rows + other.rows, self.units)
+        units = (max(self.units[0], other.units[0]), max(self.units[1], other.units[1]))
+        return MetricSums(self.topk, self.bins, self._in(units) + other._in(units), self.rows + other.rows, units)
+
+    def _in(self, units: tuple[float, float]) -> np.ndarray:
+        """The sums in other units (each a power of two no smaller than this one's)."""
+        sums = self.sums * (self.units[1] / units[1])
+        sums[[kernels.LOSS, kernels.LOSS_WEIGHT]] = self.sums[[kernels.LOSS, kernels.LOSS_WEIGHT]] * (self.units[0] / units[0])
+        sums[kernels.ROWS] = self.sums[kernels.ROWS]  # a count
+        return sums
 
     @classmethod
     def zero(cls, topk: tuple[int, ...], bins: int) -> MetricSums:
@@ -140,7 +161,7 @@ class MetricSums:
             mean_target_probability=_ratio(s[kernels.TARGET_PROBABILITY], weight),
             mean_confidence=_ratio(s[kernels.CONFIDENCE], weight),
             ece=ece,
-            bin_counts=counts.copy(),
+            bin_counts=counts * self.units[1],  # the total row weight as given
             bin_confidence=bin_confidence,
             bin_accuracy=bin_accuracy,
             rows=counted,
@@ -215,7 +236,7 @@ def metric_sums(problem: Problem, topk: tuple[int, ...], bins: int, per_row: boo
             z = None
     total = MetricSums.zero(topk, bins)
     sums = np.concatenate(accs).sum(axis=0) if accs else total.sums
-    result = MetricSums(topk, bins, sums, m)
+    result = MetricSums(topk, bins, sums, m, problem.units)
     if not per_row:
         return result, None
     lead = problem.lead
@@ -257,6 +278,8 @@ def evaluate(
     confidence is NaN (NaN or +inf logits, or only -inf) makes ``ece`` NaN and is left
     out of the bins. With no row counted every mean is NaN.
     """
+    if not isinstance(per_row, (bool, np.bool_)):
+        raise TypeError(f"per_row must be True or False; got {per_row!r}")
     problem, ks, nbins = check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where)
-    sums, arrays = metric_sums(problem, ks, nbins, per_row)
+    sums, arrays = metric_sums(problem, ks, nbins, bool(per_row))
     return sums.finish(arrays)

@@ -418,7 +418,7 @@ def evaluate(
             mean_target_probability=mean(np.exp(target_logprob.astype(np.float64))),
             mean_confidence=mean(confidence.astype(np.float64)),
             ece=ece,
-            bin_counts=counts,
+            bin_counts=counts * problem.units[1],  # in the row weights as given (see scale_weights)
             bin_confidence=np.where(counts > 0, conf_sums / counts, np.nan),
             bin_accuracy=np.where(counts > 0, correct_sums / counts, np.nan),
             rows=int(counted.sum()),
