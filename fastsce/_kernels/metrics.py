@@ -31,9 +31,9 @@ import numpy as np
 from numba import prange
 
 from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel, vector
-from fastsce._kernels.rows import BLOCK, _row_max
-from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, prefer_512bit, times
-from fastsce._kernels.tiles import TILES_PER_CHUNK, _lane_max, _load_tile, tile_rows
+from fastsce._kernels.rows import BLOCK
+from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.tiles import TILES_PER_CHUNK, _load_tile, tile_rows
 
 # The per-chunk sums, one float64 each (then T top-k sums, then the bins: B weights, B
 # confidence sums, B correct sums).
@@ -75,34 +75,66 @@ def _exp_entropy_block(z, m):
 
 
 @vector
-def _rank_first_block(z, m, zy, offset, first):
-    """(#{z > zy}, min(first, offset + the first j with z_j = m)). Apart from the exp loop:
-    in one loop with it the block took 1.5x the time of the two loops (measured at K = 1000)."""
+def _max_rank_block(z, zy):
+    """(max z (NaN-propagating), #{z > zy}) in one pass over at most BLOCK terms. The count
+    in float32 (exact to 2^24): an integer count is int64 in Numba, which held the loop
+    to 8 lanes (ymm) where the float32 max takes 16 (zmm)."""
     prefer_512bit()
-    rank = 0
-    none = first  # no match here: min() keeps first
+    m = z[0]
+    rank = like(0, z)
+    one = like(1, z)
+    zero = like(0, z)
     for j in range(z.size):
-        rank += 1 if z[j] > zy else 0
-        first = min(first, offset + j if z[j] == m else none)
-    return rank, first
+        m = maximum(m, z[j])
+        rank += one if z[j] > zy else zero
+    return m, rank
 
 
 @jit
-def _eval_part(z, m, zy, offset, first):
-    """(sum exp(z - m), sum exp(z - m) (z - m), #{z > zy}, the first max's index or
-    ``first``) over a part of a row starting at index ``offset``: blocks of BLOCK terms,
-    each block's sums (in z's dtype) added in float64 while the block is in L1."""
-    s = 0.0
-    sd = 0.0
+def _max_rank(z, zy):
+    m = z[0]
     rank = 0
     for lo in range(0, z.size, BLOCK):
-        block = z[lo : lo + BLOCK]
-        bs, bsd = _exp_entropy_block(block, m)
-        br, first = _rank_first_block(block, m, zy, offset + lo, first)
+        bm, br = _max_rank_block(z[lo : lo + BLOCK], zy)
+        m = maximum(m, bm)
+        rank += int(br)
+    return m, rank
+
+
+@vector
+def _first_block(z, m):
+    """The first j with z_j = m in a block of at most BLOCK, or BLOCK (int32 lanes)."""
+    prefer_512bit()
+    none = np.int32(BLOCK)
+    first = none
+    for j in range(z.size):
+        first = min(first, np.int32(j) if z[j] == m else none)
+    return first
+
+
+@jit
+def _first_max(z, m):
+    """The first j with z_j = m (np.argmax's: the first NaN when m is NaN), block by block."""
+    if m != m:
+        return _first_nan(z)
+    for lo in range(0, z.size, BLOCK):
+        first = _first_block(z[lo : lo + BLOCK], m)
+        if first < BLOCK:
+            return lo + first
+    return 0
+
+
+@jit
+def _exp_entropy_sums(z, m):
+    """_exp_entropy_block over blocks of BLOCK terms, each block's sums (in z's dtype)
+    added in float64 while the block is in L1."""
+    s = 0.0
+    sd = 0.0
+    for lo in range(0, z.size, BLOCK):
+        bs, bsd = _exp_entropy_block(z[lo : lo + BLOCK], m)
         s += bs
         sd += bsd
-        rank += br
-    return s, sd, rank, first
+    return s, sd
 
 
 @jit
@@ -116,21 +148,19 @@ def _first_nan(z):
 @jit
 def _eval_row(zi, y, live):
     """(loss, entropy, confidence, p_y, argmax, rank) of one row; y: its target, used when
-    ``live`` (else loss, p_y and rank are not meaningful)."""
-    k = zi.size
-    m = _row_max(zi)
+    ``live`` (else loss, p_y and rank are not meaningful). Passes over the row: max and
+    rank, then the exps (the target's apart), then the argmax's search, stopping at the
+    block that holds it (with rank and argmax in the exp loop that loop took 1.5x as
+    long, measured at K = 1000)."""
+    zy = zi[y] if live else like(math.inf, zi)
+    m, rank = _max_rank(zi, zy)
     if live:
-        zy = zi[y]
-        s1, sd1, r1, first = _eval_part(zi[:y], m, zy, 0, k)
-        s2, sd2, r2, first = _eval_part(zi[y + 1 :], m, zy, y + 1, first)
-        s_other, sd, rank = s1 + s2, sd1 + sd2, r1 + r2
-        if (zy == m or zy != zy) and y < first:
-            first = y
+        s1, sd1 = _exp_entropy_sums(zi[:y], m)
+        s2, sd2 = _exp_entropy_sums(zi[y + 1 :], m)
+        s_other, sd = s1 + s2, sd1 + sd2
     else:
-        zy = m
-        s_other, sd, rank, first = _eval_part(zi, m, m, 0, k)
-    if first == k:  # no logit equals the max: it is NaN
-        first = _first_nan(zi)
+        s_other, sd = _exp_entropy_sums(zi, m)
+    first = _first_max(zi, m)
     zy_shift = float(zy) - float(m) if live else -math.inf
     e_y = math.exp(zy_shift)
     s = s_other + e_y
@@ -218,42 +248,43 @@ def evaluate_rows(z, target, ignore_index, w, v, topk, bins, chunk_rows, acc, pe
 
 
 @jit
-def _lane_argmax_rank(T, m, zt, first, rank):
-    """first[r] = the first j with T[j, r] = m[r] (K when none: m[r] is NaN), rank[r] =
-    #{j : T[j, r] > zt[r]}. Two passes over the tile: with both in one loop over the
-    classes (or a NaN test in the select) LLVM kept them scalar (measured on one tile at
-    K = 10: 1.0-1.5 us; as two passes 0.18 us, zmm compares and blends)."""
+def _lane_max_first(T, m, first):
+    """m[r] = max_j T[j, r] (NaN-propagating), first[r] = the first j holding it (for a
+    NaN row: not meaningful, the caller looks it up)."""
     prefer_512bit()
-    k = T.shape[0]
+    t0 = T[0]
     for r in range(tile_rows(T)):
-        first[r] = k
-        rank[r] = 0
-    for j in range(k):
+        m[r] = t0[r]
+        first[r] = 0
+    for j in range(1, T.shape[0]):
         tj = T[j]
+        jj = np.int32(j)
         for r in range(tile_rows(T)):
-            rank[r] += 1 if tj[r] > zt[r] else 0
-    for jj in range(k):
-        j = k - 1 - jj  # descending: the last one written is the first
-        tj = T[j]
-        for r in range(tile_rows(T)):
-            first[r] = j if tj[r] == m[r] else first[r]
+            x = tj[r]
+            first[r] = jj if x > m[r] else first[r]
+            m[r] = maximum(m[r], x)
 
 
 @jit
-def _lane_exp_entropy(T, m, s, sd):
-    """s[r] = sum_j exp(T[j, r] - m[r]), sd[r] = sum_j exp(..) (T[j, r] - m[r]), float64."""
+def _lane_exp_entropy(T, m, zt, s, sd, rank, e):
+    """s[r] = sum_j exp(T[j, r] - m[r]), sd[r] = sum_j exp(..) (T[j, r] - m[r]) (float64)
+    and rank[r] = #{j : T[j, r] > zt[r]} (e: a lane scratch). The exps in a loop of their
+    own: with the float64 sums in the same loop LLVM took 8 lanes (ymm) for them too."""
     prefer_512bit()
     for r in range(tile_rows(T)):
         s[r] = 0.0
         sd[r] = 0.0
+        rank[r] = 0
     zero = like(0, T)
     for j in range(T.shape[0]):
         tj = T[j]
         for r in range(tile_rows(T)):
-            d = tj[r] - m[r]
-            e = exp_nonpositive(d)
-            s[r] += float(e)
-            sd[r] += float(e * d) if e != zero else 0.0
+            x = tj[r]
+            e[r] = exp_nonpositive(x - m[r])
+            rank[r] += np.int32(1) if x > zt[r] else np.int32(0)
+        for r in range(tile_rows(T)):
+            s[r] += float(e[r])
+            sd[r] += float(e[r] * (tj[r] - m[r])) if e[r] != zero else 0.0
 
 
 @vector
@@ -279,7 +310,11 @@ def _lane_finish(k, bins, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, 
         s = s_other[r] + e_y
         inv_s = 1.0 / s
         log_s = log_normal(s) if s >= 1.0 else math.nan  # s >= 1 or NaN
-        lo = lse_minus_target(s_other[r], e_y, zy) if live else 0.0
+        # loss = log s - zy, one log per lane (lse_minus_target takes a second). With zy < 0
+        # both terms are >= 0: no cancellation. With e_y = 1 (the target is the max) it is
+        # log(1 + s_other), and the rounding of s = 1 + s_other is corrected as log1p does.
+        correction = ((s - 1.0) - s_other[r]) * inv_s if e_y == 1.0 else 0.0
+        lo = (log_s - zy) - correction if live else 0.0
         ent = log_s - (sd[r] + (e_y * zy if e_y != 0 else 0.0)) * inv_s
         cor = math.nan if m[r] != m[r] else (1.0 if first[r] == yl[r] else 0.0)
         loss[r] = lo
@@ -287,7 +322,7 @@ def _lane_finish(k, bins, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, 
         conf[r] = inv_s
         py[r] = e_y * inv_s
         correct[r] = cor
-        bl[r] = min(max(int(math.ceil((inv_s if inv_s == inv_s else 0.0) * bins)) - 1, 0), bins - 1) if inv_s == inv_s else -1
+        bl[r] = np.int32(min(max(int(math.ceil((inv_s if inv_s == inv_s else 0.0) * bins)) - 1, 0), bins - 1) if inv_s == inv_s else -1)
         v = vr[r]
         zero = 0.0
         t_loss += times(v * wy[r], lo) if counted else zero
@@ -330,16 +365,16 @@ def _lane_nan_confidence(vr, bl):
 
 
 @jit
-def _tile_eval(zt, yt, vt, rows, ignore_index, w, topk, bins, T, m, zl, il, fl, acc, first_row, per_row):
+def _tile_eval(zt, yt, vt, rows, ignore_index, w, topk, bins, T, m, zl, el, il, fl, acc, first_row, per_row):
     """The tile zt (R, K) (rows beyond ``rows`` ignored) into acc and per_row."""
     k = T.shape[0]
     _load_tile(zt, T)
-    _lane_max(T, m)
     yl, first, rank, bl = il[0], il[1], il[2], il[3]
+    _lane_max_first(T, m, first)
     vr, wy, s_other, sd, loss, entropy, conf, py, correct = fl[0], fl[1], fl[2], fl[3], fl[4], fl[5], fl[6], fl[7], fl[8]
-    any_nan = False
     for r in range(tile_rows(T)):
-        any_nan |= m[r] != m[r]
+        if m[r] != m[r]:  # the first NaN, as np.argmax
+            first[r] = _first_nan(T[:, r])
         y = yt[r] if r < rows else ignore_index
         if y == ignore_index:
             yl[r] = k
@@ -349,16 +384,10 @@ def _tile_eval(zt, yt, vt, rows, ignore_index, w, topk, bins, T, m, zl, il, fl, 
         else:
             yl[r] = y
             zl[r] = T[y, r]
+            T[y, r] = -np.inf  # leaves the target out of s_other (rank: z_y > z_y is false)
             vr[r] = vt[r] if vt.size else 1.0
             wy[r] = w[y] if vr[r] != 0 else 0.0
-    _lane_argmax_rank(T, m, zl, first, rank)
-    for r in range(tile_rows(T) if any_nan else 0):
-        if m[r] != m[r]:  # the first NaN, as np.argmax
-            first[r] = _first_nan(T[:, r])
-    for r in range(tile_rows(T)):
-        if yl[r] != k:
-            T[yl[r], r] = -np.inf  # leaves the target out of s_other
-    _lane_exp_entropy(T, m, s_other, sd)
+    _lane_exp_entropy(T, m, zl, s_other, sd, rank, el)
     _lane_finish(k, bins, m, zl, yl, vr, wy, first, s_other, sd, loss, entropy, conf, py, correct, bl, acc)
     for t in range(topk.size):
         acc[SUMS + t] += _lane_topk(vr, rank, correct, topk[t])
@@ -401,7 +430,8 @@ def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, acc, per_row):
         T = np.empty((k, R), z.dtype)
         m = np.empty(R, z.dtype)
         zl = np.empty(R, z.dtype)
-        il = np.empty((4, R), np.int64)
+        el = np.empty(R, z.dtype)
+        il = np.empty((4, R), np.int32)  # (int32: twice the lanes of int64 in the compares)
         fl = np.empty((9, R), np.float64)
         zpad = np.zeros((R, k), z.dtype)
         ypad = np.empty(R, np.int64)
@@ -420,8 +450,8 @@ def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, acc, per_row):
                     vpad[:rows] = v[i:n]
                 vt = vpad
             _tile_eval(
-                zt, yt, vt, rows, ignore_index, borrowed(w), topk, bins, borrowed(T), borrowed(m), borrowed(zl),
+                zt, yt, vt, rows, ignore_index, borrowed(w), topk, bins, borrowed(T), borrowed(m), borrowed(zl), borrowed(el),
                 borrowed(il), borrowed(fl), row, i, outs,
             )  # fmt: skip
-        keep_alive((T, m, zl, il, fl))
+        keep_alive((T, m, zl, el, il, fl))
         acc[c, :] = row
