@@ -88,6 +88,14 @@ class Evaluation:
                 d[name] = getattr(self, name)
         return d
 
+    def plot_reliability(self, path: Any = None, **options: Any) -> Any:
+        """The reliability diagram (each bin's accuracy against its confidence, the rows
+        per bin, the ECE in the title) as a matplotlib Figure, also written to ``path``
+        when given (any format matplotlib writes). Needs matplotlib."""
+        from fastsce._tools.evaluate_cli import plot_reliability
+
+        return plot_reliability(self, path, **options)
+
     def __repr__(self) -> str:
         topk = ", ".join(f"{k}: {v:.6g}" for k, v in self.topk_accuracy.items())
         lines = [f"{name}={getattr(self, name):.6g}" for name in self.SCALARS]
