@@ -116,6 +116,17 @@ def _shards(dtype: np.dtype) -> None:
     fastsce.finish_grad(logits[:, :8], labels, stats, 0)
 
 
+def _evaluate(k_of: Callable[[np.dtype], int]):
+    def run(dtype: np.dtype) -> None:
+        import fastsce
+
+        logits, labels = _data(dtype, (130, k_of(dtype)))
+        fastsce.evaluate(logits, labels)
+        fastsce.evaluate(logits, labels, per_row=True, **_weights(logits))
+
+    return run
+
+
 def _small_k(dtype):
     return _shapes(dtype)[0]
 
@@ -131,6 +142,8 @@ PATHS: dict[str, tuple[Callable[[np.dtype], None], tuple[str, ...] | None]] = {
     "small-K loss": (_hard(_small_k, False), None),
     "large-K loss+grad": (_hard(_large_k, True), None),
     "large-K loss": (_hard(_large_k, False), None),
+    "small-K evaluate": (_evaluate(_small_k), None),
+    "large-K evaluate": (_evaluate(_large_k), None),
     "class axis": (_class_axis, None),
     "probabilities loss+grad": (_soft(True), None),
     "probabilities loss": (_soft(False), None),
