@@ -97,7 +97,7 @@ def argmax_bug_rows(z2, t2, ignore_index):
         return np.zeros(m, bool)
     live = t2 != ignore_index
     y = np.where(live, t2, 0)
-    nan = np.isnan(z2.astype(np.float32))
+    nan = np.isnan(z2.astype(np.float64))
     return live & nan[np.arange(m), y] & (np.argmax(nan, axis=1) < y)
 
 
@@ -140,6 +140,7 @@ def assert_bins_match(got, want, z, t, kwargs):
         if ev.rows and not math.isnan(ev.ece):
             s = bin_sums(ev)
             assert_close(ev.ece, np.abs(s[2] - s[1]).sum() / (v2 * counted_rows(t2, v2, kwargs)).sum(), dtype, unit=1.0)
+    return len(near)
 
 
 def assert_same_evaluation(got, want, z, t, kwargs):
@@ -181,7 +182,7 @@ def assert_same_evaluation(got, want, z, t, kwargs):
                 assert_close(a, b, dtype, unit=1.0)
             except AssertionError as e:
                 raise AssertionError(name) from e
-    assert_bins_match(got, want, z, t, kwargs)
+    return assert_bins_match(got, want, z, t, kwargs)
 
 
 def evaluate_both(z, t, kwargs):
@@ -357,6 +358,45 @@ def test_fast_matches_reference_in_every_layout(name):
         np.testing.assert_array_equal(getattr(got, name_).reshape(-1), getattr(again, name_), err_msg=name_)
     np.testing.assert_array_equal(got.bin_counts, again.bin_counts)
     assert_close(got.loss, again.loss, np.float32, unit=1.0)
+
+
+def test_rows_on_a_bin_edge_are_found_and_move_one_bin_at_most():
+    """The comparison above does meet rows on a bin edge (ties of two classes: confidence
+    1/2, the edge 6/12) and accounts for each; a row two bins away would fail it."""
+    z, t, kwargs = build(1029, 2, np.float32, "ties")
+    got, want = evaluate_both(z, t, kwargs)
+    assert assert_same_evaluation(got, want, z, t, kwargs) > 100
+    z, t, kwargs = build(65, 17, np.float32, "plain")
+    got, want = evaluate_both(z, t, kwargs)
+    assert assert_same_evaluation(got, want, z, t, kwargs) == 0
+    counts = got.bin_counts.copy()
+    b = int(np.flatnonzero(counts)[0])
+    counts[b] -= 1
+    counts[(b + 2) % counts.size] += 1
+    moved = Evaluation(**{**got.__dict__, "bin_counts": counts})
+    with pytest.raises(AssertionError):
+        assert_bins_match(moved, want, z, t, kwargs)
+
+
+def test_loss_and_perplexity_agree_with_cross_entropy_and_torch():
+    """loss: PyTorch's weighted mean (fastsce.cross_entropy's); perplexity: exp of the mean
+    loss without class weights; target_logprob: minus the per-row loss."""
+    rng = np.random.default_rng(seed_of("torch"))
+    n, k = 300, 50
+    z = make_logits(rng, n, k, np.float32)
+    t = rng.integers(0, k, n)
+    t[::5] = 7
+    w = make_weight(rng, k)
+    ev = fastsce.evaluate(z, t, weight=w, ignore_index=7, per_row=True)
+    assert_close(ev.loss, fastsce.cross_entropy(z, t, weight=w, ignore_index=7), np.float32, unit=1.0)
+    assert_close(ev.perplexity, math.exp(fastsce.cross_entropy(z, t, ignore_index=7)), np.float32)
+    per_row = fastsce.cross_entropy(z, t, ignore_index=7, reduction="none")
+    live = t != 7
+    assert_close(-ev.target_logprob[live], per_row[live], np.float32, unit=1.0)
+    assert np.isnan(ev.target_logprob[~live]).all() and (ev.target_rank[~live] == -1).all()
+    torch = pytest.importorskip("torch")
+    want = torch.nn.functional.cross_entropy(torch.from_numpy(z), torch.from_numpy(t), weight=torch.from_numpy(w.astype(np.float32)), ignore_index=7)
+    assert_close(ev.loss, float(want), np.float32, unit=1.0)
 
 
 # --- the bins and ECE from the per-row arrays -------------------------------------------------
@@ -861,6 +901,27 @@ def test_bad_input_raises_the_same_clear_error_everywhere(types, fragments, buil
         assert_unchanged(before)
         messages[impl] = (type(info.value), str(info.value))
     assert messages["fast"] == messages["ref"]
+
+
+@pytest.mark.parametrize("per_row", ("yes", 1, None))
+@pytest.mark.parametrize(
+    "impl", [pytest.param(impl, marks=pytest.mark.xfail(strict=True, reason="per_row is not checked")) for impl in IMPLS]
+)
+def test_per_row_must_be_a_bool(impl, per_row):
+    """As fastsce.cross_entropy's flags (return_lse=1 is a TypeError naming it)."""
+    z, t, _ = bad_case()
+    with pytest.raises(TypeError, match="per_row"):
+        IMPLS[impl].evaluate(z, t, per_row=per_row)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_in_the_order_given_and_a_single_row(impl):
+    z, t, _ = bad_case()
+    ev = IMPLS[impl].evaluate(z, t, topk=np.array([5, 1, 2]))
+    assert list(ev.topk_accuracy) == [5, 1, 2] and all(type(k) is int for k in ev.topk_accuracy)
+    ev = IMPLS[impl].evaluate(z[0], 1, per_row=True)  # one row: per-row arrays of shape ()
+    assert ev.rows == 1 and ev.argmax.shape == () and ev.target_rank == (z[0] > z[0, 1]).sum()
+    assert ev.argmax == np.argmax(z[0])
 
 
 @pytest.mark.parametrize("per_row", (False, True))
