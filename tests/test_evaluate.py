@@ -728,11 +728,20 @@ def problems(draw, dtype):
     return x, t, options
 
 
-@pytest.mark.parametrize("dtype", [np.float32, pytest.param(np.float64, marks=pytest.mark.f64)], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "dtype_name",
+    ["float32", pytest.param("float64", marks=pytest.mark.f64), *[pytest.param(h, marks=pytest.mark.half) for h in ("float16", "bfloat16")]],
+    ids=["f32", "f64", "f16", "bf16"],
+)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data())
-def test_fast_matches_reference_with_every_option(dtype, data):
-    x, t, options = data.draw(problems(dtype), label="problem")
+def test_fast_matches_reference_with_every_option(dtype_name, data):
+    """The half dtypes are drawn as float32 and rounded (their specials overflow to inf)."""
+    dtype = half_dtype(dtype_name)
+    x, t, options = data.draw(problems(np.float64 if dtype == np.float64 else np.float32), label="problem")
+    if dtype.itemsize == 2:
+        with np.errstate(over="ignore"):
+            x = x.astype(dtype)
     errors = {}
     for impl in IMPLS:
         try:
