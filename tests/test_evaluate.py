@@ -821,6 +821,27 @@ def test_results_do_not_depend_on_the_thread_count(n, k, per_row):
     assert_identical(*results)
 
 
+def test_concurrent_calls_match_serial_calls_bitwise():
+    """Calls from several Python threads at once (small ones on the serial kernels, large
+    ones through the pool's launch lock) give the serial calls' bits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = [build(n, k, np.float32, variant, seed=i) for i, (n, k, variant) in enumerate(
+        itertools.product((65, 1029), (3, 385), ("weighted", "specials", "ties"))
+    )]  # fmt: skip
+
+    def run(case):
+        z, t, kwargs = case
+        with np.errstate(all="ignore"):
+            return fastsce.evaluate(z, t, per_row=True, **kwargs)
+
+    serial = [run(case) for case in work]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(run, work * 2))
+    for got, want in zip(concurrent, serial * 2, strict=True):
+        assert_identical(got, want)
+
+
 @pytest.mark.parametrize("k", (5, 384, 385))
 def test_the_sums_of_parts_add_up_to_the_whole(k):
     """metric_sums of two parts of a batch, added, finish into the whole batch's
@@ -891,6 +912,40 @@ def test_bin_counts_are_the_total_row_weight_at_any_scale(impl, scale):
     v = np.random.default_rng(9).uniform(0.5, 1, 40) * scale
     ev = IMPLS[impl].evaluate(z, np.arange(40) % 5, sample_weight=v)
     assert ev.bin_counts.sum() == pytest.approx(v.sum(), rel=1e-12)
+
+
+MEMORY_SCRIPT = """
+import sys, tracemalloc
+import numpy as np
+import fastsce
+
+n, k, bins = map(int, sys.argv[1:])
+rng = np.random.default_rng(0)
+z = rng.standard_normal((n, k)).astype(np.float32)
+t = rng.integers(0, k, n)
+fastsce.evaluate(z[:70], t[:70], bins=bins)  # compile outside the trace
+tracemalloc.start()
+fastsce.evaluate(z, t, bins=bins)
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="one float64 row of 10 + T + 3 bins sums per chunk of rows")
+def test_extra_memory_does_not_grow_with_rows_times_bins():
+    """The bins' sums take 3 x bins float64 per chunk of rows (65536 // K rows for large K,
+    2048 for small): their memory should not grow with N (measured in a fresh interpreter,
+    as tests/test_memory.py does). 2600 x 1000 logits (10 MB) with 2^16 bins: ~63 MB."""
+    import subprocess
+    import sys
+
+    n, k, bins = 2600, 1000, 1 << 16
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(k), str(bins)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    peak = int(done.stdout.split()[-1])
+    import numba
+
+    per_thread = numba.get_num_threads() * (3 * bins * 8 + 64 * k * 4)  # a few rows of bins and a tile per thread
+    assert peak <= 0.01 * n * k * 4 + 2 * per_thread, (peak, per_thread)
 
 
 # --- bad input ------------------------------------------------------------------------------------
