@@ -10,6 +10,7 @@ where each implementation put it, and compare the bins of every other row exactl
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -74,7 +75,13 @@ def bin_sums(ev):
     """(3, B): per bin the row weight, the sum of weight x confidence and of weight x correct."""
     counts = np.asarray(ev.bin_counts, np.float64)
     with np.errstate(invalid="ignore"):
-        return np.stack([counts, np.where(counts > 0, ev.bin_confidence * counts, 0), np.where(counts > 0, ev.bin_accuracy * counts, 0)])
+        return np.stack(
+            [
+                counts,
+                np.where(counts > 0, ev.bin_confidence * counts, 0),
+                np.where(counts > 0, ev.bin_accuracy * counts, 0),
+            ]
+        )
 
 
 def edge_rows(confidences, bins, dtype):
@@ -85,7 +92,9 @@ def edge_rows(confidences, bins, dtype):
         c = np.asarray(conf, np.float64).reshape(-1)
         i = np.round(c * bins)
         with np.errstate(invalid="ignore"):
-            near |= np.isfinite(c) & (i >= 1) & (i <= bins - 1) & (np.abs(c - i / bins) < EDGE[compute_dtype(conf.dtype)])
+            near |= (
+                np.isfinite(c) & (i >= 1) & (i <= bins - 1) & (np.abs(c - i / bins) < EDGE[compute_dtype(conf.dtype)])
+            )
     return np.flatnonzero(near)
 
 
@@ -215,7 +224,11 @@ def same_bits(a, b) -> bool:
 
 def assert_identical(a, b):
     """Two Evaluations bit for bit."""
-    for name in Evaluation.SCALARS + ("rows", "ignored_rows", "bin_counts", "bin_confidence", "bin_accuracy") + Evaluation.PER_ROW:
+    for name in (
+        Evaluation.SCALARS
+        + ("rows", "ignored_rows", "bin_counts", "bin_confidence", "bin_accuracy")
+        + Evaluation.PER_ROW
+    ):
         x, y = getattr(a, name), getattr(b, name)
         assert same_bits(x, y), (name, x, y)
     assert same_bits(list(a.topk_accuracy.items()), list(b.topk_accuracy.items()))
@@ -271,7 +284,7 @@ def build(n, k, dtype, variant, seed=None):
     return z.astype(dtype), t, kwargs
 
 
-NS = (0, 1, 63, 64, 65, 1029)  # tile edges (64 rows), an odd row count past CHUNK_ROWS / 2
+NS = (0, 1, 63, 64, 65, 1029)  # the tile edges (64 rows); 1029: many tiles, and many row-kernel chunks
 KS = (1, 2, 3, 10, 17, 100, 383, 384, 385, 1000)  # SMALL_K (float32) is 384
 # and past one chunk of the tile kernel (CHUNK_ROWS = 2048 rows; the row kernel's chunks
 # hold 65536 // K rows, several at N = 1029 already)
@@ -350,6 +363,12 @@ def test_fast_matches_reference_in_every_layout(name):
     z, t, kwargs = layout(name)
     got, want = evaluate_both(z, t, kwargs)
     assert_same_evaluation(got, want, z, t, kwargs)
+    # (evaluate_both gives the reference C-contiguous rows: in the layout itself its
+    # integers and counts are the same)
+    strided = reference.evaluate(z, t, per_row=True, **kwargs)
+    for name_ in ("argmax", "target_rank"):
+        np.testing.assert_array_equal(getattr(strided, name_), getattr(want, name_), strict=True)
+    assert (strided.rows, strided.ignored_rows) == (want.rows, want.ignored_rows)
     # the same numbers as the rows laid out plainly
     z2, t2, v2 = as_rows(z, t, kwargs)
     plain = {key: val for key, val in kwargs.items() if key not in ("axis", "where", "sample_weight")}
@@ -397,7 +416,9 @@ def test_loss_and_perplexity_agree_with_cross_entropy_and_torch():
     assert_close(-ev.target_logprob[live], per_row[live], np.float32, unit=1.0)
     assert np.isnan(ev.target_logprob[~live]).all() and (ev.target_rank[~live] == -1).all()
     torch = pytest.importorskip("torch")
-    want = torch.nn.functional.cross_entropy(torch.from_numpy(z), torch.from_numpy(t), weight=torch.from_numpy(w.astype(np.float32)), ignore_index=7)
+    want = torch.nn.functional.cross_entropy(
+        torch.from_numpy(z), torch.from_numpy(t), weight=torch.from_numpy(w.astype(np.float32)), ignore_index=7
+    )
     assert_close(ev.loss, float(want), np.float32, unit=1.0)
 
 
@@ -604,7 +625,15 @@ def test_no_counted_row_gives_nan_means(impl, case):
 
 @pytest.mark.parametrize(
     "impl",
-    ["fast", pytest.param("ref", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason="reference: np.bincount of no rows is int64"))],
+    [
+        "fast",
+        pytest.param(
+            "ref",
+            marks=pytest.mark.xfail(
+                strict=True, raises=AssertionError, reason="reference: np.bincount of no rows is int64"
+            ),
+        ),
+    ],
 )
 def test_bin_arrays_are_float64_when_no_row_is_counted(impl):
     ev = IMPLS[impl].evaluate(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
@@ -617,7 +646,11 @@ def test_argmax_of_a_row_holding_nan_is_its_first_nan(request, impl, k):
     """As np.argmax (the documented rule), also when the target logit is a later NaN."""
     if impl == "fast" and k > SMALL_K[np.dtype(np.float32)] and ARGMAX_NAN_BUG:
         request.applymarker(
-            pytest.mark.xfail(strict=True, raises=AssertionError, reason="row kernel: a NaN target logit takes the argmax from an earlier NaN")
+            pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="row kernel: a NaN target logit takes the argmax from an earlier NaN",
+            )
         )
     z = np.zeros((3, k), np.float32)
     z[:, 0] = z[:, 2] = np.nan
@@ -629,7 +662,15 @@ def test_argmax_of_a_row_holding_nan_is_its_first_nan(request, impl, k):
 @pytest.mark.parametrize("k", (2, 500))
 @pytest.mark.parametrize(
     "impl",
-    ["ref", pytest.param("fast", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason="perplexity: inf from a mean loss of 709"))],
+    [
+        "ref",
+        pytest.param(
+            "fast",
+            marks=pytest.mark.xfail(
+                strict=True, raises=AssertionError, reason="perplexity: inf from a mean loss of 709"
+            ),
+        ),
+    ],
 )
 def test_perplexity_is_finite_while_exp_of_the_mean_loss_is(impl, k):
     z = np.full((1, k), -np.inf, np.float32)
@@ -662,8 +703,12 @@ def test_against_scikit_learn(k):
     topk = tuple(kk for kk in (1, 2, 5) if kk < k)
     for sample_weight in (None, v):
         ev = fastsce.evaluate(z, t, topk=topk, sample_weight=sample_weight)
-        assert_close(ev.loss, metrics.log_loss(t, p, labels=range(k), sample_weight=sample_weight), np.float32, unit=1.0)
-        assert ev.accuracy == pytest.approx(metrics.accuracy_score(t, z.argmax(axis=1), sample_weight=sample_weight), rel=1e-12)
+        assert_close(
+            ev.loss, metrics.log_loss(t, p, labels=range(k), sample_weight=sample_weight), np.float32, unit=1.0
+        )
+        assert ev.accuracy == pytest.approx(
+            metrics.accuracy_score(t, z.argmax(axis=1), sample_weight=sample_weight), rel=1e-12
+        )
         for kk in topk:
             want = metrics.top_k_accuracy_score(t, z, k=kk, labels=range(k), sample_weight=sample_weight)
             assert ev.topk_accuracy[kk] == pytest.approx(want, rel=1e-12), kk
@@ -713,7 +758,10 @@ def problems(draw, dtype):
         options["sample_weight"] = rng.uniform(0, 2, lead) * (rng.random(lead) > 0.2)
     if draw(st.booleans(), label="where"):
         options["where"] = rng.random(lead) > 0.3
-    options["topk"] = draw(st.one_of(st.integers(1, k + 2), st.lists(st.integers(1, k + 2), min_size=1, max_size=4, unique=True)), label="topk")
+    options["topk"] = draw(
+        st.one_of(st.integers(1, k + 2), st.lists(st.integers(1, k + 2), min_size=1, max_size=4, unique=True)),
+        label="topk",
+    )
     options["bins"] = draw(st.sampled_from((1, 2, 3, 10, 15, 64)), label="bins")
 
     bad = draw(st.sampled_from((None,) * 8 + ("label", "topk", "bins", "soft")), label="bad")
@@ -730,7 +778,11 @@ def problems(draw, dtype):
 
 @pytest.mark.parametrize(
     "dtype_name",
-    ["float32", pytest.param("float64", marks=pytest.mark.f64), *[pytest.param(h, marks=pytest.mark.half) for h in ("float16", "bfloat16")]],
+    [
+        "float32",
+        pytest.param("float64", marks=pytest.mark.f64),
+        *[pytest.param(h, marks=pytest.mark.half) for h in ("float16", "bfloat16")],
+    ],
     ids=["f32", "f64", "f16", "bf16"],
 )
 @settings(max_examples=EXAMPLES)
@@ -774,7 +826,9 @@ def test_adding_a_constant_to_a_row_changes_nothing(k):
     shift = rng.integers(-1000, 1000, (n, 1)).astype(np.float32)
     assert ((z + shift) - shift == z).all()  # exact
     kwargs = dict(weight=make_weight(rng, k), sample_weight=rng.uniform(0, 2, n), topk=(1, 5), bins=10)
-    assert_identical(fastsce.evaluate(z + shift, t, per_row=True, **kwargs), fastsce.evaluate(z, t, per_row=True, **kwargs))
+    assert_identical(
+        fastsce.evaluate(z + shift, t, per_row=True, **kwargs), fastsce.evaluate(z, t, per_row=True, **kwargs)
+    )
 
 
 @pytest.mark.parametrize("k", (3, 17, 384, 385, 1000))
@@ -872,7 +926,9 @@ def test_the_sums_of_parts_add_up_to_the_whole(k):
         np.testing.assert_array_equal(got.bin_counts > 0, want.bin_counts > 0)
         for name in Evaluation.SCALARS:
             assert_close(getattr(got, name), getattr(want, name), np.float64, unit=0.0 if name == "perplexity" else 1.0)
-    assert_identical(whole.finish(whole_rows), fastsce.evaluate(z, t, topk=topk, bins=bins, weight=w, sample_weight=v, per_row=True))
+    assert_identical(
+        whole.finish(whole_rows), fastsce.evaluate(z, t, topk=topk, bins=bins, weight=w, sample_weight=v, per_row=True)
+    )
     assert_identical((MetricSums.zero(topk, bins) + whole).finish(), whole.finish())
     with pytest.raises(ValueError, match="topk"):
         whole + MetricSums.zero((1,), bins)
@@ -880,10 +936,14 @@ def test_the_sums_of_parts_add_up_to_the_whole(k):
         whole + MetricSums.zero(topk, 10)
 
 
-ROW_WEIGHT_SCALED = "check_problem divides extreme row weights by a power of two (scale_weights), and evaluate keeps the scaled sums"
+ROW_WEIGHT_SCALED = (
+    "check_problem divides extreme row weights by a power of two (scale_weights), and evaluate keeps the scaled sums"
+)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROW_WEIGHT_SCALED + ": parts scaled differently add up wrongly")
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason=ROW_WEIGHT_SCALED + ": parts scaled differently add up wrongly"
+)
 def test_the_sums_of_parts_add_up_with_extreme_sample_weights():
     """Weights outside [2^-500, 2^500] in one part only: the added sums must still be those
     of the whole batch (the command line's chunks and Dask's blocks add MetricSums)."""
@@ -905,7 +965,11 @@ def test_the_sums_of_parts_add_up_with_extreme_sample_weights():
 
 @pytest.mark.parametrize("scale", (2.0**-600, 2.0**600), ids=("2^-600", "2^600"))
 @pytest.mark.parametrize(
-    "impl", [pytest.param(impl, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROW_WEIGHT_SCALED)) for impl in IMPLS]
+    "impl",
+    [
+        pytest.param(impl, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROW_WEIGHT_SCALED))
+        for impl in IMPLS
+    ],
 )
 def test_bin_counts_are_the_total_row_weight_at_any_scale(impl, scale):
     z = make_logits(np.random.default_rng(8), 40, 5, np.float32)
@@ -930,7 +994,9 @@ print(tracemalloc.get_traced_memory()[1])
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="one float64 row of 10 + T + 3 bins sums per chunk of rows")
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="one float64 row of 10 + T + 3 bins sums per chunk of rows"
+)
 def test_extra_memory_does_not_grow_with_rows_times_bins():
     """The bins' sums take 3 x bins float64 per chunk of rows (65536 // K rows for large K,
     2048 for small): their memory should not grow with N (measured in a fresh interpreter,
@@ -939,7 +1005,9 @@ def test_extra_memory_does_not_grow_with_rows_times_bins():
     import sys
 
     n, k, bins = 2600, 1000, 1 << 16
-    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(n), str(k), str(bins)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(n), str(k), str(bins)], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr
     peak = int(done.stdout.split()[-1])
     import numba
@@ -969,23 +1037,41 @@ def masked_case(name):
 
 BAD = [
     # (exception types allowed, fragments of the message, the call)
-    pytest.param((ValueError,), ["probabilities", "argmax"], lambda: (bad_case()[0], np.full((4, 3), 1 / 3), {}), id="soft-target"),
+    pytest.param(
+        (ValueError,),
+        ["probabilities", "argmax"],
+        lambda: (bad_case()[0], np.full((4, 3), 1 / 3), {}),
+        id="soft-target",
+    ),
     *[
-        pytest.param((ValueError, TypeError), ["topk", repr(topk)], lambda k=topk: bad_case(topk=k), id=f"topk-{topk!r}")
+        pytest.param(
+            (ValueError, TypeError), ["topk", repr(topk)], lambda k=topk: bad_case(topk=k), id=f"topk-{topk!r}"
+        )
         for topk in (0, -1, 1.5, (1, 1), "a", (1, 0), (True,), (2.0,), None)
     ],
     *[
-        pytest.param((ValueError, TypeError), ["bins", repr(bins)], lambda b=bins: bad_case(bins=b), id=f"bins-{bins!r}")
+        pytest.param(
+            (ValueError, TypeError), ["bins", repr(bins)], lambda b=bins: bad_case(bins=b), id=f"bins-{bins!r}"
+        )
         for bins in (0, -3, 2.5, True, "15", None, 1 << 21)
     ],
-    pytest.param((IndexError,), ["target[1] = 3", "K=3"], lambda: (bad_case()[0], np.array([0, 3, 1, 0]), {}), id="label-K"),
-    pytest.param((IndexError,), ["target[2] = -5"], lambda: (bad_case()[0], np.array([0, 1, -5, 0]), {}), id="label-negative"),
     pytest.param(
-        (IndexError,), ["target[0] = -100"], lambda: (bad_case()[0], np.array([-100, 1, 2, 0]), dict(ignore_index=1)), id="label-minus-100"
+        (IndexError,), ["target[1] = 3", "K=3"], lambda: (bad_case()[0], np.array([0, 3, 1, 0]), {}), id="label-K"
+    ),
+    pytest.param(
+        (IndexError,), ["target[2] = -5"], lambda: (bad_case()[0], np.array([0, 1, -5, 0]), {}), id="label-negative"
+    ),
+    pytest.param(
+        (IndexError,),
+        ["target[0] = -100"],
+        lambda: (bad_case()[0], np.array([-100, 1, 2, 0]), dict(ignore_index=1)),
+        id="label-minus-100",
     ),
     pytest.param((TypeError,), ["logits", "masked"], lambda: masked_case("logits"), id="masked-logits"),
     pytest.param((TypeError,), ["target", "masked"], lambda: masked_case("target"), id="masked-target"),
-    pytest.param((ValueError,), ["sample_weight"], lambda: bad_case(sample_weight=[1, -1, 1, 1.0]), id="sample-weight-negative"),
+    pytest.param(
+        (ValueError,), ["sample_weight"], lambda: bad_case(sample_weight=[1, -1, 1, 1.0]), id="sample-weight-negative"
+    ),
     pytest.param((ValueError, TypeError), ["where"], lambda: bad_case(where=np.ones(3, bool)), id="where-shape"),
     pytest.param((ValueError, TypeError), ["weight"], lambda: bad_case(weight=-np.ones(3)), id="weight-negative"),
     pytest.param((ValueError, TypeError, np.exceptions.AxisError), ["axis"], lambda: bad_case(axis=2), id="axis"),
@@ -1010,7 +1096,8 @@ def test_bad_input_raises_the_same_clear_error_everywhere(types, fragments, buil
 
 @pytest.mark.parametrize("per_row", ("yes", 1, None))
 @pytest.mark.parametrize(
-    "impl", [pytest.param(impl, marks=pytest.mark.xfail(strict=True, reason="per_row is not checked")) for impl in IMPLS]
+    "impl",
+    [pytest.param(impl, marks=pytest.mark.xfail(strict=True, reason="per_row is not checked")) for impl in IMPLS],
 )
 def test_per_row_must_be_a_bool(impl, per_row):
     """As fastsce.cross_entropy's flags (return_lse=1 is a TypeError naming it)."""
@@ -1038,7 +1125,9 @@ def test_inputs_are_not_changed(impl, per_row):
         z[3, 1] = np.nan
         z[5, :] = -np.inf
         t = make_labels(rng, n, k)
-        kwargs = dict(weight=make_weight(rng, k), sample_weight=rng.uniform(0, 1, n), where=rng.random(n) > 0.5, topk=[1, 2])
+        kwargs = dict(
+            weight=make_weight(rng, k), sample_weight=rng.uniform(0, 1, n), where=rng.random(n) > 0.5, topk=[1, 2]
+        )
         for logits in (z, np.asfortranarray(z), z.astype(np.float16)):
             before = snapshot(logits, t, *kwargs.values())
             with np.errstate(all="ignore"):
@@ -1083,5 +1172,5 @@ def test_as_dict_is_json_and_the_repr_readable(impl):
     for name in Evaluation.PER_ROW:
         assert isinstance(d[name], np.ndarray) and d[name].shape == (100,)
     assert "per-row arrays of shape (100,)" in repr(ev) and "array(" not in repr(ev)
-    with pytest.raises(Exception):
-        ev.loss = 0.0  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.loss = 0.0
