@@ -598,6 +598,17 @@ def test_huge_margins(impl, k):
         assert ev.loss > 98
 
 
+@pytest.mark.parametrize(
+    "impl",
+    ["ref", pytest.param("fast", marks=pytest.mark.xfail(strict=True, raises=OverflowError, reason="k as int64"))],
+)
+def test_a_topk_beyond_int64_is_one(impl):
+    """check_topk takes any positive int; the kernels get them as int64."""
+    z, t, _ = bad_case()
+    ev = IMPLS[impl].evaluate(z, t, topk=(1, 2**63))
+    assert ev.topk_accuracy[2**63] == 1.0
+
+
 def test_topk_of_k_or_more_is_one_and_a_single_class_is_always_right():
     z = make_logits(np.random.default_rng(5), 70, 6, np.float32)
     t = np.arange(70) % 6
@@ -717,7 +728,11 @@ def test_against_scikit_learn(k):
 # --- every option drawn together ------------------------------------------------------------------
 
 EXAMPLES = int(os.environ.get("FASTSCE_PROPERTY_EXAMPLES", "60"))
-SPECIAL = {np.float32: (np.inf, -np.inf, np.nan, 1e30, -1e30), np.float64: (np.inf, -np.inf, np.nan, 1e300, -1e300)}
+# masked classes, NaN, values whose exp overflows, and values whose differences overflow
+SPECIAL = {
+    np.float32: (np.inf, -np.inf, np.nan, 1e30, -1e30, 3e38, -3e38),
+    np.float64: (np.inf, -np.inf, np.nan, 1e300, -1e300, 1.7e308, -1.7e308),
+}
 
 
 @st.composite
