@@ -29,6 +29,12 @@ __all__ = ["evaluate", "Evaluation", "MetricSums"]
 # time: the loss-only thresholds of fastsce.api.SMALL_K.
 SMALL_K = {np.dtype(np.float32): 384, np.dtype(np.float64): 200}
 ROW_CHUNK_LOGITS = 1 << 16  # logits per chunk of the row kernel (as fastsce.api)
+# Each chunk of rows keeps a row of 10 + len(topk) + 3 bins float64 sums (a fixed
+# partition of the rows, so the sums are the same whatever the thread count): at most
+# MAX_CHUNKS chunks a call (longer chunks for more rows) and MAX_BINS bins bound that
+# memory (24 MB at most), whatever N.
+MAX_CHUNKS = 256
+MAX_BINS = 4096
 COPY_BLOCK_LOGITS = 1 << 20  # logits per copied block when the layout needs copies
 
 _NO_F32, _NO_F64, _NO_INT = np.empty(0, np.float32), np.empty(0, np.float64), np.empty(0, np.int64)
@@ -37,6 +43,13 @@ _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
+
+
+def _exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:  # beyond the largest float64
+        return math.inf
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -160,7 +173,7 @@ class MetricSums:
         counted = int(s[kernels.ROWS])
         return Evaluation(
             loss=_ratio(s[kernels.LOSS], s[kernels.LOSS_WEIGHT]),
-            perplexity=math.exp(mean_loss) if mean_loss < 709.0 else (math.inf if mean_loss == mean_loss else math.nan),
+            perplexity=_exp(mean_loss),
             accuracy=_ratio(s[kernels.CORRECT], weight),
             topk_accuracy={k: _ratio(s[kernels.SUMS + i], weight) for i, k in enumerate(self.topk)},
             mean_entropy=_ratio(s[kernels.ENTROPY], weight),
@@ -177,14 +190,16 @@ class MetricSums:
 
 
 def check_topk(topk) -> tuple[int, ...]:
-    """topk as a tuple of distinct positive ints, in the order given."""
+    """topk as a tuple of distinct positive ints, in the order given (may be empty)."""
     items = (topk,) if isinstance(topk, numbers.Integral) else topk
     try:
         items = tuple(items)
     except TypeError:
         raise TypeError(f"topk must be an int or a sequence of ints; got {topk!r}. Pass e.g. topk=(1, 5)") from None
     for k in items:
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"topk must hold integers; got {k!r} in topk={topk!r}. Pass e.g. topk=(1, 5)")
+        if k < 1:
             raise ValueError(f"topk must hold positive integers; got {k!r} in topk={topk!r}. Pass e.g. topk=(1, 5)")
     if len(set(items)) != len(items):
         raise ValueError(f"topk has a repeated value: topk={topk!r}. Pass each k once")
@@ -192,9 +207,17 @@ def check_topk(topk) -> tuple[int, ...]:
 
 
 def check_bins(bins) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 1 <= bins <= 1 << 20:
-        raise ValueError(f"bins must be an integer from 1 to {1 << 20}; got {bins!r}. Pass e.g. bins=15")
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral):
+        raise TypeError(f"bins must be an integer; got {bins!r}. Pass e.g. bins=15")
+    if not 1 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be from 1 to {MAX_BINS}; got {bins!r}. Pass e.g. bins=15")
     return int(bins)
+
+
+def check_per_row(per_row) -> bool:
+    if not isinstance(per_row, (bool, np.bool_)):  # it decides what is returned
+        raise TypeError(f"per_row must be True or False; got {per_row!r}")
+    return bool(per_row)
 
 
 def check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where):
@@ -224,9 +247,11 @@ def metric_sums(problem: Problem, topk: tuple[int, ...], bins: int, per_row: boo
         arrays = (np.empty(m, compute), np.empty(m, compute), np.empty(m, compute), np.empty(m, np.int64), np.empty(m, np.int64))
     else:
         arrays = (no_float, no_float, no_float, _NO_INT, _NO_INT)
-    ks = np.array(topk, np.int64)
+    ks = np.array([min(t, k + 1) for t in topk], np.int64)  # (k > K: every row counts, as for K + 1)
     small = k <= SMALL_K[compute]
     chunk_rows = CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // max(k, 1))
+    if m > MAX_CHUNKS * chunk_rows:  # whole multiples of the tile's chunk
+        chunk_rows *= -(-m // (MAX_CHUNKS * chunk_rows))
     accs = []
     serial = _threads.runs_serial(m * k)
     with contextlib.nullcontext(_threads._serial) if serial else _threads.launching(m * k) as pick:
@@ -235,7 +260,7 @@ def metric_sums(problem: Problem, topk: tuple[int, ...], bins: int, per_row: boo
             outs = tuple(a[r0:r1] if a.size else a for a in arrays)
             t, vb = problem.target[r0:r1], v[r0:r1] if v.size else v
             if small:
-                pick(kernels.evaluate_tiles)(z, t, problem.ignore_index, w, vb, ks, bins, acc, outs)
+                pick(kernels.evaluate_tiles)(z, t, problem.ignore_index, w, vb, ks, bins, chunk_rows, acc, outs)
             else:
                 pick(kernels.evaluate_rows)(z, t, problem.ignore_index, w, vb, ks, bins, chunk_rows, acc, outs)
             accs.append(acc)
@@ -272,7 +297,7 @@ def evaluate(
     Arguments as :func:`fastsce.cross_entropy` (class-index targets; ``axis`` the class
     axis; float32, float64, float16 and bfloat16 logits, the last two computed in
     float32). ``topk``: the k of the top-k accuracies (a k of K or more gives 1);
-    ``bins``: the number of equal-width confidence bins (i/B, (i+1)/B] of the
+    ``bins``: the number (1 to 4096) of equal-width confidence bins (i/B, (i+1)/B] of the
     calibration error (Guo et al. 2017: sum over bins of |accuracy - confidence|
     weighted by the bin's share of the rows). ``per_row=True`` also returns per-row
     arrays (shaped like ``target``): target_logprob (NaN where ignored), entropy,
@@ -286,8 +311,7 @@ def evaluate(
     confidence is NaN (NaN or +inf logits, or only -inf) makes ``ece`` NaN and is left
     out of the bins. With no row counted every mean is NaN.
     """
-    if not isinstance(per_row, (bool, np.bool_)):
-        raise TypeError(f"per_row must be True or False; got {per_row!r}")
+    per_row = check_per_row(per_row)
     problem, ks, nbins = check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where)
-    sums, arrays = metric_sums(problem, ks, nbins, bool(per_row))
+    sums, arrays = metric_sums(problem, ks, nbins, per_row)
     return sums.finish(arrays)

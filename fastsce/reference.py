@@ -352,8 +352,9 @@ def evaluate(
     per_row: bool = False,
 ) -> Any:
     """See :func:`fastsce.evaluate` (same arguments, same result)."""
-    from fastsce.metrics import Evaluation, check_evaluation
+    from fastsce.metrics import Evaluation, check_evaluation, check_per_row
 
+    per_row = check_per_row(per_row)
     problem, ks, nbins = check_evaluation(logits, target, topk, bins, weight, ignore_index, axis, sample_weight, where)
     check_labels(problem)
     m, k = problem.shape
@@ -389,13 +390,15 @@ def evaluate(
         correct = np.where(nan_row, np.nan, (argmax == y).astype(np.float64))
         topk_accuracy = {kk: mean(np.where(nan_row, np.nan, (target_rank < kk).astype(np.float64))) for kk in ks}
 
-        # calibration: bins (i/B, (i+1)/B] of the confidence, over the counted rows
-        conf = confidence.astype(np.float64)[counted]
+        # calibration: bins (i/B, (i+1)/B] of the confidence, over the counted rows; the
+        # bin from the confidence in float64 (1 / sum exp(z - max)): rounded to float32, 1/K
+        # on a bin's closing edge (e.g. 1/3 of 15 bins) would move into the next bin
+        conf = (1 / np.exp(shifted.astype(np.float64)).sum(axis=1))[counted]
         finite = ~np.isnan(conf)
         index = np.clip(np.ceil(conf[finite] * nbins).astype(np.int64) - 1, 0, nbins - 1)
-        counts = np.bincount(index, vc[finite], nbins)
-        conf_sums = np.bincount(index, (vc * conf)[finite], nbins)
-        correct_sums = np.bincount(index, (vc * correct[counted])[finite], nbins)
+        counts = np.bincount(index, vc[finite], nbins).astype(np.float64)
+        conf_sums = np.bincount(index, (vc * conf)[finite], nbins).astype(np.float64)
+        correct_sums = np.bincount(index, (vc * correct[counted])[finite], nbins).astype(np.float64)
         ece = float(np.abs(correct_sums - conf_sums).sum() / total) if finite.all() and total else np.nan
         mean_loss = mean(loss)
     per_row_arrays = {}

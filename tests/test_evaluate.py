@@ -31,11 +31,11 @@ IMPLS = {"fast": fastsce, "ref": reference}
 # A confidence closer than this to a bin edge may fall in either neighbouring bin.
 EDGE = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 
-# Known bug (see test_argmax_of_a_row_holding_nan_is_its_first_nan): the row kernel
-# (K > SMALL_K) gives the target as the argmax of a row whose target logit is NaN even
-# when a NaN comes before it. While it stands, the per-row argmax of exactly those rows
-# is left out of the other comparisons; set to False once fixed.
-ARGMAX_NAN_BUG = True
+# A bug once fixed (see test_argmax_of_a_row_holding_nan_is_its_first_nan): the row kernel
+# (K > SMALL_K) gave the target as the argmax of a row whose target logit is NaN even
+# when a NaN came before it. True would leave exactly those rows out of the other
+# argmax comparisons.
+ARGMAX_NAN_BUG = False
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -443,7 +443,7 @@ def away_from_edges(z, bins):
     raise AssertionError("could not move the confidences away from the bin edges")
 
 
-BIN_CASES = [*itertools.product((3, 40, 1000), (1, 2, 15, 100)), (3, 1 << 20)]  # (bins up to 2^20)
+BIN_CASES = [*itertools.product((3, 40, 1000), (1, 2, 15, 100)), (3, 4096)]  # (up to MAX_BINS)
 
 
 @pytest.mark.parametrize("k, bins", BIN_CASES)
@@ -528,20 +528,10 @@ def test_uniform_logits(impl, k):
 @pytest.mark.parametrize("k", (2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60, 384, 385))
 @pytest.mark.parametrize("impl", IMPLS)
 def test_a_confidence_on_a_bin_edge_is_in_the_bin_it_closes(request, impl, k):
-    """Uniform rows have confidence exactly 1/K: with B = 60 (or 3 x 384, 5 x 385) bins
-    that is the edge n/B, which belongs to the bin (n-1)/B .. n/B]."""
-    bins = 60 if 60 % k == 0 else 15 * k
+    """Uniform rows have confidence exactly 1/K: with B = 60 (or 3 K) bins
+    that is the edge n/B, which belongs to the bin ((n-1)/B, n/B]."""
+    bins = 60 if 60 % k == 0 else 3 * k
     z = np.zeros((4, k), np.float32)
-    if impl == "ref":
-        conf = reference.evaluate(z[:1], np.zeros(1, np.int64), per_row=True).confidence[0]
-        request.applymarker(
-            pytest.mark.xfail(
-                float(conf) * bins > bins // k,
-                strict=True,
-                raises=AssertionError,
-                reason=f"reference bins its float32 confidence, here {conf!r} > 1/{k}: one bin up",
-            )
-        )
     ev = IMPLS[impl].evaluate(z, np.zeros(4, np.int64), bins=bins)
     expected = bins // k - 1
     assert np.flatnonzero(ev.bin_counts).tolist() == [expected], (np.flatnonzero(ev.bin_counts), expected)
@@ -598,10 +588,7 @@ def test_huge_margins(impl, k):
         assert ev.loss > 98
 
 
-@pytest.mark.parametrize(
-    "impl",
-    ["ref", pytest.param("fast", marks=pytest.mark.xfail(strict=True, raises=OverflowError, reason="k as int64"))],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_topk_beyond_int64_is_one(impl):
     """check_topk takes any positive int; the kernels get them as int64."""
     z, t, _ = bad_case()
@@ -634,18 +621,7 @@ def test_no_counted_row_gives_nan_means(impl, case):
     assert np.isnan(ev.bin_confidence).all() and np.isnan(ev.bin_accuracy).all()
 
 
-@pytest.mark.parametrize(
-    "impl",
-    [
-        "fast",
-        pytest.param(
-            "ref",
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError, reason="reference: np.bincount of no rows is int64"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bin_arrays_are_float64_when_no_row_is_counted(impl):
     ev = IMPLS[impl].evaluate(np.zeros((0, 3), np.float32), np.zeros(0, np.int64))
     assert ev.bin_counts.dtype == ev.bin_confidence.dtype == ev.bin_accuracy.dtype == np.float64
@@ -655,14 +631,6 @@ def test_bin_arrays_are_float64_when_no_row_is_counted(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_argmax_of_a_row_holding_nan_is_its_first_nan(request, impl, k):
     """As np.argmax (the documented rule), also when the target logit is a later NaN."""
-    if impl == "fast" and k > SMALL_K[np.dtype(np.float32)] and ARGMAX_NAN_BUG:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="row kernel: a NaN target logit takes the argmax from an earlier NaN",
-            )
-        )
     z = np.zeros((3, k), np.float32)
     z[:, 0] = z[:, 2] = np.nan
     z[2, 1] = 5
@@ -671,18 +639,7 @@ def test_argmax_of_a_row_holding_nan_is_its_first_nan(request, impl, k):
 
 
 @pytest.mark.parametrize("k", (2, 500))
-@pytest.mark.parametrize(
-    "impl",
-    [
-        "ref",
-        pytest.param(
-            "fast",
-            marks=pytest.mark.xfail(
-                strict=True, raises=AssertionError, reason="perplexity: inf from a mean loss of 709"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_perplexity_is_finite_while_exp_of_the_mean_loss_is(impl, k):
     z = np.full((1, k), -np.inf, np.float32)
     z[0, 0], z[0, 1] = 0, -709.5  # loss 709.5: exp of it is 1.35e308
@@ -951,14 +908,6 @@ def test_the_sums_of_parts_add_up_to_the_whole(k):
         whole + MetricSums.zero(topk, 10)
 
 
-ROW_WEIGHT_SCALED = (
-    "check_problem divides extreme row weights by a power of two (scale_weights), and evaluate keeps the scaled sums"
-)
-
-
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=ROW_WEIGHT_SCALED + ": parts scaled differently add up wrongly"
-)
 def test_the_sums_of_parts_add_up_with_extreme_sample_weights():
     """Weights outside [2^-500, 2^500] in one part only: the added sums must still be those
     of the whole batch (the command line's chunks and Dask's blocks add MetricSums)."""
@@ -979,13 +928,7 @@ def test_the_sums_of_parts_add_up_with_extreme_sample_weights():
 
 
 @pytest.mark.parametrize("scale", (2.0**-600, 2.0**600), ids=("2^-600", "2^600"))
-@pytest.mark.parametrize(
-    "impl",
-    [
-        pytest.param(impl, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=ROW_WEIGHT_SCALED))
-        for impl in IMPLS
-    ],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bin_counts_are_the_total_row_weight_at_any_scale(impl, scale):
     z = make_logits(np.random.default_rng(8), 40, 5, np.float32)
     v = np.random.default_rng(9).uniform(0.5, 1, 40) * scale
@@ -1009,26 +952,24 @@ print(tracemalloc.get_traced_memory()[1])
 """
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="one float64 row of 10 + T + 3 bins sums per chunk of rows"
-)
-def test_extra_memory_does_not_grow_with_rows_times_bins():
-    """The bins' sums take 3 x bins float64 per chunk of rows (65536 // K rows for large K,
-    2048 for small): their memory should not grow with N (measured in a fresh interpreter,
-    as tests/test_memory.py does). 2600 x 1000 logits (10 MB) with 2^16 bins: ~63 MB."""
+@pytest.mark.parametrize("n", (2600, 26000))
+def test_extra_memory_does_not_grow_with_rows_times_bins(n):
+    """Each chunk of rows keeps 10 + T + 3 bins float64 sums; at most MAX_CHUNKS chunks a
+    call (longer chunks for more rows) bound them whatever N (measured in a fresh
+    interpreter, as tests/test_memory.py does): 1000 classes, the most bins."""
     import subprocess
     import sys
 
-    n, k, bins = 2600, 1000, 1 << 16
+    from fastsce.metrics import MAX_BINS, MAX_CHUNKS
+
+    k, bins = 1000, MAX_BINS
     done = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT, str(n), str(k), str(bins)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr
     peak = int(done.stdout.split()[-1])
-    import numba
-
-    per_thread = numba.get_num_threads() * (3 * bins * 8 + 64 * k * 4)  # a few rows of bins and a tile per thread
-    assert peak <= 0.01 * n * k * 4 + 2 * per_thread, (peak, per_thread)
+    sums = (10 + 2 + 3 * bins) * 8
+    assert peak <= 2 * MAX_CHUNKS * sums + (1 << 20), (peak, MAX_CHUNKS * sums)  # (the chunks' sums, added)
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -1110,10 +1051,7 @@ def test_bad_input_raises_the_same_clear_error_everywhere(types, fragments, buil
 
 
 @pytest.mark.parametrize("per_row", ("yes", 1, None))
-@pytest.mark.parametrize(
-    "impl",
-    [pytest.param(impl, marks=pytest.mark.xfail(strict=True, reason="per_row is not checked")) for impl in IMPLS],
-)
+@pytest.mark.parametrize("impl", IMPLS)
 def test_per_row_must_be_a_bool(impl, per_row):
     """As fastsce.cross_entropy's flags (return_lse=1 is a TypeError naming it)."""
     z, t, _ = bad_case()

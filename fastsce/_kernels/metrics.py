@@ -33,7 +33,7 @@ from numba import prange
 from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel, vector
 from fastsce._kernels.rows import BLOCK
 from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
-from fastsce._kernels.tiles import TILES_PER_CHUNK, _load_tile, tile_rows
+from fastsce._kernels.tiles import _load_tile, tile_rows
 
 # The per-chunk sums, one float64 each (then T top-k sums, then the bins: B weights, B
 # confidence sums, B correct sums).
@@ -421,8 +421,8 @@ def _store_lanes(per_row, i, rows, k, yl, loss, entropy, conf, first, rank):
 
 
 @parallel
-def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, acc, per_row):
-    """64 rows at a time, TILES_PER_CHUNK tiles per chunk c into acc[c]."""
+def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, chunk_rows, acc, per_row):
+    """64 rows at a time, chunk c (rows c chunk_rows ..., a multiple of 64) into acc[c]."""
     n, k = z.shape
     R = tile_rows(z)
     for c in prange(acc.shape[0]):
@@ -437,7 +437,7 @@ def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, acc, per_row):
         ypad = np.empty(R, np.int64)
         vpad = np.ones(R if v.size else 0, np.float64)
         outs = _borrow_rows(per_row)
-        for i in range(c * TILES_PER_CHUNK * R, min(n, (c + 1) * TILES_PER_CHUNK * R), R):
+        for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows), R):
             rows = min(R, n - i)
             if rows == R:
                 zt, yt, vt = z[i : i + R], target[i : i + R], v[i : i + R] if v.size else v
