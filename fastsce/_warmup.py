@@ -116,11 +116,13 @@ def _shards(dtype: np.dtype) -> None:
     fastsce.finish_grad(logits[:, :8], labels, stats, 0)
 
 
-def _evaluate(k_of: Callable[[np.dtype], int]):
+def _evaluate(large: bool):
     def run(dtype: np.dtype) -> None:
         import fastsce
+        from fastsce import metrics
 
-        logits, labels = _data(dtype, (130, k_of(dtype)))
+        small_k = metrics.SMALL_K[np.dtype(np.float32) if dtype.itemsize == 2 else dtype]
+        logits, labels = _data(dtype, (130, small_k + 1 if large else 8))
         fastsce.evaluate(logits, labels)
         fastsce.evaluate(logits, labels, per_row=True, **_weights(logits))
 
@@ -142,8 +144,8 @@ PATHS: dict[str, tuple[Callable[[np.dtype], None], tuple[str, ...] | None]] = {
     "small-K loss": (_hard(_small_k, False), None),
     "large-K loss+grad": (_hard(_large_k, True), None),
     "large-K loss": (_hard(_large_k, False), None),
-    "small-K evaluate": (_evaluate(_small_k), None),
-    "large-K evaluate": (_evaluate(_large_k), None),
+    "small-K evaluate": (_evaluate(large=False), None),
+    "large-K evaluate": (_evaluate(large=True), None),
     "class axis": (_class_axis, None),
     "probabilities loss+grad": (_soft(True), None),
     "probabilities loss": (_soft(False), None),
