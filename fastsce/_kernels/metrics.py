@@ -7,9 +7,11 @@ Per row, with m = max_j z_j, s = sum_j exp(z_j - m) and lse = m + log s:
   p_y           exp(z_y - m) / s
   argmax        the first j with z_j = m (the first NaN for a row holding NaN, as np.argmax)
   rank          #{j : z_j > z_y} (ties in the target's favour)
-The max pass gives m; one more pass over the row, still in cache, gives s, the entropy's
-sum, the rank and the argmax. Few classes go 64 rows at a time with the vector lanes
-across rows (fastsce._kernels.tiles' transposed tile), more one row at a time.
+The pass that finds m also counts the rank (one row at a time) or finds the argmax (the
+tile); the exp pass over the row, still in cache, sums s and the entropy's terms (and
+counts the tile's rank); a row's argmax is then searched for block by block. Few classes
+go 64 rows at a time with the vector lanes across rows (fastsce._kernels.tiles'
+transposed tile), more one row at a time.
 
 Rows are reduced into per-chunk sums (each a float64 row of ``acc``, its layout below),
 in row order within a chunk and over fixed chunks, so the sums do not depend on the
@@ -173,8 +175,9 @@ def _eval_row(zi, y, live):
 
 @jit
 def _bin(conf, bins):
-    """The bin (i/B, (i+1)/B] holding a confidence in (0, 1]."""
-    return min(max(int(math.ceil(conf * bins)) - 1, 0), bins - 1)
+    """The bin (i/B, (i+1)/B] holding a confidence in (0, 1] (NaN gives a bin too: test first)."""
+    b = math.ceil((conf if conf == conf else 0.0) * bins)  # (a NaN to int is undefined)
+    return min(max(int(b) - 1, 0), bins - 1)
 
 
 @jit
@@ -322,7 +325,7 @@ def _lane_finish(k, bins, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, 
         conf[r] = inv_s
         py[r] = e_y * inv_s
         correct[r] = cor
-        bl[r] = np.int32(min(max(int(math.ceil((inv_s if inv_s == inv_s else 0.0) * bins)) - 1, 0), bins - 1) if inv_s == inv_s else -1)
+        bl[r] = np.int32(_bin(inv_s, bins) if inv_s == inv_s else -1)
         v = vr[r]
         zero = 0.0
         t_loss += times(v * wy[r], lo) if counted else zero
