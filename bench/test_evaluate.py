@@ -20,6 +20,7 @@ import pytest
 
 import fastsce
 from fastsce import reference
+from fastsce._tools import impls as _impls
 
 SHAPES = ((65536, 10), (16384, 100), (8192, 1000), (1024, 32000))
 VARIANTS = ("loss only", "evaluate", "evaluate per_row", "reference", "scikit-learn")
@@ -58,41 +59,6 @@ def _close(name, got, want, atol=0.0):
     scale = np.maximum(np.abs(np.where(np.isfinite(want), want, 0)), 1.0)
     got = np.asarray(got, np.float64) / scale
     np.testing.assert_allclose(got, want / scale, rtol=TOL["rtol"], atol=TOL["atol"] + atol, err_msg=name)
-
-
-def _check_evaluation(got, want, confidence):
-    """Every field of ``got`` against ``want`` (the other implementation's; per-row arrays
-    where both have them); ``confidence``: the reference's per row. Argmax and
-    ranks compare logits, so the accuracies and per-row integers are exact; a row's
-    confidence within float32 rounding of a bin edge may land in the next bin, which moves
-    one row's weight between two bins and at most 2 / rows in the ECE."""
-    for name in ("loss", "perplexity", "accuracy", "mean_entropy", "mean_target_probability", "mean_confidence"):
-        _close(name, getattr(got, name), getattr(want, name))
-    assert list(got.topk_accuracy) == list(want.topk_accuracy) == list(TOPK)
-    _close("topk_accuracy", list(got.topk_accuracy.values()), list(want.topk_accuracy.values()))
-    assert (got.rows, got.ignored_rows) == (want.rows, want.ignored_rows)
-    # rows within 4e-6 (30 float32 ulps; the two differ by a few) of a bin edge may change bins
-    bins = got.bin_counts.size
-    scaled = confidence.astype(np.float64) * bins
-    edge = np.round(scaled)  # (inner edges only: confidences of 1 stay in the last bin)
-    near = int(np.count_nonzero((np.abs(scaled - edge) < 4e-6 * scaled) & (edge > 0) & (edge < bins)))
-    assert np.abs(got.bin_counts - want.bin_counts).sum() <= 2 * near, (got.bin_counts, want.bin_counts, near)
-    _close("ece", got.ece, want.ece, atol=2 * near / max(want.rows, 1))
-    filled = got.bin_counts > 0  # and the ECE is the bins' own
-    gaps = got.bin_counts[filled] * np.abs(got.bin_accuracy[filled] - got.bin_confidence[filled])
-    _close("ece of the bins", got.ece, gaps.sum() / got.bin_counts.sum())
-    same = got.bin_counts == want.bin_counts
-    _close("bin_confidence", got.bin_confidence[same], want.bin_confidence[same])
-    _close("bin_accuracy", got.bin_accuracy[same], want.bin_accuracy[same])
-    for name in fastsce.Evaluation.PER_ROW:
-        a, b = getattr(got, name), getattr(want, name)
-        if a is None or b is None:
-            continue
-        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype)
-        if a.dtype.kind == "i":
-            np.testing.assert_array_equal(a, b, err_msg=name)
-        else:
-            _close(name, a, b)
 
 
 def _sklearn(x, y):
@@ -148,12 +114,12 @@ def test_evaluate(benchmark, shape, variant):
 
         def check(result):
             assert all((getattr(result, name) is not None) == per_row for name in fastsce.Evaluation.PER_ROW)
-            _check_evaluation(result, want, want.confidence)
+            _impls.check_evaluation(variant, result, want, want.confidence, x.dtype)
     elif variant == "reference":
         run = lambda: reference.evaluate(x, y)
 
         def check(result):
-            _check_evaluation(result, fast, want.confidence)
+            _impls.check_evaluation(variant, result, fast, want.confidence, x.dtype)
     else:
         if not HAS_SKLEARN:
             pytest.skip("scikit-learn not installed (pip install scikit-learn)")
