@@ -1,6 +1,6 @@
-"""python -m fastsce bench: time fastsce against a memcpy of the logits, the NumPy
-reference and the peers installed (PyTorch eager, torch.compile, optax under jax.jit,
-TensorFlow's fused op) on a grid of shapes, and print a report.
+"""python -m fastsce bench: time fastsce (and fastsce.evaluate) against a memcpy of the
+logits, the NumPy reference and the peers installed (PyTorch eager, torch.compile, optax
+under jax.jit, TensorFlow's fused op) on a grid of shapes, and print a report.
 
 For every shape, every implementation is built and called once (compilation, JIT
 tracing and first-touch page faults stay out of the timing; the time of that first call
