@@ -3,7 +3,7 @@
     python -m pytest bench/test_evaluate.py --benchmark-group-by=group
 
 On each shape, with the same logits (3 * N(0, 1), the target's logit raised so that about
-65-70 % of the rows are right), the variants are: ``fastsce.cross_entropy`` (the loss only:
+65-72 % of the rows are right), the variants are: ``fastsce.cross_entropy`` (the loss only:
 the baseline), ``fastsce.evaluate``, ``fastsce.evaluate(per_row=True)``, the NumPy
 reference ``fastsce.reference.evaluate`` and, when scikit-learn is installed, the same
 loss and accuracies with scikit-learn (``log_loss``, ``accuracy_score``,
@@ -11,8 +11,8 @@ loss and accuracies with scikit-learn (``log_loss``, ``accuracy_score``,
 softmax is timed too). Every benchmark checks its output; the terminal summary lists
 each median over the loss-only median of the same shape, and how much faster evaluate
 is than the reference and scikit-learn (measured in this run). scikit-learn takes about
-5 s a round at 1024 x 32000 (2 cores; top_k_accuracy_score sorts every row): kept, as
-below the 10 s at which this bench would leave it out.
+5 s a round at 1024 x 32000 (2 cores; top_k_accuracy_score sorts every row), under the
+10 s a round past which it would be left out of that shape.
 """
 
 import importlib.util
