@@ -14,7 +14,13 @@ RATIO_REPORTS = (
     ("dask_run", "in-memory", "fastsce.dask: median / the in-memory call's (this run)"),
     ("path", "unsharded", "classes split across shards: median / the unsharded call's (this run)"),
     ("linear", "products", "a linear head's loss and gradients: median / the three matrix products' (this run)"),
+    ("metrics", "loss only", "fastsce.evaluate and the same metrics elsewhere: median / loss only's (this run)"),
 )
+
+# fastsce.evaluate's targets (issue: every metric in one read of the logits): at most these
+# multiples of the loss-only call's time, and this many times faster than the NumPy reference.
+EVALUATE_TARGETS = {"evaluate": 1.3, "evaluate per_row": 1.5}
+EVALUATE_VS_REFERENCE = 5.0
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -28,6 +34,11 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     for key, baseline, title in RATIO_REPORTS:
         _ratio_report(terminalreporter, session, key, baseline, title)
+    evaluate = _evaluate_speedups(session.benchmarks)
+    if evaluate:
+        title = "fastsce.evaluate: the targets (set at 65536x10 and 8192x1000), x faster than the others (this run)"
+        terminalreporter.section(title)
+        terminalreporter.write(evaluate)
     primitives = _primitive_ratios(session.benchmarks)
     if primitives:
         terminalreporter.section("softmax, log_softmax, logsumexp: ratios of the medians of this run")
@@ -42,6 +53,32 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     terminalreporter.section("fastsce report: ratios of the medians of this run")
     terminalreporter.write(_report.format_text(report))
+
+
+def _evaluate_speedups(benchmarks) -> str:
+    """bench/test_evaluate.py's medians: evaluate's (and per_row's) over the loss-only call's
+    against their targets, and how many times faster evaluate is than the NumPy reference
+    and scikit-learn."""
+    medians = {}
+    for bench in benchmarks:
+        info = bench.extra_info
+        if "metrics" in info and not bench.has_error and info.get("checked"):
+            medians[bench.group, info["metrics"]] = bench.stats.median
+    lines = []
+    for group in dict.fromkeys(g for g, _ in medians):
+        fast, loss = medians.get((group, "evaluate")), medians.get((group, "loss only"))
+        parts = [
+            f"{variant} {medians[group, variant] / loss:.2f}x loss only (target <= {target})"
+            for variant, target in EVALUATE_TARGETS.items()
+            if loss and (group, variant) in medians
+        ]
+        for other, target in (("reference", EVALUATE_VS_REFERENCE), ("scikit-learn", None)):
+            if fast and (group, other) in medians:
+                wanted = f" (target >= {target})" if target else ""
+                parts.append(f"{medians[group, other] / fast:.1f}x faster than {other}{wanted}")
+        if parts:
+            lines.append(f"{group}: " + "; ".join(parts))
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def _primitive_ratios(benchmarks) -> str:

@@ -78,7 +78,7 @@ def test_loss_and_grad(benchmark, pin_threads, shape, impl):
         benchmark.extra_info["extra_memory"] = _report.extra_memory(run)
     result = benchmark(run)
 
-    implementation.check(result, logits, _reference_result(shape, logits, labels))
+    implementation.check(result, logits, _reference_result(shape, logits, labels), labels)
     benchmark.extra_info["checked"] = True
 
 

@@ -17,13 +17,15 @@ import numba
 import numpy as np
 import pytest
 
+import fastsce
+from fastsce import reference
 from fastsce._tools import impls as _impls, report as _report
 from fastsce.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 # fastsce's own entries and the NumPy reference; the peers (other libraries) are slow to
 # import and compile, so each has a test of its own on a tiny batch
-CORE = ["memcpy", "fastsce", "fastsce-fresh", "fastsce-loss", "reference"]
+CORE = ["memcpy", "fastsce", "fastsce-fresh", "fastsce-loss", "fastsce-evaluate", "reference"]
 PEERS = [name for name in _impls.IMPLEMENTATIONS if name not in CORE]
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -79,7 +81,13 @@ def test_quick_report_writes_markdown_json_and_plot(tmp_path):
         assert f"{n} x {k}" in text and f"**{n} x {k}**" in markdown
     assert "| shape | implementation | median ms | x memcpy |" in markdown
     assert markdown.count("| ok |") == len(_impls.QUICK_SHAPES) * len(CORE)
-    labels = ["fastsce loss+grad (out=)", "fastsce loss+grad (fresh gradient)", "fastsce loss only", "NumPy reference"]
+    labels = [
+        "fastsce loss+grad (out=)",
+        "fastsce loss+grad (fresh gradient)",
+        "fastsce loss only",
+        "fastsce evaluate (every metric)",
+        "NumPy reference",
+    ]
     for label in labels:
         assert f"| {label} |" in markdown and f"  {label}  " in text
     # the markdown's ratio cells are the JSON's, rounded
@@ -87,9 +95,17 @@ def test_quick_report_writes_markdown_json_and_plot(tmp_path):
     assert f"| NumPy reference | {first['median_s'] * 1e3:.3f} | {first['x_memcpy']:.2f} |" in markdown
     assert report["environment"]["cpu"] in markdown and f"NumPy {np.__version__}" in markdown
     # no speed-up figure on the memcpy and loss-only rows, nor on fastsce's own
-    for label in ("memcpy (np.copyto)", "fastsce loss+grad (out=)", "fastsce loss only"):
+    for label in ("memcpy (np.copyto)", "fastsce loss+grad (out=)", "fastsce loss only", labels[3]):
         rows = [line for line in markdown.splitlines() if f"| {label} |" in line and "| ok |" in line]
         assert len(rows) == len(_impls.QUICK_SHAPES) and all(row.endswith("| — | ok |") for row in rows), rows
+    # evaluate over the loss only, per shape, from the medians
+    for entry in report["shapes"]:
+        results = entry["results"]
+        ratio = results["fastsce-evaluate"]["median_s"] / results["fastsce-loss"]["median_s"]
+        assert math.isclose(entry["evaluate_over_loss"], ratio)
+        line = f"{entry['n']} x {entry['k']}: {ratio:.2f}"
+        assert f"\n  {line}\n" in text and f"{line}" in markdown
+    assert _report.EVALUATE_TITLE in text and _report.EVALUATE_TITLE in markdown
     # the x memcpy summary table (the README's layout): one column per implementation but memcpy
     assert "| N x K | " + " | ".join(labels) + " |" in markdown
     # the status lines say what the first calls do, and the files written are named at the end
@@ -214,6 +230,38 @@ def test_check_rejects_wrong_outputs_directly():
         impl.check(loss, logits, expected)
     with pytest.raises(_impls.Mismatch, match="copy"):
         _impls.IMPLEMENTATIONS["memcpy"].check((None, logits + 1), logits, expected)
+
+
+def test_evaluate_entry_is_checked_against_the_reference_metrics():
+    logits, labels = _impls.make_batch(200, 30)
+    expected = _impls.reference_result(logits, labels)
+    impl = _impls.IMPLEMENTATIONS["fastsce-evaluate"]
+    result = impl.build(logits, labels)()
+    impl.check(result, logits, expected, labels)
+    evaluation = result[0]
+    wrong = {
+        "loss": evaluation.loss * 1.001,
+        "accuracy": evaluation.accuracy + 1 / 200,
+        "topk_accuracy": {1: evaluation.accuracy, 5: evaluation.topk_accuracy[5] - 1 / 200},
+        "ece": evaluation.ece + 1e-3,
+        "bin_counts": evaluation.bin_counts + np.eye(15)[3] - np.eye(15)[4],
+    }
+    for name, value in wrong.items():
+        with pytest.raises(_impls.Mismatch, match="fastsce-evaluate: "):
+            impl.check((dataclasses.replace(evaluation, **{name: value}), None), logits, expected, labels)
+    with pytest.raises(_impls.Mismatch, match="not an Evaluation"):
+        impl.check((evaluation.loss, None), logits, expected, labels)
+    with pytest.raises(TypeError, match="needs the labels"):
+        impl.check(result, logits, expected)
+    # the per-row arrays too, where both have them
+    want = reference.evaluate(logits, labels, per_row=True)
+    rows = fastsce.evaluate(logits, labels, per_row=True)
+    _impls.check_evaluation("per_row", rows, want, want.confidence, logits.dtype)
+    rank = rows.target_rank.copy()
+    rank[7] += 1
+    with pytest.raises(_impls.Mismatch, match="per_row: target_rank differs"):
+        wrong_rows = dataclasses.replace(rows, target_rank=rank)
+        _impls.check_evaluation("per_row", wrong_rows, want, want.confidence, logits.dtype)
 
 
 def test_threads_option_is_used_and_restored(tmp_path):
@@ -430,7 +478,7 @@ def test_sweep_k_takes_the_installed_peers_but_not_the_reference(monkeypatch):
     with pytest.raises(SystemExit):
         main(["bench", "--sweep-k"])
     installed = [name for name, impl in _impls.IMPLEMENTATIONS.items() if impl.available()]
-    assert seen["names"] == [name for name in installed if name not in ("reference", "fastsce-fresh")]
+    assert seen["names"] == [name for name in installed if name not in ("reference", "fastsce-fresh", "fastsce-evaluate")]
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib not installed")

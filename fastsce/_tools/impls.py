@@ -34,6 +34,7 @@ __all__ = [
     "Implementation",
     "Mismatch",
     "Skip",
+    "check_evaluation",
     "make_batch",
     "reference_result",
 ]
@@ -70,7 +71,9 @@ class Implementation:
     label: str  # what tables and plots call it
     description: str
     build: Callable  # (logits, labels) -> () -> (loss, grad)
-    kind: str  # "loss+grad", "loss" (grad is None) or "copy" (grad is a copy of the logits)
+    # "loss+grad", "loss" (grad is None), "copy" (grad is a copy of the logits) or
+    # "evaluate" (an Evaluation in place of the loss, grad None)
+    kind: str
     requires: tuple[str, ...] = ()  # modules that must be importable
     # (threads) -> (the thread count it runs with, as text; a callable restoring the
     # previous setting, or None): the same count as fastsce's, where the library allows
@@ -81,13 +84,16 @@ class Implementation:
     def available(self) -> bool:
         return all(importlib.util.find_spec(module) is not None for module in self.requires)
 
-    def check(self, result, logits, expected) -> None:
+    def check(self, result, logits, expected, labels=None) -> None:
         """Raise :class:`Mismatch` unless ``result`` (what the callable returned for
-        ``logits``) agrees with ``expected`` (:func:`reference_result` of the batch).
+        ``logits`` and ``labels``) agrees with ``expected`` (:func:`reference_result` of
+        the batch).
 
         Tolerances are ``fastsce.reference.TOLERANCE``, with atol divided by N for the
         gradient, whose entries are O(1/N) under the "mean" reduction. memcpy must
-        return an exact copy of the logits.
+        return an exact copy of the logits. An "evaluate" entry returns an Evaluation in
+        place of the loss, checked with :func:`check_evaluation` against
+        ``fastsce.reference.evaluate`` (which needs ``labels``).
         """
         try:
             loss, grad = result
@@ -95,6 +101,12 @@ class Implementation:
             raise Mismatch(f"{self.name}: returned {type(result).__name__}, not a (loss, grad) pair") from None
         if self.kind == "copy":
             _compare(self.name, "copy", grad, logits, rtol=0, atol=0, against="the logits")
+            return
+        if self.kind == "evaluate":  # every metric, against the reference's (computed here: only this needs it)
+            if labels is None:
+                raise TypeError(f"{self.name}: check needs the labels, to compute the reference's metrics")
+            want = reference.evaluate(logits, labels, per_row=True)
+            check_evaluation(self.name, loss, want, want.confidence, logits.dtype)
             return
         tol = reference.TOLERANCE[np.dtype(logits.dtype)]
         ref_loss, ref_grad = expected
@@ -104,6 +116,55 @@ class Implementation:
                 raise Mismatch(f"{self.name}: returned no gradient")
             atol = tol["atol"] / max(logits.shape[0], 1)
             _compare(self.name, "gradient", grad, ref_grad, rtol=tol["rtol"], atol=atol)
+
+
+def check_evaluation(name, got, want, confidence, dtype) -> None:
+    """Raise :class:`Mismatch` unless the Evaluation ``got`` agrees with ``want`` (the other
+    implementation's) within ``fastsce.reference.TOLERANCE[dtype]``; per-row arrays are
+    compared where both have them. ``confidence``: the reference's per row.
+
+    Argmax and ranks compare logits, so accuracies and per-row integers agree exactly
+    (to float64 rounding of the sums). A confidence within float32 rounding of a bin edge
+    may fall on either side of it: that moves the row's weight between two bins, and at
+    most 2 / rows in the ECE, so those rows (within 4e-6, about 30 float32 ulps, where
+    the two differ by a few) loosen the bins' comparison, and the ECE is also checked
+    against the bins' own gaps."""
+    if not isinstance(got, fastsce.Evaluation):
+        raise Mismatch(f"{name}: returned {type(got).__name__}, not an Evaluation")
+    tol = reference.TOLERANCE[np.dtype(dtype)]
+    for field in fastsce.Evaluation.SCALARS:
+        if field != "ece":
+            _compare(name, field, getattr(got, field), getattr(want, field), **tol)
+    if list(got.topk_accuracy) != list(want.topk_accuracy):
+        ks, want_ks = list(got.topk_accuracy), list(want.topk_accuracy)
+        raise Mismatch(f"{name}: top-k accuracies for k in {ks}, the reference's for {want_ks}")
+    _compare(name, "topk_accuracy", list(got.topk_accuracy.values()), list(want.topk_accuracy.values()), **tol)
+    if (got.rows, got.ignored_rows) != (want.rows, want.ignored_rows):
+        raise Mismatch(
+            f"{name}: rows, ignored_rows {got.rows}, {got.ignored_rows}; the reference's {want.rows}, {want.ignored_rows}"
+        )
+    bins = got.bin_counts.size
+    scaled = np.asarray(confidence, np.float64) * bins
+    edge = np.round(scaled)  # (inner edges only: confidences of 1 stay in the last bin)
+    near = int(np.count_nonzero((np.abs(scaled - edge) < 4e-6 * scaled) & (edge > 0) & (edge < bins)))
+    moved = float(np.abs(got.bin_counts - want.bin_counts).sum())
+    if moved > 2 * near + 1e-9:
+        raise Mismatch(f"{name}: bin_counts {got.bin_counts}, the reference's {want.bin_counts}: {moved:g} apart")
+    _compare(name, "ece", got.ece, want.ece, rtol=tol["rtol"], atol=tol["atol"] + 2 * near / max(want.rows, 1))
+    filled = got.bin_counts > 0
+    gaps = got.bin_counts[filled] * np.abs(got.bin_accuracy[filled] - got.bin_confidence[filled])
+    _compare(name, "ece", got.ece, gaps.sum() / got.bin_counts.sum(), **tol, against="its bins' gaps")
+    same = got.bin_counts == want.bin_counts
+    _compare(name, "bin_confidence", got.bin_confidence[same], want.bin_confidence[same], **tol)
+    _compare(name, "bin_accuracy", got.bin_accuracy[same], want.bin_accuracy[same], **tol)
+    for field in fastsce.Evaluation.PER_ROW:
+        a, b = getattr(got, field), getattr(want, field)
+        if a is None or b is None:
+            continue
+        if a.dtype != b.dtype:
+            raise Mismatch(f"{name}: {field} of dtype {a.dtype}, the reference's {b.dtype}")
+        exact = a.dtype.kind == "i"
+        _compare(name, field, a, b, **({"rtol": 0, "atol": 0} if exact else tol))
 
 
 def _compare(name, what, actual, desired, rtol, atol, against="the reference"):
@@ -140,6 +201,10 @@ def _fastsce_fresh(logits, labels):
 
 def _fastsce_loss(logits, labels):
     return lambda: (fastsce.cross_entropy(logits, labels), None)
+
+
+def _fastsce_evaluate(logits, labels):
+    return lambda: (fastsce.evaluate(logits, labels), None)
 
 
 def _reference(logits, labels):
@@ -321,6 +386,16 @@ IMPLEMENTATIONS = {
             _fastsce_loss,
             "loss",
             warmup="first call (Numba compiles, or loads its on-disk cache)",
+        ),
+        Implementation(
+            "fastsce-evaluate",
+            "fastsce evaluate (every metric)",
+            "fastsce.evaluate: loss, perplexity, accuracy, top-5, entropy, confidence and ECE in one read "
+            "of the logits (checked against fastsce.reference.evaluate)",
+            _fastsce_evaluate,
+            "evaluate",
+            warmup="first call (Numba compiles, or loads its on-disk cache)",
+            sweep=False,
         ),
         Implementation(
             "reference",

@@ -1,6 +1,6 @@
-"""python -m fastsce bench: time fastsce against a memcpy of the logits, the NumPy
-reference and the peers installed (PyTorch eager, torch.compile, optax under jax.jit,
-TensorFlow's fused op) on a grid of shapes, and print a report.
+"""python -m fastsce bench: time fastsce (and fastsce.evaluate) against a memcpy of the
+logits, the NumPy reference and the peers installed (PyTorch eager, torch.compile, optax
+under jax.jit, TensorFlow's fused op) on a grid of shapes, and print a report.
 
 For every shape, every implementation is built and called once (compilation, JIT
 tracing and first-touch page faults stay out of the timing; the time of that first call
@@ -338,7 +338,7 @@ def _measure_shape(n, k, dtype, repeat, names, label, progress, first_call, prob
                 progress.note(
                     f"{label}: {impl.label}: {impl.warmup.split(' (')[0]} took {result['first_call_s']:.1f} s"
                 )
-            impl.check(out, logits, expected)
+            impl.check(out, logits, expected, labels)
             result["checked"] = True
         except _impls.Skip as e:
             skipped[name] = str(e)
@@ -462,6 +462,9 @@ def _derive(entry: dict) -> dict:
     memory = entry.get("fastsce_extra_memory")
     if memory is not None:
         memory["percent_of_logits"] = 100.0 * memory["bytes"] / nbytes
+    evaluate, loss = (results.get(name, {}).get("median_s") for name in ("fastsce-evaluate", "fastsce-loss"))
+    if evaluate and loss:
+        entry["evaluate_over_loss"] = evaluate / loss
     return entry
 
 
@@ -633,7 +636,8 @@ def from_pytest_benchmark(data: dict, source: str = "pytest-benchmark JSON") -> 
 # --- rendering --------------------------------------------------------------------------
 
 COLUMNS = ["shape", "implementation", "median ms", "x memcpy", "GB/s", "fastsce speedup", "check"]
-NO_SPEEDUP_KINDS = ("copy", "loss")  # memcpy and loss only are not alternatives to loss+grad
+# memcpy, loss only and evaluate are not alternatives to loss+grad
+NO_SPEEDUP_KINDS = ("copy", "loss", "evaluate")
 
 
 def _label(report, name):
@@ -790,6 +794,16 @@ def _memory_lines(report):
     return lines
 
 
+def _evaluate_lines(report):
+    return [
+        f"{entry['n']} x {entry['k']}: {entry['evaluate_over_loss']:.2f}"
+        for entry in report["shapes"]
+        if entry.get("evaluate_over_loss") is not None
+    ]
+
+
+EVALUATE_TITLE = "fastsce evaluate (every metric, one read of the logits), median / fastsce loss only's median:"
+
 MEMORY_TITLE = (
     "fastsce loss+grad with out= preallocated, memory allocated beyond the inputs and the output "
     "(tracemalloc peak during one call):"
@@ -830,6 +844,11 @@ def format_text(report) -> str:
         lines.append("")
         lines.append(MEMORY_TITLE)
         lines.extend(f"  {line}" for line in memory)
+    evaluate = _evaluate_lines(report)
+    if evaluate and not report.get("sweep_k"):
+        lines.append("")
+        lines.append(EVALUATE_TITLE)
+        lines.extend(f"  {line}" for line in evaluate)
     if report["problems"]:
         lines.append("")
         lines.append(f"MISMATCH: {len(report['problems'])} output(s) disagree with the reference or were not checked")
@@ -867,6 +886,10 @@ def format_markdown(report) -> str:
     if memory:
         lines.append("")
         lines.append(MEMORY_TITLE + " " + "; ".join(memory) + ".")
+    evaluate = _evaluate_lines(report)
+    if evaluate:
+        lines.append("")
+        lines.append(EVALUATE_TITLE + " " + "; ".join(evaluate) + ".")
     lines.append("")
     lines.append("x memcpy at a glance:")
     lines.append("")
