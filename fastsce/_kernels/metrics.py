@@ -305,6 +305,7 @@ def _lane_finish(k, bins, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, 
     t_py = 0.0
     t_conf = 0.0
     t_corr = 0.0
+    t_nan = 0.0
     for r in range(tile_rows(m)):
         live = yl[r] != k
         counted = vr[r] != 0
@@ -337,6 +338,7 @@ def _lane_finish(k, bins, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, 
         t_py += v * py[r] if counted else zero
         t_conf += v * inv_s if counted else zero
         t_corr += v * cor if counted else zero
+        t_nan += v if counted and bl[r] < 0 else zero
     tsum[LOSS] += t_loss
     tsum[LOSS_WEIGHT] += t_lw
     tsum[PLAIN_LOSS] += t_plain
@@ -346,6 +348,7 @@ def _lane_finish(k, bins, m, zt, yl, vr, wy, first, s_other, sd, loss, entropy, 
     tsum[TARGET_PROBABILITY] += t_py
     tsum[CONFIDENCE] += t_conf
     tsum[CORRECT] += t_corr
+    tsum[NAN_CONFIDENCE] += t_nan
 
 
 @vector
@@ -355,15 +358,6 @@ def _lane_topk(vr, rank, correct, k):
     total = 0.0
     for r in range(rank.size):
         total += vr[r] * (correct[r] * 0.0 + (1.0 if rank[r] < k else 0.0)) if vr[r] != 0 else 0.0
-    return total
-
-
-@vector
-def _lane_nan_confidence(vr, bl):
-    prefer_512bit()
-    total = 0.0
-    for r in range(bl.size):
-        total += vr[r] if bl[r] < 0 else 0.0
     return total
 
 
@@ -395,14 +389,13 @@ def _tile_eval(zt, yt, vt, rows, ignore_index, w, topk, bins, T, m, zl, el, il, 
     for t in range(topk.size):
         acc[SUMS + t] += _lane_topk(vr, rank, correct, topk[t])
     base = SUMS + topk.size
-    for r in range(tile_rows(T)):  # the bins: a scatter, scalar
-        v = vr[r]
+    for r in range(tile_rows(T)):  # the bins: a scatter, scalar (~170 ns a K = 10 tile;
+        v = vr[r]  # four copies of the bins, to split the chains of adds, measured no faster)
         b = bl[r]
         if v != 0 and b >= 0:
             acc[base + b] += v
             acc[base + bins + b] += v * conf[r]
             acc[base + 2 * bins + b] += v * correct[r]
-    acc[NAN_CONFIDENCE] += _lane_nan_confidence(vr, bl)
     if per_row[0].size:
         _store_lanes(per_row, first_row, rows, k, yl, loss, entropy, conf, first, rank)
 
