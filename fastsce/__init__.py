@@ -16,8 +16,8 @@ from fastsce import reference
 from fastsce._version import __version__
 from fastsce._warmup import warmup
 from fastsce.api import cross_entropy, cross_entropy_with_grad
-from fastsce.linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from fastsce.metrics import Evaluation, evaluate
+from fastsce.linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from fastsce.primitives import log_softmax, logsumexp, softmax
 from fastsce.sharded import ShardStats, combine, finish, finish_grad, partial_stats
 

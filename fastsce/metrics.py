@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from fastsce import _threads
-from fastsce._kernels import metrics as kernels
-from fastsce._kernels import rows as row_kernels
+from fastsce._kernels import metrics as kernels, rows as row_kernels
 from fastsce._kernels.tiles import CHUNK_ROWS
 from fastsce._layout import row_blocks
 from fastsce._typing import ArrayLike

@@ -18,27 +18,13 @@ import os
 
 import numpy as np
 import pytest
-from _cases import (
-    assert_close,
-    assert_unchanged,
-    make_labels,
-    make_logits,
-    make_weight,
-    seed_of,
-    snapshot,
-)
+from _cases import assert_close, assert_unchanged, make_labels, make_logits, make_weight, seed_of, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastsce
 from fastsce import reference
-from fastsce.metrics import (
-    SMALL_K,
-    Evaluation,
-    MetricSums,
-    check_evaluation,
-    metric_sums,
-)
+from fastsce.metrics import SMALL_K, Evaluation, MetricSums, check_evaluation, metric_sums
 
 IMPLS = {"fast": fastsce, "ref": reference}
 

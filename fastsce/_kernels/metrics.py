@@ -34,15 +34,7 @@ from numba import prange
 
 from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel, vector
 from fastsce._kernels.rows import BLOCK, _prefetch_row
-from fastsce._kernels.simd import (
-    exp_nonpositive,
-    like,
-    log_normal,
-    lse_minus_target,
-    maximum,
-    prefer_512bit,
-    times,
-)
+from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.tiles import _load_tile, tile_rows
 
 # The per-chunk sums, one float64 each (then T top-k sums, then the bins: B weights, B

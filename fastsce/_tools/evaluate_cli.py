@@ -35,13 +35,7 @@ import time
 import numpy as np
 
 from fastsce._tools import score
-from fastsce._tools.score import (
-    InputError,
-    _AtomicBytes,
-    _AtomicNpy,
-    _fail,
-    _output_path,
-)
+from fastsce._tools.score import InputError, _AtomicBytes, _AtomicNpy, _fail, _output_path
 
 # the per-row arrays of Evaluation, each written to DIR/NAME.npy by --per-row-out
 PER_ROW = ("target_logprob", "entropy", "argmax", "target_rank", "confidence")
