@@ -24,18 +24,13 @@ from hypothesis import strategies as st
 
 import fastsce
 from fastsce import reference
-from fastsce.metrics import SMALL_K, Evaluation, MetricSums, check_evaluation, metric_sums
+from fastsce.metrics import Evaluation, MetricSums, check_evaluation, metric_sums
 
 IMPLS = {"fast": fastsce, "ref": reference}
 
 # A confidence closer than this to a bin edge may fall in either neighbouring bin.
 EDGE = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
 
-# A bug once fixed (see test_argmax_of_a_row_holding_nan_is_its_first_nan): the row kernel
-# (K > SMALL_K) gave the target as the argmax of a row whose target logit is NaN even
-# when a NaN came before it. True would leave exactly those rows out of the other
-# argmax comparisons.
-ARGMAX_NAN_BUG = False
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -96,18 +91,6 @@ def edge_rows(confidences, bins, dtype):
                 np.isfinite(c) & (i >= 1) & (i <= bins - 1) & (np.abs(c - i / bins) < EDGE[compute_dtype(conf.dtype)])
             )
     return np.flatnonzero(near)
-
-
-def argmax_bug_rows(z2, t2, ignore_index):
-    """Rows the known row-kernel argmax bug affects (ARGMAX_NAN_BUG): K > SMALL_K, the target
-    logit NaN and a NaN before it."""
-    m, k = z2.shape
-    if not ARGMAX_NAN_BUG or k <= SMALL_K[compute_dtype(z2.dtype)] or m == 0:
-        return np.zeros(m, bool)
-    live = t2 != ignore_index
-    y = np.where(live, t2, 0)
-    nan = np.isnan(z2.astype(np.float64))
-    return live & nan[np.arange(m), y] & (np.argmax(nan, axis=1) < y)
 
 
 def assert_bins_match(got, want, z, t, kwargs):
@@ -181,11 +164,7 @@ def assert_same_evaluation(got, want, z, t, kwargs):
         assert a.shape == b.shape == np.shape(t), (name, a.shape, b.shape)
         assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
         if a.dtype.kind == "i":
-            skip = np.zeros(a.size, bool)
-            if name == "argmax":
-                z2, t2, _ = as_rows(z, t, kwargs)
-                skip = argmax_bug_rows(z2, t2, kwargs.get("ignore_index", -100))
-            np.testing.assert_array_equal(a.reshape(-1)[~skip], b.reshape(-1)[~skip], err_msg=name)
+            np.testing.assert_array_equal(a, b, err_msg=name)
         else:
             try:
                 assert_close(a, b, dtype, unit=1.0)
@@ -272,8 +251,6 @@ def build(n, k, dtype, variant, seed=None):
                 z[i, t[i]] = -np.inf
             elif kind == "all nan":
                 z[i] = np.nan
-                if t[i] >= 0 and ARGMAX_NAN_BUG:
-                    t[i] = 0  # (a later target meets the known row-kernel argmax bug)
             elif kind == "-inf":
                 z[i] = -np.inf
             elif kind is not None:
