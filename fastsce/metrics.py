@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fastsce import _threads
+from fastsce import _threads, api
 from fastsce._kernels import metrics as kernels, rows as row_kernels
 from fastsce._kernels.tiles import CHUNK_ROWS
 from fastsce._layout import row_blocks
@@ -30,17 +30,14 @@ __all__ = ["evaluate", "Evaluation", "MetricSums"]
 # 100, 0.84 at 384, 0.80 at 500, 0.99 at 640, 1.15 at 1000; float64 0.70 at 200, 0.81 at
 # 300, 1.02 at 400.
 SMALL_K = {np.dtype(np.float32): 512, np.dtype(np.float64): 320}
-ROW_CHUNK_LOGITS = 1 << 16  # logits per chunk of the row kernel (as fastsce.api)
 # Each chunk of rows keeps a row of 10 + len(topk) + 3 bins float64 sums (a fixed
 # partition of the rows, so the sums are the same whatever the thread count): at most
 # MAX_CHUNKS chunks a call (longer chunks for more rows) and MAX_BINS bins bound that
 # memory (24 MB at most), whatever N.
 MAX_CHUNKS = 256
 MAX_BINS = 4096
-COPY_BLOCK_LOGITS = 1 << 20  # logits per copied block when the layout needs copies
 
-_NO_F32, _NO_F64, _NO_INT = np.empty(0, np.float32), np.empty(0, np.float64), np.empty(0, np.int64)
-_NO_ROW_WEIGHTS = np.empty(0, np.float64)
+_NO_INT = np.empty(0, np.int64)  # per-row integer outputs not asked for (never written)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -240,24 +237,24 @@ def metric_sums(problem: Problem, topk: tuple[int, ...], bins: int, per_row: boo
     """(MetricSums, per-row arrays or None) of a checked problem (labels checked here)."""
     m, k = problem.shape
     compute = problem.compute
-    w = np.ones(k, compute) if problem.weight is None else problem.weight
-    v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
+    w = api._ones(k, compute) if problem.weight is None else problem.weight
+    v = api._NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     bad_row, _, _ = row_kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
     check_labels(problem, bad_row)
-    no_float = _NO_F32 if compute == np.float32 else _NO_F64
+    no_float = api._NO_ROWS[compute]
     if per_row:
         arrays = (np.empty(m, compute), np.empty(m, compute), np.empty(m, compute), np.empty(m, np.int64), np.empty(m, np.int64))
     else:
         arrays = (no_float, no_float, no_float, _NO_INT, _NO_INT)
     ks = np.array([min(t, k + 1) for t in topk], np.int64)  # (k > K: every row counts, as for K + 1)
     small = k <= SMALL_K[compute]
-    chunk_rows = CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // max(k, 1))
+    chunk_rows = CHUNK_ROWS if small else max(1, api.ROW_CHUNK_LOGITS // max(k, 1))
     if m > MAX_CHUNKS * chunk_rows:  # whole multiples of the tile's chunk
         chunk_rows *= -(-m // (MAX_CHUNKS * chunk_rows))
     accs = []
     serial = _threads.runs_serial(m * k)
     with contextlib.nullcontext(_threads._serial) if serial else _threads.launching(m * k) as pick:
-        for r0, r1, z, _, _ in row_blocks(problem.rows, compute, COPY_BLOCK_LOGITS):
+        for r0, r1, z, _, _ in row_blocks(problem.rows, compute, api.COPY_BLOCK_LOGITS):
             acc = np.zeros((-(-(r1 - r0) // chunk_rows), kernels.sums_size(len(topk), bins)))
             outs = tuple(a[r0:r1] if a.size else a for a in arrays)
             t, vb = problem.target[r0:r1], v[r0:r1] if v.size else v
