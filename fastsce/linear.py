@@ -8,7 +8,8 @@ through :func:`fastsce.cross_entropy`, computed a tile of rows at a time: a BLAS
 product makes the tile's logits, the fused row kernels of :mod:`fastsce.api` turn them
 into loss and gradient in place, and two more products take the tile's gradient G back
 to ``grad_input`` (G W) and add it into ``grad_linear_weight`` (Gᵀ h). The extra memory
-is the tile (48 MiB by default, whatever N and V) plus O(N + V) vectors. When too few
+is the tile (by default 48 MiB, or an eighth of the weight when that is more: whatever
+N) plus O(N + V) vectors. When too few
 whole rows fit the tile, it holds many rows and a block of classes (``chunk_classes``):
 the rows' statistics are folded block by block with fastsce.sharded's kernels, then
 each block's logits are made again for its gradient (_split_tile).
@@ -38,21 +39,25 @@ from fastsce._validate import (
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad"]
 
-# The default tile of logits (see _tile): the only (rows, classes) buffer, so the extra
-# memory stays under 64 MiB whatever N and V. As large as that allows: the product G W
-# of a tile (rows x V by V x H) runs well below BLAS's peak for a few hundred rows (2
-# threads, loaded machine: 256 rows 3x the time per row of 1024; the other two products
-# are flat), so fewer, larger tiles are faster.
+# The default tile of logits (see _tile), the only (rows, classes) buffer: TILE_BYTES,
+# or an eighth of the weight (V x H) when that is more, so the extra memory does not
+# depend on N and adds at most an eighth to the weight the caller holds (and, with
+# gradients, to the weight's gradient returned). An eighth of V x H holds H / 8 whole
+# rows: 256 at H = 2048, enough to keep BLAS at its pace where the weight is too large
+# for 48 MiB to hold many rows (N = 2048, H = 2048, V = 128256, idle, 2 threads, each
+# in its own process, the three products 23.1-26.4 s: whole rows of 64 1.40x, 96
+# 1.26x, 120 1.22x, 256 0.88x, 512 0.86x; 1024 rows x 11 classes blocks of 48 MiB
+# 1.14-1.27x, its bound 3.9 / 3 products).
 TILE_BYTES = 48 << 20
+WEIGHT_SHARE = 8
 
-# Fewer rows than this per tile (and than N) and the classes are split too: tiles of
-# MIN_TILE_ROWS rows by a block of classes (see _split_tile), at the cost of making
-# each block's logits twice when gradients are wanted: (B - 1) / B of a fourth product
-# with B blocks. Worth it with 2 BLAS threads on a busy machine, where OpenBLAS runs
-# the product G W of a few hundred rows several times slower per row (N = 2048,
-# H = 1024, V = 32000, the three products in the tiles' pattern against on all rows:
-# whole rows of 393 (48 MiB) 1.75x, 256 2.7x; 1024 rows x 3 blocks 1.25x). With one
-# thread the small tiles cost little (393 rows 1.03x, 160 rows 1.23x; split 1.17x).
+# Fewer whole rows than this fit (and than N) and the classes are split too: tiles of
+# MIN_TILE_ROWS rows by a block of classes (see _split_tile), at the cost of making each
+# block's logits twice when gradients are wanted: (B - 1) / B of a fourth product with
+# B blocks. Below a few hundred rows a tile reads the weight and its gradient for too
+# little arithmetic (idle, 2 threads: 64 rows 1.40x the products, above); at N = 4096,
+# H = 1024, V = 32000 whole rows of 393 and the split tile both took 0.98-1.01x.
+MIN_WHOLE_ROWS = 256
 MIN_TILE_ROWS = 1024
 
 # grad_linear_weight is accumulated in its own dtype (float32 for float32): every tile's
@@ -112,14 +117,14 @@ def linear_cross_entropy(
     linear_bias : (V,) array of the input's dtype, optional
     chunk_rows : int >= 1, optional
         Rows per tile: the extra memory is chunk_rows x chunk_classes logits. Default:
-        as many whole rows as fit in ``TILE_BYTES`` (48 MiB) when that is at least
-        min(N, ``MIN_TILE_ROWS``) (1024), else MIN_TILE_ROWS; with chunk_classes
-        given, as many as fit in TILE_BYTES.
+        as many whole rows as fit in the tile budget, max(48 MiB, 1/8 of the
+        weight's bytes), when that is at least min(N, 256), else 1024; with
+        chunk_classes given, as many as fit in the budget.
     chunk_classes : int >= 1, optional
         Classes per tile (a block of each row): the rows' statistics are gathered over
         the blocks, then each block's logits are made again for the gradient. Default:
         all V when chunk_rows is given or whole rows fit as above, else equal blocks
-        within TILE_BYTES.
+        within the budget.
 
     The other arguments are those of :func:`fastsce.cross_entropy` (class indices, the
     classes on the last axis) with the same meaning, and ``denominator`` that of
@@ -244,25 +249,27 @@ def _check(
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1 ({unit} per tile) or None; got {value!r}")
     rows = math.prod(lead)
-    tile = _tile(rows, classes, h.dtype.itemsize, chunk_rows, chunk_classes)
+    tile = _tile(rows, classes, hidden, h.dtype.itemsize, chunk_rows, chunk_classes)
     h2 = np.ascontiguousarray(h.reshape(rows, hidden))  # a copy only if input is not C-contiguous
     return _Setup(h2, w, b, problem, returns, denominator, tile, h.shape)
 
 
-def _tile(n: int, classes: int, itemsize: int, chunk_rows, chunk_classes) -> tuple[int, int]:
-    """(rows, classes) of a tile: as given, else within TILE_BYTES, whole rows when
-    at least min(N, MIN_TILE_ROWS) of them fit, else MIN_TILE_ROWS rows and blocks of
-    classes of equal size (rounded up to 16 where that still fits)."""
+def _tile(n: int, classes: int, hidden: int, itemsize: int, chunk_rows, chunk_classes) -> tuple[int, int]:
+    """(rows, classes) of a tile: as given, else within the budget (TILE_BYTES, or
+    1/WEIGHT_SHARE of the weight), whole rows when at least min(N, MIN_WHOLE_ROWS) of
+    them fit, else MIN_TILE_ROWS rows (or N) and blocks of classes of equal size
+    (rounded up to 16 where that still fits)."""
+    budget = max(TILE_BYTES, classes * hidden * itemsize // WEIGHT_SHARE)
     if chunk_rows is not None:
         return int(chunk_rows), min(classes, int(chunk_classes or classes))
     if chunk_classes is not None:
         cols = min(classes, int(chunk_classes))
-        return max(1, TILE_BYTES // (cols * itemsize)), cols
-    whole = TILE_BYTES // (classes * itemsize)
-    rows = max(1, min(n, MIN_TILE_ROWS))
-    if whole >= rows:
+        return max(1, budget // (cols * itemsize)), cols
+    whole = budget // (classes * itemsize)
+    if whole >= max(1, min(n, MIN_WHOLE_ROWS)):
         return whole, classes
-    most = max(1, TILE_BYTES // (rows * itemsize))
+    rows = max(1, min(n, MIN_TILE_ROWS))
+    most = max(1, budget // (rows * itemsize))
     blocks = -(-classes // most)
     cols = -(-classes // blocks)
     return rows, min(most, -(-cols // 16) * 16) if cols > 16 else cols

@@ -147,27 +147,35 @@ def test_extreme_logits_with_split_classes():
 
 
 def test_default_tile():
-    """Whole rows when min(N, MIN_TILE_ROWS) of them fit in TILE_BYTES, else
-    MIN_TILE_ROWS rows by equal blocks of classes; chunk_rows alone keeps whole rows."""
-    budget, most = linear.TILE_BYTES, linear.MIN_TILE_ROWS
-    assert linear._tile(4096, 1000, 4, None, None) == (budget // 4000, 1000)
-    assert linear._tile(10, 10**6, 4, None, None) == (budget // (4 * 10**6), 10**6)  # 12 rows fit: 10 asked
-    for n, v, itemsize in ((4096, 32000, 4), (2048, 128256, 4), (5000, 10**6, 8), (300, 10**6, 4)):
-        rows, cols = linear._tile(n, v, itemsize, None, None)
-        assert rows == min(n, most) and cols < v and rows * cols * itemsize <= budget, (n, v)
+    """Whole rows when min(N, MIN_WHOLE_ROWS) of them fit in the budget (TILE_BYTES, or
+    an eighth of the weight when more), else min(N, MIN_TILE_ROWS) rows by equal blocks
+    of classes; chunk_rows alone keeps whole rows."""
+    budget, few, most = linear.TILE_BYTES, linear.MIN_WHOLE_ROWS, linear.MIN_TILE_ROWS
+    assert linear._tile(4096, 1000, 1024, 4, None, None) == (budget // 4000, 1000)
+    assert linear._tile(4096, 32000, 1024, 4, None, None) == (budget // 128000, 32000)  # 393 rows
+    assert linear._tile(10, 10**6, 4, 4, None, None) == (budget // (4 * 10**6), 10**6)  # 12 rows fit: 10 asked
+    # a weight of 1 GB: its eighth holds H / 8 = 256 whole rows
+    assert linear._tile(2048, 128256, 2048, 4, None, None) == (few, 128256)
+    for n, v, h, itemsize in ((4096, 128256, 1024, 4), (5000, 10**6, 4, 8), (300, 10**6, 4, 4), (100, 10**6, 64, 4)):
+        rows, cols = linear._tile(n, v, h, itemsize, None, None)
+        room = max(budget, v * h * itemsize // 8)
+        assert room // (v * itemsize) < min(n, few)  # too few whole rows fit
+        assert rows == min(n, most) and cols < v and rows * cols * itemsize <= room, (n, v)
         blocks = -(-v // cols)
-        assert blocks == -(-v // (budget // (rows * itemsize)))  # as few blocks as fit
+        assert blocks == -(-v // (room // (rows * itemsize)))  # as few blocks as fit
         assert v - (blocks - 1) * cols >= cols - 16 * blocks  # of (nearly) equal size
-    assert linear._tile(4096, 32000, 4, 100, None) == (100, 32000)
-    assert linear._tile(4096, 32000, 4, 100, 5000) == (100, 5000)
-    assert linear._tile(4096, 32000, 4, None, 4000) == (budget // 16000, 4000)
-    assert linear._tile(4096, 32000, 4, None, 10**6) == (budget // 128000, 32000)
+    assert linear._tile(4096, 32000, 1024, 4, 100, None) == (100, 32000)
+    assert linear._tile(4096, 32000, 1024, 4, 100, 5000) == (100, 5000)
+    assert linear._tile(4096, 32000, 1024, 4, None, 4000) == (budget // 16000, 4000)
+    assert linear._tile(4096, 32000, 1024, 4, None, 10**6) == (budget // 128000, 32000)
+    assert linear._tile(4096, 128256, 2048, 4, None, 4000) == (128256 * 2048 // 8 // 4000, 4000)
 
 
 def test_default_split_of_a_wide_vocabulary(monkeypatch):
     """V wider than a tile of rows: the default splits the classes (here with a budget
     of 2 KiB: tiles of 16 rows x 32 classes) and matches the reference."""
     monkeypatch.setattr(linear, "TILE_BYTES", 2048)
+    monkeypatch.setattr(linear, "MIN_WHOLE_ROWS", 16)
     monkeypatch.setattr(linear, "MIN_TILE_ROWS", 16)
     x, w, y, kwargs, _ = make(50, H, V_WIDE, np.float32, bias=True)
     kwargs.update(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, return_lse=True)
@@ -583,7 +591,7 @@ def test_extra_memory_bounded_independent_of_n(extra_memory):
     """Beyond the inputs and the returned gradients: the tile of logits, the kernels'
     per-thread scratch and O(V) vectors, whatever N; the default tile within 64 MiB."""
     for name, (n, h, v, chunk_rows, chunk_classes, grad) in MEMORY_CASES.items():
-        rows, cols = linear._tile(n, v, 4, chunk_rows, chunk_classes)
+        rows, cols = linear._tile(n, v, h, 4, chunk_rows, chunk_classes)
         tile = rows * cols * 4
         scratch = numba.get_num_threads() * (2 * cols * 4 + 16 * 1024) + 16 * rows * 8  # + per-row statistics
         assert extra_memory[name] <= tile + scratch + 8 * v * 8 + (256 << 10), (name, extra_memory[name], tile)
