@@ -72,12 +72,13 @@ CLASS_MAJOR_MIN_D = 32
 _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 
 # The common call, on which a small problem spends most of its time in Python: C-contiguous
-# (N, K) float32 / float64 logits, (N,) int64 / int32 labels, no option beyond
-# ignore_index / reduction / label_smoothing / all_ignored, out= absent or a C-contiguous
-# array of the logits' shape and dtype. _fast checks exactly that and runs the kernels
-# (3-7 us of CPU time over them instead of 44-52 at 1 x 10 to 64 x 1000, loss+grad;
-# bench/small_calls.py); anything else, and every error, goes to the general path, which
-# gives the same results (tests/test_fast_path.py). (torch.Tensor.numpy() views qualify.)
+# (N, K) float32 / float64 logits, (N,) int64 / int32 labels, out= absent or a C-contiguous
+# array of the logits' shape and dtype, any options but dtype= and denominator=, given as
+# Python numbers / bools and NumPy arrays (weights in the range scale_weights leaves alone).
+# _fast checks exactly that and runs the kernels (OVERHEAD_FAST of CPU time over them
+# instead of the general path's OVERHEAD_GENERAL; bench/small_calls.py); anything else,
+# and every error but the row weights' (see _fast), goes to the general path, which gives
+# the same results (tests/test_fast_path.py). (torch.Tensor.numpy() views qualify.)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)  # NumPy's own dtype objects, compared by identity
 _I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -415,9 +416,11 @@ def _fast(
     # as the general path gives them to the kernels (so that both use the same compiled kernels)
     logits, target = read_only(logits), kernel_labels(target)
     mean = reduction == "mean"
-    if mean:
-        mask = where.reshape(-1) if sample_weight is None and where is not None else None
-        bad_row, d, d_z = _label_stats(target, k, ignore_index, w, v, weight is None, mask)
+    if mean and v.size and weight is None:
+        mask = where.reshape(-1) if sample_weight is None else None
+        bad_row, d, d_z = _label_stats(target, k, ignore_index, w, v, True, mask)
+    elif mean or not (v.size or weight is not None):
+        bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, w, v)
     else:  # no denominators: the labels' check alone, the vectorised count instead of the float64 sums
         bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, _ones(k, dt), _NO_ROW_WEIGHTS)
     if bad_row >= 0:  # the general path names it
@@ -461,7 +464,9 @@ def _fast(
         if mean:
             ce = _mean(ce, d, all_ignored)
             z_term = _mean(z_term, d_z, all_ignored) if z_loss else 0.0
-        loss, z_term = _scalar(ce + z_term, dt), _scalar(z_term, dt)
+        loss = _scalar(ce + z_term, dt)
+        if return_z_loss:
+            z_term = _scalar(z_term, dt)
     if return_z_loss or return_lse:
         return _pack(loss, g, z_term, lse, (return_z_loss, return_lse))
     return (loss, g) if grad else loss
