@@ -75,10 +75,12 @@ _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 # (N, K) float32 / float64 logits, (N,) int64 / int32 labels, out= absent or a C-contiguous
 # array of the logits' shape and dtype, any options but dtype= and denominator=, given as
 # Python numbers / bools and NumPy arrays (weights in the range scale_weights leaves alone).
-# _fast checks exactly that and runs the kernels (OVERHEAD_FAST of CPU time over them
-# instead of the general path's OVERHEAD_GENERAL; bench/small_calls.py); anything else,
-# and every error but the row weights' (see _fast), goes to the general path, which gives
-# the same results (tests/test_fast_path.py). (torch.Tensor.numpy() views qualify.)
+# _fast checks exactly that and runs the kernels (measured at 1 x 10 to 16 x 4000 on a
+# loaded machine, CPU time outside them: plain 12-16 us, with weight= / sample_weight= /
+# where= / z_loss= + return_lse= 13-26 us; the general path 57-71 us; bench/small_calls.py);
+# anything else, and every error but the row weights' (see _fast), goes to the general
+# path, which gives the same results (tests/test_fast_path.py). (torch.Tensor.numpy()
+# views qualify.)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)  # NumPy's own dtype objects, compared by identity
 _I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 _F32_MAX = float(np.finfo(np.float32).max)
