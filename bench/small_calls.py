@@ -3,10 +3,12 @@ keep every core busy (float32, integer targets, mean).
 
     PYTHONPATH=. python bench/small_calls.py [--load-seconds 60]
 
-Overhead: the calling thread's CPU time per whole call minus that spent inside the kernel
-(the kernels are wrapped by a timer for that run only; the kernel's own dispatch counts
-as kernel time), for the common call (the fast path of fastsce.api) and for one that takes
-the general path (weight= given). Dispatch: what Numba's dispatcher takes to unbox the
+Overhead: the calling thread's CPU time per call with the kernels replaced by no-ops
+(Numba's dispatch of the kernel counts as kernel time), for the plain call and for each
+common option (the fast path of fastsce.api) and for the general path (the same call with
+weight= and the fast path turned off: what other layouts and options take); beside it,
+the plain call's whole time and the part inside the kernel (the kernels wrapped by a
+timer for that run only). Dispatch: what Numba's dispatcher takes to unbox the
 kernel's arguments, timed as a no-op jitted function of the same arguments, against the
 kernel call itself. Under load: two busy-loop
 processes (killed after --load-seconds) run while calls on the serial path (the default
@@ -80,33 +82,70 @@ def call_and_kernel(fn) -> tuple[float, float]:
     return total, kernel
 
 
+def outside_kernel(fn) -> float:
+    """CPU time per call with the kernels replaced by no-ops (their dispatch included):
+    steadier on a busy machine than the call's time minus the kernel's."""
+    fn()
+    saved = []
+    for module in (rows, tiles):
+        for name in ("hard_loss", "hard_loss_grad", "soft_loss", "soft_loss_grad", "class_major_loss"):
+            kernel = getattr(module, name, None)
+            if kernel is not None:
+                saved.append((kernel, kernel.serial))
+                kernel.serial = lambda *args: None
+    try:
+        return per_call(fn)
+    finally:
+        for kern, inner in saved:
+            kern.serial = inner
+
+
 def problem(n, k):
     rng = np.random.default_rng(0)
     z = rng.standard_normal((n, k), dtype=np.float32)
     return z, rng.integers(0, k, n), np.empty_like(z)
 
 
+def option_calls(z, y, out, api=None):
+    """name -> call: loss+grad with out= (the plain call, loss alone, each common option),
+    then the general path (the fast path of fastsce.api turned off) with weight=."""
+    api = api or fastsce.api
+    n, k = z.shape
+    rng = np.random.default_rng(2)
+    ones, v, keep = np.ones(k, z.dtype), rng.uniform(0.5, 1.5, n), rng.random(n) > 0.1
+    fn = api.cross_entropy_with_grad
+    return {
+        "loss+grad": lambda: fn(z, y, out=out),
+        "loss only": lambda: api.cross_entropy(z, y),
+        "weight=": lambda: fn(z, y, out=out, weight=ones),
+        "sample_weight=": lambda: fn(z, y, out=out, sample_weight=v),
+        "where=": lambda: fn(z, y, out=out, where=keep),
+        "z_loss+lse": lambda: fn(z, y, out=out, z_loss=1e-4, return_lse=True),
+        "general (weight=)": lambda: without_fast_path(api, lambda: fn(z, y, out=out, weight=ones)),
+    }
+
+
+def without_fast_path(api, call):
+    fast = api._fast
+    api._fast = lambda *args: None
+    try:
+        return call()
+    finally:
+        api._fast = fast
+
+
 def overhead() -> None:
-    print("CPU time per call, float32, integer labels, mean:")
-    print(
-        "N x K        call        kernel      overhead   (loss+grad, out=)  |  loss only: call, overhead"
-        "  |  general path (weight=), loss+grad out=: overhead"
-    )
+    print("CPU time per call outside the kernel (float32, integer labels, mean; loss+grad with out= unless said):")
+    z, y, out = problem(1, 10)
+    names = list(option_calls(z, y, out))
+    print(f"{'N x K':<13}{'plain call':>11}{'kernel':>9}  " + "".join(f"{name:>19}" for name in names))
     for n, k in SHAPES:
         z, y, out = problem(n, k)
-        ones = np.ones(k, np.float32)
-        (t1, k1), (t2, k2), (t3, k3) = (
-            call_and_kernel(fn)
-            for fn in (
-                lambda: fastsce.cross_entropy_with_grad(z, y, out=out),
-                lambda: fastsce.cross_entropy(z, y),
-                lambda: fastsce.cross_entropy_with_grad(z, y, out=out, weight=ones),
-            )
-        )
+        calls = option_calls(z, y, out)
+        total, kernel = call_and_kernel(calls["loss+grad"])
         print(
-            f"{n:>5} x {k:<6}{t1 * 1e6:8.1f} us {k1 * 1e6:8.1f} us {(t1 - k1) * 1e6:8.1f} us"
-            f"                     |  {t2 * 1e6:8.1f} us {(t2 - k2) * 1e6:8.1f} us"
-            f"          |  {(t3 - k3) * 1e6:8.1f} us"
+            f"{n:>5} x {k:<6}{total * 1e6:8.1f} us {kernel * 1e6:6.1f} us  "
+            + "".join(f"{outside_kernel(fn) * 1e6:16.1f} us" for fn in calls.values())
         )
 
 

@@ -15,8 +15,10 @@ from fastsce._kernels.half import bits_view
 from fastsce._layout import read_only, row_blocks
 from fastsce._typing import Array, ArrayLike, DTypeLike, Loss
 from fastsce._validate import (
+    _F64_MAX,
     _INT64_MAX,
     _INT64_MIN,
+    _WEIGHT_RANGE,
     Problem,
     check_denominator,
     check_labels,
@@ -25,6 +27,7 @@ from fastsce._validate import (
     check_returns,
     kernel_labels,
     native,
+    row_weights,
     same_memory,
 )
 
@@ -69,12 +72,15 @@ CLASS_MAJOR_MIN_D = 32
 _NO_ROW_WEIGHTS = np.empty(0, np.float64)
 
 # The common call, on which a small problem spends most of its time in Python: C-contiguous
-# (N, K) float32 / float64 logits, (N,) int64 / int32 labels, no option beyond
-# ignore_index / reduction / label_smoothing / all_ignored, out= absent or a C-contiguous
-# array of the logits' shape and dtype. _fast checks exactly that and runs the kernels
-# (3-7 us of CPU time over them instead of 44-52 at 1 x 10 to 64 x 1000, loss+grad;
-# bench/small_calls.py); anything else, and every error, goes to the general path, which
-# gives the same results (tests/test_fast_path.py). (torch.Tensor.numpy() views qualify.)
+# (N, K) float32 / float64 logits, (N,) int64 / int32 labels, out= absent or a C-contiguous
+# array of the logits' shape and dtype, any options but dtype= and denominator=, given as
+# Python numbers / bools and NumPy arrays (weights in the range scale_weights leaves alone).
+# _fast checks exactly that and runs the kernels (measured at 1 x 10 to 16 x 4000 on a
+# loaded machine, CPU time outside them: plain 12-16 us, with weight= / sample_weight= /
+# where= / z_loss= + return_lse= 13-26 us; the general path 57-71 us; bench/small_calls.py);
+# anything else, and every error but the row weights' (see _fast), goes to the general
+# path, which gives the same results (tests/test_fast_path.py). (torch.Tensor.numpy()
+# views qualify.)
 _F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)  # NumPy's own dtype objects, compared by identity
 _I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -210,11 +216,11 @@ def cross_entropy(
 
     Only the loss is computed: no gradient is formed or written.
     """
-    if (
-        weight is None and sample_weight is None and where is None and logit_scale is None and softcap is None
-        and dtype is None and denominator is None and return_z_loss is False and return_lse is False
-    ):  # fmt: skip
-        fast = _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, False, None)
+    if dtype is None and denominator is None:
+        fast = _fast(
+            logits, target, weight, ignore_index, reduction, label_smoothing, axis, z_loss, logit_scale, softcap,
+            sample_weight, where, all_ignored, return_z_loss, return_lse, False, None,
+        )  # fmt: skip
         if fast is not None:
             return fast
     problem = check_problem(
@@ -313,11 +319,11 @@ def cross_entropy_with_grad(
     ``grad`` is the gradient of row n's loss. With ``logit_scale`` / ``softcap`` it is
     the gradient with respect to the logits as given (the chain rule applied).
     """
-    if (
-        weight is None and sample_weight is None and where is None and logit_scale is None and softcap is None
-        and dtype is None and denominator is None and return_z_loss is False and return_lse is False
-    ):  # fmt: skip
-        fast = _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, True, out)
+    if dtype is None and denominator is None:
+        fast = _fast(
+            logits, target, weight, ignore_index, reduction, label_smoothing, axis, z_loss, logit_scale, softcap,
+            sample_weight, where, all_ignored, return_z_loss, return_lse, True, out,
+        )  # fmt: skip
         if fast is not None:
             return fast
     problem = check_problem(
@@ -335,12 +341,17 @@ def cross_entropy_with_grad(
     return _pack(loss, out, z_term, lse, returns)
 
 
-def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss, all_ignored, grad, out):
-    """The common call (see above _F32): loss, or (loss, gradient) when ``grad``, as
-    the general path returns them; None when the arguments are anything else or wrong
-    (then the general path checks them and raises). Does what check_problem, check_out
-    and _run do for these arguments, without the Problem, the block generator and the
-    thread-launch context manager."""
+def _fast(
+    logits, target, weight, ignore_index, reduction, label_smoothing, axis, z_loss, logit_scale, softcap,
+    sample_weight, where, all_ignored, return_z_loss, return_lse, grad, out,
+):  # fmt: skip
+    """The common call (see above _F32): what the general path returns (loss, or (loss,
+    gradient) when ``grad``, then the extras asked for); None when the arguments are
+    anything else or wrong, then the general path checks them and raises. Does what
+    check_problem, check_out and _run do for these arguments, without the Problem, the
+    block generator and the thread-launch context manager. The only error raised here is
+    the row weights' (row_weights'), once every argument the general path checks before
+    them has passed, so that both raise the same error first."""
     if type(logits) is not np.ndarray or type(target) is not np.ndarray:  # (no subclass: masked arrays)
         return None
     dt = logits.dtype
@@ -355,9 +366,19 @@ def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss
         or type(reduction) is not str or reduction not in ("mean", "sum", "none")
         or type(all_ignored) is not str or all_ignored not in ("nan", "zero")
         or type(label_smoothing) not in (float, int) or not 0.0 <= label_smoothing <= 1.0
-        or type(z_loss) not in (float, int) or z_loss != 0
+        or type(z_loss) not in (float, int) or not 0.0 <= z_loss <= _F64_MAX
+        or type(return_z_loss) is not bool or type(return_lse) is not bool
     ):  # fmt: skip
         return None
+    a = c = None
+    if logit_scale is not None:
+        if type(logit_scale) not in (float, int) or not -_F64_MAX <= logit_scale <= _F64_MAX:
+            return None
+        a = float(logit_scale)
+    if softcap is not None:
+        if type(softcap) not in (float, int) or not 0.0 < softcap <= _F64_MAX:
+            return None
+        c = float(softcap)
     in_place = False
     if out is not None:
         if type(out) is not np.ndarray or out.dtype is not dt or out.shape != logits.shape:
@@ -368,26 +389,61 @@ def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss
         in_place = out is logits
         if not in_place and np.may_share_memory(out, logits):
             return None
+    if weight is None:
+        w, w_sum = _ones(k, dt), float(k)
+    else:
+        # Valid, and in the range that scale_weights leaves alone, or the general path's:
+        # min >= 0 and max finite is isfinite & >= 0 everywhere (NaN fails both).
+        if type(weight) is not np.ndarray or weight.shape != (k,) or weight.dtype.kind not in "iuf":
+            return None
+        if out is not None and np.may_share_memory(out, weight):
+            return None
+        top = float(weight.max())
+        low, high = _WEIGHT_RANGE[dt]
+        if not (weight.min() >= 0 and (top == 0 or low <= top <= high)):
+            return None
+        w = np.ascontiguousarray(weight, dtype=dt)
+        w_sum = row_kernels.float64_sum(w)
+    v = _NO_ROW_WEIGHTS
+    if sample_weight is not None or where is not None:
+        if (sample_weight is not None and type(sample_weight) is not np.ndarray) or (
+            where is not None and type(where) is not np.ndarray
+        ):
+            return None
+        borrow = out is None or sample_weight is None or not np.may_share_memory(out, sample_weight)
+        v, top = row_weights(sample_weight, where, (m,), borrow=borrow)  # raises as the general path would
+        low, high = _WEIGHT_RANGE[_F64]
+        if reduction == "mean" and not (top == 0 or low <= top <= high):
+            return None  # scaled there
     # as the general path gives them to the kernels (so that both use the same compiled kernels)
     logits, target = read_only(logits), kernel_labels(target)
-    w = _ones(k, dt)
-    bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, w, _NO_ROW_WEIGHTS)
+    mean = reduction == "mean"
+    if mean and v.size and weight is None:
+        mask = where.reshape(-1) if sample_weight is None else None
+        bad_row, d, d_z = _label_stats(target, k, ignore_index, w, v, True, mask)
+    elif mean or not (v.size or weight is not None):
+        bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, w, v)
+    else:  # no denominators: the labels' check alone, the vectorised count instead of the float64 sums
+        bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, _ones(k, dt), _NO_ROW_WEIGHTS)
     if bad_row >= 0:  # the general path names it
         return None
-    if reduction == "mean":
+    if mean:
         scale, scale_z = _mean(1.0, d, all_ignored), _mean(1.0, d_z, all_ignored)
     else:
         scale = scale_z = 1.0
-    params = (float(label_smoothing), 0.0, scale, scale_z, 1.0, 0.0)
+    z_loss = float(z_loss)
+    params = (float(label_smoothing), z_loss, scale, scale_z, 1.0 if a is None else a, 0.0 if c is None else c)
     none = reduction == "none"
     small = k <= SMALL_K[dt][grad]
     chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
     n_chunks = -(-m // chunk_rows)
     no_rows = _NO_ROWS[dt]
     row_loss = np.empty(m, dt) if none else no_rows
-    chunk_loss = np.empty(n_chunks)
-    outs = (row_loss, no_rows, no_rows, chunk_loss, np.empty(n_chunks))
-    args = (logits, target, ignore_index, w, float(k), _NO_ROW_WEIGHTS, params, chunk_rows, outs)
+    row_z = np.empty(m, dt) if none and return_z_loss else no_rows
+    lse = np.empty(m, dt) if return_lse else no_rows
+    chunk_loss, chunk_z = np.empty(n_chunks), np.empty(n_chunks)
+    args = (logits, target, ignore_index, w, w_sum, v, params, chunk_rows, (row_loss, row_z, lse, chunk_loss, chunk_z))
+    g = None
     if grad:
         g = np.empty((m, k), dt) if out is None else out
         if small:
@@ -401,14 +457,20 @@ def _fast(logits, target, ignore_index, reduction, label_smoothing, axis, z_loss
     else:
         with _threads.launching(m * k) as pick:
             pick(kernel)(*args)
+    # as _total and _reduce
     if none:
-        loss = row_loss
+        loss, z_term = row_loss, row_z
     else:
-        ce = float(chunk_loss[0] if n_chunks == 1 else chunk_loss.sum())  # (as _total)
-        if reduction == "mean":
+        ce = float(chunk_loss[0] if n_chunks == 1 else chunk_loss.sum())
+        z_term = float(chunk_z[0] if n_chunks == 1 else chunk_z.sum()) if z_loss else 0.0
+        if mean:
             ce = _mean(ce, d, all_ignored)
-        ce += 0.0  # the z-term
-        loss = _scalar(ce, dt)
+            z_term = _mean(z_term, d_z, all_ignored) if z_loss else 0.0
+        loss = _scalar(ce + z_term, dt)
+        if return_z_loss:
+            z_term = _scalar(z_term, dt)
+    if return_z_loss or return_lse:
+        return _pack(loss, g, z_term, lse, (return_z_loss, return_lse))
     return (loss, g) if grad else loss
 
 
@@ -425,6 +487,30 @@ def _ones(k: int, dtype: np.dtype) -> np.ndarray:
     """The weights of an unweighted call, kept: no K-sized allocation per call. (Left
     writeable, as user weights are, so the kernels compile once for both; never exposed.)"""
     return np.ones(k, dtype)
+
+
+def _label_stats(target, k, ignore_index, w, v, unweighted: bool, where=None):
+    """row_kernels.label_stats(target, k, ignore_index, w, v), bitwise, sooner when the
+    class weights are ones (``unweighted``), there are row weights v, and every row is
+    counted (no ignore_index) or v is a ``where`` mask.
+
+    label_stats' check of the labels alone is a vectorised count; its sums of v then run
+    as two dependent float64 chains and a branch a row (65536 rows: 148 us against 14,
+    one thread). Every row counted, D = D_z = the same float64 sum of v in row order,
+    one add a row (float64_sum: 14 + 68 us). ``where``: the (M,) bool mask when v is that
+    mask as 0.0 / 1.0 (no sample weights): the sum is the count of the counted rows it
+    keeps, exact (14 + 3-20 us). Otherwise (rows ignored, or a bad label) label_stats."""
+    if v.size == 0 or not unweighted:
+        return row_kernels.label_stats(target, k, ignore_index, w, v)
+    bad_row, counted, _ = row_kernels.label_stats(target, k, ignore_index, w, _NO_ROW_WEIGHTS)
+    all_counted = counted == target.size
+    if bad_row < 0 and where is not None:
+        d = float(np.count_nonzero(where if all_counted else where & (target != ignore_index)))
+        return -1, d, d
+    if bad_row < 0 and all_counted:
+        d = row_kernels.float64_sum(v)
+        return -1, d, d
+    return row_kernels.label_stats(target, k, ignore_index, w, v)
 
 
 def _weights(problem: Problem):
@@ -451,7 +537,7 @@ def _scaled_weights(problem: Problem, denominator: tuple[float, float] | None = 
     if problem.soft:
         d = float(m) if problem.row_weight is None else row_kernels.float64_sum(v) / problem.fold
         return w, w_sum, d, d
-    bad_row, d, d_z = row_kernels.label_stats(problem.target, k, problem.ignore_index, w, v)
+    bad_row, d, d_z = _label_stats(problem.target, k, problem.ignore_index, w, v, problem.weight is None)
     check_labels(problem, bad_row)
     return w, w_sum, d, d_z
 

@@ -196,7 +196,6 @@ def test_fast_path_declines_what_it_does_not_handle(monkeypatch):
         lambda: fastsce.cross_entropy(z.tolist(), y.tolist()),  # lists
         lambda: fastsce.cross_entropy(z, y[::-1]),  # strided labels
         lambda: fastsce.cross_entropy_with_grad(z[:0], y[:0]),  # no rows
-        lambda: fastsce.cross_entropy(z, y, z_loss=1e-4),
         lambda: fastsce.cross_entropy(z, y, label_smoothing=np.float64(0.1)),
         lambda: fastsce.cross_entropy(z, y, ignore_index=np.int64(2)),
         lambda: fastsce.cross_entropy(z, y, return_lse=np.False_),
@@ -208,3 +207,233 @@ def test_fast_path_declines_what_it_does_not_handle(monkeypatch):
         got, want, taken = both_ways(monkeypatch, call)
         assert not taken, i
         assert_same(got, want)
+
+
+# --- the options the fast path takes: weight, sample_weight, where, z_loss, logit_scale,
+# softcap, return_z_loss, return_lse -------------------------------------------------------
+
+
+def _option_sets(rng, n, k):
+    v = rng.uniform(0, 2, n) * (rng.random(n) > 0.2)  # some rows of weight 0
+    keep = rng.random(n) > 0.3
+    return [
+        dict(weight=rng.uniform(0.5, 2, k)),
+        dict(weight=rng.uniform(0.5, 2, k).astype(np.float32)),
+        dict(weight=np.arange(1, k + 1)),  # integer class weights
+        dict(weight=np.zeros(k)),  # every row weighs 0
+        dict(sample_weight=v),  # float64: used as it is
+        dict(sample_weight=v.astype(np.float32)),  # converted
+        dict(sample_weight=np.arange(n)),
+        dict(where=keep),
+        dict(sample_weight=v, where=keep),
+        dict(sample_weight=np.where(v > 1, -0.0, v), where=keep),  # negative zeros
+        dict(z_loss=1e-3, return_z_loss=True),
+        dict(z_loss=2, return_z_loss=True, return_lse=True),
+        dict(return_lse=True),
+        dict(return_z_loss=True),
+        dict(logit_scale=0.5),
+        dict(logit_scale=-2),
+        dict(softcap=3.0),
+        dict(logit_scale=1.5, softcap=4),
+        dict(
+            weight=rng.uniform(0.5, 2, k), sample_weight=v, where=keep, z_loss=1e-3, logit_scale=1.3, softcap=5.0,
+            label_smoothing=0.1, return_z_loss=True, return_lse=True,
+        ),  # fmt: skip
+    ]
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fast_path_with_options_gives_the_general_results(monkeypatch, n, k, dtype):
+    z, y = problem(n, k, dtype, (np.int64, np.int32)[(n + k) % 2])
+    y[n // 2] = -100
+    rng = np.random.default_rng(n * k)
+    for options in _option_sets(rng, n, k):
+        for reduction in ("mean", "sum", "none"):
+            kw = dict(reduction=reduction, **options)
+            for call in (
+                lambda: fastsce.cross_entropy(z, y, **kw),
+                lambda: fastsce.cross_entropy_with_grad(z, y, **kw),
+                lambda: fastsce.cross_entropy_with_grad(z, y, out=np.full_like(z, np.nan), **kw),
+            ):
+                got, want, taken = both_ways(monkeypatch, call)
+                assert taken, kw
+                assert_same(got, want)
+
+
+def test_fast_path_with_options_on_the_thread_pool(monkeypatch):
+    z, y = problem(300, 300)
+    rng = np.random.default_rng(3)
+    options = dict(weight=rng.uniform(0.5, 2, 300), sample_weight=rng.uniform(0, 2, 300), z_loss=1e-3, return_lse=True)
+    monkeypatch.setattr(_threads, "SERIAL_LOGITS", -1)
+    got, want, taken = both_ways(monkeypatch, lambda: fastsce.cross_entropy_with_grad(z, y, **options))
+    assert taken
+    assert_same(got, want)
+
+
+def test_fast_path_leaves_the_row_weights_untouched_and_unshared(monkeypatch):
+    """A float64 sample_weight goes to the kernels as it is (no copy): it must come back
+    unchanged, and one that shares the gradient's memory must still be copied first."""
+    z, y = problem(64, 10, np.float64)
+    v = np.random.default_rng(4).uniform(0, 2, 64)
+    before = v.copy()
+    got, want, taken = both_ways(monkeypatch, lambda: fastsce.cross_entropy_with_grad(z, y, sample_weight=v))
+    assert taken
+    assert_same(got, want)
+    np.testing.assert_array_equal(v, before)
+
+    def sample_weight_in_out():  # out's first 64 values are the sample weights
+        out = np.empty_like(z)
+        out.reshape(-1)[:64] = before
+        return fastsce.cross_entropy_with_grad(z, y, sample_weight=out.reshape(-1)[:64], out=out)
+
+    got, want, taken = both_ways(monkeypatch, sample_weight_in_out)
+    assert taken
+    assert_same(got, want)
+    assert_same(got, fastsce.cross_entropy_with_grad(z, y, sample_weight=before))
+
+
+def _bad_option_calls():
+    z, y = problem(8, 5)
+    v = np.ones(8)
+    bad_y = np.array([0, 1, 2, 3, 4, 5, 0, 1])
+    for value in (np.nan, np.inf, -np.inf, -1.0, -1e-300):
+        bad_v = v.copy()
+        bad_v[[3, 6]] = value
+        yield f"sample_weight {value}", lambda bad_v=bad_v: fastsce.cross_entropy(z, y, sample_weight=bad_v)
+        yield f"sample_weight {value}, where", lambda bad_v=bad_v: fastsce.cross_entropy_with_grad(
+            z, y, sample_weight=bad_v, where=v > 0
+        )
+        yield f"sample_weight {value} and a bad label", lambda bad_v=bad_v: fastsce.cross_entropy(
+            z, bad_y, sample_weight=bad_v
+        )
+        bad_w = np.ones(5)
+        bad_w[2] = value
+        yield f"weight {value}", lambda bad_w=bad_w: fastsce.cross_entropy(z, y, weight=bad_w)
+        yield f"weight {value} and sample_weight", lambda bad_w=bad_w, bad_v=bad_v: fastsce.cross_entropy(
+            z, y, weight=bad_w, sample_weight=bad_v
+        )
+    yield "sample_weight shape", lambda: fastsce.cross_entropy(z, y, sample_weight=np.ones(7))
+    yield "sample_weight 2-d", lambda: fastsce.cross_entropy(z, y, sample_weight=np.ones((8, 1)))
+    yield "sample_weight complex", lambda: fastsce.cross_entropy(z, y, sample_weight=np.ones(8, complex))
+    yield "sample_weight bool", lambda: fastsce.cross_entropy(z, y, sample_weight=np.ones(8, bool))
+    yield "sample_weight masked", lambda: fastsce.cross_entropy(z, y, sample_weight=np.ma.masked_array(v))
+    yield "where int", lambda: fastsce.cross_entropy(z, y, where=np.ones(8, int))
+    yield "where shape", lambda: fastsce.cross_entropy_with_grad(z, y, where=np.ones(9, bool))
+    yield "where masked", lambda: fastsce.cross_entropy(z, y, where=np.ma.masked_array(v > 0))
+    yield "sample_weight bad, reduction bad", lambda: fastsce.cross_entropy(
+        z, y, sample_weight=-v, reduction="avg"
+    )
+    yield "sample_weight bad, z_loss bad", lambda: fastsce.cross_entropy(z, y, sample_weight=-v, z_loss=-1)
+    yield "sample_weight bad, out bad", lambda: fastsce.cross_entropy_with_grad(
+        z, y, sample_weight=-v, out=np.empty((8, 6), np.float32)
+    )
+    yield "sample_weight bad, return_lse bad", lambda: fastsce.cross_entropy(
+        z, y, sample_weight=-v, return_lse=1
+    )
+    yield "weight shape", lambda: fastsce.cross_entropy(z, y, weight=np.ones(4))
+    yield "weight complex", lambda: fastsce.cross_entropy(z, y, weight=np.ones(5, complex))
+    yield "weight bool", lambda: fastsce.cross_entropy(z, y, weight=np.ones(5, bool))
+    yield "weight and a bad label", lambda: fastsce.cross_entropy_with_grad(z, bad_y, weight=np.ones(5))
+    yield "sample_weight and a bad label, sum", lambda: fastsce.cross_entropy(
+        z, bad_y, sample_weight=v, reduction="sum"
+    )
+    yield "out is weight", lambda: fastsce.cross_entropy_with_grad(
+        z.astype(np.float64), y, weight=(o := np.ones((8, 5)))[0], out=o
+    )
+    yield "z_loss inf", lambda: fastsce.cross_entropy(z, y, z_loss=np.inf)
+    yield "z_loss huge int", lambda: fastsce.cross_entropy(z, y, z_loss=10**400)
+    yield "z_loss bool", lambda: fastsce.cross_entropy(z, y, z_loss=True)
+    yield "logit_scale NaN", lambda: fastsce.cross_entropy(z, y, logit_scale=float("nan"))
+    yield "logit_scale string", lambda: fastsce.cross_entropy(z, y, logit_scale="2")
+    yield "softcap 0", lambda: fastsce.cross_entropy(z, y, softcap=0.0)
+    yield "softcap < 0", lambda: fastsce.cross_entropy_with_grad(z, y, softcap=-1)
+    yield "softcap inf", lambda: fastsce.cross_entropy(z, y, softcap=np.inf)
+    yield "return_z_loss None", lambda: fastsce.cross_entropy(z, y, return_z_loss=None)
+    yield "return_lse int", lambda: fastsce.cross_entropy_with_grad(z, y, return_lse=0)
+
+
+def test_fast_path_with_options_raises_the_general_errors(monkeypatch):
+    for name, call in _bad_option_calls():
+        got, want, _ = both_ways(monkeypatch, call)
+        assert isinstance(want, tuple) and isinstance(want[0], type), f"{name}: no error"
+        assert got == want, name
+
+
+def test_fast_path_declines_the_options_it_does_not_handle(monkeypatch):
+    """Weights that scale_weights rescales, argument types it does not check, dtype= and
+    denominator=: the general path's results."""
+    z, y = problem(16, 5)
+    v = np.random.default_rng(5).uniform(0.5, 2, 16)
+    calls = [
+        lambda: fastsce.cross_entropy(z, y, weight=np.full(5, 1e35)),  # beyond float32's range
+        lambda: fastsce.cross_entropy(z, y, weight=np.full(5, 1e-35)),
+        lambda: fastsce.cross_entropy(z, y, sample_weight=v * 1e300),  # the mean rescales them
+        lambda: fastsce.cross_entropy(z, y, sample_weight=v * 1e-300, where=v > 1),
+        lambda: fastsce.cross_entropy(z, y, weight=[1.0] * 5),  # lists
+        lambda: fastsce.cross_entropy(z, y, sample_weight=v.tolist()),
+        lambda: fastsce.cross_entropy(z, y, where=(v > 1).tolist()),
+        lambda: fastsce.cross_entropy(z, y, z_loss=np.float64(1e-3)),  # NumPy scalars
+        lambda: fastsce.cross_entropy(z, y, logit_scale=np.float32(2)),
+        lambda: fastsce.cross_entropy(z, y, return_lse=np.True_),
+        lambda: fastsce.cross_entropy(z, y, dtype=np.float32),
+        lambda: fastsce.cross_entropy(z, y, denominator=3.0),
+        lambda: fastsce.cross_entropy_with_grad(z, y, weight=v[:5], out=np.empty_like(z)),  # (taken: control)
+    ]
+    for i, call in enumerate(calls):
+        got, want, taken = both_ways(monkeypatch, call)
+        assert taken == (i == len(calls) - 1), i
+        assert_same(got, want)
+    # rescaled sample weights with another reduction: nothing to rescale, taken
+    got, want, taken = both_ways(monkeypatch, lambda: fastsce.cross_entropy(z, y, sample_weight=v * 1e300, reduction="sum"))
+    assert taken
+    assert_same(got, want)
+
+
+def test_row_weights_borrow_only_what_the_kernels_can_take_as_it_is():
+    from fastsce._validate import row_weights
+
+    v = np.linspace(0, 2, 12)
+    ro = v.copy()
+    ro.flags.writeable = False
+    keep = v > 0.5
+    assert np.shares_memory(row_weights(v, None, (12,), borrow=True)[0], v)  # no copy
+    assert np.shares_memory(row_weights(v.reshape(3, 4), None, (3, 4), borrow=True)[0], v)
+    for args in ((v, None, False), (ro, None, True), (v[::-1], None, True), (v.astype(">f8"), None, True),
+                 (v.astype(np.float32), None, True), (v, keep, True)):  # fmt: skip
+        got, top = row_weights(args[0], args[1], (12,), borrow=args[2])
+        assert not np.shares_memory(got, v) and got.flags.writeable and got.dtype == np.float64
+        assert top == got.max()
+    assert row_weights(None, keep, (12,))[1] == 1.0  # 0s and 1s: never rescaled
+    signed = np.array([0.5, -0.0, 0.0, -0.0, 3.0, 1e-310] * 4)
+    mask = np.array([True, True, False, False, True, False] * 4)
+    for v_given, mask_given in ((signed, mask), (signed[::2], mask[::2]), (signed.reshape(4, 6), mask.reshape(4, 6))):
+        got = row_weights(v_given, mask_given, mask_given.shape)[0]
+        want = np.where(mask_given, v_given, 0.0).reshape(-1)
+        np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))  # the zeros' signs too
+        assert not np.shares_memory(got, v_given)
+    assert row_weights(None, None, (12,)) == (None, 1.0)
+
+
+@pytest.mark.parametrize("ignored", [0.0, 0.3, 1.0])
+def test_label_stats_shortcut_gives_label_stats_bits(ignored):
+    """api._label_stats (no class weights, row weights) against the kernel it stands in for:
+    the same first bad row and the same float64 denominators, bit for bit."""
+    from fastsce._kernels import rows
+
+    rng = np.random.default_rng(int(ignored * 10))
+    for n in (1, 7, 1000, 70_000):
+        y = rng.integers(0, 10, n)
+        y[rng.random(n) < ignored] = -100
+        ones = api._ones(10, np.dtype(np.float32))
+        keep = rng.random(n) > 0.4
+        v = rng.uniform(0, 3, n) ** 8  # wide range: rounding differs with the order
+        v[rng.random(n) < 0.1] = -0.0
+        cases = [(v, None), (keep.astype(np.float64), keep), (np.where(keep, v, 0.0), None)]
+        for vv, mask in cases:
+            for target in (y, np.where(np.arange(n) == n // 2, 10, y)):  # a bad label
+                got = api._label_stats(target, 10, -100, ones, vv, True, mask)
+                want = rows.label_stats(target, 10, -100, ones, vv)
+                assert got[0] == want[0]
+                if want[0] < 0:
+                    assert np.array(got[1:]).tobytes() == np.array(want[1:]).tobytes(), (n, mask is None)
