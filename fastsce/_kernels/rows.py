@@ -34,7 +34,9 @@ from numba.extending import overload
 
 from fastsce._kernels.half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
 from fastsce._kernels.jit import jit, parallel, vector
-from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, times
+from fastsce._kernels.simd import (
+    exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, scaled, times,
+)
 from fastsce._kernels.vec import prefetch
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
@@ -47,58 +49,58 @@ BLOCK = 1024
 
 
 @vector
-def _row_max(z):
+def _row_max(z, a=None):
     prefer_512bit()
-    m = z[0]
+    m = scaled(z[0], a)
     for j in range(1, z.size):
-        m = maximum(m, z[j])  # NaN-propagating: a NaN logit makes the row NaN
+        m = maximum(m, scaled(z[j], a))  # NaN-propagating: a NaN logit makes the row NaN
     return m
 
 
 @vector
-def _sum_exp_block(z, m):
+def _sum_exp_block(z, m, a=None):
     # Loss only: the plain exp of the rounded z - m is enough here (its error grows with
     # |z - m|, where the terms no longer matter to the sum) and 10% faster.
     prefer_512bit()
     s = like(0, z)
     for j in range(z.size):
-        s += exp_nonpositive(z[j] - m)
+        s += exp_nonpositive(scaled(z[j], a) - m)
     return s
 
 
 @vector
-def _store_exp_block(z, m, g):
+def _store_exp_block(z, m, g, a=None):
     prefer_512bit()
     s = like(0, z)
     for j in range(z.size):
-        e = exp_shifted(z[j], m)
+        e = exp_shifted(scaled(z[j], a), m)
         g[j] = e
         s += e
     return s
 
 
 @vector
-def _exp_in_place_block(g, m):
+def _exp_in_place_block(g, m, a=None):
     # Its own loop: with z and g the same array LLVM's overlap check would fall back
     # to scalar code.
     prefer_512bit()
     s = like(0, g)
     for j in range(g.size):
-        e = exp_shifted(g[j], m)
+        e = exp_shifted(scaled(g[j], a), m)
         g[j] = e
         s += e
     return s
 
 
 @vector
-def _weighted_shift_block(z, w, m):
+def _weighted_shift_block(z, w, m, a=None):
     """(sum_j w_j (z_j - m), sum_j w_j), a zero weight adding 0 even where z_j = -inf."""
     prefer_512bit()
     s = like(0, z)
     w_sum = like(0, z)
     zero = like(0, z)
     for j in range(z.size):
-        s += w[j] * (z[j] - m) if w[j] != 0 else zero
+        s += w[j] * (scaled(z[j], a) - m) if w[j] != 0 else zero
         w_sum += w[j]
     return s, w_sum
 
@@ -143,27 +145,27 @@ def _soft_block(z, t, w, m, c1, c0, g, store):
 
 
 @jit
-def _store_exp(z, m, g, in_place):
+def _store_exp(z, m, g, in_place, a=None):
     """g[j] = exp(z[j] - m); returns their float64 sum. z is g when in_place."""
     s = 0.0
     for lo in range(0, z.size, BLOCK):
         if in_place:
-            s += _exp_in_place_block(g[lo : lo + BLOCK], m)
+            s += _exp_in_place_block(g[lo : lo + BLOCK], m, a)
         else:
-            s += _store_exp_block(z[lo : lo + BLOCK], m, g[lo : lo + BLOCK])
+            s += _store_exp_block(z[lo : lo + BLOCK], m, g[lo : lo + BLOCK], a)
     return s
 
 
 @jit
-def _weighted_shift_sum(z, w, m):
+def _weighted_shift_sum(z, w, m, a=None):
     s = 0.0
     for lo in range(0, z.size, BLOCK):
-        s += _weighted_shift_block(z[lo : lo + BLOCK], w[lo : lo + BLOCK], m)[0]
+        s += _weighted_shift_block(z[lo : lo + BLOCK], w[lo : lo + BLOCK], m, a)[0]
     return s
 
 
 @jit
-def _row_stats(z, y, w, eps, g, block_max, in_place):
+def _row_stats(z, y, w, eps, g, block_max, in_place, a=None):
     """Reading the row once: its max m, sum_{j != y} exp(z_j - m) and, with smoothing,
     sum_j w_j (z_j - m) (0 otherwise).
 
@@ -172,7 +174,8 @@ def _row_stats(z, y, w, eps, g, block_max, in_place):
     cache comes from memory only once. The target class is left out of the sum (pass
     y = -1 to keep every class). With a non-empty ``block_max`` it also writes
     g = exp(z - M_b), M_b the running max when block b was read, kept in block_max[b];
-    _rescale_blocks turns that into the gradient.
+    _rescale_blocks turns that into the gradient. With a logit scale ``a`` every z_j
+    above is a z_j, rounded (see _hard_row_grad).
     """
     store = block_max.size > 0
     m = like(-math.inf, z)
@@ -182,13 +185,13 @@ def _row_stats(z, y, w, eps, g, block_max, in_place):
     for lo in range(0, z.size, BLOCK):
         block = z[lo : lo + BLOCK]
         g_block = g[lo : lo + BLOCK]
-        new_max = _row_max(block)
+        new_max = _row_max(block, a)
         if not new_max <= m:  # a larger max, or NaN (which then spreads to the row)
             s_other *= math.exp(float(m) - float(new_max))
             w_shift += times(w_seen, float(m) - float(new_max))
             m = new_max
         if eps > 0:  # before the stores below overwrite an in-place block
-            ds, dw = _weighted_shift_block(block, w[lo : lo + BLOCK], m)
+            ds, dw = _weighted_shift_block(block, w[lo : lo + BLOCK], m, a)
             if m != -math.inf:  # else every z here is -inf: counted through w_seen
                 w_shift += ds
             w_seen += dw
@@ -200,14 +203,14 @@ def _row_stats(z, y, w, eps, g, block_max, in_place):
             continue
         t = y - lo
         if store and 0 <= t < block.size:
-            s_other += _store_exp(block[:t], m, g_block[:t], in_place)
-            s_other += _store_exp(block[t + 1 :], m, g_block[t + 1 :], in_place)
+            s_other += _store_exp(block[:t], m, g_block[:t], in_place, a)
+            s_other += _store_exp(block[t + 1 :], m, g_block[t + 1 :], in_place, a)
         elif store:
-            s_other += _store_exp(block, m, g_block, in_place)
+            s_other += _store_exp(block, m, g_block, in_place, a)
         elif 0 <= t < block.size:
-            s_other += _sum_exp_block(block[:t], m) + _sum_exp_block(block[t + 1 :], m)
+            s_other += _sum_exp_block(block[:t], m, a) + _sum_exp_block(block[t + 1 :], m, a)
         else:
-            s_other += _sum_exp_block(block, m)
+            s_other += _sum_exp_block(block, m, a)
     return m, s_other, w_shift
 
 
@@ -260,38 +263,47 @@ def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
 
 
 @jit
-def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse):
+def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse, za):
     # no_store: an empty writeable array for _row_stats' unused outputs (passing zi
     # would not compile for read-only logits, which _row_stats could write to)
-    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False)
-    zy = float(zi[y]) - float(m)  # exact for float32: the loss keeps its digits
+    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False, za)
+    zy = float(scaled(zi[y], za)) - float(m)  # exact for float32: the loss keeps its digits
     loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
     return loss, row_lse(m, math.log(s_other + math.exp(zy))) if need_lse else 0.0
 
 
 @jit
-def _row_lse(zi, w, no_store):
-    """logsumexp of a row, in one read (for rows that are otherwise skipped)."""
-    m, s, _ = _row_stats(zi, -1, w, 0.0, no_store, no_store, False)
+def _row_lse(zi, w, no_store, za=None):
+    """logsumexp of a row (of za zi), in one read (for rows that are otherwise skipped)."""
+    m, s, _ = _row_stats(zi, -1, w, 0.0, no_store, no_store, False, za)
     return row_lse(m, math.log(s))
 
 
 @jit
-def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, need_lse):
-    """(loss, lse) of the row, its gradient into gi. zg: the z-loss's gradient is
-    zg lse p_j (zg = 2 z_loss scale_z v). long_rows: a row too long to stay in cache
-    between passes. Its max and exp-sum then come from one read (_row_stats), and one
-    more pass rescales the stored exps."""
+def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, need_lse, za, cap_a, cap_c):
+    """(loss, lse) of the row za zi, its gradient with respect to za zi into gi. zg: the
+    z-loss's gradient is zg lse p_j (zg = 2 z_loss scale_z v). long_rows: a row too long
+    to stay in cache between passes. Its max and exp-sum then come from one read
+    (_row_stats), and one more pass rescales the stored exps.
+
+    za: the logit scale (1 for none), applied as each logit is read: every pass sees
+    the za zi_j a scaled copy of the row would hold (simd.product: rounded, never fused
+    into an FMA), so the results are those of that copy, bit for bit, without writing
+    it and reading it again (a 4th pass over the row).
+
+    cap_c > 0: zi is a softcapped row, z = c tanh(cap_a x / c), and gi becomes the
+    gradient with respect to x: the chain rule's factor joins the pass that scales the
+    stored exps (a pass of its own only for long rows)."""
     # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
     # when p_y is close to 1, where 1 - p_y would cancel.
-    zy_raw = zi[y]  # read before g (maybe z itself) is overwritten
+    zy_raw = scaled(zi[y], za)  # read before g (maybe z itself) is overwritten
     if long_rows:
         block_max = np.empty((k + BLOCK - 1) // BLOCK, zi.dtype)
-        m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place)
+        m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place, za)
     else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
-        m = _row_max(zi)
-        w_shift_sum = _weighted_shift_sum(zi, w, m) if eps > 0 else 0.0
-        s_other = _store_exp(zi[:y], m, gi[:y], in_place) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place)
+        m = _row_max(zi, za)
+        w_shift_sum = _weighted_shift_sum(zi, w, m, za) if eps > 0 else 0.0
+        s_other = _store_exp(zi[:y], m, gi[:y], in_place, za) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place, za)
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
     e_y = math.exp(zy)
     s = s_other + e_y
@@ -302,13 +314,21 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, 
     hard = (1 - eps) * w_y * scale
     a = (hard + eps * w_sum / k * scale + zg * lse) / s
     b = eps / k * scale
+    capped = cap_c > 0
     if long_rows:
         _rescale_blocks(gi, block_max, m, a, b, w, eps)
+    elif capped:
+        _scale_capped(gi, like(a, gi), like(b, gi), w, zi, like(cap_a, gi), like(cap_c, gi))
     elif eps > 0:
         _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
     else:
         _scale(gi, like(a, gi))
-    gi[y] = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y) + zg * lse * (e_y / s)
+    g_y = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y) + zg * lse * (e_y / s)
+    if capped and not long_rows:
+        g_y *= float(_softcap_slope(zi[y], like(cap_a, gi), like(cap_c, gi)))
+    gi[y] = g_y
+    if capped and long_rows:
+        _softcap_chain(gi, zi, like(cap_a, gi), like(cap_c, gi))
     return _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps), lse
 
 
@@ -392,6 +412,26 @@ def _softcap_chain(g, z, a, c):
 
 
 @jit
+def _softcap_slope(z, a, c):
+    """dz/dx at one z, as _softcap_chain and _scale_capped take it."""
+    q = z / c
+    return c - c if abs(z) == c else a * (1 - q * q)  # (c - c: a 0 of z's type)
+
+
+@vector
+def _scale_capped(g, f, b, w, z, a, c):
+    """g = (f g - b w) a (1 - (z / c)^2): the gradient's scaling (_scale_minus_weight;
+    b = 0 without smoothing) and the softcap's chain rule (_softcap_chain, whose exact
+    0 at saturation it keeps) in one pass over the row."""
+    prefer_512bit()
+    zero = like(0, g)
+    for j in range(g.size):
+        q = z[j] / c
+        slope = zero if abs(z[j]) == c else a * (1 - q * q)
+        g[j] = (f * g[j] - b * w[j]) * slope  # (NaN stays NaN, 0 inf is NaN as before)
+
+
+@jit
 def _scale_and_cap(x, out, a, c):
     if c > 0:
         _softcap_row(x, out, a, c)
@@ -451,6 +491,19 @@ def _record(i, live, vi, zl, ce, lse, outs, totals):
     return totals[0] + ce, totals[1] + zt
 
 
+@jit
+def _load_or_cap(x, out, a, c):
+    """out = the row in the compute dtype (float32 for half rows), softcapped when c > 0:
+    the rows the hard kernels read through a scratch row. A logit scale alone is
+    applied as the row is read instead (see _hard_row_grad)."""
+    if is_half(x):
+        load_row(x, out)
+        if c > 0:
+            _softcap_row(out, out, a, c)
+    else:
+        _softcap_row(x, out, a, c)
+
+
 @parallel
 def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     eps, zl, _, _, a, c = params
@@ -458,26 +511,27 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     want_lse = outs[2].size > 0
     need_lse = want_lse or zl > 0  # else the rows' lse is not computed (a log per row)
     n, k = z.shape
-    transform = a != 1.0 or c > 0 or is_half(z)
+    copy = c > 0 or is_half(z)  # rows read through the scratch row zt
     zf = float_rows(z)
     for ch in prange(chunk_loss.size):
         no_store = scratch_row(z, 0)
-        zt = scratch_row(z, k if transform else 0)  # the row as the loss sees it
+        zt = scratch_row(z, k if copy else 0)  # the row as the loss sees it, but for a
+        za = like(1.0 if c > 0 else a, zt)  # the logit scale left to apply as rows are read
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(z, i + 1)
             y = target[i]
             vi = v[i] if v.size else 1.0
             live = y != ignore_index and vi != 0
-            if transform and (live or want_lse):
-                _transform(z[i], zt, a, c)
+            if copy and (live or want_lse):
+                _load_or_cap(z[i], zt, a, c)
             ce = lse = 0.0
-            if live and transform:
-                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse)
+            if live and copy:
+                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse, za)
             elif live:
-                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse)
+                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse, za)
             elif want_lse:
-                lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
+                lse = _row_lse(zt, w, no_store, za) if copy else _row_lse(zf[i], w, no_store, za)
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
 
@@ -489,11 +543,15 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
     want_lse = outs[2].size > 0
     need_lse = want_lse or zl > 0  # else the rows' lse is not computed (a log per row)
     n, k = z.shape
-    transform = a != 1.0 or c > 0 or is_half(z)
+    copy = c > 0 or is_half(z)
+    # dz/dx of a logit_scale alone is one number: it joins the gradient's scale instead
+    # of a pass of its own (_chain, for the softcap). 1 for none: exact.
+    dz = a if c == 0 else 1.0
     zf = float_rows(z)
     for ch in prange(chunk_loss.size):
         no_store = scratch_row(z, 0)
-        zt = scratch_row(z, k if transform else 0)
+        zt = scratch_row(z, k if copy else 0)
+        za = like(1.0 if c > 0 else a, zt)
         gt = scratch_row(z, k if is_half(g) else 0)  # a half gradient row, in float32
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
@@ -501,23 +559,19 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             y = target[i]
             vi = v[i] if v.size else 1.0
             live = y != ignore_index and vi != 0
-            if transform and (live or want_lse):
-                _transform(z[i], zt, a, c)  # before g (maybe z itself) is written
+            if copy and (live or want_lse):
+                _load_or_cap(z[i], zt, a, c)  # before g (maybe z itself) is written
             ce = lse = 0.0
             gi = grad_row(g, i, gt)
-            if live and transform:
-                # dz/dx of a logit_scale alone is one number: it joins the gradient's
-                # scale instead of a pass of its own (_chain, for the softcap)
-                dz = a if c == 0 else 1.0
-                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, scale * vi * dz, 2 * zl * scale_z * vi * dz, False, long_rows, need_lse)
-                if c > 0:
-                    _chain(gi, zt, a, c)
+            sv, zg = scale * vi * dz, 2 * zl * scale_z * vi * dz
+            if live and copy:
+                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, sv, zg, False, long_rows, need_lse, za, a, c)
                 store_grad_row(g, i, gt)
             elif live:
-                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, scale * vi, 2 * zl * scale_z * vi, in_place, long_rows, need_lse)
+                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c)
             else:
                 if want_lse:
-                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
+                    lse = _row_lse(zt, w, no_store, za) if copy else _row_lse(zf[i], w, no_store, za)
                 g[i, :] = 0
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
