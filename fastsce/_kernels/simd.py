@@ -234,13 +234,14 @@ def times(w, x):
 
 
 def like(x, a):
-    """x converted to the element type of array a (float32 lanes stay float32)."""
+    """x converted to the element type of array a, or to the type of float a (float32
+    lanes stay float32)."""
     raise NotImplementedError  # only callable from jitted code
 
 
 @overload(like)
 def _like(x, a):
-    if a.dtype == types.float32:
+    if (a if isinstance(a, types.Float) else a.dtype) == types.float32:
         return lambda x, a: np.float32(x)
     return lambda x, a: np.float64(x)
 
