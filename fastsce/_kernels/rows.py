@@ -51,10 +51,10 @@ BLOCK = 1024
 # read as the rounded a z_j, the value a scaled copy of the row held, with no copy.
 # Assembly with a float32 a (inspect_asm): the same zmm loops, unrolled 4 times, with one
 # vmulps more per 16 logits (no FMA fusing it into the subtraction: simd.product).
-# Measured (1 thread, rows in L2, _hard_row_grad with a = 1 against a omitted): 3-6% more
-# time per element, the exp pass's 1 more instruction in ~22; the max pass, reading from
-# memory in the kernels, hides it. The kernels pass a = 1 rather than compiling every
-# helper twice (with and without a): cold compile is a tracked cost.
+# _PLAIN: the kernels pass a = None (no product) for unscaled rows. Passing a = 1 instead
+# (one compiled variant fewer of each helper) cost them 3-9% per row (1 thread, rows in
+# L2, _hard_row_grad with a = 1 against None) and 6-9% on float32 loss+grad kernels
+# (1 thread, CPU time, 3 alternating runs) where the exp pass bounds them.
 
 
 @vector
@@ -584,6 +584,21 @@ def _record(i, live, vi, zl, ce, lse, outs, totals):
     return totals[0] + ce, totals[1] + zt
 
 
+def _copy_scale(z, za):
+    """The logit scale left to apply to a row read through the scratch row: za for half
+    rows (converted, not scaled), None for float rows (read through it only when
+    softcapped, the scale inside the cap). Chosen at typing: None compiles the loops
+    without the product, as for the unscaled rows."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_copy_scale)
+def _copy_scale_impl(z, za):
+    if isinstance(z.dtype, types.Integer):  # half bits
+        return lambda z, za: za
+    return lambda z, za: None
+
+
 def _load_or_cap(x, out, a, c):
     """out = the row in the compute dtype (float32 for half rows), softcapped when c > 0:
     the rows the hard kernels read through a scratch row. A logit scale alone is
@@ -630,11 +645,15 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
                 _load_or_cap(z[i], zt, a, c)
             ce = lse = 0.0
             if live and copy:
-                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse, za)
+                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse, _copy_scale(z, za))
+            elif live and za == 1:
+                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse, None)
             elif live:
                 ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse, za)
+            elif want_lse and copy:
+                lse = _row_lse(zt, w, no_store, _copy_scale(z, za))
             elif want_lse:
-                lse = _row_lse(zt, w, no_store, za) if copy else _row_lse(zf[i], w, no_store, za)
+                lse = _row_lse(zf[i], w, no_store, za)
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
 
@@ -669,13 +688,18 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             gi = grad_row(g, i, gt)
             sv, zg = scale * vi * dz, 2 * zl * scale_z * vi * dz
             if live and copy:
-                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, sv, zg, False, long_rows, need_lse, za, a, c, cap_max, zt)
+                zs = _copy_scale(z, za)
+                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, sv, zg, False, long_rows, need_lse, zs, a, c, cap_max, zt)
                 store_grad_row(g, i, gt)
+            elif live and za == 1:  # no product in the loops: see _PLAIN below
+                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, None, a, c, cap_max, zt)
             elif live:
                 ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c, cap_max, zt)
             else:
-                if want_lse:
-                    lse = _row_lse(zt, w, no_store, za) if copy else _row_lse(zf[i], w, no_store, za)
+                if want_lse and copy:
+                    lse = _row_lse(zt, w, no_store, _copy_scale(z, za))
+                elif want_lse:
+                    lse = _row_lse(zf[i], w, no_store, za)
                 g[i, :] = 0
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
         chunk_loss[ch], chunk_z[ch] = totals
