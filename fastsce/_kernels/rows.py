@@ -51,10 +51,12 @@ BLOCK = 1024
 # read as the rounded a z_j, the value a scaled copy of the row held, with no copy.
 # Assembly with a float32 a (inspect_asm): the same zmm loops, unrolled 4 times, with one
 # vmulps more per 16 logits (no FMA fusing it into the subtraction: simd.product).
-# _PLAIN: the kernels pass a = None (no product) for unscaled rows. Passing a = 1 instead
-# (one compiled variant fewer of each helper) cost them 3-9% per row (1 thread, rows in
-# L2, _hard_row_grad with a = 1 against None) and 6-9% on float32 loss+grad kernels
-# (1 thread, CPU time, 3 alternating runs) where the exp pass bounds them.
+# _PLAIN: hard_loss_grad passes a = None (no product) for unscaled rows. Passing a = 1
+# instead (one compiled variant fewer of each helper) cost them 3-9% per row (1 thread,
+# rows in L2, _hard_row_grad with a = 1 against None) and 6-9% on float32 loss+grad
+# kernels (1 thread, CPU time, 3 alternating runs), where the exp pass bounds them; the
+# loss-only rows, bound by memory, measured the same either way (within +-3%), so
+# hard_loss passes a = 1 and compiles one variant (cold: 18.5 s against 23 s before).
 
 
 @vector
@@ -646,9 +648,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
             ce = lse = 0.0
             if live and copy:
                 ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse, _copy_scale(z, za))
-            elif live and za == 1:
-                ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse, None)
-            elif live:
+            elif live:  # (a = 1 here too: the loss-only rows cost the same with the product)
                 ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse, za)
             elif want_lse and copy:
                 lse = _row_lse(zt, w, no_store, _copy_scale(z, za))
