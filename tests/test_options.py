@@ -175,6 +175,47 @@ def test_logit_scale_and_softcap_are_the_loss_of_the_transformed_logits(impl, so
     assert_close(grad, grad_z * dz_dx, dtype, unit=1.0)
 
 
+@pytest.mark.parametrize("options", ("plain", "smoothed"))
+@pytest.mark.parametrize("path", ("rows", "long-rows", "in-place"))
+@pytest.mark.parametrize("a", (0.6, -1.7, 0.0))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64, np.float16), ids=("f32", "f64", "f16"))
+def test_logit_scale_is_the_loss_of_the_rounded_scaled_logits_bit_for_bit(dtype, a, path, options, monkeypatch):
+    """The row kernels apply a logit scale as they read each logit, with no scaled copy
+    of the row: every pass must see exactly the rounded a x such a copy held (never a
+    x - m fused into one FMA), so loss, z-term and lse are those of the scaled logits,
+    bit for bit, and the gradient is a times theirs. Rows with infinities and NaN (0 x
+    inf = NaN at a = 0), ignored rows (their lse), class weights and smoothing."""
+    if path == "long-rows":
+        monkeypatch.setattr(api, "LONG_ROW_BYTES", 1024)
+    if path == "in-place" and dtype == np.float16:
+        pytest.skip("half logits are not read in place")
+    rng = np.random.default_rng(seed_of("scale-bits", a, path, options))
+    k = 1500  # above every SMALL_K: the row kernels
+    x = (4 * rng.standard_normal((9, k))).astype(dtype)
+    x[0, 3], x[1, :], x[2, 7], x[3, 11] = -np.inf, -np.inf, np.inf, np.nan
+    target = rng.integers(0, k, 9)
+    target[4] = -100
+    kwargs = dict(reduction="none", return_z_loss=True, return_lse=True, z_loss=1e-3)
+    if options == "smoothed":
+        kwargs.update(label_smoothing=0.1, weight=rng.uniform(0.2, 2, k))
+    compute = np.float32 if dtype == np.float16 else dtype
+    if dtype == np.float16:
+        kwargs["dtype"] = np.float32
+    with np.errstate(invalid="ignore"):  # 0 x inf
+        scaled_x = np.asarray(a, compute) * x.astype(compute)  # rounded to the compute dtype
+    want = fast.cross_entropy_with_grad(scaled_x, target, **kwargs)
+    logits = x.copy()
+    got = fast.cross_entropy_with_grad(
+        logits, target, logit_scale=a, out=logits if path == "in-place" else None, **kwargs
+    )
+    for i in (0, 2, 3):  # loss, z-term, lse
+        np.testing.assert_array_equal(got[i], want[i])
+    assert_close(got[1], a * want[1], compute)
+    loss_only = fast.cross_entropy(x, target, logit_scale=a, **kwargs)
+    for got_i, want_i in zip(loss_only, fast.cross_entropy(scaled_x, target, **kwargs), strict=True):
+        np.testing.assert_array_equal(got_i, want_i)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_softcap_bounds_huge_and_masked_logits(impl):
     """tanh(+-inf) = +-1: a -inf (masked) logit becomes -c, a huge one +c; NaN stays NaN."""

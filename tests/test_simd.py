@@ -7,6 +7,7 @@ from numba.core.unsafe.refcount import get_refcount
 
 from fastsce._kernels.half import bits_view
 from fastsce._kernels.jit import borrowed, keep_alive
+from fastsce._kernels.simd import product, scaled
 from fastsce._kernels.vec import (
     float16_bits_to_float32,
     float32_to_float16_bits,
@@ -186,3 +187,38 @@ def test_views_of_a_borrowed_array_hold_no_reference():
     assert during > before and total == 10.0
     before, during, total = _refcounts_around_views(a, True)
     assert during == before and total == 10.0
+
+
+@numba.njit(fastmath={"contract"})
+def _product_minus(a, x, m, out):
+    for j in range(x.size):
+        out[j] = product(a, x[j]) - m
+
+
+@numba.njit(fastmath={"contract"})
+def _times_minus(a, x, m, out):
+    for j in range(x.size):
+        out[j] = a * x[j] - m
+
+
+@numba.njit
+def _scaled_or_not(x, a):
+    return scaled(x, a), scaled(x, None)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_product_is_rounded_before_a_subtraction(dtype):
+    """product(a, x) - m is two roundings, as a scaled row stored and read back gives, even
+    where "contract" lets LLVM fuse a x - m into one FMA (the control case: that it does
+    here shows the test can fail)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(4096).astype(dtype)
+    a, m = dtype(0.7305), dtype(0.25)
+    want = (a * x) - m  # NumPy: the product rounded, then the difference
+    got = np.empty_like(x)
+    _product_minus(a, x, m, got)
+    np.testing.assert_array_equal(got, want)
+    fused = np.empty_like(x)
+    _times_minus(a, x, m, fused)
+    assert np.any(fused != want)
+    assert _scaled_or_not(dtype(1.5), dtype(3.0)) == (4.5, 1.5)
