@@ -668,7 +668,11 @@ def _has_o_tmpfile(directory) -> bool:
 
 
 SLOW_RUN = """
-import sys, time
+import signal, sys, time
+# as from a terminal: a test run started in the background (nohup, or `&` without job
+# control) hands its children SIGHUP / SIGINT ignored, and the CLI keeps ignored signals so
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 import fastsce
 real = fastsce.cross_entropy_with_grad
 def slow(*args, **kwargs):
