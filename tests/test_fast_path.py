@@ -171,13 +171,6 @@ def _bad_calls():
     yield "uint64 label beyond int64", lambda: fastsce.cross_entropy(z, np.full(8, 1 << 63, np.uint64))
 
 
-def test_fast_path_leaves_every_error_to_the_general_path(monkeypatch):
-    for name, call in _bad_calls():
-        got, want, _ = both_ways(monkeypatch, call)
-        assert isinstance(want, tuple) and isinstance(want[0], type), f"{name}: no error"
-        assert got == want, name
-
-
 def test_fast_path_declines_what_it_does_not_handle(monkeypatch):
     """Inputs it leaves to the general path still get the general path's results."""
     z, y = problem(16, 5)
@@ -353,8 +346,11 @@ def _bad_option_calls():
     yield "return_lse int", lambda: fastsce.cross_entropy_with_grad(z, y, return_lse=0)
 
 
-def test_fast_path_with_options_raises_the_general_errors(monkeypatch):
-    for name, call in _bad_option_calls():
+@pytest.mark.parametrize("bad_calls", [_bad_calls, _bad_option_calls], ids=["common", "options"])
+def test_fast_path_raises_the_general_errors(monkeypatch, bad_calls):
+    """Every bad call raises what the general path raises: the common arguments' errors
+    are all left to it, the row weights' raised alike by the fast path (_bad_option_calls)."""
+    for name, call in bad_calls():
         got, want, _ = both_ways(monkeypatch, call)
         assert isinstance(want, tuple) and isinstance(want[0], type), f"{name}: no error"
         assert got == want, name
