@@ -259,9 +259,9 @@ def _tile(n: int, classes: int, hidden: int, itemsize: int, chunk_rows, chunk_cl
     1/WEIGHT_SHARE of the weight), whole rows when at least min(N, MIN_WHOLE_ROWS) of
     them fit, else MIN_TILE_ROWS rows (or N) and blocks of classes of equal size
     (rounded up to 16 where that still fits)."""
-    budget = max(TILE_BYTES, classes * hidden * itemsize // WEIGHT_SHARE)
     if chunk_rows is not None:
         return int(chunk_rows), min(classes, int(chunk_classes or classes))
+    budget = max(TILE_BYTES, classes * hidden * itemsize // WEIGHT_SHARE)
     if chunk_classes is not None:
         cols = min(classes, int(chunk_classes))
         return max(1, budget // (cols * itemsize)), cols
