@@ -98,8 +98,9 @@ def _store_tile(T, gt):
 # over classes), so each pass is a store-to-load chain; four classes a pass make it a
 # quarter as long. Measured on one tile in L1 (this Zen 5 machine, 1 thread): the max
 # 845 -> 277 ns at K = 100, 79 -> 41 at K = 10; the exp-sum 1400 -> 1130 ns at K = 100.
-# Assembly (float32): the max loop vmaxps-based llvm.maximum sequences on zmm, 3 per
-# 4 x 16 classes x lanes plus one into m; the sum four vcvtps2pd pairs and a tree of vaddpd.
+# Assembly (float32, K = 100, inspect_asm): zmm loops, llvm.maximum as vmaxps with
+# vcmpunordps for NaN, the sums as vcvtps2pd and a tree of vaddpd; beside them the scalar
+# loops LLVM keeps for arrays that overlap (its runtime check sends the tiles past them).
 
 
 @jit
