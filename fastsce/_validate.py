@@ -165,6 +165,12 @@ def check_problem(
     )
 
 
+def unscaled(top: float, bounds: tuple[float, float]) -> bool:
+    """Whether weights whose largest is ``top`` are left as they are by scale_weights
+    (all 0, or the largest within bounds); False for NaN."""
+    return top == 0 or bounds[0] <= top <= bounds[1]
+
+
 def _power_of_two_scale(a: np.ndarray | None, bounds: tuple[float, float], top: float | None = None) -> float:
     """1, or the power of two that brings max(a) into [1, 2) when it lies outside bounds
     (2^1023 at most: [0.5, 1) would need 2^1024 for weights near the float64 maximum).
@@ -172,7 +178,7 @@ def _power_of_two_scale(a: np.ndarray | None, bounds: tuple[float, float], top: 
     if a is None or a.size == 0:
         return 1.0
     top = float(a.max()) if top is None else top
-    if top == 0 or bounds[0] <= top <= bounds[1]:
+    if unscaled(top, bounds):
         return 1.0
     return math.ldexp(1.0, math.frexp(top)[1] - 1)
 
@@ -416,11 +422,6 @@ def _check_weight(weight, logits: np.ndarray, axis: int, compute: np.dtype | Non
         j = int(np.argmax(bad))
         raise ValueError(f"weight[{j}] = {float(weight[j])!r}; class weights must be finite and >= 0")
     return weight if compute is None else np.ascontiguousarray(weight, dtype=compute)
-
-
-def _check_row_weight(sample_weight, where, lead: tuple[int, ...]) -> np.ndarray | None:
-    """sample_weight * where as one float64 (M,) array of its own, or None when neither is given."""
-    return row_weights(sample_weight, where, lead)[0]
 
 
 def row_weights(sample_weight, where, lead: tuple[int, ...], *, borrow=False) -> tuple[np.ndarray | None, float]:

@@ -29,6 +29,7 @@ from fastsce._validate import (
     native,
     row_weights,
     same_memory,
+    unscaled,
 )
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad"]
@@ -403,9 +404,7 @@ def _fast(
             return None
         if out is not None and np.may_share_memory(out, weight):
             return None
-        top = float(weight.max())
-        low, high = _WEIGHT_RANGE[dt]
-        if not (weight.min() >= 0 and (top == 0 or low <= top <= high)):
+        if not (weight.min() >= 0 and unscaled(float(weight.max()), _WEIGHT_RANGE[dt])):
             return None
         w = np.ascontiguousarray(weight, dtype=dt)
         w_sum = row_kernels.float64_sum(w)
@@ -417,17 +416,14 @@ def _fast(
             return None
         borrow = out is None or sample_weight is None or not np.may_share_memory(out, sample_weight)
         v, top = row_weights(sample_weight, where, (m,), borrow=borrow)  # raises as the general path would
-        low, high = _WEIGHT_RANGE[_F64]
-        if reduction == "mean" and not (top == 0 or low <= top <= high):
+        if reduction == "mean" and not unscaled(top, _WEIGHT_RANGE[_F64]):
             return None  # scaled there
     # as the general path gives them to the kernels (so that both use the same compiled kernels)
     logits, target = read_only(logits), kernel_labels(target)
     mean = reduction == "mean"
-    if mean and v.size and weight is None:
-        mask = where.reshape(-1) if sample_weight is None else None
-        bad_row, d, d_z = _label_stats(target, k, ignore_index, w, v, True, mask)
-    elif mean or not (v.size or weight is not None):
-        bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, w, v)
+    if mean:
+        mask = where.reshape(-1) if where is not None and sample_weight is None else None
+        bad_row, d, d_z = _label_stats(target, k, ignore_index, w, v, weight is None, mask)
     else:  # no denominators: the labels' check alone, the vectorised count instead of the float64 sums
         bad_row, d, d_z = row_kernels.label_stats(target, k, ignore_index, _ones(k, dt), _NO_ROW_WEIGHTS)
     if bad_row >= 0:  # the general path names it

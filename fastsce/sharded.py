@@ -44,13 +44,13 @@ from fastsce._validate import (
     _check_choice,
     _check_ignore_index,
     _check_real,
-    _check_row_weight,
     _check_target,
     _check_weight,
     _power_of_two_scale,
     as_array,
     check_returns,
     check_transform,
+    row_weights,
     same_memory,
 )
 
@@ -530,7 +530,7 @@ class _Rows:
         _check_choice("all_ignored", all_ignored, ALL_IGNORED)
         self.z_loss = _check_real("z_loss", z_loss, 0.0, np.inf)
         n = stats.n
-        v = _check_row_weight(sample_weight, where, (n,))
+        v = row_weights(sample_weight, where, (n,))[0]
         v = np.ones(n) if v is None else v
         if reduction == "mean":  # v / V in numerator and denominator alike: extreme sample
             v = v / _power_of_two_scale(v, _WEIGHT_RANGE[np.dtype(np.float64)])  # weights stay normal
