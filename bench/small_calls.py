@@ -3,6 +3,7 @@ keep every core busy (float32, integer targets, mean).
 
     PYTHONPATH=. python bench/small_calls.py [--load-seconds 60]
 
+Every call timed is first checked against the NumPy reference (with the real kernels).
 Overhead: the calling thread's CPU time per call with the kernels replaced by no-ops
 (Numba's dispatch of the kernel counts as kernel time), for the plain call and for each
 common option (the fast path of fastsce.api) and for the general path (the same call with
@@ -26,8 +27,9 @@ import time
 import numpy as np
 
 import fastsce
-from fastsce import _threads
+from fastsce import _threads, reference
 from fastsce._kernels import rows, tiles
+from option_ratios import check  # (bench/ is the script's directory)
 
 SHAPES = [(1, 10), (64, 10), (20, 1000), (64, 1000), (16, 4000)]
 CALLS = 2000
@@ -106,23 +108,39 @@ def problem(n, k):
     return z, rng.integers(0, k, n), np.empty_like(z)
 
 
-def option_calls(z, y, out, api=None):
-    """name -> call: loss+grad with out= (the plain call, loss alone, each common option),
-    then the general path (the fast path of fastsce.api turned off) with weight=."""
-    api = api or fastsce.api
+def option_kwargs(z) -> dict[str, dict]:
+    """name -> the keyword arguments of each common option timed."""
     n, k = z.shape
     rng = np.random.default_rng(2)
-    ones, v, keep = np.ones(k, z.dtype), rng.uniform(0.5, 1.5, n), rng.random(n) > 0.1
-    fn = api.cross_entropy_with_grad
     return {
-        "loss+grad": lambda: fn(z, y, out=out),
-        "loss only": lambda: api.cross_entropy(z, y),
-        "weight=": lambda: fn(z, y, out=out, weight=ones),
-        "sample_weight=": lambda: fn(z, y, out=out, sample_weight=v),
-        "where=": lambda: fn(z, y, out=out, where=keep),
-        "z_loss+lse": lambda: fn(z, y, out=out, z_loss=1e-4, return_lse=True),
-        "general (weight=)": lambda: without_fast_path(api, lambda: fn(z, y, out=out, weight=ones)),
+        "weight=": {"weight": np.ones(k, z.dtype)},
+        "sample_weight=": {"sample_weight": rng.uniform(0.5, 1.5, n)},
+        "where=": {"where": rng.random(n) > 0.1},
+        "z_loss+lse": {"z_loss": 1e-4, "return_lse": True},
     }
+
+
+def option_calls(z, y, out):
+    """name -> call: loss+grad with out= (the plain call, loss alone, each common option),
+    then the general path (the fast path of fastsce.api turned off) with weight=."""
+    api = fastsce.api
+    fn = api.cross_entropy_with_grad
+    options = option_kwargs(z)
+    calls = {"loss+grad": lambda: fn(z, y, out=out), "loss only": lambda: api.cross_entropy(z, y)}
+    calls.update({name: lambda kwargs=kwargs: fn(z, y, out=out, **kwargs) for name, kwargs in options.items()})
+    calls["general (weight=)"] = lambda: without_fast_path(api, lambda: fn(z, y, out=out, **options["weight="]))
+    return calls
+
+
+def check_calls(z, y) -> None:
+    """Every timed call's result (the real kernels) against the NumPy reference."""
+    api = fastsce.api
+    for kwargs in ({}, *option_kwargs(z).values()):
+        check(z, y, kwargs, api.cross_entropy_with_grad(z, y, **kwargs))
+    weight = option_kwargs(z)["weight="]
+    check(z, y, weight, without_fast_path(api, lambda: api.cross_entropy_with_grad(z, y, **weight)))
+    want = reference.cross_entropy(z, y)
+    np.testing.assert_allclose(api.cross_entropy(z, y), want, **reference.TOLERANCE[np.dtype(z.dtype)])
 
 
 def without_fast_path(api, call):
@@ -141,6 +159,7 @@ def overhead() -> None:
     print(f"{'N x K':<13}{'plain call':>11}{'kernel':>9}  " + "".join(f"{name:>19}" for name in names))
     for n, k in SHAPES:
         z, y, out = problem(n, k)
+        check_calls(z, y)
         calls = option_calls(z, y, out)
         total, kernel = call_and_kernel(calls["loss+grad"])
         print(
@@ -191,6 +210,7 @@ def under_load(seconds: float) -> None:
     z = rng.standard_normal((20, 1000), dtype=np.float32)
     y = rng.integers(0, 1000, 20)
     out = np.empty_like(z)
+    check(z, y, {}, fastsce.cross_entropy_with_grad(z, y))
 
     def call():
         fastsce.cross_entropy_with_grad(z, y, out=out)
