@@ -4,6 +4,7 @@ with the fast path turned off."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -58,10 +59,12 @@ def problem(n, k, dtype=np.float32, label_dtype=np.int64, seed=0):
 # (N, K): one row, one class, small K (tile kernels), large K (row kernels), a long row
 # (two-read gradient), above SERIAL_LOGITS (the thread pool), several tile chunks
 SHAPES = [(1, 10), (64, 10), (5, 1), (20, 1000), (300, 300), (2, 300_000), (5000, 7)]
+# float16 / bfloat16 logits take the fast path too (computed in float32, the kernels reading their bits)
+DTYPES = [np.float32, np.float64, np.float16, ml_dtypes.bfloat16]
 
 
 @pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_path_gives_the_general_results(monkeypatch, n, k, dtype):
     label_dtype = (np.int64, np.int32)[(n + k) % 2]  # both, over the shapes
     z, y = problem(n, k, dtype, label_dtype)
@@ -84,8 +87,9 @@ def test_fast_path_gives_the_general_results(monkeypatch, n, k, dtype):
                 assert_same(got, want)
 
 
-def test_fast_path_in_place_and_axis_1(monkeypatch):
-    z, y = problem(64, 10)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_path_in_place_and_axis_1(monkeypatch, dtype):
+    z, y = problem(64, 10, dtype)
     for kwargs in ({}, {"axis": 1}, {"axis": -1, "label_smoothing": 1}):
         results = []
         for use_fast in (True, False):
@@ -108,10 +112,10 @@ def test_fast_path_on_the_thread_pool_and_serially(monkeypatch):
         assert_same(got, want)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fast_path_edge_values(monkeypatch, dtype):
     """inf / NaN logits, a loss beyond the dtype's range, every row ignored, read-only inputs."""
-    big = np.finfo(dtype).max / 2
+    big = float(ml_dtypes.finfo(dtype).max) / 2
     z = np.array([[big, -big, 0.0], [-np.inf, 1.0, 2.0], [np.nan, 0.0, 0.0], [1.0, np.inf, 0.0]], dtype)
     y = np.array([1, 0, 2, 1])
     cases = [(z, y), (z[:2], y[:2]), (z[[0, 0]], y[[0, 0]]), (z, np.full(4, -100))]

@@ -479,6 +479,47 @@ def test_half_conversions_round_like_numpy():
 
 
 @pytest.mark.parametrize("half", HALF)
+def test_half_row_loops_fuse_the_conversions_bit_for_bit(half):
+    """The half row kernels' fused passes (fastsce._kernels.half) against the passes they
+    replace: load_row_max is the conversion, a rounded float32 product and the max;
+    store_scaled(_minus) the scaling (rows._scale, rows._scale_minus_weight) then the
+    rounding (store_row), bit for bit."""
+    from fastsce._kernels import half as _half, rows as _rows
+
+    dtype = HALF[half]
+    store_row = _half._store_bfloat16 if half == "bf16" else _half._store_float16
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(1000) * 4).astype(np.float32)
+    x[[3, 500]] = [-np.inf, np.inf]
+    bits = _half.bits_view(x.astype(dtype))
+    widened = x.astype(dtype).astype(np.float32)
+    for a in (1.0, 0.7, -2.5):
+        out = np.empty(x.size, np.float32)
+        m = _half.load_row_max(bits, out, np.float32(a))
+        want = np.float32(a) * widened
+        np.testing.assert_array_equal(out, want)
+        assert m == want.max()
+    with_nan = bits.copy()
+    with_nan[7] = _half.bits_view(np.array([np.nan], dtype))[0]
+    assert np.isnan(_half.load_row_max(with_nan, np.empty(x.size, np.float32), np.float32(1)))
+
+    g = (rng.standard_normal(1000) * 1e-3).astype(np.float32)
+    w = rng.uniform(0, 2, 1000).astype(np.float32)
+    f, b = np.float32(0.37), np.float32(1e-4)
+    for fused, unfused in (
+        (lambda h: _half.store_scaled(g, f, h), lambda t: _rows._scale(t, f)),
+        (lambda h: _half.store_scaled_minus(g, f, b, w, h), lambda t: _rows._scale_minus_weight(t, f, b, w)),
+    ):
+        got = np.empty(g.size, bits.dtype)
+        fused(got)
+        scaled_row = g.copy()
+        unfused(scaled_row)
+        want = np.empty(g.size, bits.dtype)
+        store_row(scaled_row, want)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("half", HALF)
 def test_half_logits_match_torch(half):
     """Against PyTorch's half-precision cross_entropy on the CPU. (Not with label
     smoothing: PyTorch then sums the row's K log-probabilities in float16, which

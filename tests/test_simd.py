@@ -9,7 +9,9 @@ from fastsce._kernels.half import bits_view
 from fastsce._kernels.jit import borrowed, keep_alive
 from fastsce._kernels.simd import product, scaled
 from fastsce._kernels.vec import (
+    bfloat16_bits_to_float32,
     float16_bits_to_float32,
+    float32_to_bfloat16_bits,
     float32_to_float16_bits,
     lanes,
     load_rows,
@@ -166,6 +168,31 @@ def test_scalar_float16_conversions_are_numpys():
     np.testing.assert_array_equal(got, expect)
     finite = ~np.isnan(expect)
     np.testing.assert_array_equal(out_bits[finite], expect.view(np.uint16)[finite])  # bit for bit, signs too
+
+
+@numba.njit
+def _scalar_bf16(b, x, out_f32, out_bits):
+    for i in range(b.size):
+        out_f32[i] = bfloat16_bits_to_float32(b[i])
+    for i in range(x.size):
+        out_bits[i] = float32_to_bfloat16_bits(x[i])
+
+
+def test_scalar_bfloat16_conversions_are_ml_dtypes():
+    every = np.arange(1 << 16).astype(np.uint16).view(np.int16)  # every bfloat16, NaNs and subnormals included
+    x = _special_float32(4096, seed=4)
+    x[-4:] = [np.float32(1 + 2**-8), np.float32(1 + 3 * 2**-8), np.float32(-(1 + 2**-8)), np.float32(3.4e38)]  # ties, overflow
+    out_f32 = np.zeros(every.size, np.float32)
+    out_bits = np.zeros(x.size, np.int16)
+    _scalar_bf16(every, x, out_f32, out_bits)
+    want = every.view(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(out_f32.view(np.uint32), want.view(np.uint32))  # bit for bit, NaN payloads too
+    with np.errstate(over="ignore"):
+        expect = x.astype(ml_dtypes.bfloat16)
+    got = out_bits.view(ml_dtypes.bfloat16)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(out_bits[finite], expect.view(np.int16)[finite])
+    assert np.all(np.isnan(got[~finite].astype(np.float32)))
 
 
 @numba.njit

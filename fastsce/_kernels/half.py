@@ -16,29 +16,21 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from fastsce._kernels.jit import jit, vector
-from fastsce._kernels.simd import _f32_as_i32, _i32_as_f32, prefer_512bit
-from fastsce._kernels.vec import float16_bits_to_float32, float32_to_float16_bits
+from fastsce._kernels.jit import vector
+from fastsce._kernels.simd import like, maximum, prefer_512bit, product
+from fastsce._kernels.vec import (
+    bfloat16_bits_to_float32, float16_bits_to_float32, float32_to_bfloat16_bits, float32_to_float16_bits,
+)
 
 # float16 <-> float32 are single instructions (vcvtph2ps / vcvtps2ph) once a loop over
 # them vectorises: LLVM's fpext / fptrunc (fastsce._kernels.vec). Measured, the integer
 # emulation they replace made float16 rows 1.2x slower than float32 ones at K = 1000.
+# bfloat16's rounding is integer arithmetic, kept in 32-bit lanes by vec's intrinsics:
+# written in Numba it ran in 64-bit lanes (vpmovzxdq, vpaddq), half as many per instruction.
 _float16_to_float32 = float16_bits_to_float32
 _float32_to_float16 = float32_to_float16_bits
-
-
-@jit
-def _bfloat16_to_float32(b):
-    return _i32_as_f32(np.int32(b) << 16)
-
-
-@jit
-def _float32_to_bfloat16(x):
-    """Round to nearest even; a NaN stays a (quiet) NaN."""
-    u = np.int32(_f32_as_i32(x))
-    rounded = (u + np.int32(0x7FFF) + ((u >> 16) & 1)) >> 16
-    nan = (u >> 16) | 0x40
-    return nan if (u & 0x7FFFFFFF) > 0x7F800000 else rounded
+_bfloat16_to_float32 = bfloat16_bits_to_float32
+_float32_to_bfloat16 = float32_to_bfloat16_bits
 
 
 @vector
@@ -196,6 +188,43 @@ def _store_grad_row(g, i, scratch):
     if _bits(g.dtype):
         return lambda g, i, scratch: store_row(scratch, g[i])
     return lambda g, i, scratch: None
+
+
+# --- conversions fused into a kernel's passes over the row ------------------------------------
+#
+# A half row's conversions, each a pass of its own, made it slower than a float32 row of
+# the same shape at K >= 1000, where the passes over a row in cache bound the kernel:
+# so the row's max joins the pass converting it in, and the gradient's scaling the pass
+# rounding it out.
+
+
+@vector
+def load_row_max(src, dst, a):
+    """dst = a src as float32, each product rounded (simd.product: the values a scaled
+    float32 row holds); returns max(dst), NaN-propagating."""
+    prefer_512bit()
+    m = like(-np.inf, dst)
+    for j in range(src.size):
+        x = product(a, as_float(src[j]))
+        dst[j] = x
+        m = maximum(m, x)
+    return m
+
+
+@vector
+def store_scaled(x, f, h):
+    """h = f x, rounded to h's half dtype."""
+    prefer_512bit()
+    for j in range(x.size):
+        h[j] = as_stored(f * x[j], h)
+
+
+@vector
+def store_scaled_minus(x, f, b, w, h):
+    """h = f x - b w, rounded to h's half dtype."""
+    prefer_512bit()
+    for j in range(x.size):
+        h[j] = as_stored(f * x[j] - b * w[j], h)
 
 
 def bits_view(a: np.ndarray) -> np.ndarray:

@@ -32,7 +32,10 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from fastsce._kernels.half import float_rows, grad_row, is_half, load_row, scratch_row, store_grad_row
+from fastsce._kernels.half import (
+    as_stored, float_rows, grad_row, is_half, load_row, load_row_max, scratch_row, store_grad_row, store_row,
+    store_scaled, store_scaled_minus,
+)
 from fastsce._kernels.jit import jit, parallel, vector
 from fastsce._kernels.simd import (
     exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, scaled, times,
@@ -131,6 +134,44 @@ def _scale_minus_weight(g, a, b, w):
         g[j] = a * g[j] - b * w[j]
 
 
+def _scale_into(g, a, out):
+    """out = a g: g itself scaled for a float gradient (out is g), or the float32 row
+    scaled and rounded into the half row out in the same pass (half.store_scaled)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+def _scale_minus_weight_into(g, a, b, w, out):
+    """out = a g - b w, as _scale_into."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_scale_into)
+def _scale_into_impl(g, a, out):
+    if isinstance(out.dtype, types.Integer):  # half bits
+        return lambda g, a, out: store_scaled(g, a, out)
+    return lambda g, a, out: _scale(g, a)
+
+
+@overload(_scale_minus_weight_into)
+def _scale_minus_weight_into_impl(g, a, b, w, out):
+    if isinstance(out.dtype, types.Integer):
+        return lambda g, a, b, w, out: store_scaled_minus(g, a, b, w, out)
+    return lambda g, a, b, w, out: _scale_minus_weight(g, a, b, w)
+
+
+def _known_or_max(m, z, a):
+    """m, the max of the row a z that its caller took while converting or softcapping
+    it into z; or, where m is None, that max now (_row_max)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_known_or_max)
+def _known_or_max_impl(m, z, a):
+    if isinstance(m, (types.NoneType, types.Omitted)):
+        return lambda m, z, a: _row_max(z, a)
+    return lambda m, z, a: like(m, z)
+
+
 @vector
 def _soft_block(z, t, w, m, c1, c0, g, store):
     """Over a block: sum exp(z - m), A = sum w t', B = sum w t' (z - m), t' = c1 t + c0;
@@ -176,7 +217,7 @@ def _weighted_shift_sum(z, w, m, a=None):
 
 
 @jit
-def _row_stats(z, y, w, eps, g, block_max, in_place, a=None):
+def _row_stats(z, y, w, eps, g, block_max, in_place, a=None, m_known=None):
     """Reading the row once: its max m, sum_{j != y} exp(z_j - m) and, with smoothing,
     sum_j w_j (z_j - m) (0 otherwise).
 
@@ -186,7 +227,9 @@ def _row_stats(z, y, w, eps, g, block_max, in_place, a=None):
     y = -1 to keep every class). With a non-empty ``block_max`` it also writes
     g = exp(z - M_b), M_b the running max when block b was read, kept in block_max[b];
     _rescale_blocks turns that into the gradient. With a logit scale ``a`` every z_j
-    above is a z_j, rounded (see _hard_row_grad).
+    above is a z_j, rounded (see _hard_row_grad). m_known: the row's max if the caller
+    has it (_known_or_max), used for a row of one block: there it is that block's max,
+    and the sums are the same bits as without it (a half row's, as its float32 copy's).
     """
     store = block_max.size > 0
     m = like(-math.inf, z)
@@ -196,7 +239,7 @@ def _row_stats(z, y, w, eps, g, block_max, in_place, a=None):
     for lo in range(0, z.size, BLOCK):
         block = z[lo : lo + BLOCK]
         g_block = g[lo : lo + BLOCK]
-        new_max = _row_max(block, a)
+        new_max = _known_or_max(m_known, block, a) if z.size <= BLOCK else _row_max(block, a)
         if not new_max <= m:  # a larger max, or NaN (which then spreads to the row)
             s_other *= math.exp(float(m) - float(new_max))
             w_shift += times(w_seen, float(m) - float(new_max))
@@ -274,10 +317,10 @@ def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
 
 
 @jit
-def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse, za):
+def _hard_row(zi, y, k, w, w_sum, eps, no_store, need_lse, za, m_known=None):
     # no_store: an empty writeable array for _row_stats' unused outputs (passing zi
     # would not compile for read-only logits, which _row_stats could write to)
-    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False, za)
+    m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, no_store, no_store, False, za, m_known)
     zy = float(scaled(zi[y], za)) - float(m)  # exact for float32: the loss keeps its digits
     loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
     return loss, row_lse(m, math.log(s_other + math.exp(zy))) if need_lse else 0.0
@@ -291,8 +334,10 @@ def _row_lse(zi, w, no_store, za=None):
 
 
 @jit
-def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, need_lse, za, cap_a, cap_c, cap_max, zc):
-    """(loss, lse) of the row za zi, its gradient with respect to za zi into gi. zg: the
+def _hard_row_grad(zi, y, gi, go, k, w, w_sum, eps, scale, zg, in_place, long_rows, need_lse, za, cap_a, cap_c, m_known, zc):
+    """(loss, lse) of the row za zi, its gradient with respect to za zi into gi, and into
+    go: gi itself for a float gradient; for a half one the row of half bits that gi's
+    float32 row is rounded into, in the last pass that writes gi (_scale_into). zg: the
     z-loss's gradient is zg lse p_j (zg = 2 z_loss scale_z v). long_rows: a row too long
     to stay in cache between passes. Its max and exp-sum then come from one read
     (_row_stats), and one more pass rescales the stored exps.
@@ -302,8 +347,9 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, 
     into an FMA), so the results are those of that copy, bit for bit, without writing
     it and reading it again (a 4th pass over the row).
 
-    cap_c > 0: zi is a softcapped row, z = c tanh(cap_a x / c), whose max is cap_max,
-    and gi becomes the gradient with respect to x: the chain rule's factor joins the
+    m_known: the row's max, taken by the caller as it converted or softcapped the row
+    into zi, or None (_known_or_max). cap_c > 0: zi is a softcapped row, z = c tanh(cap_a
+    x / c), and gi becomes the gradient with respect to x: the chain rule's factor joins the
     pass that scales the stored exps (a pass of its own only for long rows). zc is zi
     then, and an unused scratch row otherwise: passed apart from zi, which may be
     read-only, so that the softcap's loops compile once, for a writeable row."""
@@ -314,7 +360,7 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, 
         block_max = np.empty((k + BLOCK - 1) // BLOCK, zi.dtype)
         m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place, za)
     else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
-        m = like(cap_max, zi) if cap_c > 0 else _row_max(zi, za)
+        m = _known_or_max(m_known, zi, za)
         w_shift_sum = _weighted_shift_sum(zi, w, m, za) if eps > 0 else 0.0
         s_other = _store_exp(zi[:y], m, gi[:y], in_place, za) + _store_exp(zi[y + 1 :], m, gi[y + 1 :], in_place, za)
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
@@ -336,15 +382,19 @@ def _hard_row_grad(zi, y, gi, k, w, w_sum, eps, scale, zg, in_place, long_rows, 
     elif capped:
         _scale_capped(gi, like(a, gi), zc, ca, cc)
     elif eps > 0:
-        _scale_minus_weight(gi, like(a, gi), like(b, gi), w)
+        _scale_minus_weight_into(gi, like(a, gi), like(b, gi), w, go)
     else:
-        _scale(gi, like(a, gi))
+        _scale_into(gi, like(a, gi), go)
     g_y = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y) + zg * lse * (e_y / s)
     if capped and not long_rows:
         g_y *= float(_softcap_slope(zc[y], ca, cc))
     gi[y] = g_y
     if capped and long_rows:  # the chain rule in a pass of its own (the same loop, f = 1)
         _scale_capped(gi, like(1, gi), zc, ca, cc)
+    if is_half(go) and (long_rows or capped):  # gi's last pass was not _scale_into
+        store_row(gi, go)
+    elif is_half(go):
+        go[y] = as_stored(g_y, go)
     return _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps), lse
 
 
@@ -586,42 +636,30 @@ def _record(i, live, vi, zl, ce, lse, outs, totals):
     return totals[0] + ce, totals[1] + zt
 
 
-def _copy_scale(z, za):
-    """The logit scale left to apply to a row read through the scratch row: za for half
-    rows (converted, not scaled), None for float rows (read through it only when
-    softcapped, the scale inside the cap). Chosen at typing: None compiles the loops
-    without the product, as for the unscaled rows."""
-    raise NotImplementedError  # only callable from jitted code
-
-
-@overload(_copy_scale)
-def _copy_scale_impl(z, za):
-    if isinstance(z.dtype, types.Integer):  # half bits
-        return lambda z, za: za
-    return lambda z, za: None
-
-
-def _load_or_cap(x, out, a, c):
-    """out = the row in the compute dtype (float32 for half rows), softcapped when c > 0:
-    the rows the hard kernels read through a scratch row. A logit scale alone is
-    applied as the row is read instead (see _hard_row_grad). Returns max(out) when
-    c > 0 (taken as the softcap is, not in a pass of its own), else 0."""
+def _load_or_cap(x, out, a, c, za):
+    """out = the row as the loss sees it, in the compute dtype (float32 for half rows):
+    the rows the hard kernels read through a scratch row, half rows (scaled by za as
+    they are converted: the products the loops would form as they read it) and
+    softcapped ones (za = 1: the scale is inside the cap). Returns max(out), taken in
+    the same pass, not one of its own."""
     raise NotImplementedError  # only callable from jitted code
 
 
 @overload(_load_or_cap)
-def _load_or_cap_impl(x, out, a, c):
+def _load_or_cap_impl(x, out, a, c, za):
     # Chosen by dtype here rather than by a branch on is_half(x) in one function, which
     # Numba types on both sides: the softcap loops would compile for a read-only and
     # a writeable row each.
     if isinstance(x.dtype, types.Integer):  # half bits
 
-        def load_and_cap(x, out, a, c):
-            load_row(x, out)
-            return _softcap_row(out, out, a, c) if c > 0 else like(0, out)
+        def load_and_cap(x, out, a, c, za):
+            if c > 0:
+                load_row(x, out)
+                return _softcap_row(out, out, a, c)
+            return load_row_max(x, out, za)
 
         return load_and_cap
-    return lambda x, out, a, c: _softcap_row(x, out, a, c)
+    return lambda x, out, a, c, za: _softcap_row(x, out, a, c)
 
 
 @parallel
@@ -635,23 +673,24 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     zf = float_rows(z)
     for ch in prange(chunk_loss.size):
         no_store = scratch_row(z, 0)
-        zt = scratch_row(z, k if copy else 0)  # the row as the loss sees it, but for a
-        za = like(1.0 if c > 0 else a, zt)  # the logit scale left to apply as rows are read
+        zt = scratch_row(z, k if copy else 0)  # the row as the loss sees it
+        za = like(1.0 if c > 0 else a, zt)  # the logit scale outside the cap: applied as rows are read or converted
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(z, i + 1)
             y = target[i]
             vi = v[i] if v.size else 1.0
             live = y != ignore_index and vi != 0
+            m_row = like(0, zt)
             if copy and (live or want_lse):
-                _load_or_cap(z[i], zt, a, c)
+                m_row = _load_or_cap(z[i], zt, a, c, za)
             ce = lse = 0.0
             if live and copy:
-                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse, _copy_scale(z, za))
+                ce, lse = _hard_row(zt, y, k, w, w_sum, eps, no_store, need_lse, None, m_row)
             elif live:  # (a = 1 here too: the loss-only rows cost the same with the product)
                 ce, lse = _hard_row(zf[i], y, k, w, w_sum, eps, no_store, need_lse, za)
             elif want_lse and copy:
-                lse = _row_lse(zt, w, no_store, _copy_scale(z, za))
+                lse = _row_lse(zt, w, no_store)
             elif want_lse:
                 lse = _row_lse(zf[i], w, no_store, za)
             totals = _record(i, live, vi, zl, ce, lse, outs, totals)
@@ -681,23 +720,21 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             y = target[i]
             vi = v[i] if v.size else 1.0
             live = y != ignore_index and vi != 0
-            cap_max = like(0, zt)
+            m_row = like(0, zt)
             if copy and (live or want_lse):
-                cap_max = _load_or_cap(z[i], zt, a, c)  # before g (maybe z itself) is written
+                m_row = _load_or_cap(z[i], zt, a, c, za)  # before g (maybe z itself) is written
             ce = lse = 0.0
             gi = grad_row(g, i, gt)
             sv, zg = scale * vi * dz, 2 * zl * scale_z * vi * dz
             if live and copy:
-                zs = _copy_scale(z, za)
-                ce, lse = _hard_row_grad(zt, y, gi, k, w, w_sum, eps, sv, zg, False, long_rows, need_lse, zs, a, c, cap_max, zt)
-                store_grad_row(g, i, gt)
+                ce, lse = _hard_row_grad(zt, y, gi, g[i], k, w, w_sum, eps, sv, zg, False, long_rows, need_lse, None, a, c, m_row, zt)
             elif live and za == 1:  # no product in the loops: see _PLAIN below
-                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, None, a, c, cap_max, zt)
+                ce, lse = _hard_row_grad(zf[i], y, gi, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, None, a, c, None, zt)
             elif live:
-                ce, lse = _hard_row_grad(zf[i], y, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c, cap_max, zt)
+                ce, lse = _hard_row_grad(zf[i], y, gi, gi, k, w, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c, None, zt)
             else:
                 if want_lse and copy:
-                    lse = _row_lse(zt, w, no_store, _copy_scale(z, za))
+                    lse = _row_lse(zt, w, no_store)
                 elif want_lse:
                     lse = _row_lse(zf[i], w, no_store, za)
                 g[i, :] = 0

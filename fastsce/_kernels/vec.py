@@ -21,6 +21,9 @@ by one against NumPy in tests/test_simd.py:
     float16_bits_to_float32(h), float32_to_float16_bits(x)
                                                   one element (fpext / fptrunc): in a loop
                                                   LLVM makes them vcvtph2ps / vcvtps2ph
+    bfloat16_bits_to_float32(b), float32_to_bfloat16_bits(x)
+                                                  one element, as widen / narrow do it, in
+                                                  32-bit integer lanes
 
 Addresses are not checked: ``a`` must be C-contiguous and every element addressed (by
 the masks) inside it; the kernels guarantee that. Masked-off lanes touch no memory.
@@ -256,11 +259,10 @@ def widen(typingctx, block):
     f32 = ir.VectorType(ir.FloatType(), w)
 
     def codegen(context, builder, sig, args):
-        if dt.signed:  # bfloat16: the bits are float32's high half
+        if dt.signed:  # bfloat16
 
             def one(v):
-                wide = builder.zext(v, ir.VectorType(_I32, w))
-                return builder.bitcast(builder.shl(wide, _splat(builder, ir.Constant(_I32, 16), w)), f32)
+                return _bfloat16_widen(builder, v, ir.VectorType(_I32, w), f32, lambda x: _splat(builder, ir.Constant(_I32, x), w))
 
         else:
 
@@ -294,12 +296,7 @@ def narrow(typingctx, block, a):
         if target.signed:  # bfloat16
 
             def one(v):
-                u = builder.bitcast(v, i32)
-                odd = builder.and_(builder.lshr(u, c(16)), c(1))
-                rounded = builder.lshr(builder.add(builder.add(u, c(0x7FFF)), odd), c(16))
-                nan = builder.or_(builder.lshr(u, c(16)), c(0x40))
-                is_nan = builder.icmp_unsigned(">", builder.and_(u, c(0x7FFFFFFF)), c(0x7F800000))
-                return builder.trunc(builder.select(is_nan, nan, rounded), i16)
+                return builder.trunc(_bfloat16_round(builder, builder.bitcast(v, i32), c), i16)
 
         else:
 
@@ -311,6 +308,25 @@ def narrow(typingctx, block, a):
     return out(block, a), codegen
 
 
+def _bfloat16_widen(builder, bits, i32, f32, const):
+    """bfloat16 bits (i16 or <W x i16>) as float32: they are float32's high half."""
+    return builder.bitcast(builder.shl(builder.zext(bits, i32), const(16)), f32)
+
+
+def _bfloat16_round(builder, u, const):
+    """float32 bits u (i32 or <W x i32>) rounded to bfloat16 (nearest even; a NaN stays a
+    quiet NaN), as i32 values in 0 .. 0xFFFF. const(x): x as a constant of u's type."""
+    odd = builder.and_(builder.lshr(u, const(16)), const(1))
+    rounded = builder.lshr(builder.add(builder.add(u, const(0x7FFF)), odd), const(16))
+    nan = builder.or_(builder.lshr(u, const(16)), const(0x40))
+    is_nan = builder.icmp_unsigned(">", builder.and_(u, const(0x7FFFFFFF)), const(0x7F800000))
+    return builder.select(is_nan, nan, rounded)
+
+
+def _low_16_bits(builder, value, ty):
+    return builder.trunc(value, ir.IntType(16)) if ty.bitwidth > 16 else value
+
+
 @intrinsic
 def float16_bits_to_float32(typingctx, h):
     """float16 bits (any integer type; the low 16 bits) as float32: exact."""
@@ -318,10 +334,23 @@ def float16_bits_to_float32(typingctx, h):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = builder.trunc(args[0], ir.IntType(16)) if h.bitwidth > 16 else args[0]
+        bits = _low_16_bits(builder, args[0], h)
         return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
     return types.float32(h), codegen
+
+
+@intrinsic
+def bfloat16_bits_to_float32(typingctx, b):
+    """bfloat16 bits (any integer type; the low 16 bits) as float32: exact."""
+    if not isinstance(b, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = _low_16_bits(builder, args[0], b)
+        return _bfloat16_widen(builder, bits, _I32, ir.FloatType(), lambda x: ir.Constant(_I32, x))
+
+    return types.float32(b), codegen
 
 
 @intrinsic
@@ -338,9 +367,26 @@ def float32_to_float16_bits(typingctx, x):
     return types.int32(x), codegen
 
 
+@intrinsic
+def float32_to_bfloat16_bits(typingctx, x):
+    """float32 rounded to bfloat16 (nearest even, NaN quiet), its bits as an int32 in
+    0 .. 0xFFFF: in 32-bit integer lanes (Numba's own integer arithmetic would widen
+    them to 64 bits, half the lanes per instruction)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        u = builder.bitcast(args[0], _I32)
+        return _bfloat16_round(builder, u, lambda v: ir.Constant(_I32, v))
+
+    return types.int32(x), codegen
+
+
 __all__ = [
     "Vec",
+    "bfloat16_bits_to_float32",
     "float16_bits_to_float32",
+    "float32_to_bfloat16_bits",
     "float32_to_float16_bits",
     "lanes",
     "load_rows",
