@@ -53,7 +53,7 @@ def _sum_exp(z, m):
     """sum_j exp(z_j - m) in float64 (block sums in z's dtype)."""
     s = 0.0
     for lo in range(0, z.size, BLOCK):
-        s += _sum_exp_block(z[lo : lo + BLOCK], m)
+        s += _sum_exp_block(z[lo : lo + BLOCK], m, None)
     return s
 
 
@@ -94,7 +94,7 @@ def softmax(z, out, chunk_rows, in_place, long_rows):
                 _rescale_blocks(gi, block_max, m, 1.0 / s, 0.0, no_store, 0.0)
             else:
                 m = _row_max(z[i])
-                s = _store_exp(z[i], m, gi, in_place)
+                s = _store_exp(z[i], m, gi, in_place, -1)
                 _scale(gi, like(1.0 / s, gi))
 
 
