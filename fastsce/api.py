@@ -60,9 +60,14 @@ COPY_BLOCK_LOGITS = 1 << 20
 # 4.32 at 400 (and 5.10 / 6.93 at 200, where the old bound of 160 sent rows along);
 # loss only 3.61 / 4.47 at 384, 4.94 / 3.82 at 500; float64 loss+grad 4.27 / 4.77 at 128,
 # 5.08 / 4.26 at 160.
+# With the row kernels' one-loop exp-sum and borrowed views (same machine and method, 25
+# rounds): float32 loss+grad 4.77 / 5.28 at 160, 4.78 / 4.39 at 192, 5.40 / 4.23 at 200,
+# 3.71 / 3.76 at 256, 3.30 / 2.68 at 320; loss only still 1.67 / 1.96 at 384; float64
+# loss+grad 3.73 / 3.64 at 64, 4.04 / 2.86 at 100; loss only 1.70 / 2.11 at 128, 2.92 /
+# 2.41 at 160.
 SMALL_K = {  # compute dtype: (loss only, loss and gradient)
-    np.dtype(np.float32): (384, 320),
-    np.dtype(np.float64): (200, 128),
+    np.dtype(np.float32): (384, 176),
+    np.dtype(np.float64): (144, 64),
 }
 
 # Logits with the classes on another axis, e.g. PyTorch's (N, K, d), go to a tile kernel

@@ -849,23 +849,26 @@ def soft_loss(z, t, w, v, params, chunk_rows, outs):
     transform = a != 1.0 or c > 0 or is_half(z)
     zf = float_rows(z)
     for ch in prange(chunk_loss.size):
-        no_store = scratch_row(z, k)  # _soft_sums slices it per block but, here, never writes
-        zt = scratch_row(z, k if transform else 0)
+        zb, zfb, tb, wb, vb, ob = borrowed(z), borrowed(zf), borrowed(t), borrowed(w), borrowed(v), borrow_outs(outs)
+        # no_store: _soft_sums slices it per block but, here, never writes
+        scratch = (scratch_row(z, k), scratch_row(z, k if transform else 0))
+        no_store, zt = borrowed(scratch[0]), borrowed(scratch[1])
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            vi = v[i] if v.size else 1.0
+            vi = vb[i] if vb.size else 1.0
             live = vi != 0
             if transform and (live or want_lse):
-                _transform(z[i], zt, a, c)
+                _transform(zb[i], zt, a, c)
             ce = lse = 0.0
             if live and transform:
-                ce, lse = _soft_row(zt, t[i], w, c1, c0, no_store)
+                ce, lse = _soft_row(zt, tb[i], wb, c1, c0, no_store)
             elif live:
-                ce, lse = _soft_row(zf[i], t[i], w, c1, c0, no_store)
+                ce, lse = _soft_row(zfb[i], tb[i], wb, c1, c0, no_store)
             elif want_lse:
-                lse = _row_lse(zt, w, no_store[:0]) if transform else _row_lse(zf[i], w, no_store[:0])
-            totals = _record(i, live, vi, zl, ce, lse, outs, totals)
+                lse = _row_lse(zt, wb, no_store[:0]) if transform else _row_lse(zfb[i], wb, no_store[:0])
+            totals = _record(i, live, vi, zl, ce, lse, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
+        keep_alive(scratch)
 
 
 @parallel
@@ -878,29 +881,31 @@ def soft_loss_grad(z, t, w, v, params, chunk_rows, outs, g):
     transform = a != 1.0 or c > 0 or is_half(z)
     zf = float_rows(z)
     for ch in prange(chunk_loss.size):
-        no_store = scratch_row(z, 0)
-        zt = scratch_row(z, k if transform else 0)
-        gt = scratch_row(z, k if is_half(g) else 0)
+        zb, zfb, tb, wb, vb, ob = borrowed(z), borrowed(zf), borrowed(t), borrowed(w), borrowed(v), borrow_outs(outs)
+        gb = borrowed(g)
+        scratch = (scratch_row(z, 0), scratch_row(z, k if transform else 0), scratch_row(z, k if is_half(g) else 0))
+        no_store, zt, gt = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2])
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            vi = v[i] if v.size else 1.0
+            vi = vb[i] if vb.size else 1.0
             live = vi != 0
             if transform and (live or want_lse):
-                _transform(z[i], zt, a, c)
+                _transform(zb[i], zt, a, c)
             ce = lse = 0.0
-            gi = grad_row(g, i, gt)
+            gi = grad_row(gb, i, gt)
             if live and transform:
-                ce, lse = _soft_row_grad(zt, t[i], gi, w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
+                ce, lse = _soft_row_grad(zt, tb[i], gi, wb, c1, c0, scale * vi, 2 * zl * scale_z * vi)
                 _chain(gi, zt, a, c)
-                store_grad_row(g, i, gt)
+                store_grad_row(gb, i, gt)
             elif live:
-                ce, lse = _soft_row_grad(zf[i], t[i], gi, w, c1, c0, scale * vi, 2 * zl * scale_z * vi)
+                ce, lse = _soft_row_grad(zfb[i], tb[i], gi, wb, c1, c0, scale * vi, 2 * zl * scale_z * vi)
             else:
                 if want_lse:
-                    lse = _row_lse(zt, w, no_store) if transform else _row_lse(zf[i], w, no_store)
-                g[i, :] = 0
-            totals = _record(i, live, vi, zl, ce, lse, outs, totals)
+                    lse = _row_lse(zt, wb, no_store) if transform else _row_lse(zfb[i], wb, no_store)
+                gb[i, :] = 0
+            totals = _record(i, live, vi, zl, ce, lse, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
+        keep_alive(scratch)
 
 
 # --- before the kernels: labels and weights ---------------------------------------------------

@@ -21,7 +21,7 @@ import math
 import numpy as np
 from numba import prange
 
-from fastsce._kernels.jit import jit, parallel
+from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel
 from fastsce._kernels.rows import BLOCK, _rescale_blocks, _row_max, _row_stats, _scale, _store_exp, _sum_exp_block
 from fastsce._kernels.simd import like, prefer_512bit
 
@@ -85,17 +85,19 @@ def softmax(z, out, chunk_rows, in_place, long_rows):
     n, k = z.shape
     n_chunks = -(-n // chunk_rows)
     for ch in prange(n_chunks):
-        no_store = np.empty(0, z.dtype)
-        block_max = np.empty((k + BLOCK - 1) // BLOCK if long_rows else 0, z.dtype)
+        zb, ob = borrowed(z), borrowed(out)  # (as the loss kernels: no reference counting per view)
+        scratch = (np.empty(0, z.dtype), np.empty((k + BLOCK - 1) // BLOCK if long_rows else 0, z.dtype))
+        no_store, block_max = borrowed(scratch[0]), borrowed(scratch[1])
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            gi = out[i]
+            gi = ob[i]
             if long_rows:  # one read of z: g = exp(z - M_b) per block, rescaled below
-                m, s, _ = _row_stats(z[i], -1, no_store, 0.0, gi, block_max, in_place)
+                m, s, _ = _row_stats(zb[i], -1, no_store, 0.0, gi, block_max, in_place)
                 _rescale_blocks(gi, block_max, m, 1.0 / s, 0.0, no_store, 0.0)
             else:
-                m = _row_max(z[i])
-                s = _store_exp(z[i], m, gi, in_place, -1)
+                m = _row_max(zb[i])
+                s = _store_exp(zb[i], m, gi, in_place, -1)
                 _scale(gi, like(1.0 / s, gi))
+        keep_alive(scratch)
 
 
 @parallel
@@ -109,14 +111,17 @@ def log_softmax(z, out, chunk_rows, in_place, long_rows):
     n, k = z.shape
     n_chunks = -(-n // chunk_rows)
     for ch in prange(n_chunks):
-        no_store = np.empty(0, z.dtype)
+        zb, ob = borrowed(z), borrowed(out)
+        scratch = np.empty(0, z.dtype)
+        no_store = borrowed(scratch)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            m, s = _max_and_sum(z[i], long_rows, no_store)
-            log_s = like(math.log(s), z)
+            m, s = _max_and_sum(zb[i], long_rows, no_store)
+            log_s = like(math.log(s), zb)
             if in_place:
-                _shift_in_place(out[i], m, log_s)
+                _shift_in_place(ob[i], m, log_s)
             else:
-                _shift(z[i], m, log_s, out[i])
+                _shift(zb[i], m, log_s, ob[i])
+        keep_alive(scratch)
 
 
 @parallel
@@ -125,6 +130,9 @@ def logsumexp(z, out, chunk_rows, long_rows):
     n, k = z.shape
     n_chunks = -(-n // chunk_rows)
     for ch in prange(n_chunks):
-        no_store = np.empty(0, z.dtype)
+        zb = borrowed(z)
+        scratch = np.empty(0, z.dtype)
+        no_store = borrowed(scratch)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            out[i] = _row_logsumexp(z[i], long_rows, no_store)
+            out[i] = _row_logsumexp(zb[i], long_rows, no_store)
+        keep_alive(scratch)
