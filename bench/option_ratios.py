@@ -29,6 +29,9 @@ def options(rng, n, k):
         "sample_weight+where": dict(sample_weight=rng.uniform(0.5, 1.5, n), where=rng.random(n) > 0.1),
         "z_loss": dict(z_loss=1e-4),
         "return_lse": dict(return_lse=True),
+        "label_smoothing": dict(label_smoothing=0.1),
+        "logit_scale": dict(logit_scale=0.5),
+        "softcap": dict(softcap=30.0),
     }
 
 
