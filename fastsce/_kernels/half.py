@@ -71,6 +71,16 @@ def _bits(dtype):
 # --- the overloads the drivers call --------------------------------------------------------
 
 
+@vector
+def _copy(src, dst):
+    """dst = src, element by element. (``dst[:] = src`` compiles NumPy's broadcasting
+    and its shape-mismatch error message, string formatting included: ~4 s of the first
+    compile of a float kernel, for a copy its float rows never make.)"""
+    for j in range(dst.size):
+        dst[j] = src[j]
+
+
+
 def is_half(z):
     """True when z holds half-precision bits (compile-time constant)."""
 
@@ -136,10 +146,7 @@ def _load_row(src, dst):
     if bits == -16:
         return lambda src, dst: _load_bfloat16(src, dst)
 
-    def copy(src, dst):
-        dst[:] = src
-
-    return copy
+    return lambda src, dst: _copy(src, dst)
 
 
 @overload(store_row)
@@ -150,10 +157,7 @@ def _store_row(src, dst):
     if bits == -16:
         return lambda src, dst: _store_bfloat16(src, dst)
 
-    def copy(src, dst):
-        dst[:] = src
-
-    return copy
+    return lambda src, dst: _copy(src, dst)
 
 
 @overload(as_float)
