@@ -16,7 +16,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from fastsce._kernels.jit import vector
+from fastsce._kernels.jit import copy_into, vector
 from fastsce._kernels.simd import like, maximum, prefer_512bit, product
 from fastsce._kernels.vec import (
     bfloat16_bits_to_float32, float16_bits_to_float32, float32_to_bfloat16_bits, float32_to_float16_bits,
@@ -69,16 +69,6 @@ def _bits(dtype):
 
 
 # --- the overloads the drivers call --------------------------------------------------------
-
-
-@vector
-def _copy(src, dst):
-    """dst = src, element by element. (``dst[:] = src`` compiles NumPy's broadcasting
-    and its shape-mismatch error message, string formatting included: ~4 s of the first
-    compile of a float kernel, for a copy its float rows never make.)"""
-    for j in range(dst.size):
-        dst[j] = src[j]
-
 
 
 def is_half(z):
@@ -146,7 +136,7 @@ def _load_row(src, dst):
     if bits == -16:
         return lambda src, dst: _load_bfloat16(src, dst)
 
-    return lambda src, dst: _copy(src, dst)
+    return lambda src, dst: copy_into(dst, src)
 
 
 @overload(store_row)
@@ -157,7 +147,7 @@ def _store_row(src, dst):
     if bits == -16:
         return lambda src, dst: _store_bfloat16(src, dst)
 
-    return lambda src, dst: _copy(src, dst)
+    return lambda src, dst: copy_into(dst, src)
 
 
 @overload(as_float)

@@ -174,6 +174,37 @@ def parallel(fn):
     return kernel
 
 
+# --- copies ---------------------------------------------------------------------------
+
+
+def copy_into(dst, src):
+    """dst = src for 1-D or 2-D arrays of one shape, element by element. ``dst[...] =
+    src`` from an array compiles NumPy's broadcasting and its shape-mismatch message
+    (string formatting): 1.5-4 s of a kernel's first compile, for copies whose shapes
+    the kernels already guarantee."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(copy_into)
+def _copy_into(dst, src):
+    if dst.ndim == 1 and src.ndim == 1:
+
+        def copy_1d(dst, src):
+            for j in range(dst.shape[0]):
+                dst[j] = src[j]
+
+        return copy_1d
+    if dst.ndim == 2 and src.ndim == 2:
+
+        def copy_2d(dst, src):
+            for i in range(dst.shape[0]):
+                for j in range(dst.shape[1]):
+                    dst[i, j] = src[i, j]
+
+        return copy_2d
+    return None
+
+
 # --- reference counts ----------------------------------------------------------------
 # Every array view a compiled function makes (T[j], z[i:i + R], unpacking a tuple of
 # arrays) increments its owner's reference count and decrements it again: two locked

@@ -32,7 +32,7 @@ import math
 import numpy as np
 from numba import prange
 
-from fastsce._kernels.jit import borrowed, jit, keep_alive, parallel, vector
+from fastsce._kernels.jit import borrowed, copy_into, jit, keep_alive, parallel, vector
 from fastsce._kernels.rows import BLOCK, _prefetch_row
 from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.tiles import _load_tile, tile_rows
@@ -245,7 +245,7 @@ def evaluate_rows(z, target, ignore_index, w, v, topk, bins, chunk_rows, acc, pe
                 _add_row(row, vi, float(w[y]), loss, entropy, conf, p_y, correct, rank, topk, bins)
             if outs[0].size:
                 _store_row(outs, i, has_target, loss, entropy, conf, first, rank)
-        acc[c, :] = row
+        copy_into(acc[c, :], row)
 
 
 # --- 64 rows at a time (few classes) -----------------------------------------------------------
@@ -444,16 +444,16 @@ def evaluate_tiles(z, target, ignore_index, w, v, topk, bins, chunk_rows, acc, p
             if rows == R:
                 zt, yt, vt = z[i : i + R], target[i : i + R], v[i : i + R] if v.size else v
             else:
-                zpad[:rows] = z[i:n]
+                copy_into(zpad[:rows], z[i:n])
                 zt = zpad
-                ypad[:rows] = target[i:n]
+                copy_into(ypad[:rows], target[i:n])
                 yt = ypad
                 if v.size:
-                    vpad[:rows] = v[i:n]
+                    copy_into(vpad[:rows], v[i:n])
                 vt = vpad
             _tile_eval(
                 zt, yt, vt, rows, ignore_index, borrowed(w), topk, bins, borrowed(T), borrowed(m), borrowed(zl), borrowed(el),
                 borrowed(il), borrowed(fl), row, i, outs,
             )  # fmt: skip
         keep_alive((T, m, zl, el, il, fl))
-        acc[c, :] = row
+        copy_into(acc[c, :], row)

@@ -27,7 +27,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from fastsce._kernels.half import as_float, as_stored, scratch_row
-from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, parallel, vector
+from fastsce._kernels.jit import borrow_outs, borrowed, copy_into, jit, keep_alive, parallel, vector
 from fastsce._kernels.rows import _chain, _scale, _scale_and_cap, row_lse
 from fastsce._kernels.simd import exp_nonpositive, exp_shifted, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.vec import load_rows, narrow, store_rows, transpose, widen, width
@@ -234,7 +234,7 @@ def _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, 
     if Tz.size:  # z = cap tanh(scale_x x / cap), kept in Tz for the chain rule
         flat, flat_z = T.reshape(T.size), Tz.reshape(Tz.size)  # one loop, not one per class
         _scale_and_cap(flat, flat_z, scale_x, cap)
-        flat[:] = flat_z
+        copy_into(flat, flat_z)
     elif scale_x != 1.0:
         # z = scale_x x, in place (rounded as the row kernels round it); the chain rule's
         # factor joins the gradient's coefficients instead of a pass of its own
@@ -402,10 +402,10 @@ def class_major_loss(x3, target, ignore_index, w, w_sum, v, params, outs, y3, gr
             rows = min(R, d_size - d0)
             first = a_i * d_size + d0
             yt[:] = ignore_index  # lanes past D: ignored
-            yt[:rows] = target[first : first + rows]
+            copy_into(yt[:rows], target[first : first + rows])
             if v.size:
                 vt[:] = 1.0
-                vt[:rows] = v[first : first + rows]
+                copy_into(vt[:rows], v[first : first + rows])
             _load_runs(x3[a_i], d0, rows, T)
             _tile_core(T, yt, vt, ignore_index, w, w_sum, params, grad, m, a, b, lanes, Tz, need_lse)
             if grad:
@@ -443,16 +443,16 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad):
             vt = v[i : i + R] if v.size else no_weights
         else:  # the last rows, zero-padded to a whole tile whose extra rows are ignored
             zt = np.zeros((R, k), z.dtype)
-            zt[:rows] = z[i:hi]
+            copy_into(zt[:rows], z[i:hi])
             yt = np.full(R, ignore_index, target.dtype)
-            yt[:rows] = target[i:hi]
+            copy_into(yt[:rows], target[i:hi])
             vt = np.ones(R if v.size else 0, np.float64)
             if v.size:
-                vt[:rows] = v[i:hi]
+                copy_into(vt[:rows], v[i:hi])
             gt = np.empty((R if grad else 0, k), g.dtype)
         _tile(zt, yt, vt, ignore_index, w, w_sum, params, gt, grad, T, m, a, b, lanes, Tz, need_lse)
         if grad and rows < R:
-            g[i:hi] = gt[:rows]
+            copy_into(g[i:hi], gt[:rows])
         dt, dz = _record_lanes(lanes, rows, i, outs)
         total += dt
         z_total += dz
