@@ -12,6 +12,7 @@ from pathlib import Path
 import numba
 from numba import types as nb_types
 from numba.core import caching, cgutils
+from numba.core.imputils import impl_ret_borrowed
 from numba.core.dispatcher import Dispatcher
 from numba.extending import intrinsic, overload
 from numba.misc.appdirs import AppDirs
@@ -230,6 +231,19 @@ def borrowed(typingctx, a):
         return view._getvalue()
 
     return a(a), codegen
+
+
+@intrinsic
+def read_only_view(typingctx, a):
+    """a typed as read-only (the same array): a helper called with it and with read-only
+    logits compiles once, not once per writeability."""
+    if not isinstance(a, nb_types.Array):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return impl_ret_borrowed(context, builder, sig.return_type, args[0])
+
+    return a.copy(readonly=True)(a), codegen
 
 
 @intrinsic

@@ -36,7 +36,7 @@ from fastsce._kernels.half import (
     as_stored, float_rows, grad_row, is_half, load_row, load_row_max, scratch_row, store_grad_row, store_row,
     store_scaled, store_scaled_minus,
 )
-from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, parallel, vector
+from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, parallel, read_only_view, vector
 from fastsce._kernels.simd import (
     exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, scaled, times,
 )
@@ -207,9 +207,16 @@ def _scale_minus_weight_into_impl(g, a, b, w, out):
     return lambda g, a, b, w, out: _scale_minus_weight(g, a, b, w)
 
 
+# A row's max that the caller may already have: NOT_KNOWN where it has not. (+inf: the max
+# is then taken again, and a row holding +inf has that max anyway. A float in every call,
+# not None in some: one compiled variant of the row helpers for the rows read through a
+# scratch row and the rows read in place.)
+NOT_KNOWN = math.inf
+
+
 def _known_or_max(m, z, a):
     """m, the max of the row a z that its caller took while converting or softcapping
-    it into z; or, where m is None, that max now (_row_max)."""
+    it into z; or, where m is None or NOT_KNOWN, that max now (_row_max)."""
     raise NotImplementedError  # only callable from jitted code
 
 
@@ -217,7 +224,7 @@ def _known_or_max(m, z, a):
 def _known_or_max_impl(m, z, a):
     if isinstance(m, (types.NoneType, types.Omitted)):
         return lambda m, z, a: _row_max(z, a)
-    return lambda m, z, a: like(m, z)
+    return lambda m, z, a: like(m, z) if m < NOT_KNOWN else _row_max(z, a)  # (a NaN max: taken again)
 
 
 @vector
@@ -757,6 +764,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
         zb, zfb, tb, wb, vb, ob = borrowed(z), borrowed(zf), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
         scratch = (scratch_row(z, 0), scratch_row(z, k if copy else 0))
         no_store, zt = borrowed(scratch[0]), borrowed(scratch[1])  # zt: the row as the loss sees it
+        ztr = read_only_view(zt)  # read as the logits are: the same compiled row helpers
         za = like(1.0 if c > 0 else a, zt)  # the logit scale outside the cap: applied as rows are read or converted
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
@@ -764,16 +772,16 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
             y = tb[i]
             vi = vb[i] if vb.size else 1.0
             live = y != ignore_index and vi != 0
-            m_row = like(0, zt)
+            m_row = like(NOT_KNOWN, zt)
             if copy and (live or want_lse):
                 m_row = _load_or_cap(zb[i], zt, a, c, za)
             ce = lse = 0.0
             if live and copy:
-                ce, lse = _hard_row(zt, y, k, wb, w_sum, eps, no_store, need_lse, None, m_row)
+                ce, lse = _hard_row(ztr, y, k, wb, w_sum, eps, no_store, need_lse, like(1.0, zt), m_row)  # (a = 1: the plain rows' variant)
             elif live:  # (a = 1 here too: the loss-only rows cost the same with the product)
-                ce, lse = _hard_row(zfb[i], y, k, wb, w_sum, eps, no_store, need_lse, za)
+                ce, lse = _hard_row(zfb[i], y, k, wb, w_sum, eps, no_store, need_lse, za, m_row)
             elif want_lse and copy:
-                lse = _row_lse(zt, wb, no_store)
+                lse = _row_lse(ztr, wb, no_store)
             elif want_lse:
                 lse = _row_lse(zfb[i], wb, no_store, za)
             totals = _record(i, live, vi, zl, ce, lse, ob, totals)
@@ -798,6 +806,7 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
         gb = borrowed(g)
         scratch = (scratch_row(z, 0), scratch_row(z, k if copy else 0), scratch_row(z, k if is_half(g) else 0))
         no_store, zt, gt = borrowed(scratch[0]), borrowed(scratch[1]), borrowed(scratch[2])  # gt: a half gradient row, in float32
+        ztr = read_only_view(zt)  # read as the logits are: the same compiled row helpers
         za = like(1.0 if c > 0 else a, zt)
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
@@ -805,21 +814,22 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             y = tb[i]
             vi = vb[i] if vb.size else 1.0
             live = y != ignore_index and vi != 0
-            m_row = like(0, zt)
+            m_row = like(NOT_KNOWN, zt)
             if copy and (live or want_lse):
                 m_row = _load_or_cap(zb[i], zt, a, c, za)  # before g (maybe z itself) is written
             ce = lse = 0.0
             gi = grad_row(gb, i, gt)
             sv, zg = scale * vi * dz, 2 * zl * scale_z * vi * dz
             if live and copy:
-                ce, lse = _hard_row_grad(zt, y, gi, gb[i], k, wb, w_sum, eps, sv, zg, False, long_rows, need_lse, None, a, c, m_row, zt)
+                # (in_place and not copy: False, typed bool, not Literal[bool], which would compile a variant of its own)
+                ce, lse = _hard_row_grad(ztr, y, gi, gb[i], k, wb, w_sum, eps, sv, zg, in_place and not copy, long_rows, need_lse, None, a, c, m_row, zt)
             elif live and za == 1:  # no product in the loops: see _PLAIN below
-                ce, lse = _hard_row_grad(zfb[i], y, gi, gi, k, wb, w_sum, eps, sv, zg, in_place, long_rows, need_lse, None, a, c, None, zt)
+                ce, lse = _hard_row_grad(zfb[i], y, gi, gi, k, wb, w_sum, eps, sv, zg, in_place, long_rows, need_lse, None, a, c, m_row, zt)
             elif live:
-                ce, lse = _hard_row_grad(zfb[i], y, gi, gi, k, wb, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c, None, zt)
+                ce, lse = _hard_row_grad(zfb[i], y, gi, gi, k, wb, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c, m_row, zt)
             else:
                 if want_lse and copy:
-                    lse = _row_lse(zt, wb, no_store)
+                    lse = _row_lse(ztr, wb, no_store)
                 elif want_lse:
                     lse = _row_lse(zfb[i], wb, no_store, za)
                 gb[i, :] = 0
