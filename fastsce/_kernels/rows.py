@@ -136,9 +136,9 @@ def _exp_in_place_block(g, m, skip, a=None):
 def _store_exp_shift_block(z, m, g, skip, w, a=None):
     """_store_exp_block and, in the same loop, _weighted_shift_block's sum: (the exps'
     sum but for j = skip, sum_j w_j (z_j - m)), for rows of one block. Label smoothing's
-    pass of its own cost loss+grad 18-28% at K = 300 and 9-19% at K = 1000; fused,
-    7-9% and 5-13% (2 threads, old and new kernels alternating in one process, three
-    runs). At K = 32000 the fused loop measured 8-10% slower than the two passes (each
+    pass of its own cost loss+grad 18-28% at K = 300 and 9-32% at K = 1000 over the
+    plain call; fused, -2-10% and 5-16% (2 threads, old and new kernels alternating in
+    one process, four runs). At K = 32000 the fused loop measured 8-10% slower than the two passes (each
     from L2 there), so longer rows keep them. Assembly: zmm, the weighted shift's FMA
     and masked add beside the exp's."""
     prefer_512bit()
