@@ -148,11 +148,12 @@ def test_prefetch_changes_nothing():
 
 
 @numba.njit
-def _scalar_f16(h, x, out_f32, out_bits):
-    for i in range(h.size):
-        out_f32[i] = float16_bits_to_float32(h[i])
+def _scalar_conversions(bits, x, out_f32, out_bits, bf16):
+    """Each element through the scalar intrinsics of float16 (bf16 False) or bfloat16."""
+    for i in range(bits.size):
+        out_f32[i] = bfloat16_bits_to_float32(bits[i]) if bf16 else float16_bits_to_float32(bits[i])
     for i in range(x.size):
-        out_bits[i] = float32_to_float16_bits(x[i])
+        out_bits[i] = float32_to_bfloat16_bits(x[i]) if bf16 else float32_to_float16_bits(x[i])
 
 
 def test_scalar_float16_conversions_are_numpys():
@@ -160,7 +161,7 @@ def test_scalar_float16_conversions_are_numpys():
     x = _special_float32(4096, seed=3)
     out_f32 = np.zeros(every.size, np.float32)
     out_bits = np.zeros(x.size, np.uint16)
-    _scalar_f16(every, x, out_f32, out_bits)
+    _scalar_conversions(every, x, out_f32, out_bits, False)
     np.testing.assert_array_equal(out_f32, every.view(np.float16).astype(np.float32))
     with np.errstate(over="ignore"):
         expect = x.astype(np.float16)
@@ -170,21 +171,13 @@ def test_scalar_float16_conversions_are_numpys():
     np.testing.assert_array_equal(out_bits[finite], expect.view(np.uint16)[finite])  # bit for bit, signs too
 
 
-@numba.njit
-def _scalar_bf16(b, x, out_f32, out_bits):
-    for i in range(b.size):
-        out_f32[i] = bfloat16_bits_to_float32(b[i])
-    for i in range(x.size):
-        out_bits[i] = float32_to_bfloat16_bits(x[i])
-
-
 def test_scalar_bfloat16_conversions_are_ml_dtypes():
     every = np.arange(1 << 16).astype(np.uint16).view(np.int16)  # every bfloat16, NaNs and subnormals included
     x = _special_float32(4096, seed=4)
     x[-4:] = [np.float32(1 + 2**-8), np.float32(1 + 3 * 2**-8), np.float32(-(1 + 2**-8)), np.float32(3.4e38)]  # ties, overflow
     out_f32 = np.zeros(every.size, np.float32)
     out_bits = np.zeros(x.size, np.int16)
-    _scalar_bf16(every, x, out_f32, out_bits)
+    _scalar_conversions(every, x, out_f32, out_bits, True)
     want = every.view(ml_dtypes.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(out_f32.view(np.uint32), want.view(np.uint32))  # bit for bit, NaN payloads too
     with np.errstate(over="ignore"):

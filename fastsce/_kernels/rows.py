@@ -138,9 +138,9 @@ def _store_exp_shift_block(z, m, g, skip, w, a=None):
     sum but for j = skip, sum_j w_j (z_j - m)), for rows of one block. Label smoothing's
     pass of its own cost loss+grad 18-28% at K = 300 and 9-32% at K = 1000 over the
     plain call; fused, -2-10% and 5-16% (2 threads, old and new kernels alternating in
-    one process, four runs). At K = 32000 the fused loop measured 8-10% slower than the two passes (each
-    from L2 there), so longer rows keep them. Assembly: zmm, the weighted shift's FMA
-    and masked add beside the exp's."""
+    one process, four runs). At K = 32000 the fused loop measured 8-10% slower than the
+    two passes (each from L2 there), so longer rows keep them. Assembly: zmm, the
+    weighted shift's FMA and masked add beside the exp's."""
     prefer_512bit()
     s = like(0, z)
     ws = like(0, z)
@@ -269,21 +269,6 @@ def _store_exp(z, m, g, in_place, skip, a=None):
             s += _store_exp_block(zb, m, gb, None, a)
     return s
 
-
-
-@jit
-def _store_exp_shift(z, m, g, skip, w, a=None):
-    """(_store_exp(z, m, g, False, skip, a), _weighted_shift_sum(z, w, m, a)) from one
-    pass over the row; z is not g."""
-    s = 0.0
-    ws = 0.0
-    for lo in range(0, z.size, BLOCK):
-        t = skip - lo
-        zb, gb, wb = z[lo : lo + BLOCK], g[lo : lo + BLOCK], w[lo : lo + BLOCK]
-        ds, dw = _store_exp_shift_block(zb, m, gb, t, wb, a) if 0 <= t < BLOCK else _store_exp_shift_block(zb, m, gb, None, wb, a)
-        s += ds
-        ws += dw
-    return s, ws
 
 
 @jit
@@ -438,8 +423,9 @@ def _hard_row_grad(zi, y, gi, go, k, w, w_sum, eps, scale, zg, in_place, long_ro
         m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place, za)
     else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
         m = _known_or_max(m_known, zi, za)
-        if eps > 0 and not in_place and k <= BLOCK:  # (longer rows: see _store_exp_shift_block)
-            s_other, w_shift_sum = _store_exp_shift(zi, m, gi, y, w, za)
+        if eps > 0 and not in_place and k <= BLOCK:  # one block (longer rows: see _store_exp_shift_block)
+            s_block, shift_block = _store_exp_shift_block(zi, m, gi, y, w, za)
+            s_other, w_shift_sum = float(s_block), float(shift_block)
         else:
             w_shift_sum = _weighted_shift_sum(zi, w, m, za) if eps > 0 else 0.0
             s_other = _store_exp(zi, m, gi, in_place, y, za)
