@@ -216,20 +216,26 @@ def transpose(typingctx, block):
         return None
 
     def codegen(context, builder, sig, args):
-        width = block.count
-        rows = cgutils.unpack_tuple(builder, args[0], width)
-        bit = width // 2
-        while bit:
-            low, high = transpose_indices(width, bit)
-            for i in range(width):
-                if i & bit == 0:
-                    a, b = rows[i], rows[i | bit]
-                    rows[i] = builder.shuffle_vector(a, b, _const_vector(_I32, low))
-                    rows[i | bit] = builder.shuffle_vector(a, b, _const_vector(_I32, high))
-            bit //= 2
-        return context.make_tuple(builder, sig.return_type, rows)
+        rows = cgutils.unpack_tuple(builder, args[0], block.count)
+        return context.make_tuple(builder, sig.return_type, transposed(builder, rows))
 
     return block(block), codegen
+
+
+def transposed(builder, rows):
+    """The IR of transpose: W vectors of W lanes in, their transpose out (a new list)."""
+    rows = list(rows)
+    width = len(rows)
+    bit = width // 2
+    while bit:
+        low, high = transpose_indices(width, bit)
+        for i in range(width):
+            if i & bit == 0:
+                a, b = rows[i], rows[i | bit]
+                rows[i] = builder.shuffle_vector(a, b, _const_vector(_I32, low))
+                rows[i | bit] = builder.shuffle_vector(a, b, _const_vector(_I32, high))
+        bit //= 2
+    return rows
 
 
 # --- conversions ----------------------------------------------------------------------------

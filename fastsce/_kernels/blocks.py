@@ -1,0 +1,383 @@
+"""Integer-target kernels for float32 rows of K <= 16 classes: 16 rows at a time, in registers.
+
+A row of K <= 16 float32 logits fits one zmm. A block of 16 rows is read with 16 masked
+loads and transposed in registers (fastsce._kernels.vec); from there on each step is one
+vector instruction over the 16 rows, class by class, with nothing stored in between: the
+max, the exps, the float64 exp-sums, the loss, the gradient; then the transpose back and
+16 masked stores. The classes past K are lanes of -inf (their exps 0), and a block needs
+only 4, 8, 12 or 16 classes' worth of work (``cols``). The tile kernels (fastsce._kernels.tiles)
+keep the rest of the small-K work: label smoothing, z-loss, lse, logit transforms, half
+and float64 logits; fastsce.api sends here only the calls without those.
+
+The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
+(NaN-propagating), each exp(z_j - m) in float32 as if z_j - m were exact (simd's
+exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
+z_y - m and e_y = exp(z_y - m) in float64, the loss log1p(s_other / e_y) as
+simd.lse_minus_target takes it, times the class and row weights; the gradient
+a e_j with a = v scale w_y / s, and at the target -v scale w_y s_other / s. Rows not
+counted (ignored, or of weight 0) get loss 0 and a zero gradient row.
+
+The IR below is built from the constants of fastsce._kernels.simd, op for op as its
+Numba versions compile (fast-math flags nsz, arcp, contract, as jit.FASTMATH):
+tests/test_blocks.py compares the two.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from fastsce._kernels import simd
+from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
+from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat, transposed
+
+W = 16  # rows per block, and the most classes
+
+_F32, _F64 = ir.FloatType(), ir.DoubleType()
+_I1, _I32, _I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+_FLAGS = ("nsz", "arcp", "contract")
+
+
+class _Vectors:
+    """Vector arithmetic on one builder: every operand a vector of ``n`` lanes, or a
+    Python number or scalar IR value, splatted to match."""
+
+    def __init__(self, builder):
+        self.b = builder
+
+    def const(self, value, element, n):
+        return ir.Constant(ir.VectorType(element, n), [value] * n)
+
+    def like(self, x, v):
+        """x (a number or a scalar IR value) as a vector of v's type."""
+        vt = v.type
+        if isinstance(x, ir.Value) and isinstance(x.type, ir.VectorType):
+            return x
+        if isinstance(x, ir.Value):
+            return _splat(self.b, x, vt.count)
+        return self.const(x, vt.element, vt.count)
+
+    def _pair(self, x, y):
+        if not (isinstance(x, ir.Value) and isinstance(x.type, ir.VectorType)):
+            x = self.like(x, y)
+        return x, self.like(y, x)
+
+    def add(self, x, y):
+        x, y = self._pair(x, y)
+        return self.b.fadd(x, y, flags=_FLAGS)
+
+    def sub(self, x, y):
+        x, y = self._pair(x, y)
+        return self.b.fsub(x, y, flags=_FLAGS)
+
+    def mul(self, x, y):
+        x, y = self._pair(x, y)
+        return self.b.fmul(x, y, flags=_FLAGS)
+
+    def div(self, x, y):
+        x, y = self._pair(x, y)
+        return self.b.fdiv(x, y, flags=_FLAGS)
+
+    def cmp(self, op, x, y, unordered=False):
+        x, y = self._pair(x, y)
+        return (self.b.fcmp_unordered if unordered else self.b.fcmp_ordered)(op, x, y)
+
+    def select(self, mask, x, y):
+        x, y = self._pair(x, y)
+        return self.b.select(mask, x, y)
+
+    def maximum(self, x, y):
+        """llvm.maximum: NaN-propagating, as simd.maximum."""
+        vt = x.type
+        name = f"llvm.maximum.v{vt.count}f{32 if vt.element == _F32 else 64}"
+        fn = self.b.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, vt]))
+        return self.b.call(fn, [x, y])
+
+    def fabs(self, x):
+        vt = x.type
+        name = f"llvm.fabs.v{vt.count}f{32 if vt.element == _F32 else 64}"
+        return self.b.call(self.b.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt])), [x])
+
+    def bits(self, x, element):
+        return self.b.bitcast(x, ir.VectorType(element, x.type.count))
+
+    def half(self, x, which):
+        """Lanes 0..n/2-1 (which = 0) or n/2..n-1 (1) of x."""
+        n = x.type.count // 2
+        return self.b.shuffle_vector(x, x, _const_vector(_I32, range(which * n, which * n + n)))
+
+    def join(self, lo, hi):
+        n = lo.type.count
+        return self.b.shuffle_vector(lo, hi, _const_vector(_I32, range(2 * n)))
+
+    def wide(self, x):
+        """A float32 vector as two float64 halves."""
+        return [self.b.fpext(self.half(x, h), ir.VectorType(_F64, x.type.count // 2)) for h in (0, 1)]
+
+    def narrow(self, lo, hi):
+        """Two float64 halves as one float32 vector (rounded to nearest)."""
+        f32 = ir.VectorType(_F32, lo.type.count)
+        return self.join(self.b.fptrunc(lo, f32), self.b.fptrunc(hi, f32))
+
+    # --- simd's exp and log, as vectors --------------------------------------------------
+
+    def exp_f32(self, x, err):
+        """simd._exp_f32: exp(x + err) for x <= 0."""
+        t = self.add(self.mul(x, float(simd._L2E_F)), float(simd._MAGIC_F))
+        n = self.sub(t, float(simd._MAGIC_F))
+        r = self.sub(x, self.mul(n, float(simd._LN2_HI_F)))
+        r = self.add(self.sub(r, self.mul(n, float(simd._LN2_LO_F))), err)
+        q = self.like(float(simd._Q5_F), x)
+        for c in (simd._Q4_F, simd._Q3_F, simd._Q2_F, simd._Q1_F, simd._Q0_F):
+            q = self.add(self.mul(q, r), float(c))
+        scale = self.bits(self.b.shl(self.bits(t, _I32), self.const(23, _I32, x.type.count)), _F32)
+        v = self.mul(self.add(self.mul(q, r), 1.0), scale)
+        return self.select(self.cmp("<", x, float(simd._MIN_F)), 0.0, v)
+
+    def exp_shifted_f32(self, z, m):
+        """simd._exp_diff_f32: exp(z - m), z - m's rounding error recovered (TwoSum)."""
+        d = self.sub(z, m)
+        bb = self.sub(d, z)
+        err = self.sub(self.sub(z, self.sub(d, bb)), self.add(m, bb))
+        return self.exp_f32(d, err)
+
+    def exp_f64(self, x):
+        """simd._exp_f64: exp(x) for x <= 0."""
+        t = self.add(self.mul(x, simd._L2E_D), simd._MAGIC_D)
+        n = self.sub(t, simd._MAGIC_D)
+        r = self.sub(x, self.mul(n, simd._LN2_HI_D))
+        r = self.sub(r, self.mul(n, simd._LN2_LO_D))
+        q = self.add(self.mul(self.like(simd._Q10_D, x), r), simd._Q9_D)
+        for c in simd._Q_D[2:]:
+            q = self.add(self.mul(q, r), c)
+        scale = self.bits(self.b.shl(self.bits(t, _I64), self.const(52, _I64, x.type.count)), _F64)
+        v = self.mul(self.add(self.mul(q, r), 1.0), scale)
+        return self.select(self.cmp("<", x, simd._MIN_D), 0.0, v)
+
+    def log_normal(self, x):
+        """simd.log_normal: log(x) for float64 x >= the smallest normal number."""
+        b, n = self.b, x.type.count
+
+        def c(v):
+            return self.const(int(v), _I64, n)
+
+        bits = self.bits(x, _I64)
+        mant = b.and_(bits, c(simd._MANT_MASK))
+        i = b.and_(b.add(mant, c(simd._SQRT2_ROUND)), c(simd._BIT52))
+        k = b.add(b.sub(b.ashr(bits, c(52)), c(1023)), b.ashr(i, c(52)))
+        f = self.sub(self.bits(b.or_(mant, b.xor(i, c(simd._ONE_EXP))), _F64), 1.0)
+        s = self.div(f, self.add(f, 2.0))
+        z = self.mul(s, s)
+        w = self.mul(z, z)
+        t1 = self.mul(w, self.add(simd._LG2, self.mul(w, self.add(simd._LG4, self.mul(w, simd._LG6)))))
+        inner = self.add(simd._LG3, self.mul(w, self.add(simd._LG5, self.mul(w, simd._LG7))))
+        t2 = self.mul(z, self.add(simd._LG1, self.mul(w, inner)))
+        r = self.add(t2, t1)
+        hfsq = self.mul(self.mul(f, 0.5), f)
+        dk = b.sitofp(k, x.type)
+        low = self.add(self.mul(s, self.add(hfsq, r)), self.mul(dk, simd._LN2_LO_LOG))
+        v = self.sub(self.mul(dk, simd._LN2_HI_LOG), self.sub(self.sub(hfsq, low), f))
+        return self.select(self.cmp("<", x, np.inf), v, x)
+
+    def lse_minus_target(self, s_other, e_y, zy, inv_s):
+        """simd.lse_minus_target, with 1 / (s_other + e_y) given."""
+        x = self.div(s_other, e_y)
+        as_ratio = self.cmp(">", e_y, 1e-30)
+        u = self.select(as_ratio, self.add(x, 1.0), self.add(s_other, e_y))
+        correction = self.select(as_ratio, self.mul(self.sub(self.sub(u, 1.0), x), self.mul(e_y, inv_s)), zy)
+        return self.sub(self.log_normal(u), correction)
+
+    def times(self, w, x):
+        """simd.times: w x with 0 inf = 0."""
+        zero_w = self.cmp("==", w, 0.0)
+        inf_x = self.cmp("==", self.fabs(x), np.inf)
+        return self.select(self.b.and_(zero_w, inf_x), 0.0, self.mul(w, x))
+
+    def sum_tree(self, xs):
+        """x0 + x1 + ..., as a balanced tree in a fixed order."""
+        xs = list(xs)
+        while len(xs) > 1:
+            xs = [self.add(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
+        return xs[0]
+
+    def lane_sum(self, x):
+        """The lanes of x summed: halves added pairwise down to one (a fixed order)."""
+        while x.type.count > 1:
+            x = self.add(self.half(x, 0), self.half(x, 1))
+        return self.b.extract_element(x, ir.Constant(_I32, 0))
+
+
+def _rows(context, builder, ty, value, r0, k, nrows):
+    """(pointer, mask) of rows r0 .. r0 + 15 of a C-contiguous (N, K) array: the first
+    K lanes of the first nrows rows."""
+    sig = SimpleNamespace(args=(ty, types.int64, types.int64, types.int64, types.int64))
+    return _rows_addressed(context, builder, sig, (value, builder.mul(r0, k), k, nrows, k), W)
+
+
+def _data(context, builder, ty, value):
+    return context.make_array(ty)(context, builder, value).data
+
+
+def _size(context, builder, ty, value):
+    return context.make_array(ty)(context, builder, value).nitems
+
+
+@intrinsic
+def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad):
+    """Rows row0 .. row0 + rows (rows <= 16) of z (N, K <= cols): each row's loss (weighted;
+    0 where not counted) into losses[0 .. 15] (0 past rows); returns their sum (a fixed
+    order). With ``grad`` (a literal bool), the rows' gradient (times ``scale``) into g (N,
+    K). ``cols`` (a literal 4, 8, 12 or 16): the classes a block computes, K or more. w:
+    the K class weights (float32); v: per-row weights (float64), or empty for none."""
+    if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in (4, 8, 12, 16)):
+        return None
+    if not isinstance(grad, types.BooleanLiteral):
+        return None
+    if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (losses, 1), (g, 2))):
+        return None
+    if not (z.dtype == g.dtype == w.dtype == types.float32 and v.dtype == losses.dtype == types.float64):
+        return None
+    sig = types.float64(z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad)
+    n_cols, with_grad = cols.literal_value, grad.literal_value
+    t_bits = target.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        zv, tv, ignore, wv, vv, r0, nrows, sc, lv, gv = args[:10]
+        vec = _Vectors(builder)
+        f16 = ir.VectorType(_F32, W)
+        d8 = ir.VectorType(_F64, W // 2)
+        r0 = context.cast(builder, r0, sig.args[5], types.int64)
+        nrows = context.cast(builder, nrows, sig.args[6], types.int64)
+        ignore = context.cast(builder, ignore, sig.args[2], types.int64)
+        sc = context.cast(builder, sc, sig.args[7], types.float64)
+        zarr = context.make_array(z)(context, builder, zv)
+        k = builder.extract_value(zarr.shape, 1)
+
+        # the rows, transposed: col[j] = class j of the 16 rows (-inf past K)
+        addressed = _rows(context, builder, z, zv, r0, k, nrows)
+        minus_inf = vec.const(-np.inf, _F32, W)
+        loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
+        col = transposed(builder, loaded)[:n_cols]
+
+        # which rows count, their targets and weights
+        lane = _const_vector(_I64, range(W))
+        in_block = builder.icmp_signed("<", lane, _splat(builder, nrows, W))
+        t_data = _data(context, builder, target, tv)
+        t_ptr = builder.gep(t_data, [r0])
+        tvt = ir.VectorType(ir.IntType(t_bits), W)
+        y = builder.call(_masked(builder, "load", tvt, t_ptr), [t_ptr, ir.Constant(_I32, t_bits // 8), in_block, ir.Constant(tvt, None)])
+        y64 = y if t_bits == 64 else builder.sext(y, ir.VectorType(_I64, W))
+        live = builder.and_(in_block, builder.icmp_signed("!=", y64, _splat(builder, ignore, W)))
+        has_v = builder.icmp_signed("!=", _size(context, builder, v, vv), ir.Constant(_I64, 0))
+        v_ptr = builder.gep(_data(context, builder, v, vv), [r0])
+        v_mask = builder.and_(in_block, _splat(builder, has_v, W))
+        row_w = [builder.call(_masked(builder, "load", d8, p), [p, ir.Constant(_I32, 8), vec.half(v_mask, h), vec.const(1.0, _F64, W // 2)])
+                 for h, p in ((0, v_ptr), (1, builder.gep(v_ptr, [ir.Constant(_I64, W // 2)])))]  # fmt: skip
+        live = builder.and_(live, vec.join(*(vec.cmp("!=", x, 0.0, unordered=True) for x in row_w)))
+        y32 = builder.trunc(y64, ir.VectorType(_I32, W))
+        is_target = [builder.and_(live, builder.icmp_signed("==", y32, vec.const(j, _I32, W))) for j in range(n_cols)]
+        zero = vec.const(0.0, _F32, W)
+        w_ptr = _data(context, builder, w, wv)
+        class_mask = builder.icmp_signed("<", lane, _splat(builder, k, W))
+        w_all = builder.call(_masked(builder, "load", f16, w_ptr), [w_ptr, ir.Constant(_I32, 4), class_mask, zero])
+        z_y, w_y = zero, zero
+        for j in range(n_cols):
+            z_y = builder.select(is_target[j], col[j], z_y)
+            w_j = builder.extract_element(w_all, ir.Constant(_I32, j))
+            w_y = builder.select(is_target[j], _splat(builder, w_j, W), w_y)
+
+        # the max, the exps, and the float64 sum of the exps but the target's
+        m = col[0]
+        for j in range(1, n_cols):
+            m = vec.maximum(m, col[j])
+        e = [vec.exp_shifted_f32(col[j], m) for j in range(n_cols)]
+        kept = [builder.select(is_target[j], zero, e[j]) for j in range(n_cols)]
+        halves = [vec.wide(x) for x in kept]
+        s_other = [vec.sum_tree(h[i] for h in halves) for i in (0, 1)]
+
+        # per row, in float64: the loss, and the gradient's factors
+        live_h = [vec.half(live, i) for i in (0, 1)]
+        zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
+        w_yd = vec.wide(w_y)
+        losses_out, a_f, gy_f = [], [], []
+        for i in (0, 1):
+            e_y = vec.exp_f64(zy[i])
+            inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
+            loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
+            losses_out.append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
+            hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
+            a_f.append(vec.mul(hard, inv_s))
+            gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
+        l_ptr = _data(context, builder, losses, lv)
+        for i in (0, 1):
+            builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, 8 * i)]), d8.as_pointer()), align=8)
+        total = vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
+
+        if with_grad:
+            a32, gy32 = vec.narrow(*a_f), vec.narrow(*gy_f)
+            out = []
+            for j in range(n_cols):
+                gj = builder.select(is_target[j], gy32, vec.mul(a32, e[j]))
+                out.append(builder.select(live, gj, zero))
+            out += [zero] * (W - n_cols)
+            for x, (p, mask) in zip(transposed(builder, out), _rows(context, builder, g, gv, r0, k, nrows)):
+                builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
+        return total
+
+    return sig, codegen
+
+
+# --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
+
+
+@jit
+def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad):
+    """Rows lo .. hi, 16 at a time: the sum of their losses (per row too, in outs[0]
+    when it is not empty; outs[1], the z-terms, zeros)."""
+    row_loss, row_z = outs[0], outs[1]
+    losses = np.empty(W)
+    total = 0.0
+    k = z.shape[1]
+    for i in range(lo, hi, W):
+        rows = min(W, hi - i)
+        if k <= 4:
+            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 4, grad)
+        elif k <= 8:
+            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 8, grad)
+        elif k <= 12:
+            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 12, grad)
+        else:
+            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 16, grad)
+        for r in range(rows if row_loss.size else 0):
+            row_loss[i + r] = losses[r]
+        for r in range(rows if row_z.size else 0):
+            row_z[i + r] = 0.0
+    return total
+
+
+@parallel
+def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
+    """tiles.hard_loss for float32 z of K <= 16 and params without label smoothing,
+    z-loss or logit transforms (fastsce.api checks), and no lse (outs[2] empty)."""
+    chunk_loss, chunk_z = outs[3], outs[4]
+    no_grad = np.empty((0, z.shape[1]), z.dtype)
+    for c in prange(chunk_loss.size):
+        lo = c * chunk_rows
+        hi = min(lo + chunk_rows, z.shape[0])
+        chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), no_grad, lo, hi, False)
+        chunk_z[c] = 0.0
+
+
+@parallel
+def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
+    """hard_loss, and the gradient into g (which may be z: a block is read whole before
+    its gradient is written)."""
+    chunk_loss, chunk_z = outs[3], outs[4]
+    for c in prange(chunk_loss.size):
+        lo = c * chunk_rows
+        hi = min(lo + chunk_rows, z.shape[0])
+        chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), borrowed(g), lo, hi, True)
+        chunk_z[c] = 0.0
