@@ -1,8 +1,10 @@
 """fastsce._kernels.tiles (tiles of rows, SIMD lanes across rows) against the NumPy reference.
 
 The public API is called with its small-K thresholds raised so that every K here goes
-to these kernels. N runs over sizes that are not multiples of the tile (the last
-N % R rows go through a zero-padded tile).
+to these kernels, except float32 calls of K <= 16 without label smoothing, which the
+API sends to fastsce._kernels.blocks (so these cases check it too; tests/test_blocks.py
+has its own). N runs over sizes that are not multiples of the tile (the last N % R rows
+go through a zero-padded tile).
 """
 
 import itertools

@@ -1,0 +1,253 @@
+"""fastsce._kernels.blocks: float32 rows of K <= 16, 16 rows at a time in registers.
+
+Its vector exp, log and loss against exact values and against fastsce._kernels.simd's
+scalar versions, lane by lane; the kernels through the public API against the NumPy
+reference for every K it takes, at block edges, with every option it takes; the dispatch
+to it and away from it.
+"""
+
+import itertools
+
+import numba
+import numpy as np
+import pytest
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from _cases import Case, assert_close, make_case
+import fastsce
+from fastsce import reference
+from fastsce._kernels import blocks as block_kernels, simd, tiles as tile_kernels
+from fastsce._kernels.jit import jit
+
+# --- the vector math, lane by lane ---------------------------------------------------------------
+
+_OPS = ("exp_shifted_f32", "exp_f64", "log_normal", "lse_minus_target")
+
+
+@intrinsic
+def _lanes(typingctx, op, x, y, z, out):
+    """out[:n] = op(x, y, z) lane by lane, n = 16 (float32) or 8 (float64) lanes."""
+    if not isinstance(op, types.StringLiteral):
+        return None
+    name = op.literal_value
+    n = 16 if out.dtype == types.float32 else 8
+
+    def codegen(context, builder, sig, args):
+        vec = block_kernels._Vectors(builder)
+        vt = ir.VectorType(context.get_value_type(out.dtype), n)
+
+        def load(i):
+            ptr = context.make_array(sig.args[i])(context, builder, args[i]).data
+            return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
+
+        a, b, c = load(1), load(2), load(3)
+        if name == "exp_shifted_f32":
+            r = vec.exp_shifted_f32(a, b)
+        elif name == "exp_f64":
+            r = vec.exp_f64(a)
+        elif name == "log_normal":
+            r = vec.log_normal(a)
+        else:  # lse_minus_target(s_other, e_y, zy)
+            r = vec.lse_minus_target(a, b, c, vec.div(1.0, vec.add(a, b)))
+        builder.store(r, builder.bitcast(context.make_array(sig.args[4])(context, builder, args[4]).data, vt.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(op, x, y, z, out), codegen
+
+
+def _vector_of(op):
+    @numba.njit
+    def run(x, y, z, out):
+        n = 64 // out.itemsize  # one 512-bit vector
+        for i in range(0, x.size, n):
+            _lanes(op, x[i : i + n], y[i : i + n], z[i : i + n], out[i : i + n])  # op: a literal
+
+    return run
+
+
+_VECTOR = {op: _vector_of(op) for op in _OPS}
+
+
+@jit
+def _scalar(op, x, y, z, out):
+    for i in range(x.size):
+        if op == 0:
+            out[i] = simd.exp_shifted(x[i], y[i])
+        elif op == 1:
+            out[i] = simd.exp_nonpositive(x[i])
+        elif op == 2:
+            out[i] = simd.log_normal(x[i])
+        else:
+            out[i] = simd.lse_minus_target(x[i], y[i], z[i])
+
+
+def _ulps(actual, exact, dtype):
+    exact = np.asarray(exact, np.longdouble)
+    return np.abs((actual - exact) / np.spacing(np.abs(exact.astype(dtype))).astype(np.longdouble))
+
+
+def _both(op, x, y=None, z=None):
+    y = np.zeros_like(x) if y is None else y
+    z = np.zeros_like(x) if z is None else z
+    vec, sca = np.empty_like(x), np.empty_like(x)
+    _VECTOR[op](x, y, z, vec)
+    _scalar(_OPS.index(op), x, y, z, sca)
+    return vec, sca
+
+
+def test_vector_exp_float32_is_the_scalar_exp_within_an_ulp_of_exact():
+    rng = np.random.default_rng(0)
+    n = 1 << 16
+    z = (rng.standard_normal(n) * rng.choice([1, 10, 60], n)).astype(np.float32)
+    m = np.maximum(z, (z + np.abs(rng.standard_normal(n) * 20)).astype(np.float32))  # z <= m
+    vec, sca = _both("exp_shifted_f32", z, m)
+    exact = np.exp(z.astype(np.longdouble) - m.astype(np.longdouble))
+    normal = exact > np.finfo(np.float32).tiny
+    assert float(_ulps(vec[normal], exact[normal], np.float32).max()) < 1.0
+    assert np.abs(vec.astype(np.float64) - sca).max() <= np.spacing(np.float32(1))  # the same to an ulp of 1
+    special = np.array([-np.inf, np.nan, -200, 0, 5, -np.inf] + [0] * 10, np.float32)
+    shift = np.array([0, 0, 0, 0, 5, np.inf] + [0] * 10, np.float32)
+    vec, _ = _both("exp_shifted_f32", special, shift)
+    assert vec[0] == 0 and np.isnan(vec[1]) and vec[2] == 0 and vec[3] == 1 and vec[4] == 1 and vec[5] == 0
+
+
+def test_vector_exp_float64_and_log_are_the_scalar_ones():
+    rng = np.random.default_rng(1)
+    x = -np.abs(rng.standard_normal(1 << 14) * 30)
+    vec, sca = _both("exp_f64", x)
+    assert float(_ulps(vec, np.exp(x.astype(np.longdouble)), np.float64).max()) < 1.0
+    assert np.array_equal(vec, sca)
+    s = np.exp(rng.uniform(0, np.log(2.0**20), 1 << 14))
+    vec, sca = _both("log_normal", s)
+    assert float(_ulps(vec, np.log(s.astype(np.longdouble)), np.float64).max()) < 1.0
+    assert np.array_equal(vec, sca)
+    special = np.array([np.inf, np.nan, 1.0, 2.0, np.sqrt(2.0), np.finfo(np.float64).max, 3.0, 4.0])
+    vec, sca = _both("log_normal", special)
+    assert vec[0] == np.inf and np.isnan(vec[1]) and vec[2] == 0
+    np.testing.assert_array_equal(vec[2:], sca[2:])
+
+
+def test_vector_loss_keeps_a_tiny_loss_relative_digits():
+    """log1p(s_other / e_y) as simd.lse_minus_target: tiny for a confident row, exact
+    -inf target handling (e_y = 0: the loss is log(s_other) - z_y)."""
+    rng = np.random.default_rng(2)
+    zy = -np.abs(rng.standard_normal(1 << 12) * 3)
+    zy[::5] = 0.0
+    s_other = np.exp(rng.uniform(-60, 3, zy.size))
+    e_y = np.exp(zy)
+    vec, sca = _both("lse_minus_target", s_other, e_y, zy)
+    exact = np.log1p(s_other.astype(np.longdouble) / np.exp(zy.astype(np.longdouble)))
+    assert float((np.abs(vec - exact) / exact).max()) < 4 * np.finfo(np.float64).eps
+    np.testing.assert_allclose(vec, sca, rtol=2 * np.finfo(np.float64).eps)
+    vec, _ = _both("lse_minus_target", np.full(8, 2.0), np.zeros(8), np.full(8, -np.inf))
+    assert (vec == np.inf).all()
+
+
+# --- the kernels through the API -----------------------------------------------------------------
+
+
+def _check(case: Case, in_place: bool = False):
+    loss_unit, grad_unit = case.units()
+    ref_loss, ref_grad = case.loss_grad(reference)
+    if in_place:
+        z = case.logits.copy()
+        loss, grad = fastsce.cross_entropy_with_grad(z, case.target, **case.kwargs, out=z)
+        assert grad is z
+    else:
+        loss, grad = case.loss_grad(fastsce)
+    assert_close(loss, ref_loss, np.float32, unit=loss_unit)
+    assert_close(grad, ref_grad, np.float32, unit=grad_unit)
+    loss_only = case.loss(fastsce)
+    # the same block code with and without the gradient: the same bits
+    assert np.asarray(loss_only).tobytes() == np.asarray(loss).tobytes()
+
+
+def test_the_blocks_take_float32_calls_without_options(monkeypatch):
+    seen = []
+    for module in (block_kernels, tile_kernels):
+        for name in ("hard_loss", "hard_loss_grad"):
+            real = getattr(module, name)
+            wrapped = lambda *a, real=real, tag=f"{module.__name__.rsplit('.', 1)[1]}.{name}": seen.append(tag) or real(*a)
+            monkeypatch.setattr(module, name, wrapped)
+    z = np.random.default_rng(0).standard_normal((100, 10)).astype(np.float32)
+    y = np.arange(100) % 10
+    fastsce.cross_entropy_with_grad(z, y, weight=np.ones(10), sample_weight=np.ones(100))
+    fastsce.cross_entropy(z, y, reduction="none")
+    assert seen == ["blocks.hard_loss_grad", "blocks.hard_loss"]
+    seen.clear()
+    fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: the tiles
+    fastsce.cross_entropy(z, y, return_lse=True)
+    fastsce.cross_entropy(z, y, z_loss=1e-4)
+    fastsce.cross_entropy(z, y, logit_scale=0.5)
+    fastsce.cross_entropy(z.astype(np.float64), y)
+    fastsce.cross_entropy(np.zeros((100, 17), np.float32), y)  # K > 16
+    assert seen == ["tiles.hard_loss_grad"] + ["tiles.hard_loss"] * 5
+
+
+@pytest.mark.parametrize("k", range(1, 17))
+@pytest.mark.parametrize("n", (1, 15, 16, 17, 2048 + 21))
+def test_every_k_at_the_block_edges(k, n):
+    for reduction, weighted in (("mean", False), ("none", True)):
+        _check(make_case(n, k, np.float32, weighted=weighted, reduction=reduction))
+
+
+@pytest.mark.parametrize("k", (3, 10, 16))
+@pytest.mark.parametrize(
+    "weighted, ignore_inside, rows, reduction, in_place",
+    list(itertools.product((False, True), (False, True), (None, "sample_weight", "where"), ("mean", "sum", "none"), (False, True))),
+)
+def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
+    n = 203
+    case = make_case(n, k, np.float32, weighted=weighted, ignore_index=k // 2 if ignore_inside else -100, reduction=reduction)
+    rng = np.random.default_rng(k)
+    if rows == "sample_weight":
+        v = rng.uniform(0, 2, n)
+        v[::9] = 0  # weight 0: not counted
+        case.kwargs["sample_weight"] = v
+    elif rows == "where":
+        case.kwargs["where"] = rng.random(n) < 0.7
+    _check(case, in_place)
+
+
+@pytest.mark.parametrize("k", (1, 2, 9, 16))
+def test_special_values(k):
+    """-inf (masked) classes, a NaN row, a NaN row that is ignored, huge logits, and a
+    confident row; K = 1 gives loss 0 and a zero gradient."""
+    rng = np.random.default_rng(k)
+    n = 40
+    z = (4 * rng.standard_normal((n, k))).astype(np.float32)
+    y = rng.integers(0, k, n)
+    if k > 1:
+        rows = np.arange(0, n, 3)
+        z[rows, (y[rows] + 1) % k] = -np.inf  # one class of the row
+        z[1::7] *= np.float32(1e4)
+        z[2, y[2]] = 40
+    z[5, 0] = np.nan
+    z[6, :] = np.nan
+    y[6] = -100
+    case = Case(z, y, dict(reduction="none"))
+    _check(case)
+    loss, grad = case.loss_grad(fastsce)
+    assert np.isnan(loss[5]) and np.isnan(grad[5]).all()
+    assert loss[6] == 0 and (grad[6] == 0).all()
+    others = np.ones(n, bool)
+    others[[5, 6]] = False
+    assert np.isfinite(loss[others]).all() and np.isfinite(grad[others]).all()
+    if k == 1:
+        assert (loss[others] == 0).all() and (grad[others] == 0).all()
+
+
+def test_thread_count_and_bits():
+    case = make_case(50_000, 10, np.float32, weighted=True, reduction="none")
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = case.loss_grad(fastsce)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = case.loss_grad(fastsce)
+    finally:
+        numba.set_num_threads(threads)
+    assert one[0].tobytes() == many[0].tobytes()
+    assert one[1].tobytes() == many[1].tobytes()
