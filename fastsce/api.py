@@ -81,7 +81,9 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
     0.68 / 0.79 at 16."""
     eps, z_loss, _, _, logit_scale, cap = params
     plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and cap == 0 and not want_lse
-    return block_kernels if plain and z.dtype == np.float32 and z.shape[1] <= block_kernels.W else tile_kernels
+    if plain and z.dtype == np.float32 and z.shape[1] <= block_kernels.W:
+        return block_kernels.kernels(z.shape[1])
+    return tile_kernels
 
 
 # Logits with the classes on another axis, e.g. PyTorch's (N, K, d), go to a tile kernel

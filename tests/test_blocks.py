@@ -166,16 +166,20 @@ def _check(case: Case, in_place: bool = False):
 
 def test_the_blocks_take_float32_calls_without_options(monkeypatch):
     seen = []
-    for module in (block_kernels, tile_kernels):
+    holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
+    for tag, holder in holders:
         for name in ("hard_loss", "hard_loss_grad"):
-            real = getattr(module, name)
-            wrapped = lambda *a, real=real, tag=f"{module.__name__.rsplit('.', 1)[1]}.{name}": seen.append(tag) or real(*a)
-            monkeypatch.setattr(module, name, wrapped)
+            real = getattr(holder, name)
+            wrapped = lambda *a, real=real, tag=f"{tag}.{name}": seen.append(tag) or real(*a)
+            monkeypatch.setattr(holder, name, wrapped)
     z = np.random.default_rng(0).standard_normal((100, 10)).astype(np.float32)
     y = np.arange(100) % 10
     fastsce.cross_entropy_with_grad(z, y, weight=np.ones(10), sample_weight=np.ones(100))
     fastsce.cross_entropy(z, y, reduction="none")
-    assert seen == ["blocks.hard_loss_grad", "blocks.hard_loss"]
+    fastsce.cross_entropy(z[:, :3], y % 3)
+    fastsce.cross_entropy(z[:, :8], y % 8)
+    fastsce.cross_entropy(np.zeros((100, 16), np.float32), y)
+    assert seen == ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: the tiles
     fastsce.cross_entropy(z, y, return_lse=True)

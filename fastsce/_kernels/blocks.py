@@ -36,6 +36,13 @@ from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat
 
 W = 16  # rows per block, and the most classes
 
+
+def blocks_per_call(grad):
+    """Blocks of 16 rows that one block_loss call interleaves: two for the loss alone
+    (0.81-0.91x the time of one at K = 2-16, one thread, in cache), one with the gradient
+    (two: 0.98-1.03x; the exps kept for the gradient of two blocks exceed the 32 zmm)."""
+    return 1 if grad else 2
+
 _F32, _F64 = ir.FloatType(), ir.DoubleType()
 _I1, _I32, _I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 _FLAGS = ("nsz", "arcp", "contract")
@@ -196,11 +203,12 @@ class _Vectors:
         inf_x = self.cmp("==", self.fabs(x), np.inf)
         return self.select(self.b.and_(zero_w, inf_x), 0.0, self.mul(w, x))
 
-    def sum_tree(self, xs):
-        """x0 + x1 + ..., as a balanced tree in a fixed order."""
+    def tree(self, op, xs):
+        """op(op(x0, x1), op(x2, x3)) ..., a balanced tree in a fixed order: log2(n)
+        dependent steps, not n - 1 (a block's steps are one chain of latencies)."""
         xs = list(xs)
         while len(xs) > 1:
-            xs = [self.add(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
+            xs = [op(xs[i], xs[i + 1]) if i + 1 < len(xs) else xs[i] for i in range(0, len(xs), 2)]
         return xs[0]
 
     def lane_sum(self, x):
@@ -227,9 +235,9 @@ def _size(context, builder, ty, value):
 
 @intrinsic
 def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad):
-    """Rows row0 .. row0 + rows (rows <= 16) of z (N, K <= cols): each row's loss (weighted;
-    0 where not counted) into losses[0 .. 15] (0 past rows); returns their sum (a fixed
-    order). With ``grad`` (a literal bool), the rows' gradient (times ``scale``) into g (N,
+    """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols): each
+    row's loss (weighted; 0 where not counted) into losses[0 ..] (0 past rows); returns
+    their sum (a fixed order). With ``grad`` (a literal bool), the rows' gradient (times ``scale``) into g (N,
     K). ``cols`` (a literal 4, 8, 12 or 16): the classes a block computes, K or more. w:
     the K class weights (float32); v: per-row weights (float64), or empty for none."""
     if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in (4, 8, 12, 16)):
@@ -246,111 +254,139 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
 
     def codegen(context, builder, sig, args):
         zv, tv, ignore, wv, vv, r0, nrows, sc, lv, gv = args[:10]
-        vec = _Vectors(builder)
-        f16 = ir.VectorType(_F32, W)
-        d8 = ir.VectorType(_F64, W // 2)
         r0 = context.cast(builder, r0, sig.args[5], types.int64)
         nrows = context.cast(builder, nrows, sig.args[6], types.int64)
         ignore = context.cast(builder, ignore, sig.args[2], types.int64)
         sc = context.cast(builder, sc, sig.args[7], types.float64)
-        zarr = context.make_array(z)(context, builder, zv)
-        k = builder.extract_value(zarr.shape, 1)
-
-        # the rows, transposed: col[j] = class j of the 16 rows (-inf past K)
-        addressed = _rows(context, builder, z, zv, r0, k, nrows)
-        minus_inf = vec.const(-np.inf, _F32, W)
-        loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
-        col = transposed(builder, loaded)[:n_cols]
-
-        # which rows count, their targets and weights
-        lane = _const_vector(_I64, range(W))
-        in_block = builder.icmp_signed("<", lane, _splat(builder, nrows, W))
-        t_data = _data(context, builder, target, tv)
-        t_ptr = builder.gep(t_data, [r0])
-        tvt = ir.VectorType(ir.IntType(t_bits), W)
-        y = builder.call(_masked(builder, "load", tvt, t_ptr), [t_ptr, ir.Constant(_I32, t_bits // 8), in_block, ir.Constant(tvt, None)])
-        y64 = y if t_bits == 64 else builder.sext(y, ir.VectorType(_I64, W))
-        live = builder.and_(in_block, builder.icmp_signed("!=", y64, _splat(builder, ignore, W)))
-        has_v = builder.icmp_signed("!=", _size(context, builder, v, vv), ir.Constant(_I64, 0))
-        v_ptr = builder.gep(_data(context, builder, v, vv), [r0])
-        v_mask = builder.and_(in_block, _splat(builder, has_v, W))
-        row_w = [builder.call(_masked(builder, "load", d8, p), [p, ir.Constant(_I32, 8), vec.half(v_mask, h), vec.const(1.0, _F64, W // 2)])
-                 for h, p in ((0, v_ptr), (1, builder.gep(v_ptr, [ir.Constant(_I64, W // 2)])))]  # fmt: skip
-        live = builder.and_(live, vec.join(*(vec.cmp("!=", x, 0.0, unordered=True) for x in row_w)))
-        y32 = builder.trunc(y64, ir.VectorType(_I32, W))
-        is_target = [builder.and_(live, builder.icmp_signed("==", y32, vec.const(j, _I32, W))) for j in range(n_cols)]
-        zero = vec.const(0.0, _F32, W)
-        w_ptr = _data(context, builder, w, wv)
-        class_mask = builder.icmp_signed("<", lane, _splat(builder, k, W))
-        w_all = builder.call(_masked(builder, "load", f16, w_ptr), [w_ptr, ir.Constant(_I32, 4), class_mask, zero])
-        z_y, w_y = zero, zero
-        for j in range(n_cols):
-            z_y = builder.select(is_target[j], col[j], z_y)
-            w_j = builder.extract_element(w_all, ir.Constant(_I32, j))
-            w_y = builder.select(is_target[j], _splat(builder, w_j, W), w_y)
-
-        # the max, the exps, and the float64 sum of the exps but the target's
-        m = col[0]
-        for j in range(1, n_cols):
-            m = vec.maximum(m, col[j])
-        e = [vec.exp_shifted_f32(col[j], m) for j in range(n_cols)]
-        kept = [builder.select(is_target[j], zero, e[j]) for j in range(n_cols)]
-        halves = [vec.wide(x) for x in kept]
-        s_other = [vec.sum_tree(h[i] for h in halves) for i in (0, 1)]
-
-        # per row, in float64: the loss, and the gradient's factors
-        live_h = [vec.half(live, i) for i in (0, 1)]
-        zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
-        w_yd = vec.wide(w_y)
-        losses_out, a_f, gy_f = [], [], []
-        for i in (0, 1):
-            e_y = vec.exp_f64(zy[i])
-            inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
-            loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
-            losses_out.append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
-            hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
-            a_f.append(vec.mul(hard, inv_s))
-            gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
-        l_ptr = _data(context, builder, losses, lv)
-        for i in (0, 1):
-            builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, 8 * i)]), d8.as_pointer()), align=8)
-        total = vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
-
-        if with_grad:
-            a32, gy32 = vec.narrow(*a_f), vec.narrow(*gy_f)
-            out = []
-            for j in range(n_cols):
-                gj = builder.select(is_target[j], gy32, vec.mul(a32, e[j]))
-                out.append(builder.select(live, gj, zero))
-            out += [zero] * (W - n_cols)
-            for x, (p, mask) in zip(transposed(builder, out), _rows(context, builder, g, gv, r0, k, nrows)):
-                builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
-        return total
+        k = builder.extract_value(context.make_array(z)(context, builder, zv).shape, 1)
+        vec = _Vectors(builder)
+        # blocks_per_call blocks of 16 rows, their steps interleaved: one block's steps are a chain
+        # of latencies (the max, the exp's polynomial, the division, the log) that the
+        # out-of-order core cannot overlap with the next block's, hundreds of
+        # instructions later
+        steps = []
+        for b in range(blocks_per_call(with_grad)):
+            first = ir.Constant(_I64, W * b)
+            left = builder.sub(nrows, first)
+            rows_b = builder.select(builder.icmp_signed("<", left, ir.Constant(_I64, 0)), ir.Constant(_I64, 0), left)
+            rows_b = builder.select(builder.icmp_signed(">", rows_b, ir.Constant(_I64, W)), ir.Constant(_I64, W), rows_b)
+            steps.append(_block_steps(context, builder, vec, sig, (zv, tv, ignore, wv, vv, sc, lv, gv), builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad))
+        totals = [None] * len(steps)
+        while any(t is None for t in totals):
+            for b, gen in enumerate(steps):
+                if totals[b] is None:
+                    try:
+                        next(gen)
+                    except StopIteration as done:
+                        totals[b] = done.value
+        return vec.tree(builder.fadd, totals)
 
     return sig, codegen
 
 
+def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
+    """The IR of one block of 16 rows (block_loss), a generator: it yields between steps
+    so that block_loss can interleave its blocks; returns the block's loss sum."""
+    z, target, _, w, v, _, _, _, losses, g = sig.args[:10]
+    zv, tv, ignore, wv, vv, sc, lv, gv = values
+    t_bits = target.dtype.bitwidth
+    f16 = ir.VectorType(_F32, W)
+    d8 = ir.VectorType(_F64, W // 2)
+
+    # the rows, transposed: col[j] = class j of the 16 rows (-inf past K)
+    addressed = _rows(context, builder, z, zv, r0, k, nrows)
+    minus_inf = vec.const(-np.inf, _F32, W)
+    loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
+    col = transposed(builder, loaded)[:n_cols]
+
+    yield
+    # which rows count, their targets and weights
+    lane = _const_vector(_I64, range(W))
+    in_block = builder.icmp_signed("<", lane, _splat(builder, nrows, W))
+    t_data = _data(context, builder, target, tv)
+    t_ptr = builder.gep(t_data, [r0])
+    tvt = ir.VectorType(ir.IntType(t_bits), W)
+    y = builder.call(_masked(builder, "load", tvt, t_ptr), [t_ptr, ir.Constant(_I32, t_bits // 8), in_block, ir.Constant(tvt, None)])
+    y64 = y if t_bits == 64 else builder.sext(y, ir.VectorType(_I64, W))
+    live = builder.and_(in_block, builder.icmp_signed("!=", y64, _splat(builder, ignore, W)))
+    has_v = builder.icmp_signed("!=", _size(context, builder, v, vv), ir.Constant(_I64, 0))
+    v_ptr = builder.gep(_data(context, builder, v, vv), [r0])
+    v_mask = builder.and_(in_block, _splat(builder, has_v, W))
+    row_w = [builder.call(_masked(builder, "load", d8, p), [p, ir.Constant(_I32, 8), vec.half(v_mask, h), vec.const(1.0, _F64, W // 2)])
+             for h, p in ((0, v_ptr), (1, builder.gep(v_ptr, [ir.Constant(_I64, W // 2)])))]  # fmt: skip
+    live = builder.and_(live, vec.join(*(vec.cmp("!=", x, 0.0, unordered=True) for x in row_w)))
+    y32 = builder.trunc(y64, ir.VectorType(_I32, W))
+    is_target = [builder.and_(live, builder.icmp_signed("==", y32, vec.const(j, _I32, W))) for j in range(n_cols)]
+    zero = vec.const(0.0, _F32, W)
+    w_ptr = _data(context, builder, w, wv)
+    class_mask = builder.icmp_signed("<", lane, _splat(builder, k, W))
+    w_all = builder.call(_masked(builder, "load", f16, w_ptr), [w_ptr, ir.Constant(_I32, 4), class_mask, zero])
+    z_y, w_y = zero, zero
+    for j in range(n_cols):
+        z_y = builder.select(is_target[j], col[j], z_y)
+        w_j = builder.extract_element(w_all, ir.Constant(_I32, j))
+        w_y = builder.select(is_target[j], _splat(builder, w_j, W), w_y)
+
+    yield
+    # the max, the exps, and the float64 sum of the exps but the target's
+    m = vec.tree(vec.maximum, col)
+    e = [vec.exp_shifted_f32(col[j], m) for j in range(n_cols)]
+    kept = [builder.select(is_target[j], zero, e[j]) for j in range(n_cols)]
+    halves = [vec.wide(x) for x in kept]
+    s_other = [vec.tree(vec.add, (h[i] for h in halves)) for i in (0, 1)]
+
+    yield
+    # per row, in float64: the loss, and the gradient's factors
+    live_h = [vec.half(live, i) for i in (0, 1)]
+    zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
+    w_yd = vec.wide(w_y)
+    losses_out, a_f, gy_f = [], [], []
+    for i in (0, 1):
+        e_y = vec.exp_f64(zy[i])
+        inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
+        loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
+        losses_out.append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
+        hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
+        a_f.append(vec.mul(hard, inv_s))
+        gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
+    yield
+    l_ptr = _data(context, builder, losses, lv)
+    for i in (0, 1):
+        builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
+    total = vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
+
+    yield
+    if with_grad:
+        a32, gy32 = vec.narrow(*a_f), vec.narrow(*gy_f)
+        out = []
+        for j in range(n_cols):
+            gj = builder.select(is_target[j], gy32, vec.mul(a32, e[j]))
+            out.append(builder.select(live, gj, zero))
+        out += [zero] * (W - n_cols)
+        for x, (p, mask) in zip(transposed(builder, out), _rows(context, builder, g, gv, r0, k, nrows)):
+            builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
+    return total
+
+
 # --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
+#
+# One pair of kernels per block width (4, 8, 12 or 16 classes), each compiled when first
+# used: a call compiles one width's block code, not all four (float32 K = 10, 65536 rows,
+# empty cache: loss only 4.0-4.2 s with one width of one block a call, 6.3-7.0 s with all
+# four widths of two).
 
 
 @jit
-def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad):
-    """Rows lo .. hi, 16 at a time: the sum of their losses (per row too, in outs[0]
-    when it is not empty; outs[1], the z-terms, zeros)."""
+def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad, cols):
+    """Rows lo .. hi, 16 or 32 at a time: the sum of their losses (per row too, in
+    outs[0] when it is not empty; outs[1], the z-terms, zeros)."""
     row_loss, row_z = outs[0], outs[1]
-    losses = np.empty(W)
+    step = W if grad else 2 * W  # W blocks_per_call(grad)
+    losses = np.empty(step)
     total = 0.0
-    k = z.shape[1]
-    for i in range(lo, hi, W):
-        rows = min(W, hi - i)
-        if k <= 4:
-            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 4, grad)
-        elif k <= 8:
-            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 8, grad)
-        elif k <= 12:
-            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 12, grad)
-        else:
-            total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, 16, grad)
+    for i in range(lo, hi, step):
+        rows = min(step, hi - i)
+        total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, cols, grad)
         for r in range(rows if row_loss.size else 0):
             row_loss[i + r] = losses[r]
         for r in range(rows if row_z.size else 0):
@@ -358,26 +394,40 @@ def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad):
     return total
 
 
-@parallel
-def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
-    """tiles.hard_loss for float32 z of K <= 16 and params without label smoothing,
-    z-loss or logit transforms (fastsce.api checks), and no lse (outs[2] empty)."""
-    chunk_loss, chunk_z = outs[3], outs[4]
-    no_grad = np.empty((0, z.shape[1]), z.dtype)
-    for c in prange(chunk_loss.size):
-        lo = c * chunk_rows
-        hi = min(lo + chunk_rows, z.shape[0])
-        chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), no_grad, lo, hi, False)
-        chunk_z[c] = 0.0
+def _kernels(cols):
+    """hard_loss and hard_loss_grad for K <= cols (cols a constant of the closure, so a
+    literal in the kernels' code)."""
+
+    @parallel
+    def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
+        """tiles.hard_loss for float32 z of K <= cols and params without label smoothing,
+        z-loss or logit transforms (fastsce.api checks), and no lse (outs[2] empty)."""
+        chunk_loss, chunk_z = outs[3], outs[4]
+        no_grad = np.empty((0, z.shape[1]), z.dtype)
+        for c in prange(chunk_loss.size):
+            lo = c * chunk_rows
+            hi = min(lo + chunk_rows, z.shape[0])
+            chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), no_grad, lo, hi, False, cols)
+            chunk_z[c] = 0.0
+
+    @parallel
+    def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
+        """hard_loss, and the gradient into g (which may be z: a block is read whole
+        before its gradient is written)."""
+        chunk_loss, chunk_z = outs[3], outs[4]
+        for c in prange(chunk_loss.size):
+            lo = c * chunk_rows
+            hi = min(lo + chunk_rows, z.shape[0])
+            chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), borrowed(g), lo, hi, True, cols)
+            chunk_z[c] = 0.0
+
+    return SimpleNamespace(hard_loss=hard_loss, hard_loss_grad=hard_loss_grad)
 
 
-@parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
-    """hard_loss, and the gradient into g (which may be z: a block is read whole before
-    its gradient is written)."""
-    chunk_loss, chunk_z = outs[3], outs[4]
-    for c in prange(chunk_loss.size):
-        lo = c * chunk_rows
-        hi = min(lo + chunk_rows, z.shape[0])
-        chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), borrowed(g), lo, hi, True)
-        chunk_z[c] = 0.0
+WIDTHS = (4, 8, 12, 16)
+_BY_WIDTH = {cols: _kernels(cols) for cols in WIDTHS}
+
+
+def kernels(k: int):
+    """The kernels for rows of k <= 16 classes (attributes hard_loss, hard_loss_grad)."""
+    return _BY_WIDTH[next(cols for cols in WIDTHS if k <= cols)]
