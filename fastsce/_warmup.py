@@ -70,7 +70,7 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
         fn(logits, labels)
         fn(logits, labels, **_weights(logits))
-        if k_of is _small_k:  # float32 rows of K <= 16 without options: one kernel per block width
+        if k_of is _small_k:  # float32 rows of K <= 32 without options: one kernel per block width
             fn(logits, labels, label_smoothing=0.1)  # (with options: the tiles)
             from fastsce._kernels import blocks as block_kernels
 

@@ -1,4 +1,4 @@
-"""fastsce._kernels.blocks: float32 rows of K <= 16, 16 rows at a time in registers.
+"""fastsce._kernels.blocks: float32 rows of K <= 32, 16 rows at a time in registers.
 
 Its vector exp, log and loss against exact values and against fastsce._kernels.simd's
 scalar versions, lane by lane; the kernels through the public API against the NumPy
@@ -179,25 +179,27 @@ def test_the_blocks_take_float32_calls_without_options(monkeypatch):
     fastsce.cross_entropy(z[:, :3], y % 3)
     fastsce.cross_entropy(z[:, :8], y % 8)
     fastsce.cross_entropy(np.zeros((100, 16), np.float32), y)
-    assert seen == ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
+    fastsce.cross_entropy(np.zeros((100, 32), np.float32), y)
+    expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
+    assert seen == expected + ["blocks32.hard_loss"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: the tiles
     fastsce.cross_entropy(z, y, return_lse=True)
     fastsce.cross_entropy(z, y, z_loss=1e-4)
     fastsce.cross_entropy(z, y, logit_scale=0.5)
     fastsce.cross_entropy(z.astype(np.float64), y)
-    fastsce.cross_entropy(np.zeros((100, 17), np.float32), y)  # K > 16
+    fastsce.cross_entropy(np.zeros((100, 33), np.float32), y)  # K > 32
     assert seen == ["tiles.hard_loss_grad"] + ["tiles.hard_loss"] * 5
 
 
-@pytest.mark.parametrize("k", range(1, 17))
+@pytest.mark.parametrize("k", range(1, block_kernels.MAX_K + 1))
 @pytest.mark.parametrize("n", (1, 15, 16, 17, 2048 + 21))
 def test_every_k_at_the_block_edges(k, n):
     for reduction, weighted in (("mean", False), ("none", True)):
         _check(make_case(n, k, np.float32, weighted=weighted, reduction=reduction))
 
 
-@pytest.mark.parametrize("k", (3, 10, 16))
+@pytest.mark.parametrize("k", (3, 10, 16, 29))
 @pytest.mark.parametrize(
     "weighted, ignore_inside, rows, reduction, in_place",
     list(itertools.product((False, True), (False, True), (None, "sample_weight", "where"), ("mean", "sum", "none"), (False, True))),
@@ -215,7 +217,7 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
     _check(case, in_place)
 
 
-@pytest.mark.parametrize("k", (1, 2, 9, 16))
+@pytest.mark.parametrize("k", (1, 2, 9, 16, 17, 32))
 def test_special_values(k):
     """-inf (masked) classes, a NaN row, a NaN row that is ignored, huge logits, and a
     confident row; K = 1 gives loss 0 and a zero gradient."""

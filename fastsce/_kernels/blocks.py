@@ -1,13 +1,16 @@
-"""Integer-target kernels for float32 rows of K <= 16 classes: 16 rows at a time, in registers.
+"""Integer-target kernels for float32 rows of K <= 32 classes: 16 rows at a time, in registers.
 
-A row of K <= 16 float32 logits fits one zmm. A block of 16 rows is read with 16 masked
-loads and transposed in registers (fastsce._kernels.vec); from there on each step is one
-vector instruction over the 16 rows, class by class, with nothing stored in between: the
-max, the exps, the float64 exp-sums, the loss, the gradient; then the transpose back and
-16 masked stores. The classes past K are lanes of -inf (their exps 0), and a block needs
-only 4, 8, 12 or 16 classes' worth of work (``cols``). The tile kernels (fastsce._kernels.tiles)
-keep the rest of the small-K work: label smoothing, z-loss, lse, logit transforms, half
-and float64 logits; fastsce.api sends here only the calls without those.
+Sixteen float32 logits of a row fit one zmm. A block of 16 rows is read 16 classes at a
+time with 16 masked loads and transposed in registers (fastsce._kernels.vec); from there
+on each step is one vector instruction over the 16 rows, class by class, with nothing
+stored in between: the max, the exps, the float64 exp-sums, the loss, the gradient; then
+the transposes back and masked stores. The classes past K are lanes of -inf (their exps
+0), and a block does the work of 4, 8, 12, 16, 24 or 32 classes (``cols``, the first
+WIDTHS entry >= K; a kernel per width). At K = 40-48 the blocks were no faster than the
+tiles (0.93-0.96x the time), at 64 slower (1.13x): the exps wait for the gradient in
+registers that then spill. The tile kernels (fastsce._kernels.tiles) keep the rest of
+the small-K work: label smoothing, z-loss, lse, logit transforms, half and float64
+logits; fastsce.api sends here only the calls without those.
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
 (NaN-propagating), each exp(z_j - m) in float32 as if z_j - m were exact (simd's
@@ -34,7 +37,9 @@ from fastsce._kernels import simd
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
 from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat, transposed
 
-W = 16  # rows per block, and the most classes
+W = 16  # rows per block, and classes per zmm of a row
+WIDTHS = (4, 8, 12, 16, 24, 32)  # classes a block computes: K or more
+MAX_K = WIDTHS[-1]
 
 
 def blocks_per_call(grad):
@@ -218,11 +223,13 @@ class _Vectors:
         return self.b.extract_element(x, ir.Constant(_I32, 0))
 
 
-def _rows(context, builder, ty, value, r0, k, nrows):
-    """(pointer, mask) of rows r0 .. r0 + 15 of a C-contiguous (N, K) array: the first
-    K lanes of the first nrows rows."""
+def _rows(context, builder, ty, value, r0, k, nrows, group):
+    """(pointer, mask) of rows r0 .. r0 + 15 of a C-contiguous (N, K) array, classes
+    16 group .. 16 group + 15 of them: the lanes of classes < K of the first nrows rows."""
     sig = SimpleNamespace(args=(ty, types.int64, types.int64, types.int64, types.int64))
-    return _rows_addressed(context, builder, sig, (value, builder.mul(r0, k), k, nrows, k), W)
+    first = ir.Constant(_I64, W * group)
+    start = builder.add(builder.mul(r0, k), first)
+    return _rows_addressed(context, builder, sig, (value, start, k, nrows, builder.sub(k, first)), W)
 
 
 def _data(context, builder, ty, value):
@@ -249,9 +256,9 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
     """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols): each
     row's loss (weighted; 0 where not counted) into losses[0 ..] (0 past rows); returns
     their sum (a fixed order). With ``grad`` (a literal bool), the rows' gradient (times ``scale``) into g (N,
-    K). ``cols`` (a literal 4, 8, 12 or 16): the classes a block computes, K or more. w:
+    K). ``cols`` (a literal, one of WIDTHS): the classes a block computes, K or more. w:
     the K class weights (float32); v: per-row weights (float64), or empty for none."""
-    if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in (4, 8, 12, 16)):
+    if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in WIDTHS):
         return None
     if not isinstance(grad, types.BooleanLiteral):
         return None
@@ -304,11 +311,15 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     f16 = ir.VectorType(_F32, W)
     d8 = ir.VectorType(_F64, W // 2)
 
-    # the rows, transposed: col[j] = class j of the 16 rows (-inf past K)
-    addressed = _rows(context, builder, z, zv, r0, k, nrows)
+    # the rows, transposed: col[j] = class j of the 16 rows (-inf past K), 16 classes
+    # (one zmm of a row) at a time
     minus_inf = vec.const(-np.inf, _F32, W)
-    loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
-    col = transposed(builder, loaded)[:n_cols]
+    col = []
+    for group in range(-(-n_cols // W)):
+        addressed = _rows(context, builder, z, zv, r0, k, nrows, group)
+        loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
+        col += transposed(builder, loaded)
+    col = col[:n_cols]
 
     yield
     # which rows count, their targets and weights
@@ -330,12 +341,16 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     is_target = [builder.and_(live, builder.icmp_signed("==", y32, vec.const(j, _I32, W))) for j in range(n_cols)]
     zero = vec.const(0.0, _F32, W)
     w_ptr = _data(context, builder, w, wv)
-    class_mask = builder.icmp_signed("<", lane, _splat(builder, k, W))
-    w_all = builder.call(_masked(builder, "load", f16, w_ptr), [w_ptr, ir.Constant(_I32, 4), class_mask, zero])
+    w_all = []
+    for group in range(-(-n_cols // W)):
+        first = ir.Constant(_I64, W * group)
+        p = builder.gep(w_ptr, [first])
+        class_mask = builder.icmp_signed("<", lane, _splat(builder, builder.sub(k, first), W))
+        w_all.append(builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), class_mask, zero]))
     z_y, w_y = zero, zero
     for j in range(n_cols):
         z_y = builder.select(is_target[j], col[j], z_y)
-        w_j = builder.extract_element(w_all, ir.Constant(_I32, j))
+        w_j = builder.extract_element(w_all[j // W], ir.Constant(_I32, j % W))
         w_y = builder.select(is_target[j], _splat(builder, w_j, W), w_y)
 
     yield
@@ -373,15 +388,17 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         for j in range(n_cols):
             gj = builder.select(is_target[j], gy32, vec.mul(a32, e[j]))
             out.append(builder.select(live, gj, zero))
-        out += [zero] * (W - n_cols)
-        for x, (p, mask) in zip(transposed(builder, out), _rows(context, builder, g, gv, r0, k, nrows)):
-            builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
+        out += [zero] * (-n_cols % W)
+        for group in range(len(out) // W):
+            rows_out = transposed(builder, out[W * group : W * group + W])
+            for x, (p, mask) in zip(rows_out, _rows(context, builder, g, gv, r0, k, nrows, group)):
+                builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
     return total
 
 
 # --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
 #
-# One pair of kernels per block width (4, 8, 12 or 16 classes), each compiled when first
+# One pair of kernels per block width (WIDTHS), each compiled when first
 # used: a call compiles one width's block code, not all four (float32 K = 10, 65536 rows,
 # empty cache: loss only 4.0-4.2 s with one width of one block a call, 6.3-7.0 s with all
 # four widths of two).
@@ -435,10 +452,9 @@ def _kernels(cols):
     return SimpleNamespace(hard_loss=hard_loss, hard_loss_grad=hard_loss_grad)
 
 
-WIDTHS = (4, 8, 12, 16)
 _BY_WIDTH = {cols: _kernels(cols) for cols in WIDTHS}
 
 
 def kernels(k: int):
-    """The kernels for rows of k <= 16 classes (attributes hard_loss, hard_loss_grad)."""
+    """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad)."""
     return _BY_WIDTH[next(cols for cols in WIDTHS if k <= cols)]
