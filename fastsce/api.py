@@ -76,8 +76,9 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
     registers) for float32 rows of K <= 32 and calls without label smoothing, z-loss,
     lse or logit transforms, else fastsce._kernels.tiles. Against the tiles (float32,
     2 threads, ~1M logits, one process, 40 interleaved rounds), loss+grad / loss only:
-    0.46 / 0.55 the time at K = 2, 0.43 / 0.53 at 4, 0.52 / 0.62 at 8, 0.63 / 0.74 at 10,
-    0.68 / 0.79 at 16."""
+    0.41 / 0.44 the time at K = 2, 0.47 / 0.50 at 3, 0.54 / 0.63 at 5, 0.49 / 0.58 at 8,
+    0.50 / 0.55 at 10, 0.59 / 0.59 at 16, 0.75 / 0.83 at 20, 0.66 / 0.69 at 24, 0.81 /
+    0.82 at 32."""
     eps, z_loss, _, _, logit_scale, cap = params
     plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and cap == 0 and not want_lse
     if plain and z.dtype == np.float32 and z.shape[1] <= block_kernels.MAX_K:
