@@ -70,16 +70,12 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
         fn(logits, labels)
         fn(logits, labels, **_weights(logits))
-        if k_of is _small_k:
+        if k_of is _small_k:  # float32 rows of K <= 32 without options: one kernel per block width
+            fn(logits, labels, label_smoothing=0.1)  # (with options: the tiles)
             from fastsce._kernels import blocks as block_kernels
 
-            # float32: rows of K <= 32 run in fastsce._kernels.blocks, a kernel per width,
-            # plain or with options; larger small K in the tiles (other dtypes: all tiles)
-            fn(*_data(dtype, (130, block_kernels.MAX_K + 16)))
             for k in block_kernels.WIDTHS:
                 fn(*_data(dtype, (130, k)))
-            for k in block_kernels.OPTION_WIDTHS:
-                fn(*_data(dtype, (130, k)), label_smoothing=0.1)
 
     return run
 

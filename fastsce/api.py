@@ -73,18 +73,16 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 
 def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
     """The kernels for rows of a small K (<= SMALL_K): fastsce._kernels.blocks (16 rows in
-    registers) for float32 rows of K <= 32 without a softcap (a kernel of its own when
-    there is label smoothing, z-loss, lse or a logit scale: 1.20-1.28x the time of the
-    plain call at 65536 x 10, against 1.75-1.86x in the tiles), else
-    fastsce._kernels.tiles. Against the tiles (float32,
+    registers) for float32 rows of K <= 32 and calls without label smoothing, z-loss,
+    lse or logit transforms, else fastsce._kernels.tiles. Against the tiles (float32,
     2 threads, ~1M logits, one process, 40 interleaved rounds), loss+grad / loss only:
     0.41 / 0.44 the time at K = 2, 0.47 / 0.50 at 3, 0.54 / 0.63 at 5, 0.49 / 0.58 at 8,
     0.50 / 0.55 at 10, 0.59 / 0.59 at 16, 0.75 / 0.83 at 20, 0.66 / 0.69 at 24, 0.81 /
     0.82 at 32."""
     eps, z_loss, _, _, logit_scale, cap = params
-    if cap == 0 and z.dtype == np.float32 and z.shape[1] <= block_kernels.MAX_K:
-        plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and not want_lse
-        return block_kernels.kernels(z.shape[1], options=not plain)
+    plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and cap == 0 and not want_lse
+    if plain and z.dtype == np.float32 and z.shape[1] <= block_kernels.MAX_K:
+        return block_kernels.kernels(z.shape[1])
     return tile_kernels
 
 

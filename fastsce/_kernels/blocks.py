@@ -8,18 +8,17 @@ the transposes back and masked stores. The classes past K are lanes of -inf (the
 0), and a block does the work of 4, 8, 12, 16, 24 or 32 classes (``cols``, the first
 WIDTHS entry >= K; a kernel per width). At K = 40-48 the blocks were no faster than the
 tiles (0.93-0.96x the time), at 64 slower (1.13x): the exps wait for the gradient in
-registers that then spill. Calls with label smoothing, z-loss, lse or a logit scale run
-kernels of their own (``options``; widths OPTION_WIDTHS), with the tiles' formulas; a
-softcap, half and float64 logits stay in the tiles (fastsce._kernels.tiles).
+registers that then spill. The tile kernels (fastsce._kernels.tiles) keep the rest of
+the small-K work: label smoothing, z-loss, lse, logit transforms, half and float64
+logits; fastsce.api sends here only the calls without those.
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
 (NaN-propagating), each exp(z_j - m) in float32 as if z_j - m were exact (simd's
 exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
 z_y - m and e_y = exp(z_y - m) in float64, the loss log1p(s_other / e_y) as
 simd.lse_minus_target takes it, times the class and row weights; the gradient
-a e_j with a = v scale w_y / s, and at the target -v scale w_y s_other / s (with
-options, tiles._lane_loss's terms). Rows not counted (ignored, or of weight 0) get loss
-0 and a zero gradient row.
+a e_j with a = v scale w_y / s, and at the target -v scale w_y s_other / s. Rows not
+counted (ignored, or of weight 0) get loss 0 and a zero gradient row.
 
 The IR below is built from the constants of fastsce._kernels.simd, op for op as its
 Numba versions compile (fast-math flags nsz, arcp, contract, as jit.FASTMATH):
@@ -40,9 +39,6 @@ from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat
 
 W = 16  # rows per block, and classes per zmm of a row
 WIDTHS = (4, 8, 12, 16, 24, 32)  # classes a block computes: K or more
-# With options (label smoothing, z-loss, lse, logit scale) fewer widths: each is four
-# kernels more to compile (loss, loss+grad, serial and threaded), ~3.5 s each
-OPTION_WIDTHS = (8, 12, 16, 32)
 MAX_K = WIDTHS[-1]
 
 
@@ -256,36 +252,30 @@ def _size(context, builder, ty, value):
 
 
 @intrinsic
-def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_sum, lanes, g, cols, grad, options):
-    """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols):
-    each row's loss (weighted; 0 where not counted) into lanes[0, ..], its z-term into
-    lanes[1] and its lse into lanes[2] (0 past rows); returns the sums of the losses and
-    of the z-terms (a fixed order). With ``grad`` (a literal bool), the rows' gradient
-    into g (N, K). params: the tiles' (label smoothing, z-loss, scale, scale of the
-    z-term, logit scale, softcap, which must be 0); without ``options`` (a literal bool)
-    only the scale is read, and the z-terms and lse are not written. ``cols`` (a literal,
-    one of WIDTHS): the classes a block computes, K or more. w: the K class weights
-    (float32), w_sum their float64 sum; v: per-row weights (float64), or empty."""
+def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad):
+    """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols): each
+    row's loss (weighted; 0 where not counted) into losses[0 ..] (0 past rows); returns
+    their sum (a fixed order). With ``grad`` (a literal bool), the rows' gradient (times ``scale``) into g (N,
+    K). ``cols`` (a literal, one of WIDTHS): the classes a block computes, K or more. w:
+    the K class weights (float32); v: per-row weights (float64), or empty for none."""
     if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in WIDTHS):
         return None
-    if not (isinstance(grad, types.BooleanLiteral) and isinstance(options, types.BooleanLiteral)):
+    if not isinstance(grad, types.BooleanLiteral):
         return None
-    if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (lanes, 2), (g, 2))):
+    if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (losses, 1), (g, 2))):
         return None
-    if not (z.dtype == g.dtype == w.dtype == types.float32 and v.dtype == lanes.dtype == types.float64):
+    if not (z.dtype == g.dtype == w.dtype == types.float32 and v.dtype == losses.dtype == types.float64):
         return None
-    sums = types.UniTuple(types.float64, 2)
-    sig = sums(z, target, ignore_index, w, v, row0, rows, params, w_sum, lanes, g, cols, grad, options)
-    n_cols, with_grad, with_options = cols.literal_value, grad.literal_value, options.literal_value
+    sig = types.float64(z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad)
+    n_cols, with_grad = cols.literal_value, grad.literal_value
     t_bits = target.dtype.bitwidth
 
     def codegen(context, builder, sig, args):
-        zv, tv, ignore, wv, vv, r0, nrows, pv, w_sum, lv, gv = args[:11]
+        zv, tv, ignore, wv, vv, r0, nrows, sc, lv, gv = args[:10]
         r0 = context.cast(builder, r0, sig.args[5], types.int64)
         nrows = context.cast(builder, nrows, sig.args[6], types.int64)
         ignore = context.cast(builder, ignore, sig.args[2], types.int64)
-        w_sum = context.cast(builder, w_sum, sig.args[8], types.float64)
-        ps = [context.cast(builder, builder.extract_value(pv, i), t, types.float64) for i, t in enumerate(sig.args[7])]
+        sc = context.cast(builder, sc, sig.args[7], types.float64)
         k = builder.extract_value(context.make_array(z)(context, builder, zv).shape, 1)
         vec = _Vectors(builder)
         # blocks_per_call blocks of 16 rows, their steps interleaved: one block's steps are a chain
@@ -298,8 +288,7 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_s
             left = builder.sub(nrows, first)
             rows_b = builder.select(builder.icmp_signed("<", left, ir.Constant(_I64, 0)), ir.Constant(_I64, 0), left)
             rows_b = builder.select(builder.icmp_signed(">", rows_b, ir.Constant(_I64, W)), ir.Constant(_I64, W), rows_b)
-            values = (zv, tv, ignore, wv, vv, ps, w_sum, lv, gv)
-            steps.append(_block_steps(context, builder, vec, sig, values, builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad, with_options))
+            steps.append(_block_steps(context, builder, vec, sig, (zv, tv, ignore, wv, vv, sc, lv, gv), builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad))
         totals = [None] * len(steps)
         while any(t is None for t in totals):
             for b, gen in enumerate(steps):
@@ -308,20 +297,16 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_s
                         next(gen)
                     except StopIteration as done:
                         totals[b] = done.value
-        loss_sum = vec.tree(builder.fadd, [t[0] for t in totals])
-        z_sum = vec.tree(builder.fadd, [t[1] for t in totals])
-        return context.make_tuple(builder, sig.return_type, (loss_sum, z_sum))
+        return vec.tree(builder.fadd, totals)
 
     return sig, codegen
 
 
-def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad, with_options):
+def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
     """The IR of one block of 16 rows (block_loss), a generator: it yields between steps
-    so that block_loss can interleave its blocks; returns the block's sums of the
-    losses and the z-terms."""
-    z, target, _, w, v, _, _, _, _, lanes, g = sig.args[:11]
-    zv, tv, ignore, wv, vv, ps, w_sum, lv, gv = values
-    eps, zl, sc, scale_z, x_scale = ps[:5]
+    so that block_loss can interleave its blocks; returns the block's loss sum."""
+    z, target, _, w, v, _, _, _, losses, g = sig.args[:10]
+    zv, tv, ignore, wv, vv, sc, lv, gv = values
     t_bits = target.dtype.bitwidth
     f16 = ir.VectorType(_F32, W)
     d8 = ir.VectorType(_F64, W // 2)
@@ -335,9 +320,6 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
         col += transposed(builder, loaded)
     col = col[:n_cols]
-    if with_options:  # z = a x, each product rounded to float32 (simd.product); -inf past K
-        a_x = _splat(builder, builder.fptrunc(x_scale, _F32), W)
-        col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), builder.fmul(a_x, c, flags=("arcp",)), minus_inf) for j, c in enumerate(col)]
 
     yield
     # which rows count, their targets and weights
@@ -374,13 +356,6 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     yield
     # the max, the exps, and the float64 sum of the exps but the target's
     m = vec.tree(vec.maximum, col)
-    if with_options:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
-        terms = []
-        for j in range(n_cols):
-            w_j = builder.extract_element(w_all[j // W], ir.Constant(_I32, j % W))
-            term = vec.select(vec.cmp("!=", _splat(builder, w_j, W), 0.0, unordered=True), vec.mul(w_j, vec.sub(col[j], m)), 0.0)
-            terms.append(vec.wide(term))
-        w_shift = [vec.tree(vec.add, (t[i] for t in terms)) for i in (0, 1)]
     e = [vec.exp_shifted_f32(col[j], m) for j in range(n_cols)]
     kept = [builder.select(is_target[j], zero, e[j]) for j in range(n_cols)]
     halves = [vec.wide(x) for x in kept]
@@ -391,119 +366,77 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     live_h = [vec.half(live, i) for i in (0, 1)]
     zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
     w_yd = vec.wide(w_y)
-    m_d = vec.wide(m)
-    out = {"loss": [], "z": [], "lse": []}
-    a_f, b_f, gy_f = [], [], []
-    if with_options:
-        k_d = builder.sitofp(k, _F64)
-        smooth = builder.fcmp_ordered(">", eps, ir.Constant(_F64, 0.0))
-        has_z = builder.fcmp_ordered(">", zl, ir.Constant(_F64, 0.0))
-        eps_k = builder.fdiv(eps, k_d, flags=_FLAGS)
-        one_eps = builder.fsub(ir.Constant(_F64, 1.0), eps, flags=_FLAGS)
-        eps_w = builder.fdiv(builder.fmul(eps, w_sum, flags=_FLAGS), k_d, flags=_FLAGS)
+    losses_out, a_f, gy_f = [], [], []
     for i in (0, 1):
         e_y = vec.exp_f64(zy[i])
         inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
         loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
-        if not with_options:
-            out["loss"].append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
-            hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
-            a_f.append(vec.mul(hard, inv_s))
-            gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
-            continue
-        # as tiles._lane_loss, op for op
-        log_s = vec.log_normal(vec.add(s_other[i], e_y))
-        lse = vec.select(vec.cmp("==", vec.fabs(m_d[i]), np.inf), m_d[i], vec.add(m_d[i], log_s))  # rows.row_lse
-        smoothed = vec.add(vec.mul(one_eps, loss), vec.mul(eps_k, vec.sub(vec.mul(w_sum, log_s), w_shift[i])))
-        loss = vec.select(_splat(builder, smooth, W // 2), smoothed, loss)
-        out["loss"].append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
-        z_live = builder.and_(live_h[i], _splat(builder, has_z, W // 2))
-        out["z"].append(vec.select(z_live, vec.mul(vec.mul(vec.mul(row_w[i], zl), lse), lse), 0.0))
-        out["lse"].append(lse)
-        sv = vec.mul(vec.mul(sc, row_w[i]), x_scale)
-        hard = vec.mul(vec.mul(one_eps, w_yd[i]), sv)
-        zg = vec.mul(vec.mul(vec.mul(vec.mul(vec.like(2.0, sv), zl), scale_z), row_w[i]), x_scale)
-        zg = vec.select(_splat(builder, has_z, W // 2), vec.mul(zg, lse), 0.0)
-        a_f.append(vec.mul(vec.add(vec.add(hard, vec.mul(eps_w, sv)), zg), inv_s))
-        b_f.append(vec.mul(eps_k, sv))
-        p_y = vec.mul(e_y, inv_s)
-        gy = vec.add(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)), vec.mul(vec.mul(eps_k, sv), vec.sub(vec.mul(w_sum, p_y), w_yd[i])))
-        gy_f.append(vec.add(gy, vec.mul(zg, p_y)))
+        losses_out.append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
+        hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
+        a_f.append(vec.mul(hard, inv_s))
+        gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
     yield
-    l_ptr = _data(context, builder, lanes, lv)
-    stride = builder.extract_value(context.make_array(lanes)(context, builder, lv).shape, 1)
-    for row, name in enumerate(("loss", "z", "lse")):
-        row_ptr = builder.gep(l_ptr, [builder.mul(stride, ir.Constant(_I64, row))])
-        for i, x in enumerate(out[name]):
-            builder.store(x, builder.bitcast(builder.gep(row_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
-    total = vec.lane_sum(vec.add(out["loss"][0], out["loss"][1]))
-    z_total = vec.lane_sum(vec.add(out["z"][0], out["z"][1])) if with_options else ir.Constant(_F64, 0.0)
+    l_ptr = _data(context, builder, losses, lv)
+    for i in (0, 1):
+        builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
+    total = vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
 
     yield
     if with_grad:
         a32, gy32 = vec.narrow(*a_f), vec.narrow(*gy_f)
-        b32 = vec.narrow(*b_f) if with_options else None
-        grads = []
+        out = []
         for j in range(n_cols):
-            gj = vec.mul(a32, e[j])
-            if with_options:  # a e_j - b w_j
-                w_j = builder.extract_element(w_all[j // W], ir.Constant(_I32, j % W))
-                gj = vec.sub(gj, vec.mul(b32, w_j))
-            gj = builder.select(is_target[j], gy32, gj)
-            grads.append(builder.select(live, gj, zero))
-        grads += [zero] * (-n_cols % W)
-        for group in range(len(grads) // W):
-            rows_out = transposed(builder, grads[W * group : W * group + W])
+            gj = builder.select(is_target[j], gy32, vec.mul(a32, e[j]))
+            out.append(builder.select(live, gj, zero))
+        out += [zero] * (-n_cols % W)
+        for group in range(len(out) // W):
+            rows_out = transposed(builder, out[W * group : W * group + W])
             for x, (p, mask) in zip(rows_out, _rows(context, builder, g, gv, r0, k, nrows, group)):
                 builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
-    return total, z_total
+    return total
 
 
 # --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
 #
-# One pair of kernels per block width (WIDTHS) and per kind of call (plain, or with label
-# smoothing, z-loss, lse or a logit scale), each compiled when first used: a call
-# compiles one width's block code (float32 K = 10, 65536 rows, empty cache: loss only
-# 4.0-4.5 s with one width a kernel, 6.3-7.0 s with all four widths of two blocks).
+# One pair of kernels per block width (WIDTHS), each compiled when first
+# used: a call compiles one width's block code, not all four (float32 K = 10, 65536 rows,
+# empty cache: loss only 4.0-4.2 s with one width of one block a call, 6.3-7.0 s with all
+# four widths of two).
 
 
 @jit
-def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad, cols, options):
-    """Rows lo .. hi, 16 or 32 at a time: the sums of their losses and z-terms (per row
-    too, in outs' row arrays that are not empty)."""
-    row_loss, row_z, lse_out = outs[0], outs[1], outs[2]
+def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad, cols):
+    """Rows lo .. hi, 16 or 32 at a time: the sum of their losses (per row too, in
+    outs[0] when it is not empty; outs[1], the z-terms, zeros)."""
+    row_loss, row_z = outs[0], outs[1]
     step = W if grad else 2 * W  # W blocks_per_call(grad)
-    lanes = np.zeros((3, step))
+    losses = np.empty(step)
     total = 0.0
-    z_total = 0.0
     for i in range(lo, hi, step):
         rows = min(step, hi - i)
-        dt, dz = block_loss(z, target, ignore_index, w, v, i, rows, params, w_sum, lanes, g, cols, grad, options)
-        total += dt
-        z_total += dz
+        total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, cols, grad)
         for r in range(rows if row_loss.size else 0):
-            row_loss[i + r] = lanes[0, r] + lanes[1, r]
+            row_loss[i + r] = losses[r]
         for r in range(rows if row_z.size else 0):
-            row_z[i + r] = lanes[1, r]
-        for r in range(rows if lse_out.size else 0):
-            lse_out[i + r] = lanes[2, r]
-    return total, z_total
+            row_z[i + r] = 0.0
+    return total
 
 
-def _kernels(cols, options):
-    """hard_loss and hard_loss_grad for K <= cols (cols and options constants of the
-    closure, so literals in the kernels' code)."""
+def _kernels(cols):
+    """hard_loss and hard_loss_grad for K <= cols (cols a constant of the closure, so a
+    literal in the kernels' code)."""
 
     @parallel
     def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
-        """tiles.hard_loss for float32 z of K <= cols and no softcap (fastsce.api checks);
-        without ``options`` also no label smoothing, z-loss, logit scale or lse."""
+        """tiles.hard_loss for float32 z of K <= cols and params without label smoothing,
+        z-loss or logit transforms (fastsce.api checks), and no lse (outs[2] empty)."""
         chunk_loss, chunk_z = outs[3], outs[4]
         no_grad = np.empty((0, z.shape[1]), z.dtype)
         for c in prange(chunk_loss.size):
             lo = c * chunk_rows
             hi = min(lo + chunk_rows, z.shape[0])
-            chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, borrow_outs(outs), no_grad, lo, hi, False, cols, options)
+            chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), no_grad, lo, hi, False, cols)
+            chunk_z[c] = 0.0
 
     @parallel
     def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
@@ -513,17 +446,15 @@ def _kernels(cols, options):
         for c in prange(chunk_loss.size):
             lo = c * chunk_rows
             hi = min(lo + chunk_rows, z.shape[0])
-            chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, borrow_outs(outs), borrowed(g), lo, hi, True, cols, options)
+            chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), borrowed(g), lo, hi, True, cols)
+            chunk_z[c] = 0.0
 
     return SimpleNamespace(hard_loss=hard_loss, hard_loss_grad=hard_loss_grad)
 
 
-_BY_WIDTH = {(cols, False): _kernels(cols, False) for cols in WIDTHS}
-_BY_WIDTH.update({(cols, True): _kernels(cols, True) for cols in OPTION_WIDTHS})
+_BY_WIDTH = {cols: _kernels(cols) for cols in WIDTHS}
 
 
-def kernels(k: int, options: bool = False):
-    """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad);
-    ``options``: those that take label smoothing, z-loss, a logit scale and lse."""
-    widths = OPTION_WIDTHS if options else WIDTHS
-    return _BY_WIDTH[next(cols for cols in widths if k <= cols), options]
+def kernels(k: int):
+    """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad)."""
+    return _BY_WIDTH[next(cols for cols in WIDTHS if k <= cols)]
