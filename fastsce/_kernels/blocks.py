@@ -31,7 +31,7 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from fastsce._kernels import simd
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
@@ -48,8 +48,17 @@ def blocks_per_call(grad):
     (two: 0.98-1.03x; the exps kept for the gradient of two blocks exceed the 32 zmm)."""
     return 1 if grad else 2
 
+
+@overload(blocks_per_call)
+def _blocks_per_call(grad):
+    """The same in jitted code, for a literal ``grad`` (_chunk's step over the rows)."""
+    if not isinstance(grad, types.BooleanLiteral):
+        return None
+    n = blocks_per_call(grad.literal_value)
+    return lambda grad: n
+
 _F32, _F64 = ir.FloatType(), ir.DoubleType()
-_I1, _I32, _I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
 _FLAGS = ("nsz", "arcp", "contract")
 
 
@@ -409,7 +418,7 @@ def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad, cols):
     """Rows lo .. hi, 16 or 32 at a time: the sum of their losses (per row too, in
     outs[0] when it is not empty; outs[1], the z-terms, zeros)."""
     row_loss, row_z = outs[0], outs[1]
-    step = W if grad else 2 * W  # W blocks_per_call(grad)
+    step = W * blocks_per_call(grad)
     losses = np.empty(step)
     total = 0.0
     for i in range(lo, hi, step):
