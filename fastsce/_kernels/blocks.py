@@ -38,7 +38,10 @@ from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
 from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat, transposed
 
 W = 16  # rows per block, and classes per zmm of a row
-WIDTHS = (4, 8, 12, 16, 24, 32)  # classes a block computes: K or more
+import os
+ROWS_PER_STEP = int(os.environ.get("RPS", 2))  # rows a loop step of _row_steps interleaves
+TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
+WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256)  # classes a block computes: K or more
 MAX_K = WIDTHS[-1]
 
 
@@ -116,6 +119,12 @@ class _Vectors:
         name = f"llvm.maximum.v{vt.count}f{32 if vt.element == _F32 else 64}"
         fn = self.b.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, vt]))
         return self.b.call(fn, [x, y])
+
+    def max_or_nan_somewhere(self, x, y):
+        """x > y ? x : y, one vmaxps: a NaN operand gives y, so a NaN among the values
+        may not reach their max. The kernels' results stay NaN for such a row all the
+        same: its NaN logit gives a NaN exp, in the sum (or, at the target, in z_y)."""
+        return self.b.select(self.cmp(">", x, y), x, y)
 
     def fabs(self, x):
         vt = x.type
@@ -297,7 +306,7 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
             left = builder.sub(nrows, first)
             rows_b = builder.select(builder.icmp_signed("<", left, ir.Constant(_I64, 0)), ir.Constant(_I64, 0), left)
             rows_b = builder.select(builder.icmp_signed(">", rows_b, ir.Constant(_I64, W)), ir.Constant(_I64, W), rows_b)
-            steps.append(_block_steps(context, builder, vec, sig, (zv, tv, ignore, wv, vv, sc, lv, gv), builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad))
+            steps.append((_block_steps if n_cols <= TRANSPOSED_MAX else _row_steps)(context, builder, vec, sig, (zv, tv, ignore, wv, vv, sc, lv, gv), builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad))
         totals = [None] * len(steps)
         while any(t is None for t in totals):
             for b, gen in enumerate(steps):
@@ -311,14 +320,64 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
     return sig, codegen
 
 
+def _counted(context, builder, vec, sig, values, r0, nrows):
+    """Which of the block's 16 rows count (live: in the block, not ignored, of weight
+    != 0), their weights row_w (two float64 halves; 1 without per-row weights) and their
+    targets (i64 lanes)."""
+    target, v = sig.args[1], sig.args[4]
+    tv, ignore, vv = values[1], values[2], values[4]
+    t_bits = target.dtype.bitwidth
+    d8 = ir.VectorType(_F64, W // 2)
+    lane = _const_vector(_I64, range(W))
+    in_block = builder.icmp_signed("<", lane, _splat(builder, nrows, W))
+    t_ptr = builder.gep(_data(context, builder, target, tv), [r0])
+    tvt = ir.VectorType(ir.IntType(t_bits), W)
+    y = builder.call(_masked(builder, "load", tvt, t_ptr), [t_ptr, ir.Constant(_I32, t_bits // 8), in_block, ir.Constant(tvt, None)])
+    y64 = y if t_bits == 64 else builder.sext(y, ir.VectorType(_I64, W))
+    live = builder.and_(in_block, builder.icmp_signed("!=", y64, _splat(builder, ignore, W)))
+    has_v = builder.icmp_signed("!=", _size(context, builder, v, vv), ir.Constant(_I64, 0))
+    v_ptr = builder.gep(_data(context, builder, v, vv), [r0])
+    v_mask = builder.and_(in_block, _splat(builder, has_v, W))
+    row_w = [builder.call(_masked(builder, "load", d8, p), [p, ir.Constant(_I32, 8), vec.half(v_mask, h), vec.const(1.0, _F64, W // 2)])
+             for h, p in ((0, v_ptr), (1, builder.gep(v_ptr, [ir.Constant(_I64, W // 2)])))]  # fmt: skip
+    live = builder.and_(live, vec.join(*(vec.cmp("!=", x, 0.0, unordered=True) for x in row_w)))
+    return live, row_w, y64
+
+
+def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc):
+    """Per row, in float64 lanes (two halves of 8): the loss (0 where not counted), and
+    the gradient's factors a = v scale w_y / s and gy = -v scale w_y s_other / s. z_y, w_y
+    and m: float32 vectors of the 16 rows; s_other: two float64 halves."""
+    live_h = [vec.half(live, i) for i in (0, 1)]
+    zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
+    w_yd = vec.wide(w_y)
+    losses_out, a_f, gy_f = [], [], []
+    for i in (0, 1):
+        e_y = vec.exp_f64(zy[i])
+        inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
+        loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
+        losses_out.append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
+        hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
+        a_f.append(vec.mul(hard, inv_s))
+        gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
+    return losses_out, a_f, gy_f
+
+
+def _store_losses(context, builder, vec, losses, lv, l_first, losses_out):
+    """The 16 rows' losses into losses[l_first ..]; their sum."""
+    d8 = ir.VectorType(_F64, W // 2)
+    l_ptr = _data(context, builder, losses, lv)
+    for i in (0, 1):
+        builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
+    return vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
+
+
 def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
     """The IR of one block of 16 rows (block_loss), a generator: it yields between steps
     so that block_loss can interleave its blocks; returns the block's loss sum."""
-    z, target, _, w, v, _, _, _, losses, g = sig.args[:10]
-    zv, tv, ignore, wv, vv, sc, lv, gv = values
-    t_bits = target.dtype.bitwidth
+    z, _, _, w, _, _, _, _, losses, g = sig.args[:10]
+    zv, _, _, wv, _, sc, lv, gv = values
     f16 = ir.VectorType(_F32, W)
-    d8 = ir.VectorType(_F64, W // 2)
 
     # the rows, transposed: col[j] = class j of the 16 rows (-inf past K), 16 classes
     # (one zmm of a row) at a time
@@ -331,21 +390,8 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     col = col[:n_cols]
 
     yield
-    # which rows count, their targets and weights
+    live, row_w, y64 = _counted(context, builder, vec, sig, values, r0, nrows)
     lane = _const_vector(_I64, range(W))
-    in_block = builder.icmp_signed("<", lane, _splat(builder, nrows, W))
-    t_data = _data(context, builder, target, tv)
-    t_ptr = builder.gep(t_data, [r0])
-    tvt = ir.VectorType(ir.IntType(t_bits), W)
-    y = builder.call(_masked(builder, "load", tvt, t_ptr), [t_ptr, ir.Constant(_I32, t_bits // 8), in_block, ir.Constant(tvt, None)])
-    y64 = y if t_bits == 64 else builder.sext(y, ir.VectorType(_I64, W))
-    live = builder.and_(in_block, builder.icmp_signed("!=", y64, _splat(builder, ignore, W)))
-    has_v = builder.icmp_signed("!=", _size(context, builder, v, vv), ir.Constant(_I64, 0))
-    v_ptr = builder.gep(_data(context, builder, v, vv), [r0])
-    v_mask = builder.and_(in_block, _splat(builder, has_v, W))
-    row_w = [builder.call(_masked(builder, "load", d8, p), [p, ir.Constant(_I32, 8), vec.half(v_mask, h), vec.const(1.0, _F64, W // 2)])
-             for h, p in ((0, v_ptr), (1, builder.gep(v_ptr, [ir.Constant(_I64, W // 2)])))]  # fmt: skip
-    live = builder.and_(live, vec.join(*(vec.cmp("!=", x, 0.0, unordered=True) for x in row_w)))
     y32 = builder.trunc(y64, ir.VectorType(_I32, W))
     is_target = [builder.and_(live, builder.icmp_signed("==", y32, vec.const(j, _I32, W))) for j in range(n_cols)]
     zero = vec.const(0.0, _F32, W)
@@ -371,24 +417,9 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     s_other = [vec.tree(vec.add, (h[i] for h in halves)) for i in (0, 1)]
 
     yield
-    # per row, in float64: the loss, and the gradient's factors
-    live_h = [vec.half(live, i) for i in (0, 1)]
-    zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
-    w_yd = vec.wide(w_y)
-    losses_out, a_f, gy_f = [], [], []
-    for i in (0, 1):
-        e_y = vec.exp_f64(zy[i])
-        inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
-        loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
-        losses_out.append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
-        hard = vec.mul(w_yd[i], vec.mul(sc, row_w[i]))
-        a_f.append(vec.mul(hard, inv_s))
-        gy_f.append(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)))
+    losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
     yield
-    l_ptr = _data(context, builder, losses, lv)
-    for i in (0, 1):
-        builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
-    total = vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
+    total = _store_losses(context, builder, vec, losses, lv, l_first, losses_out)
 
     yield
     if with_grad:
@@ -402,6 +433,136 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
             rows_out = transposed(builder, out[W * group : W * group + W])
             for x, (p, mask) in zip(rows_out, _rows(context, builder, g, gv, r0, k, nrows, group)):
                 builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
+    return total
+
+
+def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
+    """block_loss's block of 16 rows for K > 32 (n_cols = 16 n): a loop
+    over the rows, each row held in n zmm along its classes (the last one masked): the
+    max (a tree, then across the lanes), the exps, the float64 sum of all but the
+    target's; each row's m, z_y, w_y and s_other go to 16-lane stack arrays, and after
+    the loop the rows' float64 arithmetic is _row_factors' 16 lanes, as in the
+    transposed blocks. With the gradient the exps are stored into the row's gradient
+    and a second loop scales them (the 16 rows' exps are in L1 by then). A generator
+    like _block_steps (its loops are emitted whole between yields)."""
+    z, target, _, w, _, _, _, _, losses, g = sig.args[:10]
+    zv, tv, _, wv, _, sc, lv, gv = values
+    t_bits = target.dtype.bitwidth
+    n_vec = n_cols // W
+    f16 = ir.VectorType(_F32, W)
+    i16 = ir.VectorType(_I32, W)
+    zero = vec.const(0.0, _F32, W)
+    minus_inf = vec.const(-np.inf, _F32, W)
+    lane = _const_vector(_I32, range(W))
+    align = ir.Constant(_I32, 4)
+    # a zmm of a row is loaded whole where every K of this width fills it, else masked
+    # (its lanes below K; none for the K that leave it empty)
+    min_k = max([c for c in WIDTHS if c < n_cols], default=0) + 1
+    masks = [None if W * (i + 1) <= min_k else builder.icmp_signed("<", lane, _splat(builder, builder.trunc(builder.sub(k, ir.Constant(_I64, W * i)), _I32), W)) for i in range(n_vec)]
+
+    def vectors(base):
+        """(pointer, mask or None) of each zmm of the row at base."""
+        return [(builder.bitcast(builder.gep(base, [ir.Constant(_I64, W * i)]), f16.as_pointer()), masks[i]) for i in range(n_vec)]
+
+    def load(p, mask, fill):
+        if mask is None:
+            return builder.load(p, align=4)
+        return builder.call(_masked(builder, "load", f16, p), [p, align, mask, fill])
+
+    def store(x, p, mask):
+        if mask is None:
+            builder.store(x, p, align=4)
+        else:
+            builder.call(_masked(builder, "store", f16, p), [x, p, align, mask])
+
+    def row_target(row):
+        """The row's target, and the same clamped into 0 .. K - 1 (an ignored row's
+        ignore_index may lie outside)."""
+        y = builder.load(builder.gep(_data(context, builder, target, tv), [row]))
+        y = y if t_bits == 64 else builder.sext(y, _I64)
+        inside = builder.and_(builder.icmp_signed(">=", y, ir.Constant(_I64, 0)), builder.icmp_signed("<", y, k))
+        return y, builder.select(inside, y, ir.Constant(_I64, 0))
+
+    def is_target(y):
+        y_lanes = _splat(builder, builder.trunc(y, _I32), W)
+        return [builder.icmp_signed("==", builder.add(lane, vec.const(W * i, _I32, W)), y_lanes) for i in range(n_vec)]
+
+    def lanes_of(element):
+        """A 16-lane stack array (zeroed), and a pointer to its lane r."""
+        arr = cgutils.alloca_once(builder, ir.ArrayType(element, W))
+        builder.store(ir.Constant(ir.ArrayType(element, W), None), arr)
+        return arr, lambda r: builder.gep(arr, [ir.Constant(_I32, 0), r])
+
+    def as_vector(arr, element, first, n):
+        return builder.load(builder.bitcast(builder.gep(arr, [ir.Constant(_I32, 0), ir.Constant(_I32, first)]), ir.VectorType(element, n).as_pointer()), align=4)
+
+    m_arr, m_at = lanes_of(_F32)
+    zy_arr, zy_at = lanes_of(_F32)
+    wy_arr, wy_at = lanes_of(_F32)
+    s_arr, s_at = lanes_of(_F64)
+    z_data, g_data, w_data = (_data(context, builder, t, x) for t, x in ((z, zv), (g, gv), (w, wv)))
+    # ROWS_PER_STEP rows a loop step, their instructions interleaved stage by stage:
+    # one row's are a chain of latencies (loads, the max across lanes, the exp's
+    # polynomial, the sum across lanes). An odd last row is done twice, which stores the
+    # same values twice (in place too: both copies load the row before either stores).
+    last = builder.sub(nrows, ir.Constant(_I64, 1))
+    steps = builder.sdiv(builder.add(nrows, ir.Constant(_I64, ROWS_PER_STEP - 1)), ir.Constant(_I64, ROWS_PER_STEP))
+    with cgutils.for_range(builder, steps) as loop:
+        rs = []
+        for q in range(ROWS_PER_STEP):
+            r = builder.add(builder.mul(loop.index, ir.Constant(_I64, ROWS_PER_STEP)), ir.Constant(_I64, q))
+            rs.append(builder.select(builder.icmp_signed(">", r, last), last, r))
+        rows = [builder.add(r0, r) for r in rs]
+        bases = [builder.gep(z_data, [builder.mul(row, k)]) for row in rows]
+        ys = [row_target(row) for row in rows]
+        # z_y and w_y before the exps are stored: g may be z (in place)
+        for r, base, (_, y_in) in zip(rs, bases, ys):
+            builder.store(builder.load(builder.gep(base, [y_in])), zy_at(r))
+            builder.store(builder.load(builder.gep(w_data, [y_in])), wy_at(r))
+        xs = [[load(p, mask, minus_inf) for p, mask in vectors(base)] for base in bases]
+        ms = [vec.tree(vec.max_or_nan_somewhere, x) for x in xs]
+        for step in (8, 4, 2, 1):  # every lane the row's max
+            flip = _const_vector(_I32, [i ^ step for i in range(W)])
+            ms = [vec.max_or_nan_somewhere(m, builder.shuffle_vector(m, m, flip)) for m in ms]
+        es = [[vec.exp_shifted_f32(xi, m) for xi in x] for x, m in zip(xs, ms)]
+        for r, e, m, (y, _) in zip(rs, es, ms, ys):
+            kept = [builder.select(t, zero, ei) for t, ei in zip(is_target(y), e)]
+            halves = [h for ki in kept for h in vec.wide(ki)]
+            builder.store(vec.lane_sum(vec.tree(vec.add, halves)), s_at(r))
+            builder.store(builder.extract_element(m, ir.Constant(_I32, 0)), m_at(r))
+        if with_grad:
+            for row, e in zip(rows, es):
+                g_base = builder.gep(g_data, [builder.mul(row, k)])
+                for ei, (p, mask) in zip(e, vectors(g_base)):
+                    store(ei, p, mask)
+    yield
+
+    live, row_w, _ = _counted(context, builder, vec, sig, values, r0, nrows)
+    m = as_vector(m_arr, _F32, 0, W)
+    s_other = [as_vector(s_arr, _F64, 8 * i, W // 2) for i in (0, 1)]
+    losses_out, a_f, gy_f = _row_factors(vec, live, row_w, as_vector(zy_arr, _F32, 0, W), as_vector(wy_arr, _F32, 0, W), m, s_other, sc)
+    total = _store_losses(context, builder, vec, losses, lv, l_first, losses_out)
+    yield
+
+    if with_grad:
+        # a row not counted: a = gy = 0 and its exps (NaN in a NaN row) masked to 0
+        a_arr, a_at = lanes_of(_F32)
+        gy_arr, gy_at = lanes_of(_F32)
+        builder.store(builder.select(live, vec.narrow(*a_f), zero), builder.bitcast(a_arr, f16.as_pointer()), align=4)
+        builder.store(vec.narrow(*gy_f), builder.bitcast(gy_arr, f16.as_pointer()), align=4)
+        live_arr, live_at = lanes_of(_I32)
+        builder.store(builder.zext(live, i16), builder.bitcast(live_arr, i16.as_pointer()), align=4)
+        with cgutils.for_range(builder, nrows) as loop:
+            r = loop.index
+            row = builder.add(r0, r)
+            g_base = builder.gep(g_data, [builder.mul(row, k)])
+            y, _ = row_target(row)
+            a_r = _splat(builder, builder.load(a_at(r)), W)
+            gy_r = _splat(builder, builder.load(gy_at(r)), W)
+            live_r = _splat(builder, builder.icmp_signed("!=", builder.load(live_at(r)), ir.Constant(_I32, 0)), W)
+            for t, (p, mask) in zip(is_target(y), vectors(g_base)):
+                out = builder.select(t, gy_r, vec.mul(a_r, load(p, mask, zero)))
+                store(builder.select(live_r, out, zero), p, mask)
     return total
 
 
