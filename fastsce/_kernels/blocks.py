@@ -38,8 +38,7 @@ from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
 from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat, transposed
 
 W = 16  # rows per block, and classes per zmm of a row
-import os
-ROWS_PER_STEP = int(os.environ.get("RPS", 2))  # rows a loop step of _row_steps interleaves
+ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
 WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256)  # classes a block computes: K or more
 MAX_K = WIDTHS[-1]
