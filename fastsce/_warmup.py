@@ -70,11 +70,23 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
         fn(logits, labels)
         fn(logits, labels, **_weights(logits))
-        if k_of is _small_k:  # float32 rows of K <= 32 without options: one kernel per block width
+        if k_of is _small_k:  # float32 rows without options go to the blocks (below)
             fn(logits, labels, label_smoothing=0.1)  # (with options: the tiles)
-            from fastsce._kernels import blocks as block_kernels
 
-            for k in block_kernels.WIDTHS:
+    return run
+
+
+def _blocks(grad: bool, transposed: bool):
+    """fastsce._kernels.blocks: a kernel per block width, transposed (K <= 32) or
+    row-wise (K > 32; float32 rows with integer targets and no options only)."""
+
+    def run(dtype: np.dtype) -> None:
+        import fastsce
+        from fastsce._kernels import blocks as block_kernels
+
+        fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
+        for k in block_kernels.WIDTHS:
+            if (k <= block_kernels.TRANSPOSED_MAX) == transposed:
                 fn(*_data(dtype, (130, k)))
 
     return run
@@ -148,6 +160,10 @@ def _large_k(dtype):
 PATHS: dict[str, tuple[Callable[[np.dtype], None], tuple[str, ...] | None]] = {
     "small-K loss+grad": (_hard(_small_k, True), None),
     "small-K loss": (_hard(_small_k, False), None),
+    "blocks loss+grad": (_blocks(True, transposed=True), ("float32",)),
+    "row blocks loss+grad": (_blocks(True, transposed=False), ("float32",)),
+    "blocks loss": (_blocks(False, transposed=True), ("float32",)),
+    "row blocks loss": (_blocks(False, transposed=False), ("float32",)),
     "large-K loss+grad": (_hard(_large_k, True), None),
     "large-K loss": (_hard(_large_k, False), None),
     "small-K evaluate": (_evaluate(large=False), None),

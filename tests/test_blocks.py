@@ -1,4 +1,5 @@
-"""fastsce._kernels.blocks: float32 rows of K <= 32, 16 rows at a time in registers.
+"""fastsce._kernels.blocks: float32 rows of K <= 176, 16 rows at a time (K <= 32 in
+registers, transposed; beyond, row by row).
 
 Its vector exp, log and loss against exact values and against fastsce._kernels.simd's
 scalar versions, lane by lane; the kernels through the public API against the NumPy
@@ -180,26 +181,40 @@ def test_the_blocks_take_float32_calls_without_options(monkeypatch):
     fastsce.cross_entropy(z[:, :8], y % 8)
     fastsce.cross_entropy(np.zeros((100, 16), np.float32), y)
     fastsce.cross_entropy(np.zeros((100, 32), np.float32), y)
+    fastsce.cross_entropy(np.zeros((100, 33), np.float32), y)  # row-wise from here
+    fastsce.cross_entropy_with_grad(np.zeros((100, 100), np.float32), y)
+    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K), np.float32), y)
     expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
-    assert seen == expected + ["blocks32.hard_loss"]
+    assert seen == expected + ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: the tiles
     fastsce.cross_entropy(z, y, return_lse=True)
     fastsce.cross_entropy(z, y, z_loss=1e-4)
     fastsce.cross_entropy(z, y, logit_scale=0.5)
     fastsce.cross_entropy(z.astype(np.float64), y)
-    fastsce.cross_entropy(np.zeros((100, 33), np.float32), y)  # K > 32
+    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y)  # K > MAX_K
     assert seen == ["tiles.hard_loss_grad"] + ["tiles.hard_loss"] * 5
 
 
-@pytest.mark.parametrize("k", range(1, block_kernels.MAX_K + 1))
+def _edges():
+    """Every K of the transposed blocks; beyond, each row-wise width's first two and last
+    two K (the zmm that K leaves empty or fills), and K = 100."""
+    ks = set(range(1, block_kernels.TRANSPOSED_MAX + 1)) | {100}
+    widths = block_kernels.WIDTHS
+    for low, cols in zip(widths, widths[1:]):
+        if cols > block_kernels.TRANSPOSED_MAX:
+            ks |= {low + 1, low + 2, cols - 1, cols}
+    return sorted(ks)
+
+
+@pytest.mark.parametrize("k", _edges())
 @pytest.mark.parametrize("n", (1, 15, 16, 17, 2048 + 21))
 def test_every_k_at_the_block_edges(k, n):
     for reduction, weighted in (("mean", False), ("none", True)):
         _check(make_case(n, k, np.float32, weighted=weighted, reduction=reduction))
 
 
-@pytest.mark.parametrize("k", (3, 10, 16, 29))
+@pytest.mark.parametrize("k", (3, 10, 16, 29, 40, 100, 176))
 @pytest.mark.parametrize(
     "weighted, ignore_inside, rows, reduction, in_place",
     list(itertools.product((False, True), (False, True), (None, "sample_weight", "where"), ("mean", "sum", "none"), (False, True))),
@@ -217,7 +232,7 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
     _check(case, in_place)
 
 
-@pytest.mark.parametrize("k", (1, 2, 9, 16, 17, 32))
+@pytest.mark.parametrize("k", (1, 2, 9, 16, 17, 32, 33, 64, 100, 176))
 def test_special_values(k):
     """-inf (masked) classes, a NaN row, a NaN row that is ignored, huge logits, and a
     confident row; K = 1 gives loss 0 and a zero gradient."""
@@ -245,8 +260,9 @@ def test_special_values(k):
         assert (loss[others] == 0).all() and (grad[others] == 0).all()
 
 
-def test_thread_count_and_bits():
-    case = make_case(50_000, 10, np.float32, weighted=True, reduction="none")
+@pytest.mark.parametrize("k", (10, 100))
+def test_thread_count_and_bits(k):
+    case = make_case(50_000, k, np.float32, weighted=True, reduction="none")
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)

@@ -40,7 +40,7 @@ from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat
 W = 16  # rows per block, and classes per zmm of a row
 ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
-WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256)  # classes a block computes: K or more
+WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176)  # classes a block computes: K or more
 MAX_K = WIDTHS[-1]
 
 
@@ -544,24 +544,26 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     yield
 
     if with_grad:
-        # a row not counted: a = gy = 0 and its exps (NaN in a NaN row) masked to 0
         a_arr, a_at = lanes_of(_F32)
         gy_arr, gy_at = lanes_of(_F32)
-        builder.store(builder.select(live, vec.narrow(*a_f), zero), builder.bitcast(a_arr, f16.as_pointer()), align=4)
-        builder.store(vec.narrow(*gy_f), builder.bitcast(gy_arr, f16.as_pointer()), align=4)
         live_arr, live_at = lanes_of(_I32)
+        builder.store(vec.narrow(*a_f), builder.bitcast(a_arr, f16.as_pointer()), align=4)
+        builder.store(vec.narrow(*gy_f), builder.bitcast(gy_arr, f16.as_pointer()), align=4)
         builder.store(builder.zext(live, i16), builder.bitcast(live_arr, i16.as_pointer()), align=4)
         with cgutils.for_range(builder, nrows) as loop:
             r = loop.index
             row = builder.add(r0, r)
             g_base = builder.gep(g_data, [builder.mul(row, k)])
-            y, _ = row_target(row)
-            a_r = _splat(builder, builder.load(a_at(r)), W)
-            gy_r = _splat(builder, builder.load(gy_at(r)), W)
-            live_r = _splat(builder, builder.icmp_signed("!=", builder.load(live_at(r)), ir.Constant(_I32, 0)), W)
-            for t, (p, mask) in zip(is_target(y), vectors(g_base)):
-                out = builder.select(t, gy_r, vec.mul(a_r, load(p, mask, zero)))
-                store(builder.select(live_r, out, zero), p, mask)
+            counted = builder.icmp_signed("!=", builder.load(live_at(r)), ir.Constant(_I32, 0))
+            with builder.if_else(counted) as (then, otherwise):
+                with then:  # a e_j, then the target's entry over it
+                    a_r = _splat(builder, builder.load(a_at(r)), W)
+                    for p, mask in vectors(g_base):
+                        store(vec.mul(a_r, load(p, mask, zero)), p, mask)
+                    builder.store(builder.load(gy_at(r)), builder.gep(g_base, [row_target(row)[1]]))
+                with otherwise:  # zeros (its exps may be NaN)
+                    for p, mask in vectors(g_base):
+                        store(zero, p, mask)
     return total
 
 
