@@ -1,19 +1,29 @@
-"""Integer-target kernels for float32 rows of K <= 32 classes: 16 rows at a time, in registers.
+"""Integer-target kernels for float32 rows of K <= 176 classes: 16 rows at a time.
 
-Sixteen float32 logits of a row fit one zmm. A block of 16 rows is read 16 classes at a
-time with 16 masked loads and transposed in registers (fastsce._kernels.vec); from there
-on each step is one vector instruction over the 16 rows, class by class, with nothing
-stored in between: the max, the exps, the float64 exp-sums, the loss, the gradient; then
-the transposes back and masked stores. The classes past K are lanes of -inf (their exps
-0), and a block does the work of 4, 8, 12, 16, 24 or 32 classes (``cols``, the first
-WIDTHS entry >= K; a kernel per width). At K = 40-48 the blocks were no faster than the
-tiles (0.93-0.96x the time), at 64 slower (1.13x): the exps wait for the gradient in
-registers that then spill. The tile kernels (fastsce._kernels.tiles) keep the rest of
-the small-K work: label smoothing, z-loss, lse, logit transforms, half and float64
-logits; fastsce.api sends here only the calls without those.
+Up to K = 32 (TRANSPOSED_MAX) a block is held in registers. Sixteen float32 logits of a
+row fit one zmm. A block of 16 rows is read 16 classes at a time with 16 masked loads
+and transposed in registers (fastsce._kernels.vec); from there on each step is one
+vector instruction over the 16 rows, class by class, with nothing stored in between:
+the max, the exps, the float64 exp-sums, the loss, the gradient; then the transposes
+back and masked stores. The classes past K are lanes of -inf (their exps 0), and a block
+does the work of 4, 8, 12, 16, 24 or 32 classes (``cols``, the first WIDTHS entry >= K;
+a kernel per width). At K = 40-48 these blocks were no faster than the tiles (0.93-0.96x
+the time), at 64 slower (1.13x): the exps wait for the gradient in registers that then
+spill.
+
+From K = 33 a block is row-wise (_row_steps): each row in cols / 16 zmm along its
+classes (a width per 16 classes up to 128, then 176), the max across its lanes, the
+exps and their float64 sum, two rows a loop step; the 16 rows' m, z_y and sums go to
+small stack arrays, and their float64 arithmetic (the loss, the gradient's factors) is
+done as 16 lanes, as in the transposed blocks. With the gradient the exps are stored and
+a second loop scales them.
+
+The tile kernels (fastsce._kernels.tiles) keep the rest of the small-K work: label
+smoothing, z-loss, lse, logit transforms, half and float64 logits; fastsce.api sends here
+only the calls without those.
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
-(NaN-propagating), each exp(z_j - m) in float32 as if z_j - m were exact (simd's
+(NaN-propagating; row-wise a NaN may not reach m, but it reaches the sum or z_y), each exp(z_j - m) in float32 as if z_j - m were exact (simd's
 exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
 z_y - m and e_y = exp(z_y - m) in float64, the loss log1p(s_other / e_y) as
 simd.lse_minus_target takes it, times the class and row weights; the gradient
@@ -266,6 +276,18 @@ def _size(context, builder, ty, value):
 # registers); the loss alone, two blocks: 1881 / 2722 / 3153, 250 / 393 / 458. One thread,
 # 2048 rows in cache: 134-250 ns a block of 16 rows before the tree max and the pairs,
 # which took 0.88-0.97x (max) and 0.82-0.91x (pairs, loss alone) of that.
+#
+# Row-wise (_row_steps, width 112, this machine): the row loop is zmm code with no calls;
+# per step of two rows of 7 zmm, 646 instructions with the gradient (84 fma of the exp
+# polynomial, 84 zmm moves to or from the stack: two rows' exps and logits with the exp's
+# constants exceed 32 registers) and 603 for the loss alone (33 such moves); the max is
+# vmaxps (a compare-select, not llvm.maximum's six instructions with its NaN and signed-
+# zero fix-ups: 0.84x the time of a row at K = 100 with them); the scaling loop, per
+# zmm, a load, a vmulps and a store. One thread, 2048 rows in cache: 39-43 ns a row at
+# K = 48-64 (the tiles 46-57), 75-98 at K = 100 (the tiles 79-119), with the gradient.
+# One, two or four rows a step measured the same within this machine's noise. Loops
+# over a row's zmm instead (one kernel for every K, the row reloaded from L1 for the
+# exps): 1.3-1.5x the time at K = 48-64, 0.87-1.13x at K = 100-256.
 
 
 @intrinsic
