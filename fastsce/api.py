@@ -78,9 +78,9 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
     (float32, 2 threads, ~1M logits, one process, 40 interleaved rounds), loss+grad /
     loss only: 0.41 / 0.44 the time at K = 2, 0.47 / 0.50 at 3, 0.54 / 0.63 at 5, 0.49 /
     0.58 at 8, 0.50 / 0.55 at 10, 0.59 / 0.59 at 16, 0.75 / 0.83 at 20, 0.66 / 0.69 at
-    24, 0.81 / 0.82 at 32 (transposed blocks); row-wise (11-15 rounds, two runs): 0.75-0.82 /
-    0.67-0.90 at 33, 0.67-0.68 / 0.74-0.83 at 48, 0.58 / 0.62-0.65 at 64, 0.80-0.93 /
-    0.81-0.97 at 100, 0.75-0.77 / 0.71-0.75 at 128, 0.72-0.76 / 0.88-0.96 at 176."""
+    24, 0.81 / 0.82 at 32 (transposed blocks); row-wise (15 rounds): 0.71 / 0.78 at 33,
+    0.53 / 0.63 at 48, 0.55 / 0.63 at 64, 0.62 / 0.59 at 80, 0.74 / 0.73 at 100, 0.64 /
+    0.73 at 112, 0.80 / 0.75 at 128, 0.89 / 0.90 at 160, 0.84 / 0.84 at 176."""
     eps, z_loss, _, _, logit_scale, cap = params
     plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and cap == 0 and not want_lse
     if plain and z.dtype == np.float32 and z.shape[1] <= block_kernels.MAX_K:

@@ -23,8 +23,8 @@ smoothing, z-loss, lse, logit transforms, half and float64 logits; fastsce.api s
 only the calls without those.
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
-(NaN-propagating; row-wise a NaN may not reach m, but it reaches the sum or z_y), each exp(z_j - m) in float32 as if z_j - m were exact (simd's
-exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
+(NaN-propagating; row-wise a NaN may not reach m, but it reaches the sum or z_y), each
+exp(z_j - m) in float32 as if z_j - m were exact (simd's exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
 z_y - m and e_y = exp(z_y - m) in float64, the loss log1p(s_other / e_y) as
 simd.lse_minus_target takes it, times the class and row weights; the gradient
 a e_j with a = v scale w_y / s, and at the target -v scale w_y s_other / s. Rows not
@@ -458,9 +458,9 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
 
 
 def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
-    """block_loss's block of 16 rows for K > 32 (n_cols = 16 n): a loop
-    over the rows, each row held in n zmm along its classes (the last one masked): the
-    max (a tree, then across the lanes), the exps, the float64 sum of all but the
+    """block_loss's block of 16 rows for K > TRANSPOSED_MAX (n_cols = 16 n): a loop over
+    the rows, each row held in n zmm along its classes (those a K of this width may
+    leave short masked): the max (a tree, then across the lanes), the exps, the float64 sum of all but the
     target's; each row's m, z_y, w_y and s_other go to 16-lane stack arrays, and after
     the loop the rows' float64 arithmetic is _row_factors' 16 lanes, as in the
     transposed blocks. With the gradient the exps are stored into the row's gradient
@@ -471,7 +471,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     t_bits = target.dtype.bitwidth
     n_vec = n_cols // W
     f16 = ir.VectorType(_F32, W)
-    i16 = ir.VectorType(_I32, W)
+    i32x16 = ir.VectorType(_I32, W)
     zero = vec.const(0.0, _F32, W)
     minus_inf = vec.const(-np.inf, _F32, W)
     lane = _const_vector(_I32, range(W))
@@ -524,8 +524,9 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     z_data, g_data, w_data = (_data(context, builder, t, x) for t, x in ((z, zv), (g, gv), (w, wv)))
     # ROWS_PER_STEP rows a loop step, their instructions interleaved stage by stage:
     # one row's are a chain of latencies (loads, the max across lanes, the exp's
-    # polynomial, the sum across lanes). An odd last row is done twice, which stores the
-    # same values twice (in place too: both copies load the row before either stores).
+    # polynomial, the sum across lanes). A last step short of rows repeats the block's
+    # last row, which stores the same values again (in place too: every copy loads the
+    # row before any stores).
     last = builder.sub(nrows, ir.Constant(_I64, 1))
     steps = builder.sdiv(builder.add(nrows, ir.Constant(_I64, ROWS_PER_STEP - 1)), ir.Constant(_I64, ROWS_PER_STEP))
     with cgutils.for_range(builder, steps) as loop:
@@ -571,7 +572,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         live_arr, live_at = lanes_of(_I32)
         builder.store(vec.narrow(*a_f), builder.bitcast(a_arr, f16.as_pointer()), align=4)
         builder.store(vec.narrow(*gy_f), builder.bitcast(gy_arr, f16.as_pointer()), align=4)
-        builder.store(builder.zext(live, i16), builder.bitcast(live_arr, i16.as_pointer()), align=4)
+        builder.store(builder.zext(live, i32x16), builder.bitcast(live_arr, i32x16.as_pointer()), align=4)
         with cgutils.for_range(builder, nrows) as loop:
             r = loop.index
             row = builder.add(r0, r)
@@ -591,10 +592,10 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
 
 # --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
 #
-# One pair of kernels per block width (WIDTHS), each compiled when first
-# used: a call compiles one width's block code, not all four (float32 K = 10, 65536 rows,
-# empty cache: loss only 4.0-4.2 s with one width of one block a call, 6.3-7.0 s with all
-# four widths of two).
+# One pair of kernels per block width (WIDTHS), each compiled when first used: a call
+# compiles one width's block code, not every width's (float32 K = 10, 65536 rows, empty
+# cache, when there were four widths: loss only 4.0-4.2 s with one width of one block a
+# call, 6.3-7.0 s with all four widths of two).
 
 
 @jit
