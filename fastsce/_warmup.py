@@ -29,6 +29,7 @@ __all__ = ["warmup", "PATHS", "DTYPES"]
 
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 _SHARDED_DTYPES = ("float32", "float64")  # fastsce.partial_stats & co. take these only
+_BLOCK_DTYPES = ("float32", "float16", "bfloat16")  # fastsce._kernels.blocks' logits
 
 
 def _dtype(name: str) -> np.dtype:
@@ -70,7 +71,7 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
         fn(logits, labels)
         fn(logits, labels, **_weights(logits))
-        if k_of is _small_k:  # float32 rows without options go to the blocks (below)
+        if k_of is _small_k:  # float32 and half rows without options go to the blocks (below)
             fn(logits, labels, label_smoothing=0.1)  # (with options: the tiles)
 
     return run
@@ -78,7 +79,7 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
 
 def _blocks(grad: bool, transposed: bool):
     """fastsce._kernels.blocks: a kernel per block width, transposed (K <= 32) or
-    row-wise (K > 32; float32 rows with integer targets and no options only)."""
+    row-wise (K > 32); float32 and half rows with integer targets and no options only."""
 
     def run(dtype: np.dtype) -> None:
         import fastsce
@@ -160,10 +161,10 @@ def _large_k(dtype):
 PATHS: dict[str, tuple[Callable[[np.dtype], None], tuple[str, ...] | None]] = {
     "small-K loss+grad": (_hard(_small_k, True), None),
     "small-K loss": (_hard(_small_k, False), None),
-    "blocks loss+grad": (_blocks(True, transposed=True), ("float32",)),
-    "row blocks loss+grad": (_blocks(True, transposed=False), ("float32",)),
-    "blocks loss": (_blocks(False, transposed=True), ("float32",)),
-    "row blocks loss": (_blocks(False, transposed=False), ("float32",)),
+    "blocks loss+grad": (_blocks(True, transposed=True), _BLOCK_DTYPES),
+    "row blocks loss+grad": (_blocks(True, transposed=False), _BLOCK_DTYPES),
+    "blocks loss": (_blocks(False, transposed=True), _BLOCK_DTYPES),
+    "row blocks loss": (_blocks(False, transposed=False), _BLOCK_DTYPES),
     "large-K loss+grad": (_hard(_large_k, True), None),
     "large-K loss": (_hard(_large_k, False), None),
     "small-K evaluate": (_evaluate(large=False), None),

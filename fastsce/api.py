@@ -71,6 +71,10 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 }
 
 
+# the blocks' logits: float32, and float16 / bfloat16 as the kernels take them (bits_view)
+_BLOCK_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int16))
+
+
 def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
     """The kernels for rows of a small K (<= SMALL_K): fastsce._kernels.blocks (16 rows at
     a time) for float32 rows of K <= blocks.MAX_K and calls without label smoothing,
@@ -83,7 +87,7 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
     0.73 at 112, 0.80 / 0.75 at 128, 0.89 / 0.90 at 160, 0.84 / 0.84 at 176."""
     eps, z_loss, _, _, logit_scale, cap = params
     plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and cap == 0 and not want_lse
-    if plain and z.dtype == np.float32 and z.shape[1] <= block_kernels.MAX_K:
+    if plain and z.dtype in _BLOCK_DTYPES and z.shape[1] <= block_kernels.MAX_K:
         return block_kernels.kernels(z.shape[1])
     return tile_kernels
 

@@ -273,3 +273,154 @@ def test_thread_count_and_bits(k):
         numba.set_num_threads(threads)
     assert one[0].tobytes() == many[0].tobytes()
     assert one[1].tobytes() == many[1].tobytes()
+
+
+# --- float16 / bfloat16 logits -------------------------------------------------------------------
+
+HALF = {"float16": np.float16}
+try:
+    import ml_dtypes
+
+    HALF["bfloat16"] = ml_dtypes.bfloat16
+except ImportError:  # pragma: no cover
+    pass
+
+
+@intrinsic
+def _held_lanes(typingctx, x, out, n):
+    """Lanes 0 .. n - 1 (the rest masked) of 16 through blocks._Stored: half bits x
+    widened into float32 out (masked-off lanes -inf), or float32 x rounded into half bits
+    out (masked-off lanes not written)."""
+    if not (isinstance(x, types.Array) and isinstance(out, types.Array) and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        lane = ir.Constant(ir.VectorType(ir.IntType(64), 16), list(range(16)))
+        n64 = context.cast(builder, args[2], sig.args[2], types.int64)
+        splat = builder.insert_element(ir.Constant(lane.type, ir.Undefined), n64, ir.Constant(ir.IntType(32), 0))
+        mask = builder.icmp_signed("<", lane, builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)))
+        src, dst = (context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:2], args[:2]))
+        f32 = block_kernels._Stored(builder, types.float32)
+        if x.dtype == types.float32:
+            block_kernels._Stored(builder, out.dtype).store(f32.load(src, None, 0.0), dst, mask)
+        else:
+            f32.store(block_kernels._Stored(builder, x.dtype).load(src, mask, -np.inf), dst, None)
+        return context.get_dummy_value()
+
+    return types.none(x, out, n), codegen
+
+
+@numba.njit
+def _through_held(x, out, n):
+    for i in range(0, x.size, 16):
+        _held_lanes(x[i : i + 16], out[i : i + 16], n)
+
+
+@pytest.mark.half
+@pytest.mark.parametrize("half", HALF)
+def test_held_conversions_are_numpys(half):
+    """The blocks' half conversions (_Stored): every bit pattern widened exactly; float32
+    values (random bits, half subnormals, overflow, ties) rounded to nearest even, a NaN
+    kept a NaN; masked lanes neither read nor written."""
+    dtype = HALF[half]
+    view = np.int16 if half == "bfloat16" else np.uint16
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(view)
+    widened = np.empty(bits.size, np.float32)
+    _through_held(bits, widened, 16)
+    want = bits.view(dtype).astype(np.float32)
+    assert np.all((widened.view(np.uint32) == want.view(np.uint32)) | (np.isnan(want) & np.isnan(widened)))
+    _through_held(bits, widened, 5)
+    on = np.arange(bits.size) % 16 < 5
+    assert np.all((widened[on].view(np.uint32) == want[on].view(np.uint32)) | (np.isnan(want[on]) & np.isnan(widened[on])))
+    assert np.all(widened[~on] == -np.inf)
+
+    rng = np.random.default_rng(3)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ties = want[np.isfinite(want)] * np.float32(1 + 2**-9 if half == "bfloat16" else 1 + 2**-12)
+    x = np.concatenate(
+        [
+            rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32).view(np.float32),
+            (rng.standard_normal(50_000) * 1e-5).astype(np.float32),
+            np.array([0, -0.0, 65504, 65519.99, 65520, 2.98e-8, 2.99e-8, 3.4e38, np.inf, -np.inf, np.nan], np.float32),
+            want[np.isfinite(want)],
+            ties,
+        ]
+    )
+    x = x[: x.size // 16 * 16]
+    narrowed = np.full(x.size, 7, view)
+    _through_held(x, narrowed, 16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = x.astype(dtype).view(view)
+    finite = ~np.isnan(x)
+    assert np.array_equal(narrowed[finite], expected[finite])
+    assert np.all(np.isnan(narrowed[~finite].view(dtype).astype(np.float32)))
+    narrowed[:] = 7
+    _through_held(x, narrowed, 3)
+    lanes = np.arange(x.size) % 16
+    assert np.array_equal(narrowed[(lanes < 3) & finite], expected[(lanes < 3) & finite])
+    assert np.all(narrowed[lanes >= 3] == 7)
+
+
+def _half_edges():
+    """The transposed widths' edges and each row-wise width's last K, and K = 100."""
+    return sorted({1, 2, 3, 4, 5, 10, 16, 17, 31, 32, 33, 100} | set(block_kernels.WIDTHS))
+
+
+@pytest.mark.half
+@pytest.mark.parametrize("half", HALF)
+@pytest.mark.parametrize("k", _half_edges())
+@pytest.mark.parametrize("n", (17, 4096 + 21))
+def test_half_logits_are_their_float32_copy_rounded_once(half, k, n):
+    """float16 / bfloat16 logits are computed as their float32 copy and rounded once:
+    with dtype=float32 the same bits as that copy's call; in their own dtype its results
+    rounded to nearest even; in place the same; the loss alone the same bits; special
+    values (NaN rows, -inf classes, an ignored NaN row) as in float32."""
+    dtype = HALF[half]
+    rng = np.random.default_rng(k * 7 + n)
+    z = (4 * rng.standard_normal((n, k))).astype(dtype)
+    y = rng.integers(0, k, n)
+    y[2::9] = -100
+    if k > 1:
+        z[0::5, 0] = -np.inf
+    z[3, k // 2] = np.nan
+    z[4, :] = np.nan
+    y[4] = -100
+    z32 = z.astype(np.float32)
+    weight = rng.uniform(0.5, 2, k)
+    for kwargs in (dict(reduction="none"), dict(weight=weight), dict(sample_weight=rng.uniform(0, 2, n), reduction="sum")):
+        want_loss, want_grad = fastsce.cross_entropy_with_grad(z32, y, **kwargs)
+        loss, grad = fastsce.cross_entropy_with_grad(z, y, dtype=np.float32, **kwargs)
+        assert np.asarray(loss).tobytes() == np.asarray(want_loss).tobytes()
+        assert grad.tobytes() == want_grad.tobytes()
+        loss, grad = fastsce.cross_entropy_with_grad(z, y, **kwargs)
+        assert grad.dtype == dtype and grad.tobytes() == want_grad.astype(dtype).tobytes()
+        if kwargs.get("reduction") == "none":
+            assert loss.tobytes() == want_loss.astype(dtype).tobytes()
+        assert np.asarray(fastsce.cross_entropy(z, y, **kwargs)).tobytes() == np.asarray(loss).tobytes()
+        x = z.copy()
+        in_place = fastsce.cross_entropy_with_grad(x, y, out=x, **kwargs)
+        assert in_place[1] is x and x.tobytes() == grad.tobytes()
+        assert np.asarray(in_place[0]).tobytes() == np.asarray(loss).tobytes()
+    # and against the reference, in float32 (the half rounding of a float64 result can
+    # differ by an ulp of the half dtype from the rounding of a float32 one)
+    ref_loss, ref_grad = reference.cross_entropy_with_grad(z32.astype(np.float64), y, reduction="none")
+    loss, grad = fastsce.cross_entropy_with_grad(z, y, dtype=np.float32, reduction="none")
+    assert_close(loss, ref_loss, np.float32)
+    assert_close(grad, ref_grad, np.float32)
+
+
+@pytest.mark.half
+@pytest.mark.parametrize("half", HALF)
+def test_half_logits_go_to_the_blocks(half, monkeypatch):
+    seen = []
+    for cols in (12, 112):
+        holder = block_kernels.kernels(cols)
+        for name in ("hard_loss", "hard_loss_grad"):
+            real = getattr(holder, name)
+            monkeypatch.setattr(holder, name, lambda *a, real=real, tag=f"blocks{cols}.{name}": seen.append(tag) or real(*a))
+    z = np.zeros((50, 100), HALF[half])
+    y = np.arange(50) % 10
+    fastsce.cross_entropy_with_grad(z[:, :10], y)
+    fastsce.cross_entropy(z, y)
+    fastsce.cross_entropy_with_grad(z, y, dtype=np.float32)
+    assert seen == ["blocks12.hard_loss_grad", "blocks112.hard_loss", "blocks112.hard_loss_grad"]

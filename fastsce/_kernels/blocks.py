@@ -1,4 +1,5 @@
-"""Integer-target kernels for float32 rows of K <= 176 classes: 16 rows at a time.
+"""Integer-target kernels for float32, float16 and bfloat16 rows of K <= 176 classes:
+16 rows at a time.
 
 Up to K = 32 (TRANSPOSED_MAX) a block is held in registers. Sixteen float32 logits of a
 row fit one zmm. A block of 16 rows is read 16 classes at a time with 16 masked loads
@@ -15,11 +16,16 @@ From K = 33 a block is row-wise (_row_steps): each row in cols / 16 zmm along it
 classes (a width per 16 classes up to 128, then 176), the max across its lanes, the
 exps and their float64 sum, two rows a loop step; the 16 rows' m, z_y and sums go to
 small stack arrays, and their float64 arithmetic (the loss, the gradient's factors) is
-done as 16 lanes, as in the transposed blocks. With the gradient the exps are stored and
-a second loop scales them.
+done as 16 lanes, as in the transposed blocks. With the gradient the exps are stored
+(into the gradient's rows, or a float32 scratch of the 16 rows) and a second loop scales
+them into the gradient.
+
+float16 and bfloat16 rows (their bits, as fastsce._kernels.half passes them) are widened
+to float32 as they are loaded and their gradient rounded once as it is stored (_Stored):
+the arithmetic between is a float32 row's, bit for bit.
 
 The tile kernels (fastsce._kernels.tiles) keep the rest of the small-K work: label
-smoothing, z-loss, lse, logit transforms, half and float64 logits; fastsce.api sends here
+smoothing, z-loss, lse, logit transforms, float64 logits; fastsce.api sends here
 only the calls without those.
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
@@ -45,7 +51,9 @@ from numba.extending import intrinsic, overload
 
 from fastsce._kernels import simd
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
-from fastsce._kernels.vec import _const_vector, _masked, _rows_addressed, _splat, transposed
+from fastsce._kernels.vec import (
+    _bfloat16_round, _bfloat16_widen, _const_vector, _masked, _rows_addressed, _splat, transposed,
+)
 
 W = 16  # rows per block, and classes per zmm of a row
 ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
@@ -72,6 +80,8 @@ def _blocks_per_call(grad):
 _F32, _F64 = ir.FloatType(), ir.DoubleType()
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _FLAGS = ("nsz", "arcp", "contract")
+# the logits' types the blocks take: float32, float16 and bfloat16 bits (fastsce._kernels.half)
+_HELD = (types.float32, types.uint16, types.int16)
 
 
 class _Vectors:
@@ -250,6 +260,69 @@ class _Vectors:
         return self.b.extract_element(x, ir.Constant(_I32, 0))
 
 
+class _Stored:
+    """How an array's elements are held, and their conversions to and from float32 lanes:
+    float32 as it is; float16 and bfloat16 as their bits (uint16 / int16, as
+    fastsce._kernels.half passes them), widened exactly on the way in and rounded to
+    nearest even on the way out (vec's conversions: vcvtph2ps / vcvtps2ph, a shift and
+    integer rounding), so a half row's arithmetic is its float32 copy's, bit for bit."""
+
+    def __init__(self, builder, dtype):
+        self.b = builder
+        self.kind = 0 if isinstance(dtype, types.Float) else (-16 if dtype.signed else 16)
+        self.element = _F32 if self.kind == 0 else ir.IntType(16)
+        self.vector = ir.VectorType(self.element, W)
+        self.align = ir.Constant(_I32, 4 if self.kind == 0 else 2)
+
+    def const(self, value):
+        """A float32 number as a vector of stored elements."""
+        if self.kind == 0:
+            return ir.Constant(self.vector, [float(value)] * W)
+        if self.kind == 16:
+            bits = int(np.array(value, np.float16).view(np.int16))
+        else:  # exact for the values used here (0, -inf): bfloat16 is float32's high half
+            bits = int(np.array(value, np.float32).view(np.int32)) >> 16
+        return ir.Constant(self.vector, [bits] * W)
+
+    def widen(self, x):
+        """Stored elements (a vector of W, or a scalar) as float32."""
+        if self.kind == 0:
+            return x
+        vector = isinstance(x.type, ir.VectorType)
+        f32 = ir.VectorType(_F32, W) if vector else _F32
+        if self.kind == 16:
+            return self.b.fpext(self.b.bitcast(x, ir.VectorType(ir.HalfType(), W) if vector else ir.HalfType()), f32)
+        i32 = ir.VectorType(_I32, W) if vector else _I32
+        return _bfloat16_widen(self.b, x, i32, f32, lambda v: ir.Constant(i32, v if not vector else [v] * W))
+
+    def narrow(self, x):
+        """A float32 vector of W lanes as stored elements (rounded to nearest even)."""
+        if self.kind == 0:
+            return x
+        if self.kind == 16:
+            return self.b.bitcast(self.b.fptrunc(x, ir.VectorType(ir.HalfType(), W)), self.vector)
+        i32 = ir.VectorType(_I32, W)
+        bits = _bfloat16_round(self.b, self.b.bitcast(x, i32), lambda v: ir.Constant(i32, [v] * W))
+        return self.b.trunc(bits, self.vector)
+
+    def load(self, p, mask, fill):
+        """The W elements from p (an element's pointer) as float32; lanes off the mask (None:
+        all on) are not read and hold ``fill``."""
+        if mask is None:
+            x = self.b.load(self.b.bitcast(p, self.vector.as_pointer()), align=self.align.constant)
+        else:  # (the intrinsic takes the element's pointer, as vec's)
+            x = self.b.call(_masked(self.b, "load", self.vector, p), [p, self.align, mask, self.const(fill)])
+        return self.widen(x)
+
+    def store(self, x, p, mask):
+        """float32 lanes x to the W elements at p, those on the mask (None: all)."""
+        x = self.narrow(x)
+        if mask is None:
+            self.b.store(x, self.b.bitcast(p, self.vector.as_pointer()), align=self.align.constant)
+        else:
+            self.b.call(_masked(self.b, "store", self.vector, p), [x, p, self.align, mask])
+
+
 def _rows(context, builder, ty, value, r0, k, nrows, group):
     """(pointer, mask) of rows r0 .. r0 + 15 of a C-contiguous (N, K) array, classes
     16 group .. 16 group + 15 of them: the lanes of classes < K of the first nrows rows."""
@@ -288,6 +361,11 @@ def _size(context, builder, ty, value):
 # One, two or four rows a step measured the same within this machine's noise. Loops
 # over a row's zmm instead (one kernel for every K, the row reloaded from L1 for the
 # exps): 1.3-1.5x the time at K = 48-64, 0.87-1.13x at K = 100-256.
+# With the exps' place chosen at run time (exps_row) the loop step with the gradient is
+# 679 instructions (114 with an operand on the stack, the 16-lane arrays' stores
+# included). float16 rows: 668, the conversions vcvtph2ps (16 a step: 14 zmm and two
+# z_y) and vcvtps2ph (in the scaling loop) and nothing else added; the scratch is not
+# zeroed (a 7 KB memset a chunk with cgutils.alloca_once).
 
 
 @intrinsic
@@ -303,7 +381,9 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
         return None
     if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (losses, 1), (g, 2))):
         return None
-    if not (z.dtype == g.dtype == w.dtype == types.float32 and v.dtype == losses.dtype == types.float64):
+    if not (z.dtype in _HELD and g.dtype in (types.float32, z.dtype) and w.dtype == types.float32):
+        return None
+    if not v.dtype == losses.dtype == types.float64:
         return None
     sig = types.float64(z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad)
     n_cols, with_grad = cols.literal_value, grad.literal_value
@@ -399,15 +479,14 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     z, _, _, w, _, _, _, _, losses, g = sig.args[:10]
     zv, _, _, wv, _, sc, lv, gv = values
     f16 = ir.VectorType(_F32, W)
+    z_held, g_held = _Stored(builder, z.dtype), _Stored(builder, g.dtype)
 
     # the rows, transposed: col[j] = class j of the 16 rows (-inf past K), 16 classes
     # (one zmm of a row) at a time
-    minus_inf = vec.const(-np.inf, _F32, W)
     col = []
     for group in range(-(-n_cols // W)):
         addressed = _rows(context, builder, z, zv, r0, k, nrows, group)
-        loaded = [builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), mask, minus_inf]) for p, mask in addressed]
-        col += transposed(builder, loaded)
+        col += transposed(builder, [z_held.load(p, mask, -np.inf) for p, mask in addressed])
     col = col[:n_cols]
 
     yield
@@ -453,7 +532,7 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         for group in range(len(out) // W):
             rows_out = transposed(builder, out[W * group : W * group + W])
             for x, (p, mask) in zip(rows_out, _rows(context, builder, g, gv, r0, k, nrows, group)):
-                builder.call(_masked(builder, "store", f16, p), [x, p, ir.Constant(_I32, 4), mask])
+                g_held.store(x, p, mask)
     return total
 
 
@@ -463,8 +542,8 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     leave short masked): the max (a tree, then across the lanes), the exps, the float64 sum of all but the
     target's; each row's m, z_y, w_y and s_other go to 16-lane stack arrays, and after
     the loop the rows' float64 arithmetic is _row_factors' 16 lanes, as in the
-    transposed blocks. With the gradient the exps are stored into the row's gradient
-    and a second loop scales them (the 16 rows' exps are in L1 by then). A generator
+    transposed blocks. With the gradient the exps are stored (exps_row) and a second
+    loop scales them into the gradient (the 16 rows' exps are in L1 by then). A generator
     like _block_steps (its loops are emitted whole between yields)."""
     z, target, _, w, _, _, _, _, losses, g = sig.args[:10]
     zv, tv, _, wv, _, sc, lv, gv = values
@@ -473,9 +552,8 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     f16 = ir.VectorType(_F32, W)
     i32x16 = ir.VectorType(_I32, W)
     zero = vec.const(0.0, _F32, W)
-    minus_inf = vec.const(-np.inf, _F32, W)
     lane = _const_vector(_I32, range(W))
-    align = ir.Constant(_I32, 4)
+    z_held, g_held, f32_held = _Stored(builder, z.dtype), _Stored(builder, g.dtype), _Stored(builder, types.float32)
     # a zmm of a row is loaded whole where every K of this width fills it, else masked
     # (its lanes below K; none for the K that leave it empty)
     min_k = max([c for c in WIDTHS if c < n_cols], default=0) + 1
@@ -483,18 +561,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
 
     def vectors(base):
         """(pointer, mask or None) of each zmm of the row at base."""
-        return [(builder.bitcast(builder.gep(base, [ir.Constant(_I64, W * i)]), f16.as_pointer()), masks[i]) for i in range(n_vec)]
-
-    def load(p, mask, fill):
-        if mask is None:
-            return builder.load(p, align=4)
-        return builder.call(_masked(builder, "load", f16, p), [p, align, mask, fill])
-
-    def store(x, p, mask):
-        if mask is None:
-            builder.store(x, p, align=4)
-        else:
-            builder.call(_masked(builder, "store", f16, p), [x, p, align, mask])
+        return [(builder.gep(base, [ir.Constant(_I64, W * i)]), masks[i]) for i in range(n_vec)]
 
     def row_target(row):
         """The row's target, and the same clamped into 0 .. K - 1 (an ignored row's
@@ -522,6 +589,24 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     wy_arr, wy_at = lanes_of(_F32)
     s_arr, s_at = lanes_of(_F64)
     z_data, g_data, w_data = (_data(context, builder, t, x) for t, x in ((z, zv), (g, gv), (w, wv)))
+    # where the exps wait for their scale: the gradient's row when it is float32 and K a
+    # multiple of 16 (its zmm stores then split no cache line: 0.89-0.93x the time of a
+    # scratch at K = 64 and 128), else a float32 scratch of the 16 rows (K = 100: 0.90x
+    # the time of stores into the gradient; half gradients: rounded once, from float32)
+    if with_grad:
+        with builder.goto_entry_block():  # (cgutils.alloca_once would zero it, a 7 KB memset a chunk)
+            scratch = builder.bitcast(builder.alloca(ir.ArrayType(_F32, W * n_cols)), _F32.as_pointer())
+        in_place_exps = ir.Constant(ir.IntType(1), 0)
+        if g_held.kind == 0:
+            in_place_exps = builder.icmp_signed("==", builder.and_(k, ir.Constant(_I64, W - 1)), ir.Constant(_I64, 0))
+
+    def exps_row(r, row):
+        """Where row r of the block (the array's row ``row``) keeps its float32 exps."""
+        in_scratch = builder.gep(scratch, [builder.mul(r, ir.Constant(_I64, n_cols))])
+        if g_held.kind:
+            return in_scratch
+        return builder.select(in_place_exps, builder.gep(g_data, [builder.mul(row, k)]), in_scratch)
+
     # ROWS_PER_STEP rows a loop step, their instructions interleaved stage by stage:
     # one row's are a chain of latencies (loads, the max across lanes, the exp's
     # polynomial, the sum across lanes). A last step short of rows repeats the block's
@@ -539,9 +624,9 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         ys = [row_target(row) for row in rows]
         # z_y and w_y before the exps are stored: g may be z (in place)
         for r, base, (_, y_in) in zip(rs, bases, ys):
-            builder.store(builder.load(builder.gep(base, [y_in])), zy_at(r))
+            builder.store(z_held.widen(builder.load(builder.gep(base, [y_in]))), zy_at(r))
             builder.store(builder.load(builder.gep(w_data, [y_in])), wy_at(r))
-        xs = [[load(p, mask, minus_inf) for p, mask in vectors(base)] for base in bases]
+        xs = [[z_held.load(p, mask, -np.inf) for p, mask in vectors(base)] for base in bases]
         ms = [vec.tree(vec.max_or_nan_somewhere, x) for x in xs]
         for step in (8, 4, 2, 1):  # every lane the row's max
             flip = _const_vector(_I32, [i ^ step for i in range(W)])
@@ -553,10 +638,9 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             builder.store(vec.lane_sum(vec.tree(vec.add, halves)), s_at(r))
             builder.store(builder.extract_element(m, ir.Constant(_I32, 0)), m_at(r))
         if with_grad:
-            for row, e in zip(rows, es):
-                g_base = builder.gep(g_data, [builder.mul(row, k)])
-                for ei, (p, mask) in zip(e, vectors(g_base)):
-                    store(ei, p, mask)
+            for r, row, e in zip(rs, rows, es):
+                for ei, (p, mask) in zip(e, vectors(exps_row(r, row))):
+                    f32_held.store(ei, p, mask)
     yield
 
     live, row_w, _ = _counted(context, builder, vec, sig, values, r0, nrows)
@@ -568,10 +652,10 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
 
     if with_grad:
         a_arr, a_at = lanes_of(_F32)
-        gy_arr, gy_at = lanes_of(_F32)
+        gy_arr, gy_at = lanes_of(g_held.element)  # as stored
         live_arr, live_at = lanes_of(_I32)
         builder.store(vec.narrow(*a_f), builder.bitcast(a_arr, f16.as_pointer()), align=4)
-        builder.store(vec.narrow(*gy_f), builder.bitcast(gy_arr, f16.as_pointer()), align=4)
+        builder.store(g_held.narrow(vec.narrow(*gy_f)), builder.bitcast(gy_arr, g_held.vector.as_pointer()), align=g_held.align.constant)
         builder.store(builder.zext(live, i32x16), builder.bitcast(live_arr, i32x16.as_pointer()), align=4)
         with cgutils.for_range(builder, nrows) as loop:
             r = loop.index
@@ -581,12 +665,12 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             with builder.if_else(counted) as (then, otherwise):
                 with then:  # a e_j, then the target's entry over it
                     a_r = _splat(builder, builder.load(a_at(r)), W)
-                    for p, mask in vectors(g_base):
-                        store(vec.mul(a_r, load(p, mask, zero)), p, mask)
+                    for (p, mask), (e, _) in zip(vectors(g_base), vectors(exps_row(r, row))):
+                        g_held.store(vec.mul(a_r, f32_held.load(e, mask, 0.0)), p, mask)
                     builder.store(builder.load(gy_at(r)), builder.gep(g_base, [row_target(row)[1]]))
                 with otherwise:  # zeros (its exps may be NaN)
                     for p, mask in vectors(g_base):
-                        store(zero, p, mask)
+                        g_held.store(zero, p, mask)
     return total
 
 
