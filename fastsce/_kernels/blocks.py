@@ -590,9 +590,10 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     s_arr, s_at = lanes_of(_F64)
     z_data, g_data, w_data = (_data(context, builder, t, x) for t, x in ((z, zv), (g, gv), (w, wv)))
     # where the exps wait for their scale: the gradient's row when it is float32 and K a
-    # multiple of 16 (its zmm stores then split no cache line: 0.89-0.93x the time of a
-    # scratch at K = 64 and 128), else a float32 scratch of the 16 rows (K = 100: 0.90x
-    # the time of stores into the gradient; half gradients: rounded once, from float32)
+    # multiple of 16 (its zmm stores then split no cache line), else a float32 scratch
+    # of the 16 rows (half gradients: rounded once, from float32). Against the exps
+    # always in the gradient (one thread, 2048 rows in cache, 21 interleaved rounds):
+    # 0.89-0.98x the time at K = 33, 50, 128, 150; 0.94-1.06x at 64, 100, 176 (noise)
     if with_grad:
         with builder.goto_entry_block():  # (cgutils.alloca_once would zero it, a 7 KB memset a chunk)
             scratch = builder.bitcast(builder.alloca(ir.ArrayType(_F32, W * n_cols)), _F32.as_pointer())
