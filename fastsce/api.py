@@ -75,20 +75,30 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 _BLOCK_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int16))
 
 
-def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool):
+def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last: bool = True):
     """The kernels for rows of a small K (<= SMALL_K): fastsce._kernels.blocks (16 rows at
-    a time) for float32 rows of K <= blocks.MAX_K and calls without label smoothing,
-    z-loss, lse or logit transforms, else fastsce._kernels.tiles. Against the tiles
-    (float32, 2 threads, ~1M logits, one process, 40 interleaved rounds), loss+grad /
-    loss only: 0.41 / 0.44 the time at K = 2, 0.47 / 0.50 at 3, 0.54 / 0.63 at 5, 0.49 /
-    0.58 at 8, 0.50 / 0.55 at 10, 0.59 / 0.59 at 16, 0.75 / 0.83 at 20, 0.66 / 0.69 at
-    24, 0.81 / 0.82 at 32 (transposed blocks); row-wise (15 rounds): 0.71 / 0.78 at 33,
-    0.53 / 0.63 at 48, 0.55 / 0.63 at 64, 0.62 / 0.59 at 80, 0.74 / 0.73 at 100, 0.64 /
-    0.73 at 112, 0.80 / 0.75 at 128, 0.89 / 0.90 at 160, 0.84 / 0.84 at 176."""
+    a time) for float32 and half rows of K <= blocks.MAX_K in calls without label
+    smoothing, z-loss, lse or logit transforms, and of K <= blocks.TRANSPOSED_MAX with any
+    of those but a softcap (kernels of their own) when the classes are the last axis;
+    else fastsce._kernels.tiles. (A call with the classes on another axis runs in the
+    tiles whether they read it in place or its rows are copied: with those options the
+    two kernels' sums, added in different orders, may differ in entries of the gradient
+    that cancel, and the same call should not depend on the memory layout.) Against the
+    tiles (float32, 2 threads, ~1M logits, one process, 40 interleaved rounds),
+    loss+grad / loss only: 0.41 / 0.44 the time at K = 2, 0.47 / 0.50 at 3, 0.54 / 0.63
+    at 5, 0.49 / 0.58 at 8, 0.50 / 0.55 at 10, 0.59 / 0.59 at 16, 0.75 / 0.83 at 20,
+    0.66 / 0.69 at 24, 0.81 / 0.82 at 32 (transposed blocks); row-wise (15 rounds): 0.71
+    / 0.78 at 33, 0.53 / 0.63 at 48, 0.55 / 0.63 at 64, 0.62 / 0.59 at 80, 0.74 / 0.73
+    at 100, 0.64 / 0.73 at 112, 0.80 / 0.75 at 128, 0.89 / 0.90 at 160, 0.84 / 0.84 at
+    176."""
     eps, z_loss, _, _, logit_scale, cap = params
-    plain = eps == 0 and z_loss == 0 and logit_scale == 1.0 and cap == 0 and not want_lse
-    if plain and z.dtype in _BLOCK_DTYPES and z.shape[1] <= block_kernels.MAX_K:
-        return block_kernels.kernels(z.shape[1])
+    k = z.shape[1]
+    if cap != 0 or z.dtype not in _BLOCK_DTYPES or k > block_kernels.MAX_K:
+        return tile_kernels
+    if eps == 0 and z_loss == 0 and logit_scale == 1.0 and not want_lse:
+        return block_kernels.kernels(k)
+    if k <= block_kernels.TRANSPOSED_MAX and classes_last:
+        return block_kernels.kernels(k, options=True)
     return tile_kernels
 
 
@@ -688,6 +698,7 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     lse = np.empty(m, compute) if want_lse else no_rows
     chunk_loss, chunk_z = [], []
     class_major = _class_major(problem, grad) if across and k <= CLASS_MAJOR_K else None
+    classes_last = problem.axis == problem.logits.ndim - 1
     # the pool, or the serial twins (fastsce._threads); small calls skip launching()'s generator
     serial = _threads.runs_serial(m * k)
     with contextlib.nullcontext(_threads._serial) if serial else _threads.launching(m * k) as pick:
@@ -711,9 +722,9 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
                 else:
                     pick(row_kernels.soft_loss_grad)(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
             elif grad is None:
-                pick((_small_k_kernels(zb, params, want_lse) if small else row_kernels).hard_loss)(*args)
+                pick((_small_k_kernels(zb, params, want_lse, classes_last) if small else row_kernels).hard_loss)(*args)
             elif small:
-                pick(_small_k_kernels(zb, params, want_lse).hard_loss_grad)(*args, gb, in_place)
+                pick(_small_k_kernels(zb, params, want_lse, classes_last).hard_loss_grad)(*args, gb, in_place)
             else:
                 pick(row_kernels.hard_loss_grad)(*args, gb, in_place, long_rows)
             zb = tb = gb = args = outs = None  # (as in _blocks)

@@ -168,6 +168,7 @@ def _check(case: Case, in_place: bool = False):
 def test_the_blocks_take_float32_calls_without_options(monkeypatch):
     seen = []
     holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
+    holders += [(f"blocks{cols}+", block_kernels.kernels(cols, options=True)) for cols in block_kernels.OPTION_WIDTHS]
     for tag, holder in holders:
         for name in ("hard_loss", "hard_loss_grad"):
             real = getattr(holder, name)
@@ -188,12 +189,14 @@ def test_the_blocks_take_float32_calls_without_options(monkeypatch):
     assert seen == expected + ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: the tiles
-    fastsce.cross_entropy(z, y, return_lse=True)
-    fastsce.cross_entropy(z, y, z_loss=1e-4)
-    fastsce.cross_entropy(z, y, logit_scale=0.5)
+    fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)  # (beyond the transposed blocks)
+    fastsce.cross_entropy(z, y, softcap=5.0)
     fastsce.cross_entropy(z.astype(np.float64), y)
     fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y)  # K > MAX_K
-    assert seen == ["tiles.hard_loss_grad"] + ["tiles.hard_loss"] * 5
+    # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
+    fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
+    fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)
+    assert seen == ["blocks12+.hard_loss_grad"] + ["tiles.hard_loss"] * 5
 
 
 def _edges():
@@ -230,6 +233,47 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
     elif rows == "where":
         case.kwargs["where"] = rng.random(n) < 0.7
     _check(case, in_place)
+
+
+@pytest.mark.parametrize("k", (1, 2, 8, 9, 10, 13, 29, 32))
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(label_smoothing=0.1),
+        dict(z_loss=1e-3, return_z_loss=True, return_lse=True),
+        dict(logit_scale=0.7),
+        dict(logit_scale=-1.5, label_smoothing=0.3, z_loss=1e-2, return_lse=True),
+    ],
+    ids=["smoothing", "z_loss-lse", "scale", "all"],
+)
+@pytest.mark.parametrize("weighted, reduction, rows", [(False, "mean", None), (True, "none", "sample_weight"), (True, "sum", "where")])
+def test_the_options_blocks_take(k, extra, weighted, reduction, rows):
+    """Label smoothing, z-loss, lse and a logit scale, in the transposed blocks' kernels
+    with options: every output against the reference, the loss alone the same bits, in
+    place the same bits."""
+    n = 203
+    case = make_case(n, k, np.float32, weighted=weighted, ignore_index=k // 2, reduction=reduction)
+    case.kwargs.update(extra)
+    rng = np.random.default_rng(k)
+    if rows == "sample_weight":
+        v = rng.uniform(0, 2, n)
+        v[::9] = 0
+        case.kwargs["sample_weight"] = v
+    elif rows == "where":
+        case.kwargs["where"] = rng.random(n) < 0.7
+    loss_unit, grad_unit = case.units()
+    ref = case.loss_grad(reference)
+    got = case.loss_grad(fastsce)
+    assert_close(got[0], ref[0], np.float32, unit=loss_unit)
+    assert_close(got[1], ref[1], np.float32, unit=grad_unit)
+    for mine, theirs in zip(got[2:], ref[2:]):  # z-term, lse
+        assert_close(mine, theirs, np.float32, unit=loss_unit)
+    loss_only = case.loss(fastsce)
+    loss_only = loss_only if isinstance(loss_only, tuple) else (loss_only,)
+    assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(loss_only, (got[0], *got[2:])))
+    z = case.logits.copy()
+    in_place = fastsce.cross_entropy_with_grad(z, case.target, out=z, **case.kwargs)
+    assert in_place[1] is z and z.tobytes() == got[1].tobytes()
 
 
 @pytest.mark.parametrize("k", (1, 2, 9, 16, 17, 32, 33, 64, 100, 176))
@@ -374,7 +418,7 @@ def test_half_logits_are_their_float32_copy_rounded_once(half, k, n):
     """float16 / bfloat16 logits are computed as their float32 copy and rounded once:
     with dtype=float32 the same bits as that copy's call; in their own dtype its results
     rounded to nearest even; in place the same; the loss alone the same bits; special
-    values (NaN rows, -inf classes, an ignored NaN row) as in float32."""
+    values (NaN rows, -inf classes, an ignored NaN row) as in float32; with options too."""
     dtype = HALF[half]
     rng = np.random.default_rng(k * 7 + n)
     z = (4 * rng.standard_normal((n, k))).astype(dtype)
@@ -387,7 +431,8 @@ def test_half_logits_are_their_float32_copy_rounded_once(half, k, n):
     y[4] = -100
     z32 = z.astype(np.float32)
     weight = rng.uniform(0.5, 2, k)
-    for kwargs in (dict(reduction="none"), dict(weight=weight), dict(sample_weight=rng.uniform(0, 2, n), reduction="sum")):
+    options = dict(label_smoothing=0.1, z_loss=1e-3, logit_scale=0.7, reduction="none")
+    for kwargs in (dict(reduction="none"), dict(weight=weight), dict(sample_weight=rng.uniform(0, 2, n), reduction="sum"), options):
         want_loss, want_grad = fastsce.cross_entropy_with_grad(z32, y, **kwargs)
         loss, grad = fastsce.cross_entropy_with_grad(z, y, dtype=np.float32, **kwargs)
         assert np.asarray(loss).tobytes() == np.asarray(want_loss).tobytes()

@@ -60,6 +60,9 @@ ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
 WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176)  # classes a block computes: K or more
 MAX_K = WIDTHS[-1]
+# With label smoothing, z-loss, lse or a logit scale (transposed blocks only) fewer
+# widths: each is four kernels more to compile (loss, loss+grad, serial and threaded)
+OPTION_WIDTHS = (8, 12, 16, 32)
 
 
 def blocks_per_call(grad):
@@ -369,32 +372,41 @@ def _size(context, builder, ty, value):
 
 
 @intrinsic
-def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad):
-    """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols): each
-    row's loss (weighted; 0 where not counted) into losses[0 ..] (0 past rows); returns
-    their sum (a fixed order). With ``grad`` (a literal bool), the rows' gradient (times ``scale``) into g (N,
-    K). ``cols`` (a literal, one of WIDTHS): the classes a block computes, K or more. w:
-    the K class weights (float32); v: per-row weights (float64), or empty for none."""
-    if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in WIDTHS):
+def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_sum, lanes, g, cols, grad, options):
+    """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols):
+    each row's loss (weighted; 0 where not counted) into lanes[0, ..], with ``options``
+    its z-term into lanes[1] and its lse into lanes[2] (0 past rows); returns the sums
+    of the losses and of the z-terms (a fixed order). With ``grad`` (a literal bool), the
+    rows' gradient into g (N, K). params: the tiles' (label smoothing, z-loss, scale,
+    scale of the z-term, logit scale, softcap, which must be 0); without ``options`` (a
+    literal bool) only the scale is read. ``cols`` (a literal, one of WIDTHS; with
+    options one of OPTION_WIDTHS): the classes a block computes, K or more. w: the K
+    class weights (float32), w_sum their float64 sum; v: per-row weights (float64), or
+    empty for none."""
+    if not (isinstance(grad, types.BooleanLiteral) and isinstance(options, types.BooleanLiteral)):
         return None
-    if not isinstance(grad, types.BooleanLiteral):
+    if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in (OPTION_WIDTHS if options.literal_value else WIDTHS)):
         return None
-    if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (losses, 1), (g, 2))):
+    if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (lanes, 2), (g, 2))):
         return None
     if not (z.dtype in _HELD and g.dtype in (types.float32, z.dtype) and w.dtype == types.float32):
         return None
-    if not v.dtype == losses.dtype == types.float64:
+    if not v.dtype == lanes.dtype == types.float64:
         return None
-    sig = types.float64(z, target, ignore_index, w, v, row0, rows, scale, losses, g, cols, grad)
-    n_cols, with_grad = cols.literal_value, grad.literal_value
-    t_bits = target.dtype.bitwidth
+    sig = types.UniTuple(types.float64, 2)(z, target, ignore_index, w, v, row0, rows, params, w_sum, lanes, g, cols, grad, options)
+    n_cols, with_grad, with_options = cols.literal_value, grad.literal_value, options.literal_value
 
     def codegen(context, builder, sig, args):
-        zv, tv, ignore, wv, vv, r0, nrows, sc, lv, gv = args[:10]
+        zv, tv, ignore, wv, vv, r0, nrows, pv, w_sum, lv, gv = args[:11]
         r0 = context.cast(builder, r0, sig.args[5], types.int64)
         nrows = context.cast(builder, nrows, sig.args[6], types.int64)
         ignore = context.cast(builder, ignore, sig.args[2], types.int64)
-        sc = context.cast(builder, sc, sig.args[7], types.float64)
+        ps = [context.cast(builder, builder.extract_value(pv, i), t, types.float64) for i, t in enumerate(sig.args[7])]
+        sc = ps[2]
+        opts = None
+        if with_options:
+            w_sum = context.cast(builder, w_sum, sig.args[8], types.float64)
+            opts = SimpleNamespace(eps=ps[0], zl=ps[1], scale_z=ps[3], x_scale=ps[4], w_sum=w_sum)
         k = builder.extract_value(context.make_array(z)(context, builder, zv).shape, 1)
         vec = _Vectors(builder)
         # blocks_per_call blocks of 16 rows, their steps interleaved: one block's steps are a chain
@@ -407,7 +419,8 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
             left = builder.sub(nrows, first)
             rows_b = builder.select(builder.icmp_signed("<", left, ir.Constant(_I64, 0)), ir.Constant(_I64, 0), left)
             rows_b = builder.select(builder.icmp_signed(">", rows_b, ir.Constant(_I64, W)), ir.Constant(_I64, W), rows_b)
-            steps.append((_block_steps if n_cols <= TRANSPOSED_MAX else _row_steps)(context, builder, vec, sig, (zv, tv, ignore, wv, vv, sc, lv, gv), builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad))
+            values = (zv, tv, ignore, wv, vv, sc, lv, gv, opts)
+            steps.append((_block_steps if n_cols <= TRANSPOSED_MAX else _row_steps)(context, builder, vec, sig, values, builder.add(r0, first), rows_b, W * b, k, n_cols, with_grad))
         totals = [None] * len(steps)
         while any(t is None for t in totals):
             for b, gen in enumerate(steps):
@@ -416,7 +429,9 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, scale, loss
                         next(gen)
                     except StopIteration as done:
                         totals[b] = done.value
-        return vec.tree(builder.fadd, totals)
+        loss_sum = vec.tree(builder.fadd, [t[0] for t in totals])
+        z_sum = vec.tree(builder.fadd, [t[1] for t in totals])
+        return context.make_tuple(builder, sig.return_type, (loss_sum, z_sum))
 
     return sig, codegen
 
@@ -464,22 +479,31 @@ def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc):
     return losses_out, a_f, gy_f
 
 
-def _store_losses(context, builder, vec, losses, lv, l_first, losses_out):
-    """The 16 rows' losses into losses[l_first ..]; their sum."""
+def _store_lanes(context, builder, vec, lanes, lv, l_first, rows_out):
+    """The 16 rows' values into lanes[row, l_first ..] for each row: [two float64 halves]
+    of rows_out; returns the sum of each's lanes (a fixed order)."""
     d8 = ir.VectorType(_F64, W // 2)
-    l_ptr = _data(context, builder, losses, lv)
-    for i in (0, 1):
-        builder.store(losses_out[i], builder.bitcast(builder.gep(l_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
-    return vec.lane_sum(vec.add(losses_out[0], losses_out[1]))
+    arr = context.make_array(lanes)(context, builder, lv)
+    stride = builder.extract_value(arr.strides, 0)
+    base = builder.ptrtoint(arr.data, _I64)
+    sums = {}
+    for row, halves in rows_out.items():
+        row_ptr = builder.inttoptr(builder.add(base, builder.mul(stride, ir.Constant(_I64, row))), _F64.as_pointer())
+        for i in (0, 1):
+            builder.store(halves[i], builder.bitcast(builder.gep(row_ptr, [ir.Constant(_I64, l_first + 8 * i)]), d8.as_pointer()), align=8)
+        sums[row] = vec.lane_sum(vec.add(halves[0], halves[1]))
+    return sums
 
 
 def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
     """The IR of one block of 16 rows (block_loss), a generator: it yields between steps
-    so that block_loss can interleave its blocks; returns the block's loss sum."""
-    z, _, _, w, _, _, _, _, losses, g = sig.args[:10]
-    zv, _, _, wv, _, sc, lv, gv = values
+    so that block_loss can interleave its blocks; returns the block's sums of the losses
+    and of the z-terms."""
+    z, _, _, w, _, _, _, _, _, lanes, g = sig.args[:11]
+    zv, _, _, wv, _, sc, lv, gv, opts = values
     f16 = ir.VectorType(_F32, W)
     z_held, g_held = _Stored(builder, z.dtype), _Stored(builder, g.dtype)
+    minus_inf = vec.const(-np.inf, _F32, W)
 
     # the rows, transposed: col[j] = class j of the 16 rows (-inf past K), 16 classes
     # (one zmm of a row) at a time
@@ -488,6 +512,9 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         addressed = _rows(context, builder, z, zv, r0, k, nrows, group)
         col += transposed(builder, [z_held.load(p, mask, -np.inf) for p, mask in addressed])
     col = col[:n_cols]
+    if opts is not None:  # z = a x, each product rounded to float32 (simd.product); -inf past K
+        a_x = _splat(builder, builder.fptrunc(opts.x_scale, _F32), W)
+        col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), builder.fmul(a_x, c, flags=("arcp",)), minus_inf) for j, c in enumerate(col)]
 
     yield
     live, row_w, y64 = _counted(context, builder, vec, sig, values, r0, nrows)
@@ -502,38 +529,96 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         p = builder.gep(w_ptr, [first])
         class_mask = builder.icmp_signed("<", lane, _splat(builder, builder.sub(k, first), W))
         w_all.append(builder.call(_masked(builder, "load", f16, p), [p, ir.Constant(_I32, 4), class_mask, zero]))
+    w_of = [builder.extract_element(w_all[j // W], ir.Constant(_I32, j % W)) for j in range(n_cols)]
     z_y, w_y = zero, zero
     for j in range(n_cols):
         z_y = builder.select(is_target[j], col[j], z_y)
-        w_j = builder.extract_element(w_all[j // W], ir.Constant(_I32, j % W))
-        w_y = builder.select(is_target[j], _splat(builder, w_j, W), w_y)
+        w_y = builder.select(is_target[j], _splat(builder, w_of[j], W), w_y)
 
     yield
     # the max, the exps, and the float64 sum of the exps but the target's
     m = vec.tree(vec.maximum, col)
+    w_shift = None
+    if opts is not None:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
+        terms = []
+        for j in range(n_cols):
+            w_j = _splat(builder, w_of[j], W)
+            term = vec.select(vec.cmp("!=", w_j, 0.0, unordered=True), vec.mul(w_j, vec.sub(col[j], m)), 0.0)
+            terms.append(vec.wide(term))
+        w_shift = [vec.tree(vec.add, (t[i] for t in terms)) for i in (0, 1)]
     e = [vec.exp_shifted_f32(col[j], m) for j in range(n_cols)]
     kept = [builder.select(is_target[j], zero, e[j]) for j in range(n_cols)]
     halves = [vec.wide(x) for x in kept]
     s_other = [vec.tree(vec.add, (h[i] for h in halves)) for i in (0, 1)]
 
     yield
-    losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
+    if opts is None:
+        losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
+        rows_out, b_f = {0: losses_out}, None
+    else:
+        rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k)
     yield
-    total = _store_losses(context, builder, vec, losses, lv, l_first, losses_out)
+    sums = _store_lanes(context, builder, vec, lanes, lv, l_first, rows_out)
+    totals = sums[0], sums.get(1, ir.Constant(_F64, 0.0))
 
     yield
     if with_grad:
         a32, gy32 = vec.narrow(*a_f), vec.narrow(*gy_f)
+        b32 = None if b_f is None else vec.narrow(*b_f)
         out = []
         for j in range(n_cols):
-            gj = builder.select(is_target[j], gy32, vec.mul(a32, e[j]))
+            gj = vec.mul(a32, e[j])
+            if b32 is not None:  # a e_j - b w_j
+                gj = vec.sub(gj, vec.mul(b32, w_of[j]))
+            gj = builder.select(is_target[j], gy32, gj)
             out.append(builder.select(live, gj, zero))
         out += [zero] * (-n_cols % W)
         for group in range(len(out) // W):
             rows_out = transposed(builder, out[W * group : W * group + W])
             for x, (p, mask) in zip(rows_out, _rows(context, builder, g, gv, r0, k, nrows, group)):
                 g_held.store(x, p, mask)
-    return total
+    return totals
+
+
+def _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k):
+    """_row_factors with label smoothing, z-loss, lse and a logit scale, as
+    tiles._lane_loss, op for op: ({0: losses, 1: z-terms, 2: lse}, a, b, gy), each
+    two float64 halves; the gradient a e_j - b w_j, gy at the target."""
+    live_h = [vec.half(live, i) for i in (0, 1)]
+    zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
+    w_yd = vec.wide(w_y)
+    m_d = vec.wide(m)
+    eps, zl, scale_z, x_scale, w_sum = opts.eps, opts.zl, opts.scale_z, opts.x_scale, opts.w_sum
+    k_d = builder.sitofp(k, _F64)
+    smooth = builder.fcmp_ordered(">", eps, ir.Constant(_F64, 0.0))
+    has_z = builder.fcmp_ordered(">", zl, ir.Constant(_F64, 0.0))
+    eps_k = builder.fdiv(eps, k_d, flags=_FLAGS)
+    one_eps = builder.fsub(ir.Constant(_F64, 1.0), eps, flags=_FLAGS)
+    eps_w = builder.fdiv(builder.fmul(eps, w_sum, flags=_FLAGS), k_d, flags=_FLAGS)
+    out = {0: [], 1: [], 2: []}
+    a_f, b_f, gy_f = [], [], []
+    for i in (0, 1):
+        e_y = vec.exp_f64(zy[i])
+        inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
+        loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
+        log_s = vec.log_normal(vec.add(s_other[i], e_y))
+        lse = vec.select(vec.cmp("==", vec.fabs(m_d[i]), np.inf), m_d[i], vec.add(m_d[i], log_s))  # rows.row_lse
+        smoothed = vec.add(vec.mul(one_eps, loss), vec.mul(eps_k, vec.sub(vec.mul(w_sum, log_s), w_shift[i])))
+        loss = vec.select(_splat(builder, smooth, W // 2), smoothed, loss)
+        out[0].append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
+        z_live = builder.and_(live_h[i], _splat(builder, has_z, W // 2))
+        out[1].append(vec.select(z_live, vec.mul(vec.mul(vec.mul(row_w[i], zl), lse), lse), 0.0))
+        out[2].append(lse)
+        sv = vec.mul(vec.mul(sc, row_w[i]), x_scale)
+        hard = vec.mul(vec.mul(one_eps, w_yd[i]), sv)
+        zg = vec.mul(vec.mul(vec.mul(vec.mul(vec.like(2.0, sv), zl), scale_z), row_w[i]), x_scale)
+        zg = vec.select(_splat(builder, has_z, W // 2), vec.mul(zg, lse), 0.0)
+        a_f.append(vec.mul(vec.add(vec.add(hard, vec.mul(eps_w, sv)), zg), inv_s))
+        b_f.append(vec.mul(eps_k, sv))
+        p_y = vec.mul(e_y, inv_s)
+        gy = vec.add(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)), vec.mul(vec.mul(eps_k, sv), vec.sub(vec.mul(w_sum, p_y), w_yd[i])))
+        gy_f.append(vec.add(gy, vec.mul(zg, p_y)))
+    return out, a_f, b_f, gy_f
 
 
 def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
@@ -545,8 +630,8 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     transposed blocks. With the gradient the exps are stored (exps_row) and a second
     loop scales them into the gradient (the 16 rows' exps are in L1 by then). A generator
     like _block_steps (its loops are emitted whole between yields)."""
-    z, target, _, w, _, _, _, _, losses, g = sig.args[:10]
-    zv, tv, _, wv, _, sc, lv, gv = values
+    z, target, _, w, _, _, _, _, _, losses, g = sig.args[:11]
+    zv, tv, _, wv, _, sc, lv, gv, _ = values
     t_bits = target.dtype.bitwidth
     n_vec = n_cols // W
     f16 = ir.VectorType(_F32, W)
@@ -648,7 +733,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     m = as_vector(m_arr, _F32, 0, W)
     s_other = [as_vector(s_arr, _F64, 8 * i, W // 2) for i in (0, 1)]
     losses_out, a_f, gy_f = _row_factors(vec, live, row_w, as_vector(zy_arr, _F32, 0, W), as_vector(wy_arr, _F32, 0, W), m, s_other, sc)
-    total = _store_losses(context, builder, vec, losses, lv, l_first, losses_out)
+    total = _store_lanes(context, builder, vec, losses, lv, l_first, {0: losses_out})[0]
     yield
 
     if with_grad:
@@ -672,7 +757,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
                 with otherwise:  # zeros (its exps may be NaN)
                     for p, mask in vectors(g_base):
                         g_held.store(zero, p, mask)
-    return total
+    return total, ir.Constant(_F64, 0.0)
 
 
 # --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
@@ -684,38 +769,42 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
 
 
 @jit
-def _chunk(z, target, ignore_index, w, v, scale, outs, g, lo, hi, grad, cols):
-    """Rows lo .. hi, 16 or 32 at a time: the sum of their losses (per row too, in
-    outs[0] when it is not empty; outs[1], the z-terms, zeros)."""
-    row_loss, row_z = outs[0], outs[1]
+def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad, cols, options):
+    """Rows lo .. hi, 16 or 32 at a time: the sums of their losses and z-terms (per row
+    too, in outs' row arrays that are not empty)."""
+    row_loss, row_z, lse_out = outs[0], outs[1], outs[2]
     step = W * blocks_per_call(grad)
-    losses = np.empty(step)
+    lanes = np.zeros((3, step))
     total = 0.0
+    z_total = 0.0
     for i in range(lo, hi, step):
         rows = min(step, hi - i)
-        total += block_loss(z, target, ignore_index, w, v, i, rows, scale, losses, g, cols, grad)
+        dt, dz = block_loss(z, target, ignore_index, w, v, i, rows, params, w_sum, lanes, g, cols, grad, options)
+        total += dt
+        z_total += dz
         for r in range(rows if row_loss.size else 0):
-            row_loss[i + r] = losses[r]
+            row_loss[i + r] = lanes[0, r] + lanes[1, r] if options else lanes[0, r]
         for r in range(rows if row_z.size else 0):
-            row_z[i + r] = 0.0
-    return total
+            row_z[i + r] = lanes[1, r]
+        for r in range(rows if lse_out.size else 0):
+            lse_out[i + r] = lanes[2, r]
+    return total, z_total
 
 
-def _kernels(cols):
-    """hard_loss and hard_loss_grad for K <= cols (cols a constant of the closure, so a
-    literal in the kernels' code)."""
+def _kernels(cols, options):
+    """hard_loss and hard_loss_grad for K <= cols (cols and options constants of the
+    closure, so literals in the kernels' code)."""
 
     @parallel
     def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
-        """tiles.hard_loss for float32 z of K <= cols and params without label smoothing,
-        z-loss or logit transforms (fastsce.api checks), and no lse (outs[2] empty)."""
+        """tiles.hard_loss for float32 or half z of K <= cols and no softcap (fastsce.api
+        checks); without ``options`` also no label smoothing, z-loss, logit scale or lse."""
         chunk_loss, chunk_z = outs[3], outs[4]
         no_grad = np.empty((0, z.shape[1]), z.dtype)
         for c in prange(chunk_loss.size):
             lo = c * chunk_rows
             hi = min(lo + chunk_rows, z.shape[0])
-            chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), no_grad, lo, hi, False, cols)
-            chunk_z[c] = 0.0
+            chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, borrow_outs(outs), no_grad, lo, hi, False, cols, options)
 
     @parallel
     def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
@@ -725,15 +814,17 @@ def _kernels(cols):
         for c in prange(chunk_loss.size):
             lo = c * chunk_rows
             hi = min(lo + chunk_rows, z.shape[0])
-            chunk_loss[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), params[2], borrow_outs(outs), borrowed(g), lo, hi, True, cols)
-            chunk_z[c] = 0.0
+            chunk_loss[c], chunk_z[c] = _chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), w_sum, borrowed(v), params, borrow_outs(outs), borrowed(g), lo, hi, True, cols, options)
 
     return SimpleNamespace(hard_loss=hard_loss, hard_loss_grad=hard_loss_grad)
 
 
-_BY_WIDTH = {cols: _kernels(cols) for cols in WIDTHS}
+_BY_WIDTH = {(cols, False): _kernels(cols, False) for cols in WIDTHS}
+_BY_WIDTH.update({(cols, True): _kernels(cols, True) for cols in OPTION_WIDTHS})
 
 
-def kernels(k: int):
-    """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad)."""
-    return _BY_WIDTH[next(cols for cols in WIDTHS if k <= cols)]
+def kernels(k: int, options: bool = False):
+    """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad);
+    ``options``: those that take label smoothing, z-loss, a logit scale and lse (k <=
+    TRANSPOSED_MAX)."""
+    return _BY_WIDTH[next(cols for cols in (OPTION_WIDTHS if options else WIDTHS) if k <= cols), options]
