@@ -71,15 +71,15 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
         fn(logits, labels)
         fn(logits, labels, **_weights(logits))
-        if k_of is _small_k:  # float32 and half rows of K <= 32 go to the blocks (below)
-            fn(*_data(dtype, (130, 40)), label_smoothing=0.1)  # (with options beyond: the tiles)
+        if k_of is _small_k:  # float32 and half rows go to the blocks (below) but with a softcap
+            fn(logits, labels, softcap=30.0)  # (the tiles)
 
     return run
 
 
 def _blocks(grad: bool, transposed: bool):
-    """fastsce._kernels.blocks: a kernel per block width, transposed (K <= 32; with
-    label smoothing & co. a kernel per OPTION_WIDTHS entry too) or row-wise (K > 32);
+    """fastsce._kernels.blocks: a kernel per block width, transposed (K <= 32) or
+    row-wise (K > 32), and with label smoothing & co. one per OPTION_WIDTHS entry;
     float32 and half rows with integer targets."""
 
     def run(dtype: np.dtype) -> None:
@@ -90,8 +90,9 @@ def _blocks(grad: bool, transposed: bool):
         for k in block_kernels.WIDTHS:
             if (k <= block_kernels.TRANSPOSED_MAX) == transposed:
                 fn(*_data(dtype, (130, k)))
-        for k in block_kernels.OPTION_WIDTHS if transposed else ():  # (kernels of their own)
-            fn(*_data(dtype, (130, k)), label_smoothing=0.1)
+        for k in block_kernels.OPTION_WIDTHS:  # with options: kernels of their own
+            if (k <= block_kernels.TRANSPOSED_MAX) == transposed:
+                fn(*_data(dtype, (130, k)), label_smoothing=0.1)
 
     return run
 

@@ -77,10 +77,9 @@ _BLOCK_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int16))
 
 def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last: bool = True):
     """The kernels for rows of a small K (<= SMALL_K): fastsce._kernels.blocks (16 rows at
-    a time) for float32 and half rows of K <= blocks.MAX_K in calls without label
-    smoothing, z-loss, lse or logit transforms, and of K <= blocks.TRANSPOSED_MAX with any
-    of those but a softcap (kernels of their own) when the classes are the last axis;
-    else fastsce._kernels.tiles. (A call with the classes on another axis runs in the
+    a time) for float32 and half rows of K <= blocks.MAX_K in calls without a softcap
+    (with label smoothing, z-loss, lse or a logit scale, kernels of their own, when the
+    classes are the last axis); else fastsce._kernels.tiles. (A call with the classes on another axis runs in the
     tiles whether they read it in place or its rows are copied: with those options the
     two kernels' sums, added in different orders, may differ in entries of the gradient
     that cancel, and the same call should not depend on the memory layout.) Against the
@@ -97,7 +96,7 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
         return tile_kernels
     if eps == 0 and z_loss == 0 and logit_scale == 1.0 and not want_lse:
         return block_kernels.kernels(k)
-    if k <= block_kernels.TRANSPOSED_MAX and classes_last:
+    if classes_last:
         return block_kernels.kernels(k, options=True)
     return tile_kernels
 

@@ -165,7 +165,7 @@ def _check(case: Case, in_place: bool = False):
     assert np.asarray(loss_only).tobytes() == np.asarray(loss).tobytes()
 
 
-def test_the_blocks_take_float32_calls_without_options(monkeypatch):
+def test_the_calls_the_blocks_take(monkeypatch):
     seen = []
     holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
     holders += [(f"blocks{cols}+", block_kernels.kernels(cols, options=True)) for cols in block_kernels.OPTION_WIDTHS]
@@ -188,15 +188,15 @@ def test_the_blocks_take_float32_calls_without_options(monkeypatch):
     expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
     assert seen == expected + ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
     seen.clear()
-    fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: the tiles
-    fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)  # (beyond the transposed blocks)
-    fastsce.cross_entropy(z, y, softcap=5.0)
+    fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: kernels of their own
+    fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)
+    fastsce.cross_entropy(z, y, softcap=5.0)  # the tiles
     fastsce.cross_entropy(z.astype(np.float64), y)
     fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y)  # K > MAX_K
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)
-    assert seen == ["blocks12+.hard_loss_grad"] + ["tiles.hard_loss"] * 5
+    assert seen == ["blocks12+.hard_loss_grad", "blocks64+.hard_loss"] + ["tiles.hard_loss"] * 4
 
 
 def _edges():
@@ -235,7 +235,7 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
     _check(case, in_place)
 
 
-@pytest.mark.parametrize("k", (1, 2, 8, 9, 10, 13, 29, 32))
+@pytest.mark.parametrize("k", (1, 2, 8, 9, 10, 13, 29, 32, 33, 40, 64, 65, 100, 128, 129, 176))
 @pytest.mark.parametrize(
     "extra",
     [
@@ -248,9 +248,9 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
 )
 @pytest.mark.parametrize("weighted, reduction, rows", [(False, "mean", None), (True, "none", "sample_weight"), (True, "sum", "where")])
 def test_the_options_blocks_take(k, extra, weighted, reduction, rows):
-    """Label smoothing, z-loss, lse and a logit scale, in the transposed blocks' kernels
-    with options: every output against the reference, the loss alone the same bits, in
-    place the same bits."""
+    """Label smoothing, z-loss, lse and a logit scale, in the blocks' kernels with options
+    (transposed and row-wise, each OPTION_WIDTHS entry's edges): every output against
+    the reference, the loss alone the same bits, in place the same bits."""
     n = 203
     case = make_case(n, k, np.float32, weighted=weighted, ignore_index=k // 2, reduction=reduction)
     case.kwargs.update(extra)

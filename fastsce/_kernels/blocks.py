@@ -60,9 +60,9 @@ ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
 WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176)  # classes a block computes: K or more
 MAX_K = WIDTHS[-1]
-# With label smoothing, z-loss, lse or a logit scale (transposed blocks only) fewer
-# widths: each is four kernels more to compile (loss, loss+grad, serial and threaded)
-OPTION_WIDTHS = (8, 12, 16, 32)
+# With label smoothing, z-loss, lse or a logit scale fewer widths: each is four kernels
+# more to compile (loss, loss+grad, serial and threaded)
+OPTION_WIDTHS = (8, 12, 16, 32, 64, 128, 176)
 
 
 def blocks_per_call(grad):
@@ -631,7 +631,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     loop scales them into the gradient (the 16 rows' exps are in L1 by then). A generator
     like _block_steps (its loops are emitted whole between yields)."""
     z, target, _, w, _, _, _, _, _, losses, g = sig.args[:11]
-    zv, tv, _, wv, _, sc, lv, gv, _ = values
+    zv, tv, _, wv, _, sc, lv, gv, opts = values
     t_bits = target.dtype.bitwidth
     n_vec = n_cols // W
     f16 = ir.VectorType(_F32, W)
@@ -641,7 +641,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     z_held, g_held, f32_held = _Stored(builder, z.dtype), _Stored(builder, g.dtype), _Stored(builder, types.float32)
     # a zmm of a row is loaded whole where every K of this width fills it, else masked
     # (its lanes below K; none for the K that leave it empty)
-    min_k = max([c for c in WIDTHS if c < n_cols], default=0) + 1
+    min_k = max([c for c in (WIDTHS if opts is None else OPTION_WIDTHS) if c < n_cols], default=0) + 1
     masks = [None if W * (i + 1) <= min_k else builder.icmp_signed("<", lane, _splat(builder, builder.trunc(builder.sub(k, ir.Constant(_I64, W * i)), _I32), W)) for i in range(n_vec)]
 
     def vectors(base):
@@ -656,9 +656,21 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         inside = builder.and_(builder.icmp_signed(">=", y, ir.Constant(_I64, 0)), builder.icmp_signed("<", y, k))
         return y, builder.select(inside, y, ir.Constant(_I64, 0))
 
-    def is_target(y):
+    def is_target(y, row):
+        """The lanes of the row's target, left out of s_other. With options, only in a
+        counted row: another row's lse needs every class in its sum, as in the
+        transposed blocks (a plain call has no lse, and drops such a row's loss)."""
         y_lanes = _splat(builder, builder.trunc(y, _I32), W)
-        return [builder.icmp_signed("==", builder.add(lane, vec.const(W * i, _I32, W)), y_lanes) for i in range(n_vec)]
+        found = [builder.icmp_signed("==", builder.add(lane, vec.const(W * i, _I32, W)), y_lanes) for i in range(n_vec)]
+        if opts is None:
+            return found
+        counted = builder.icmp_signed("!=", y, values[2])
+        # the row's weight, or 1 without row weights (v is then empty: read a 1 instead)
+        v_data = _data(context, builder, sig.args[4], values[4])
+        has_v = builder.icmp_signed("!=", _size(context, builder, sig.args[4], values[4]), ir.Constant(_I64, 0))
+        weight = builder.load(builder.select(has_v, builder.gep(v_data, [row]), one_f64))
+        counted = builder.and_(counted, builder.fcmp_unordered("!=", weight, ir.Constant(_F64, 0.0)))
+        return [builder.and_(f, _splat(builder, counted, W)) for f in found]
 
     def lanes_of(element):
         """A 16-lane stack array (zeroed), and a pointer to its lane r."""
@@ -669,6 +681,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     def as_vector(arr, element, first, n):
         return builder.load(builder.bitcast(builder.gep(arr, [ir.Constant(_I32, 0), ir.Constant(_I32, first)]), ir.VectorType(element, n).as_pointer()), align=4)
 
+    one_f64 = cgutils.alloca_once_value(builder, ir.Constant(_F64, 1.0))
     m_arr, m_at = lanes_of(_F32)
     zy_arr, zy_at = lanes_of(_F32)
     wy_arr, wy_at = lanes_of(_F32)
@@ -693,6 +706,17 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             return in_scratch
         return builder.select(in_place_exps, builder.gep(g_data, [builder.mul(row, k)]), in_scratch)
 
+    if opts is not None:  # the logit scale, and the class weights' zmm (0 past K)
+        a_x = builder.fptrunc(opts.x_scale, _F32)
+        a_v = _splat(builder, a_x, W)
+        w_vecs = [f32_held.load(p, mask, 0.0) for p, mask in vectors(w_data)]
+        ws_arr, ws_at = lanes_of(_F64)
+
+    def scaled(x, mask):
+        """z = a x, the product rounded to float32 (simd.product); -inf past K."""
+        z = builder.fmul(a_v if isinstance(x.type, ir.VectorType) else a_x, x, flags=("arcp",))
+        return z if mask is None else builder.select(mask, z, vec.const(-np.inf, _F32, W))
+
     # ROWS_PER_STEP rows a loop step, their instructions interleaved stage by stage:
     # one row's are a chain of latencies (loads, the max across lanes, the exp's
     # polynomial, the sum across lanes). A last step short of rows repeats the block's
@@ -710,16 +734,23 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         ys = [row_target(row) for row in rows]
         # z_y and w_y before the exps are stored: g may be z (in place)
         for r, base, (_, y_in) in zip(rs, bases, ys):
-            builder.store(z_held.widen(builder.load(builder.gep(base, [y_in]))), zy_at(r))
+            zy = z_held.widen(builder.load(builder.gep(base, [y_in])))
+            builder.store(zy if opts is None else scaled(zy, None), zy_at(r))
             builder.store(builder.load(builder.gep(w_data, [y_in])), wy_at(r))
         xs = [[z_held.load(p, mask, -np.inf) for p, mask in vectors(base)] for base in bases]
+        if opts is not None:
+            xs = [[scaled(xi, masks[i]) for i, xi in enumerate(x)] for x in xs]
         ms = [vec.tree(vec.max_or_nan_somewhere, x) for x in xs]
         for step in (8, 4, 2, 1):  # every lane the row's max
             flip = _const_vector(_I32, [i ^ step for i in range(W)])
             ms = [vec.max_or_nan_somewhere(m, builder.shuffle_vector(m, m, flip)) for m in ms]
+        for r, x, m in zip(rs, xs, ms) if opts is not None else ():
+            # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
+            terms = [vec.select(vec.cmp("!=", wi, 0.0, unordered=True), vec.mul(wi, vec.sub(xi, m)), 0.0) for wi, xi in zip(w_vecs, x)]
+            builder.store(vec.lane_sum(vec.tree(vec.add, [h for t in terms for h in vec.wide(t)])), ws_at(r))
         es = [[vec.exp_shifted_f32(xi, m) for xi in x] for x, m in zip(xs, ms)]
-        for r, e, m, (y, _) in zip(rs, es, ms, ys):
-            kept = [builder.select(t, zero, ei) for t, ei in zip(is_target(y), e)]
+        for r, row, e, m, (y, _) in zip(rs, rows, es, ms, ys):
+            kept = [builder.select(t, zero, ei) for t, ei in zip(is_target(y, row), e)]
             halves = [h for ki in kept for h in vec.wide(ki)]
             builder.store(vec.lane_sum(vec.tree(vec.add, halves)), s_at(r))
             builder.store(builder.extract_element(m, ir.Constant(_I32, 0)), m_at(r))
@@ -732,8 +763,15 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     live, row_w, _ = _counted(context, builder, vec, sig, values, r0, nrows)
     m = as_vector(m_arr, _F32, 0, W)
     s_other = [as_vector(s_arr, _F64, 8 * i, W // 2) for i in (0, 1)]
-    losses_out, a_f, gy_f = _row_factors(vec, live, row_w, as_vector(zy_arr, _F32, 0, W), as_vector(wy_arr, _F32, 0, W), m, s_other, sc)
-    total = _store_lanes(context, builder, vec, losses, lv, l_first, {0: losses_out})[0]
+    z_y, w_y = as_vector(zy_arr, _F32, 0, W), as_vector(wy_arr, _F32, 0, W)
+    if opts is None:
+        losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
+        rows_out, b_f = {0: losses_out}, None
+    else:
+        w_shift = [as_vector(ws_arr, _F64, 8 * i, W // 2) for i in (0, 1)]
+        rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k)
+    sums = _store_lanes(context, builder, vec, losses, lv, l_first, rows_out)
+    totals = sums[0], sums.get(1, ir.Constant(_F64, 0.0))
     yield
 
     if with_grad:
@@ -741,6 +779,9 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         gy_arr, gy_at = lanes_of(g_held.element)  # as stored
         live_arr, live_at = lanes_of(_I32)
         builder.store(vec.narrow(*a_f), builder.bitcast(a_arr, f16.as_pointer()), align=4)
+        if b_f is not None:
+            b_arr, b_at = lanes_of(_F32)
+            builder.store(vec.narrow(*b_f), builder.bitcast(b_arr, f16.as_pointer()), align=4)
         builder.store(g_held.narrow(vec.narrow(*gy_f)), builder.bitcast(gy_arr, g_held.vector.as_pointer()), align=g_held.align.constant)
         builder.store(builder.zext(live, i32x16), builder.bitcast(live_arr, i32x16.as_pointer()), align=4)
         with cgutils.for_range(builder, nrows) as loop:
@@ -749,15 +790,19 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             g_base = builder.gep(g_data, [builder.mul(row, k)])
             counted = builder.icmp_signed("!=", builder.load(live_at(r)), ir.Constant(_I32, 0))
             with builder.if_else(counted) as (then, otherwise):
-                with then:  # a e_j, then the target's entry over it
+                with then:  # a e_j (- b w_j), then the target's entry over it
                     a_r = _splat(builder, builder.load(a_at(r)), W)
-                    for (p, mask), (e, _) in zip(vectors(g_base), vectors(exps_row(r, row))):
-                        g_held.store(vec.mul(a_r, f32_held.load(e, mask, 0.0)), p, mask)
+                    b_r = None if b_f is None else _splat(builder, builder.load(b_at(r)), W)
+                    for i, ((p, mask), (e, _)) in enumerate(zip(vectors(g_base), vectors(exps_row(r, row)))):
+                        gj = vec.mul(a_r, f32_held.load(e, mask, 0.0))
+                        if b_r is not None:
+                            gj = vec.sub(gj, vec.mul(b_r, w_vecs[i]))
+                        g_held.store(gj, p, mask)
                     builder.store(builder.load(gy_at(r)), builder.gep(g_base, [row_target(row)[1]]))
                 with otherwise:  # zeros (its exps may be NaN)
                     for p, mask in vectors(g_base):
                         g_held.store(zero, p, mask)
-    return total, ir.Constant(_F64, 0.0)
+    return totals
 
 
 # --- the kernels: fastsce._kernels.tiles.hard_loss / hard_loss_grad's arguments -------------------
@@ -825,6 +870,5 @@ _BY_WIDTH.update({(cols, True): _kernels(cols, True) for cols in OPTION_WIDTHS})
 
 def kernels(k: int, options: bool = False):
     """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad);
-    ``options``: those that take label smoothing, z-loss, a logit scale and lse (k <=
-    TRANSPOSED_MAX)."""
+    ``options``: those that take label smoothing, z-loss, a logit scale and lse."""
     return _BY_WIDTH[next(cols for cols in (OPTION_WIDTHS if options else WIDTHS) if k <= cols), options]
