@@ -262,18 +262,10 @@ def widen(typingctx, block):
     if not (isinstance(dt, types.Integer) and dt.bitwidth == 16):
         return None
     out = types.UniTuple(Vec(types.float32, w), w)
-    f32 = ir.VectorType(ir.FloatType(), w)
 
     def codegen(context, builder, sig, args):
-        if dt.signed:  # bfloat16
-
-            def one(v):
-                return _bfloat16_widen(builder, v, ir.VectorType(_I32, w), f32, lambda x: _splat(builder, ir.Constant(_I32, x), w))
-
-        else:
-
-            def one(v):
-                return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), w)), f32)
+        def one(v):
+            return half_bits_to_float32(builder, v, bfloat=dt.signed)
 
         return context.make_tuple(builder, out, _map_block(builder, context, args[0], w, one))
 
@@ -292,31 +284,43 @@ def narrow(typingctx, block, a):
     if not (dt == types.float32 and isinstance(target, types.Integer) and target.bitwidth == 16):
         return None
     out = types.UniTuple(Vec(target, w), w)
-    i16 = ir.VectorType(ir.IntType(16), w)
-    i32 = ir.VectorType(_I32, w)
 
     def codegen(context, builder, sig, args):
-        def c(x):
-            return _splat(builder, ir.Constant(_I32, x), w)
-
-        if target.signed:  # bfloat16
-
-            def one(v):
-                return builder.trunc(_bfloat16_round(builder, builder.bitcast(v, i32), c), i16)
-
-        else:
-
-            def one(v):
-                return builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), w)), i16)
+        def one(v):
+            return float32_to_half_bits(builder, v, bfloat=target.signed)
 
         return context.make_tuple(builder, out, _map_block(builder, context, args[0], w, one))
 
     return out(block, a), codegen
 
 
-def _bfloat16_widen(builder, bits, i32, f32, const):
-    """bfloat16 bits (i16 or <W x i16>) as float32: they are float32's high half."""
-    return builder.bitcast(builder.shl(builder.zext(bits, i32), const(16)), f32)
+def _like(ty, element):
+    """element, or a vector of it as long as ty (a vector type)."""
+    return ir.VectorType(element, ty.count) if isinstance(ty, ir.VectorType) else element
+
+
+def _constant(ty, value):
+    return ir.Constant(ty, [value] * ty.count if isinstance(ty, ir.VectorType) else value)
+
+
+def half_bits_to_float32(builder, bits, bfloat):
+    """IR: float16 (bfloat16 when ``bfloat``) bits, i16 or <W x i16>, as float32 (or <W x
+    float>), exactly."""
+    f32 = _like(bits.type, ir.FloatType())
+    if bfloat:
+        i32 = _like(bits.type, _I32)
+        return builder.bitcast(builder.shl(builder.zext(bits, i32), _constant(i32, 16)), f32)  # float32's high half
+    return builder.fpext(builder.bitcast(bits, _like(bits.type, ir.HalfType())), f32)
+
+
+def float32_to_half_bits(builder, x, bfloat):
+    """IR: float32 (or <W x float>) rounded to nearest even into float16 (bfloat16 when
+    ``bfloat``; a NaN stays a quiet NaN) bits, i16 or <W x i16>."""
+    i16 = _like(x.type, ir.IntType(16))
+    if bfloat:
+        i32 = _like(x.type, _I32)
+        return builder.trunc(_bfloat16_round(builder, builder.bitcast(x, i32), lambda v: _constant(i32, v)), i16)
+    return builder.bitcast(builder.fptrunc(x, _like(x.type, ir.HalfType())), i16)
 
 
 def _bfloat16_round(builder, u, const):
@@ -340,8 +344,7 @@ def float16_bits_to_float32(typingctx, h):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = _low_16_bits(builder, args[0], h)
-        return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+        return half_bits_to_float32(builder, _low_16_bits(builder, args[0], h), bfloat=False)
 
     return types.float32(h), codegen
 
@@ -353,8 +356,7 @@ def bfloat16_bits_to_float32(typingctx, b):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = _low_16_bits(builder, args[0], b)
-        return _bfloat16_widen(builder, bits, _I32, ir.FloatType(), lambda x: ir.Constant(_I32, x))
+        return half_bits_to_float32(builder, _low_16_bits(builder, args[0], b), bfloat=True)
 
     return types.float32(b), codegen
 
@@ -367,8 +369,7 @@ def float32_to_float16_bits(typingctx, x):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-        return builder.zext(bits, _I32)
+        return builder.zext(float32_to_half_bits(builder, args[0], bfloat=False), _I32)
 
     return types.int32(x), codegen
 
