@@ -73,6 +73,8 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn(logits, labels, **_weights(logits))
         if k_of is _small_k:  # float32 and half rows go to the blocks (below) but with a softcap
             fn(logits, labels, softcap=30.0)  # (the tiles)
+        else:  # the calls above take the plain row kernels (float rows), an option the general ones
+            fn(logits, labels, label_smoothing=0.1)
 
     return run
 

@@ -108,6 +108,20 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
 # block at a time. Measured, float32 loss+grad over the same rows with the classes last:
 # (N, K, 64) 1.4x at K = 10, 1.1x at 100, 1.9x at 1000, 2.3x at 8000, 4.7x at 32000
 # (block copies: 9x at 8000, 22x at 32000); (8, 21, 256, 256) 1.0x.
+def _row_kernel(z: np.ndarray, g: np.ndarray | None, params: tuple, want_lse: bool, in_place: bool, long_rows: bool):
+    """The row kernel (integer targets, K above the blocks and tiles) for rows z (half
+    rows as their bits), and the arguments it takes after those all kernels take: the
+    plain kernels for a call with no option on float rows, which compile in a fraction of
+    the general ones' time (see row_kernels.plain_loss), else the general ones."""
+    eps, z_loss, _, _, a, c = params
+    plain = eps == 0 and z_loss == 0 and a == 1 and c == 0 and not want_lse and z.dtype.kind == "f"
+    if g is None:
+        return (row_kernels.plain_loss if plain else row_kernels.hard_loss), ()
+    if plain and g.dtype == z.dtype and not in_place and not long_rows:
+        return row_kernels.plain_loss_grad, (g,)
+    return row_kernels.hard_loss_grad, (g, in_place, long_rows)
+
+
 CLASS_MAJOR_K = 1 << 16
 CLASS_MAJOR_MIN_D = 32
 
@@ -494,9 +508,12 @@ def _fast(
         if small:
             kernel, args = _small_k_kernels(logits, params, return_lse).hard_loss_grad, (*args, gk, in_place)
         else:
-            kernel, args = row_kernels.hard_loss_grad, (*args, gk, in_place, k * compute.itemsize > LONG_ROW_BYTES)
+            kernel, extra = _row_kernel(logits, gk, params, return_lse, in_place, k * compute.itemsize > LONG_ROW_BYTES)
+            args = (*args, *extra)
+    elif small:
+        kernel = _small_k_kernels(logits, params, return_lse).hard_loss
     else:
-        kernel = (_small_k_kernels(logits, params, return_lse) if small else row_kernels).hard_loss
+        kernel = _row_kernel(logits, None, params, return_lse, False, False)[0]
     if _threads.runs_serial(m * k):
         _threads._serial(kernel)(*args)
     else:
@@ -720,12 +737,13 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
                     pick(row_kernels.soft_loss)(zb, tb, w, v[r0:r1], params, chunk_rows, outs)
                 else:
                     pick(row_kernels.soft_loss_grad)(zb, tb, w, v[r0:r1], params, chunk_rows, outs, gb)
-            elif grad is None:
-                pick((_small_k_kernels(zb, params, want_lse, classes_last) if small else row_kernels).hard_loss)(*args)
+            elif small and grad is None:
+                pick(_small_k_kernels(zb, params, want_lse, classes_last).hard_loss)(*args)
             elif small:
                 pick(_small_k_kernels(zb, params, want_lse, classes_last).hard_loss_grad)(*args, gb, in_place)
             else:
-                pick(row_kernels.hard_loss_grad)(*args, gb, in_place, long_rows)
+                kernel, extra = _row_kernel(zb, gb, params, want_lse, in_place, long_rows)
+                pick(kernel)(*args, *extra)
             zb = tb = gb = args = outs = None  # (as in _blocks)
 
     ce = _total(chunk_loss)  # float64, in a fixed order

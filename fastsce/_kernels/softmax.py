@@ -58,19 +58,19 @@ def _sum_exp(z, m):
 
 
 @jit
-def _max_and_sum(zi, long_rows, no_store):
+def _max_and_sum(zi, long_rows):
     """(max, sum_j exp(z_j - max)) of a row: two passes, the second in cache, or for a
     long row one streaming pass."""
     if long_rows:
-        m, s, _ = _row_stats(zi, -1, no_store, 0.0, no_store, no_store, False)
+        m, s, _ = _row_stats(zi, -1, None, None, None, None, False)
         return m, s
     m = _row_max(zi)
     return m, _sum_exp(zi, m)
 
 
 @jit
-def _row_logsumexp(zi, long_rows, no_store):
-    m, s = _max_and_sum(zi, long_rows, no_store)
+def _row_logsumexp(zi, long_rows):
+    m, s = _max_and_sum(zi, long_rows)
     if math.isinf(m):  # all -inf, or a +inf: inf - inf made s NaN (or 0 in a long row).
         return float(_row_max(zi))  # -inf or +inf, unless a NaN (a running max can overtake one)
     return float(m) + math.log(s)
@@ -86,13 +86,13 @@ def softmax(z, out, chunk_rows, in_place, long_rows):
     n_chunks = -(-n // chunk_rows)
     for ch in prange(n_chunks):
         zb, ob = borrowed(z), borrowed(out)  # (as the loss kernels: no reference counting per view)
-        scratch = (np.empty(0, z.dtype), np.empty((k + BLOCK - 1) // BLOCK if long_rows else 0, z.dtype))
-        no_store, block_max = borrowed(scratch[0]), borrowed(scratch[1])
+        scratch = np.empty((k + BLOCK - 1) // BLOCK if long_rows else 0, z.dtype)
+        block_max = borrowed(scratch)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             gi = ob[i]
             if long_rows:  # one read of z: g = exp(z - M_b) per block, rescaled below
-                m, s, _ = _row_stats(zb[i], -1, no_store, 0.0, gi, block_max, in_place)
-                _rescale_blocks(gi, block_max, m, 1.0 / s, 0.0, no_store, 0.0)
+                m, s, _ = _row_stats(zb[i], -1, None, None, gi, block_max, in_place)
+                _rescale_blocks(gi, block_max, m, 1.0 / s, None, None, None)
             else:
                 m = _row_max(zb[i])
                 s = _store_exp(zb[i], m, gi, in_place, -1)
@@ -112,16 +112,13 @@ def log_softmax(z, out, chunk_rows, in_place, long_rows):
     n_chunks = -(-n // chunk_rows)
     for ch in prange(n_chunks):
         zb, ob = borrowed(z), borrowed(out)
-        scratch = np.empty(0, z.dtype)
-        no_store = borrowed(scratch)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            m, s = _max_and_sum(zb[i], long_rows, no_store)
+            m, s = _max_and_sum(zb[i], long_rows)
             log_s = like(math.log(s), zb)
             if in_place:
                 _shift_in_place(ob[i], m, log_s)
             else:
                 _shift(zb[i], m, log_s, ob[i])
-        keep_alive(scratch)
 
 
 @parallel
@@ -131,8 +128,5 @@ def logsumexp(z, out, chunk_rows, long_rows):
     n_chunks = -(-n // chunk_rows)
     for ch in prange(n_chunks):
         zb = borrowed(z)
-        scratch = np.empty(0, z.dtype)
-        no_store = borrowed(scratch)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            out[i] = _row_logsumexp(zb[i], long_rows, no_store)
-        keep_alive(scratch)
+            out[i] = _row_logsumexp(zb[i], long_rows)

@@ -1,0 +1,153 @@
+"""The plain row kernels (fastsce._kernels.rows.plain_loss, plain_loss_grad): the general
+row kernels' results for calls with no option (bit for bit, but for the last two bits of
+a float64 gradient's target entry); the calls that take them; and what a plain call
+compiles (none of the options' loops: the point of them)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastsce
+from fastsce import _threads, api
+from fastsce._kernels import rows
+
+NO_ROWS = np.empty(0)
+
+
+def _rows_case(dtype, k, n=37, weighted=False, sample_weighted=False, special=False, seed=0):
+    rng = np.random.default_rng(seed)
+    z = (4 * rng.standard_normal((n, k))).astype(dtype)
+    y = rng.integers(0, k, n)
+    y[5::7] = -100  # ignored
+    if special:
+        z[0, :] = -np.inf  # a row of -inf but its target
+        z[0, y[0]] = 0.0
+        z[1, 3] = np.nan
+        z[3, : k - 1] = -np.inf
+        y[3] = k - 1
+        z[4, 2] = np.inf
+        z[6, :] *= 1e30  # p_y underflows to 0 and the loss is huge
+    w = (rng.random(k) + 0.5).astype(dtype) if weighted else np.ones(k, dtype)
+    w_sum = float(w.astype(np.float64).sum())
+    v = rng.random(n) if sample_weighted else NO_ROWS
+    if sample_weighted:
+        v[8] = 0.0  # a row weighted 0 is skipped like an ignored one
+    return z, y, w, w_sum, v
+
+
+def _outs(dtype, n, chunk_rows, per_row):
+    n_chunks = -(-n // chunk_rows)
+    row_loss = np.full(n, 7.0, dtype) if per_row else np.empty(0, dtype)
+    return (row_loss, np.empty(0, dtype), np.empty(0, dtype), np.full(n_chunks, 7.0), np.full(n_chunks, 7.0))
+
+
+CHUNK = 5  # several chunks over 37 rows
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["serial", "threads"])
+@pytest.mark.parametrize("weights", ["none", "class", "class+row"])
+@pytest.mark.parametrize(
+    "k, special", [(k, special) for k in (1, 2, 177, 1000, 1024, 1025, 3000) for special in (False, True) if k >= 8 or not special]
+)  # (the special rows need 8 classes)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_plain_kernels_give_the_general_kernels_bits(dtype, k, special, weights, threaded):
+    n = 37
+    z, y, w, w_sum, v = _rows_case(dtype, k, n, weights != "none", weights == "class+row", special)
+    params = (0.0, 0.0, 1 / 29, 1 / 29, 1.0, 0.0)
+    pick = (lambda kernel: kernel) if threaded else _threads._serial
+    shared = (z, y, -100, w, w_sum, v, params, CHUNK)
+    for loss_only in (True, False):
+        results = []
+        for plain in (True, False):
+            outs = _outs(dtype, n, CHUNK, per_row=True)
+            g = np.full((n, k), 7.0, dtype)
+            if loss_only:
+                pick(rows.plain_loss if plain else rows.hard_loss)(*shared, outs)
+            elif plain:
+                pick(rows.plain_loss_grad)(*shared, outs, g)
+            else:
+                pick(rows.hard_loss_grad)(*shared, outs, g, False, False)
+            results.append((outs, g))
+        (plain_outs, plain_g), (general_outs, general_g) = results
+        for a, b in zip(plain_outs, general_outs):
+            np.testing.assert_array_equal(a, b)  # (NaN equal to NaN; the sign of a zero not compared)
+        if not loss_only:
+            # float64: the target's entry may differ in its last two bits (the general kernel's
+            # longer expression for it, with the options' terms, compiles to other roundings)
+            np.testing.assert_array_equal(np.isnan(plain_g), np.isnan(general_g))
+            finite = ~np.isnan(plain_g)
+            np.testing.assert_array_max_ulp(plain_g[finite], general_g[finite], maxulp=0 if dtype == np.float32 else 2)
+            assert not np.any(plain_g == 7.0)  # every row written, ignored ones with zeros
+    assert np.isfinite(plain_outs[3]).any()
+
+
+def _spy_row_kernels(monkeypatch):
+    seen = []
+    for name in ("plain_loss", "plain_loss_grad", "hard_loss", "hard_loss_grad"):
+        real = getattr(rows, name)
+        monkeypatch.setattr(rows, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
+    return seen
+
+
+@pytest.mark.parametrize("general_path", [False, True], ids=["fast-path", "general-path"])
+def test_the_calls_the_plain_kernels_take(monkeypatch, general_path):
+    seen = _spy_row_kernels(monkeypatch)
+    rng = np.random.default_rng(1)
+    k = 400  # above the blocks and the tiles (api.SMALL_K) for float32 and float64
+    z = rng.standard_normal((40, k)).astype(np.float32)
+    y = rng.integers(0, k, 40)
+    labels = y.tolist() if general_path else y  # a list: not the fast path's call
+
+    def both(logits, **kwargs):
+        fastsce.cross_entropy_with_grad(logits, labels, **kwargs)
+        fastsce.cross_entropy(logits, labels, **kwargs)
+        names = list(seen)
+        seen.clear()
+        return names
+
+    plain, general = ["plain_loss_grad", "plain_loss"], ["hard_loss_grad", "hard_loss"]
+    assert both(z) == plain
+    assert both(z.astype(np.float64)) == plain
+    assert both(z, weight=rng.random(k), sample_weight=rng.random(40), reduction="none") == plain
+    assert both(z, logit_scale=1.0, label_smoothing=0.0, z_loss=0.0) == plain  # options that change nothing
+    for option in (dict(label_smoothing=0.1), dict(z_loss=1e-4), dict(logit_scale=2.0), dict(softcap=30.0)):
+        assert both(z, **option) == general, option
+    assert both(z.astype(np.float16)) == general
+    fastsce.cross_entropy(z, labels, return_lse=True)
+    buffer = z.copy()
+    fastsce.cross_entropy_with_grad(buffer, labels, out=buffer)  # in place
+    assert seen == ["hard_loss", "hard_loss_grad"]
+    seen.clear()
+    monkeypatch.setattr(api, "LONG_ROW_BYTES", 0)  # long rows: the loss reads them once either way
+    assert both(z) == ["hard_loss_grad", "plain_loss"]
+
+
+def test_a_plain_call_compiles_no_option_loops(tmp_path):
+    """In a process with an empty kernel cache, a plain call at K = 1000 compiles none of
+    the loops of the options, in-place rows, long rows or half rows."""
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        import fastsce
+        from fastsce._kernels import rows
+        z = np.random.default_rng(0).standard_normal((65, 1000)).astype(np.float32)
+        y = np.arange(65) % 1000
+        fastsce.cross_entropy_with_grad(z, y)
+        fastsce.cross_entropy(z, y)
+        names = ("hard_loss", "hard_loss_grad", "_hard_row_grad", "_softcap_row_f32", "_weighted_shift_block",
+                 "_store_exp_shift_block", "_exps_in_place", "_store_exp", "_rescale_blocks", "_scale_minus_weight")
+        def compiled(d):  # a kernel's threaded and serial twins, or a helper
+            return len(d.signatures) + (len(d.serial.signatures) if hasattr(d, "serial") else 0)
+        print({n: compiled(getattr(rows, n)) for n in names})
+        print(len(rows.plain_loss_grad.serial.signatures), len(rows.plain_loss.serial.signatures))
+        """
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    compiled, plain = out.strip().splitlines()
+    assert set(eval(compiled).values()) == {0}, compiled
+    assert plain == "1 1"
