@@ -711,6 +711,15 @@ def _prefetch_row(z, i):
 
 
 @jit
+def _counted(target, v, i, ignore_index):
+    """(y, v_i, live) of row i: its label, its row weight (1 without row weights), and
+    whether it counts (not ignored, not weighted 0)."""
+    y = target[i]
+    vi = v[i] if v.size else 1.0
+    return y, vi, y != ignore_index and vi != 0
+
+
+@jit
 def _record(i, live, vi, zl, ce, lse, outs, totals):
     """Row i's weighted loss and z-term into the outputs; returns the updated chunk totals."""
     row_loss, row_z, lse_out, _, _ = outs
@@ -769,9 +778,7 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(zb, i + 1)
-            y = tb[i]
-            vi = vb[i] if vb.size else 1.0
-            live = y != ignore_index and vi != 0
+            y, vi, live = _counted(tb, vb, i, ignore_index)
             m_row = like(NOT_KNOWN, zt)
             if copy and (live or want_lse):
                 m_row = _load_or_cap(zb[i], zt, a, c, za)
@@ -811,9 +818,7 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(zb, i + 1)
-            y = tb[i]
-            vi = vb[i] if vb.size else 1.0
-            live = y != ignore_index and vi != 0
+            y, vi, live = _counted(tb, vb, i, ignore_index)
             m_row = like(NOT_KNOWN, zt)
             if copy and (live or want_lse):
                 m_row = _load_or_cap(zb[i], zt, a, c, za)  # before g (maybe z itself) is written
@@ -882,9 +887,7 @@ def plain_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(zb, i + 1)
-            y = tb[i]
-            vi = vb[i] if vb.size else 1.0
-            live = y != ignore_index and vi != 0
+            y, vi, live = _counted(tb, vb, i, ignore_index)
             ce = _hard_row(zb[i], y, k, wb, w_sum, None, False, None)[0] if live else 0.0
             totals = _record(i, live, vi, 0.0, ce, 0.0, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
@@ -901,9 +904,7 @@ def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, ou
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(zb, i + 1)
-            y = tb[i]
-            vi = vb[i] if vb.size else 1.0
-            live = y != ignore_index and vi != 0
+            y, vi, live = _counted(tb, vb, i, ignore_index)
             ce = 0.0
             if live:
                 ce = _plain_row_grad(zb[i], y, gb[i], wb, scale * vi)
