@@ -33,28 +33,29 @@ from option_ratios import check  # (bench/ is the script's directory)
 
 SHAPES = [(1, 10), (64, 10), (20, 1000), (64, 1000), (16, 4000)]
 CALLS = 2000
-# where the API finds its kernels: each has hard_loss and hard_loss_grad (and .serial twins)
+# where the API finds its kernels (each with a .serial twin), and their names
 KERNEL_HOLDERS = (rows, tiles, *(blocks.kernels(cols) for cols in blocks.WIDTHS))
+KERNEL_NAMES = ("hard_loss", "hard_loss_grad", "plain_loss", "plain_loss_grad", "soft_loss", "soft_loss_grad", "class_major_loss")
+
+
+def all_kernels():
+    return [getattr(module, name) for module in KERNEL_HOLDERS for name in KERNEL_NAMES if hasattr(module, name)]
 
 
 def timed_kernels(spent: list[float]):
     """Wrap every serial twin the API may pick so that its time is added to spent[0]."""
     saved = []
-    for module in KERNEL_HOLDERS:
-        for name in ("hard_loss", "hard_loss_grad", "soft_loss", "soft_loss_grad", "class_major_loss"):
-            kernel = getattr(module, name, None)
-            if kernel is None:
-                continue
-            inner = kernel.serial
+    for kernel in all_kernels():
+        inner = kernel.serial
 
-            def wrapper(*args, _inner=inner):
-                t = time.thread_time()
-                result = _inner(*args)
-                spent[0] += time.thread_time() - t
-                return result
+        def wrapper(*args, _inner=inner):
+            t = time.thread_time()
+            result = _inner(*args)
+            spent[0] += time.thread_time() - t
+            return result
 
-            saved.append((kernel, inner))
-            kernel.serial = wrapper
+        saved.append((kernel, inner))
+        kernel.serial = wrapper
     return saved
 
 
@@ -91,12 +92,9 @@ def outside_kernel(fn) -> float:
     steadier on a busy machine than the call's time minus the kernel's."""
     fn()
     saved = []
-    for module in KERNEL_HOLDERS:
-        for name in ("hard_loss", "hard_loss_grad", "soft_loss", "soft_loss_grad", "class_major_loss"):
-            kernel = getattr(module, name, None)
-            if kernel is not None:
-                saved.append((kernel, kernel.serial))
-                kernel.serial = lambda *args: None
+    for kernel in all_kernels():
+        saved.append((kernel, kernel.serial))
+        kernel.serial = lambda *args: None
     try:
         return per_call(fn)
     finally:
@@ -181,8 +179,7 @@ def dispatch() -> None:
         fastsce.cross_entropy_with_grad(z, y, out=out)
         captured = []
         saved = []
-        for module in KERNEL_HOLDERS:
-            kernel = module.hard_loss_grad
+        for kernel in all_kernels():
             inner = kernel.serial
 
             def capture(*args, _inner=inner):
