@@ -75,6 +75,8 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
             fn(logits, labels, softcap=30.0)  # (the tiles)
         else:  # the calls above take the plain row kernels (float rows), an option the general ones
             fn(logits, labels, label_smoothing=0.1)
+            if grad:  # in place (fastsce.torch's inplace_backward): a plain kernel of its own
+                fn(logits, labels, out=logits)
 
     return run
 

@@ -117,8 +117,8 @@ def _row_kernel(z: np.ndarray, g: np.ndarray | None, params: tuple, want_lse: bo
     plain = eps == 0 and z_loss == 0 and a == 1 and c == 0 and not want_lse and z.dtype.kind == "f"
     if g is None:
         return (row_kernels.plain_loss if plain else row_kernels.hard_loss), ()
-    if plain and g.dtype == z.dtype and not in_place and not long_rows:
-        return row_kernels.plain_loss_grad, (g,)
+    if plain and g.dtype == z.dtype and not long_rows:
+        return row_kernels.plain_loss_grad, (g, True if in_place else None)
     return row_kernels.hard_loss_grad, (g, in_place, long_rows)
 
 

@@ -1,7 +1,7 @@
 """The plain row kernels (fastsce._kernels.rows.plain_loss, plain_loss_grad): the general
-row kernels' results for calls with no option (bit for bit, but for the last two bits of
-a float64 gradient's target entry); the calls that take them; and what a plain call
-compiles (none of the options' loops: the point of them)."""
+row kernels' results for calls with no option (within 4 ulp: _within_ulps); the calls
+that take them; and what a plain call compiles (none of the options' loops: the point
+of them)."""
 
 import os
 import subprocess
@@ -45,6 +45,18 @@ def _outs(dtype, n, chunk_rows, per_row):
     return (row_loss, np.empty(0, dtype), np.empty(0, dtype), np.full(n_chunks, 7.0), np.full(n_chunks, 7.0))
 
 
+def _within_ulps(a, b, ulps, mode):
+    """a and b NaN in the same places and elsewhere at most ``ulps`` units in the last
+    place of b apart. The plain and general kernels inline the same helpers, but LLVM
+    compiles each kernel apart (FMA contraction, the lanes of the exp-sums): seen the
+    same bits in most processes, 1-3 ulp apart in some (an empty kernel cache shared by
+    two test workers)."""
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=mode)
+    finite = ~np.isnan(b)
+    gap = np.abs(a[finite] - b[finite])
+    assert np.all(gap <= ulps * np.spacing(np.abs(b[finite]).astype(b.dtype))), (mode, gap.max())
+
+
 CHUNK = 5  # several chunks over 37 rows
 
 
@@ -60,28 +72,27 @@ def test_plain_kernels_give_the_general_kernels_bits(dtype, k, special, weights,
     params = (0.0, 0.0, 1 / 29, 1 / 29, 1.0, 0.0)
     pick = (lambda kernel: kernel) if threaded else _threads._serial
     shared = (z, y, -100, w, w_sum, v, params, CHUNK)
-    for loss_only in (True, False):
+    for mode in ("loss only", "gradient", "in place"):
+        loss_only, in_place = mode == "loss only", mode == "in place"
         results = []
         for plain in (True, False):
             outs = _outs(dtype, n, CHUNK, per_row=True)
-            g = np.full((n, k), 7.0, dtype)
+            g = z.copy() if in_place else np.full((n, k), 7.0, dtype)
+            args = (g, *shared[1:]) if in_place else shared
             if loss_only:
-                pick(rows.plain_loss if plain else rows.hard_loss)(*shared, outs)
+                pick(rows.plain_loss if plain else rows.hard_loss)(*args, outs)
             elif plain:
-                pick(rows.plain_loss_grad)(*shared, outs, g)
+                pick(rows.plain_loss_grad)(*args, outs, g, True if in_place else None)
             else:
-                pick(rows.hard_loss_grad)(*shared, outs, g, False, False)
+                pick(rows.hard_loss_grad)(*args, outs, g, in_place, False)
             results.append((outs, g))
         (plain_outs, plain_g), (general_outs, general_g) = results
         for a, b in zip(plain_outs, general_outs):
-            np.testing.assert_array_equal(a, b)  # (NaN equal to NaN; the sign of a zero not compared)
+            _within_ulps(a, b, 4, mode)
         if not loss_only:
-            # float64: the target's entry may differ in its last two bits (the general kernel's
-            # longer expression for it, with the options' terms, compiles to other roundings)
-            np.testing.assert_array_equal(np.isnan(plain_g), np.isnan(general_g))
-            finite = ~np.isnan(plain_g)
-            np.testing.assert_array_max_ulp(plain_g[finite], general_g[finite], maxulp=0 if dtype == np.float32 else 2)
-            assert not np.any(plain_g == 7.0)  # every row written, ignored ones with zeros
+            _within_ulps(plain_g, general_g, 4, mode)
+            if not in_place:
+                assert not np.any(plain_g == 7.0)  # every row written, ignored ones with zeros
     assert np.isfinite(plain_outs[3]).any()
 
 
@@ -119,8 +130,9 @@ def test_the_calls_the_plain_kernels_take(monkeypatch, general_path):
     assert both(z.astype(np.float16)) == general
     fastsce.cross_entropy(z, labels, return_lse=True)
     buffer = z.copy()
-    fastsce.cross_entropy_with_grad(buffer, labels, out=buffer)  # in place
-    assert seen == ["hard_loss", "hard_loss_grad"]
+    fastsce.cross_entropy_with_grad(buffer, labels, out=buffer)  # in place: a plain kernel of its own
+    fastsce.cross_entropy_with_grad(buffer, labels, out=buffer, label_smoothing=0.1)
+    assert seen == ["hard_loss", "plain_loss_grad", "hard_loss_grad"]
     seen.clear()
     monkeypatch.setattr(api, "LONG_ROW_BYTES", 0)  # long rows: the loss reads them once either way
     assert both(z) == ["hard_loss_grad", "plain_loss"]
@@ -138,16 +150,19 @@ def test_a_plain_call_compiles_no_option_loops(tmp_path):
         y = np.arange(65) % 1000
         fastsce.cross_entropy_with_grad(z, y)
         fastsce.cross_entropy(z, y)
+        x = z.copy()
+        fastsce.cross_entropy_with_grad(x, y, out=x)  # in place: _exps_in_place, in a kernel of its own
         names = ("hard_loss", "hard_loss_grad", "_hard_row_grad", "_softcap_row_f32", "_weighted_shift_block",
-                 "_store_exp_shift_block", "_exps_in_place", "_store_exp", "_rescale_blocks", "_scale_minus_weight")
+                 "_store_exp_shift_block", "_store_exp", "_rescale_blocks", "_scale_minus_weight")
         def compiled(d):  # a kernel's threaded and serial twins, or a helper
             return len(d.signatures) + (len(d.serial.signatures) if hasattr(d, "serial") else 0)
         print({n: compiled(getattr(rows, n)) for n in names})
-        print(len(rows.plain_loss_grad.serial.signatures), len(rows.plain_loss.serial.signatures))
+        print(len(rows.plain_loss_grad.serial.signatures), len(rows.plain_loss.serial.signatures),
+              len(rows._exps_in_place.signatures), len(rows._exps_into.signatures))
         """
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     compiled, plain = out.strip().splitlines()
     assert set(eval(compiled).values()) == {0}, compiled
-    assert plain == "1 1"
+    assert plain == "2 1 1 1"  # plain_loss_grad: out of place and in place

@@ -845,15 +845,15 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 
 # --- the plain call -----------------------------------------------------------------------------
 #
-# No option (label smoothing, z-loss, lse, logit scale, softcap), float32 or float64 rows, a
-# gradient into a buffer of its own and rows short enough to stay in cache between passes:
-# most calls. hard_loss and hard_loss_grad compile every option's loops whatever the call
+# No option (label smoothing, z-loss, lse, logit scale, softcap), float32 or float64 rows
+# short enough to stay in cache between passes:
+# most calls (in place too: fastsce.torch's inplace_backward). hard_loss and hard_loss_grad compile every option's loops whatever the call
 # (Numba types both sides of a branch on a runtime value), which made a first call at
 # K = 1000 take 18.2 s (loss+grad) and 11.8 s (loss) with an empty kernel cache. These two
 # compile the plain rows' helpers only (the options' branches pruned by passing None, or
-# not written), with the same helpers and formulas: the same bits as the general kernels
-# (a float64 gradient's target entry within 2 ulp: its longer expression there rounds
-# differently). Measured (float32, 1 process per call, empty cache): a first call at
+# not written), with the same helpers and formulas: the general kernels' results, within
+# a few ulp (LLVM compiles each kernel apart, FMAs and the exp-sums' lanes included: the
+# same bits in most processes, 1-3 ulp apart in some; tests/test_plain_rows.py). Measured (float32, 1 process per call, empty cache): a first call at
 # K = 1000 3.3 s (loss+grad) and 3.2 s (loss), at K = 32000 3.0 s; the threaded kernels
 # directly 4.4 s and 3.7 s. Assembly (inspect_asm, serial twins): 3140 instructions
 # against the general kernel's 17640, the same zmm exp loop. They also run faster, with
@@ -862,12 +862,27 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 # only 0.90-0.95x.
 
 
+def _plain_exps(z, m, g, skip, in_place):
+    """_store_exp with in_place None (g is not z) or True (g is z), chosen as Numba types
+    the call: each kernel compiles one of the two loops (both cost a plain call 1.2 s
+    more of compiling, 30%)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_plain_exps)
+def _plain_exps_impl(z, m, g, skip, in_place):
+    if isinstance(in_place, (types.NoneType, types.Omitted)):
+        return lambda z, m, g, skip, in_place: _exps_into(z, m, g, skip)
+    return lambda z, m, g, skip, in_place: _exps_in_place(g, m, skip)
+
+
 @jit
-def _plain_row_grad(zi, y, gi, w, scale):
-    """_hard_row_grad of a plain row: its loss, and the gradient into gi (not zi)."""
+def _plain_row_grad(zi, y, gi, w, scale, in_place):
+    """_hard_row_grad of a plain row: its loss, and the gradient into gi (zi itself when
+    in_place)."""
     m = _row_max(zi)
-    zy = float(zi[y]) - float(m)
-    s_other = _exps_into(zi, m, gi, y)
+    zy = float(zi[y]) - float(m)  # read before the exps overwrite an in-place row
+    s_other = _plain_exps(zi, m, gi, y, in_place)
     e_y = math.exp(zy)
     s = s_other + e_y
     w_y = float(w[y])
@@ -894,8 +909,9 @@ def plain_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
 
 
 @parallel
-def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g):
-    """hard_loss_grad of plain rows, g not z, K * itemsize <= LONG_ROW_BYTES."""
+def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
+    """hard_loss_grad of plain rows, K * itemsize <= LONG_ROW_BYTES; in_place None, or
+    True when g is z (a kernel of its own: _plain_exps)."""
     scale = params[2]
     chunk_loss, chunk_z = outs[3], outs[4]
     n = z.shape[0]
@@ -907,7 +923,7 @@ def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, ou
             y, vi, live = _counted(tb, vb, i, ignore_index)
             ce = 0.0
             if live:
-                ce = _plain_row_grad(zb[i], y, gb[i], wb, scale * vi)
+                ce = _plain_row_grad(zb[i], y, gb[i], wb, scale * vi, in_place)
             else:
                 gb[i, :] = 0
             totals = _record(i, live, vi, 0.0, ce, 0.0, ob, totals)
