@@ -151,18 +151,18 @@ def test_a_plain_call_compiles_no_option_loops(tmp_path):
         fastsce.cross_entropy_with_grad(z, y)
         fastsce.cross_entropy(z, y)
         x = z.copy()
-        fastsce.cross_entropy_with_grad(x, y, out=x)  # in place: _exps_in_place, in a kernel of its own
+        fastsce.cross_entropy_with_grad(x, y, out=x)  # in place: _exp_in_place_block, in a kernel of its own
         names = ("hard_loss", "hard_loss_grad", "_hard_row_grad", "_softcap_row_f32", "_weighted_shift_block",
                  "_store_exp_shift_block", "_store_exp", "_rescale_blocks", "_scale_minus_weight")
         def compiled(d):  # a kernel's threaded and serial twins, or a helper
             return len(d.signatures) + (len(d.serial.signatures) if hasattr(d, "serial") else 0)
         print({n: compiled(getattr(rows, n)) for n in names})
         print(len(rows.plain_loss_grad.serial.signatures), len(rows.plain_loss.serial.signatures),
-              len(rows._exps_in_place.signatures), len(rows._exps_into.signatures))
+              len(rows._exp_in_place_block.signatures), len(rows._store_exp_block.signatures))
         """
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     compiled, plain = out.strip().splitlines()
     assert set(eval(compiled).values()) == {0}, compiled
-    assert plain == "2 1 1 1"  # plain_loss_grad: out of place and in place
+    assert plain == "2 1 2 2"  # plain_loss_grad out of place and in place; each block loop with and without the target

@@ -255,36 +255,33 @@ def _soft_block(z, t, w, m, c1, c0, g, store):
 def _store_exp(z, m, g, in_place, skip, a=None):
     """g[j] = exp(z[j] - m); returns their float64 sum but for j = skip (out of range: none).
     z is g when in_place."""
-    return _exps_in_place(g, m, skip, a) if in_place else _exps_into(z, m, g, skip, a)
+    return _exps(z, m, g, skip, True, a) if in_place else _exps(z, m, g, skip, None, a)
 
 
-@jit
-def _exps_into(z, m, g, skip, a=None):
-    """_store_exp into a gradient that is not z."""
-    s = 0.0
-    for lo in range(0, z.size, BLOCK):
-        t = skip - lo
-        zb, gb = z[lo : lo + BLOCK], g[lo : lo + BLOCK]
-        if 0 <= t < BLOCK:
-            s += _store_exp_block(zb, m, gb, t, a)
-        else:
-            s += _store_exp_block(zb, m, gb, None, a)
-    return s
+def _exps(z, m, g, skip, in_place, a=None):
+    """_store_exp with in_place None (g is not z) or True (g is z), chosen as Numba types
+    the call: a caller that knows which compiles one loop (the plain kernels: both cost
+    a plain call 1.2 s more of compiling, 30%)."""
+    raise NotImplementedError  # only callable from jitted code
 
 
-@jit
-def _exps_in_place(g, m, skip, a=None):
-    """_store_exp over z itself."""
-    s = 0.0
-    for lo in range(0, g.size, BLOCK):
-        t = skip - lo
-        gb = g[lo : lo + BLOCK]
-        if 0 <= t < BLOCK:
-            s += _exp_in_place_block(gb, m, t, a)
-        else:
-            s += _exp_in_place_block(gb, m, None, a)
-    return s
+@overload(_exps)
+def _exps_impl(z, m, g, skip, in_place, a=None):
+    if isinstance(in_place, (types.NoneType, types.Omitted)):
+        block, into = _store_exp_block, True
+    else:  # its own loop: with z and g the same array LLVM's overlap check would fall back to scalar code
+        block, into = _exp_in_place_block, False
 
+    def exps(z, m, g, skip, in_place, a=None):
+        s = 0.0
+        for lo in range(0, z.size, BLOCK):
+            t = skip - lo
+            gb = g[lo : lo + BLOCK]
+            args = (z[lo : lo + BLOCK], m, gb) if into else (gb, m)
+            s += block(*args, t, a) if 0 <= t < BLOCK else block(*args, None, a)
+        return s
+
+    return exps
 
 
 @jit
@@ -846,34 +843,20 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 # --- the plain call -----------------------------------------------------------------------------
 #
 # No option (label smoothing, z-loss, lse, logit scale, softcap), float32 or float64 rows
-# short enough to stay in cache between passes:
-# most calls (in place too: fastsce.torch's inplace_backward). hard_loss and hard_loss_grad compile every option's loops whatever the call
-# (Numba types both sides of a branch on a runtime value), which made a first call at
-# K = 1000 take 18.2 s (loss+grad) and 11.8 s (loss) with an empty kernel cache. These two
-# compile the plain rows' helpers only (the options' branches pruned by passing None, or
-# not written), with the same helpers and formulas: the general kernels' results, within
-# a few ulp (LLVM compiles each kernel apart, FMAs and the exp-sums' lanes included: the
-# same bits in most processes, 1-3 ulp apart in some; tests/test_plain_rows.py). Measured (float32, 1 process per call, empty cache): a first call at
-# K = 1000 3.3 s (loss+grad) and 3.2 s (loss), at K = 32000 3.0 s; the threaded kernels
-# directly 4.4 s and 3.7 s. Assembly (inspect_asm, serial twins): 3140 instructions
-# against the general kernel's 17640, the same zmm exp loop. They also run faster, with
-# less per row (2 threads, 21 interleaved rounds, out=): loss+grad 0.87-0.89x the general
-# kernel's time at 4096 x 500, 16384 x 300 and 8192 x 1000, 0.99x at 1024 x 32000; loss
-# only 0.90-0.95x.
-
-
-def _plain_exps(z, m, g, skip, in_place):
-    """_store_exp with in_place None (g is not z) or True (g is z), chosen as Numba types
-    the call: each kernel compiles one of the two loops (both cost a plain call 1.2 s
-    more of compiling, 30%)."""
-    raise NotImplementedError  # only callable from jitted code
-
-
-@overload(_plain_exps)
-def _plain_exps_impl(z, m, g, skip, in_place):
-    if isinstance(in_place, (types.NoneType, types.Omitted)):
-        return lambda z, m, g, skip, in_place: _exps_into(z, m, g, skip)
-    return lambda z, m, g, skip, in_place: _exps_in_place(g, m, skip)
+# short enough to stay in cache between passes, in place or not: most calls.
+# hard_loss and hard_loss_grad compile every option's loops whatever the call (Numba
+# types both sides of a branch on a runtime value), which made a first call at K = 1000
+# take 18.2 s (loss+grad) and 11.8 s (loss) with an empty kernel cache. These two compile
+# the plain rows' helpers only (the options' branches pruned by passing None, or not
+# written), with the same helpers and formulas: the general kernels' results within a
+# few ulp (LLVM compiles each kernel apart, FMAs and the exp-sums' lanes included: the
+# same bits in most processes, 1-3 ulp apart in some; tests/test_plain_rows.py).
+# Measured (float32, 1 process per call, empty cache): a first call at K = 1000 3.3 s
+# (loss+grad) and 3.2 s (loss), at K = 32000 3.0 s; the threaded kernels directly 4.4 s
+# and 3.7 s. Assembly (inspect_asm, serial twins): 3140 instructions against the general
+# kernel's 17640, the same zmm exp loop. They also run faster, with less per row (2
+# threads, 21 interleaved rounds, out=): loss+grad 0.87-0.89x the general kernel's time
+# at 4096 x 500, 16384 x 300 and 8192 x 1000, 0.99x at 1024 x 32000; loss only 0.90-0.95x.
 
 
 @jit
@@ -882,7 +865,7 @@ def _plain_row_grad(zi, y, gi, w, scale, in_place):
     in_place)."""
     m = _row_max(zi)
     zy = float(zi[y]) - float(m)  # read before the exps overwrite an in-place row
-    s_other = _plain_exps(zi, m, gi, y, in_place)
+    s_other = _exps(zi, m, gi, y, in_place)
     e_y = math.exp(zy)
     s = s_other + e_y
     w_y = float(w[y])
@@ -911,7 +894,7 @@ def plain_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
 @parallel
 def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place):
     """hard_loss_grad of plain rows, K * itemsize <= LONG_ROW_BYTES; in_place None, or
-    True when g is z (a kernel of its own: _plain_exps)."""
+    True when g is z (a kernel of its own: _exps)."""
     scale = params[2]
     chunk_loss, chunk_z = outs[3], outs[4]
     n = z.shape[0]
