@@ -45,16 +45,17 @@ def _outs(dtype, n, chunk_rows, per_row):
     return (row_loss, np.empty(0, dtype), np.empty(0, dtype), np.full(n_chunks, 7.0), np.full(n_chunks, 7.0))
 
 
-def _within_ulps(a, b, ulps, mode):
+def _within_ulps(a, b, ulps, mode, dtype):
     """a and b NaN in the same places and elsewhere at most ``ulps`` units in the last
-    place of b apart. The plain and general kernels inline the same helpers, but LLVM
+    place of b, in the logits' dtype, apart (the float64 chunk sums of float32 rows add
+    losses computed from float32 exps: a float32 ulp of those is their unit). The plain and general kernels inline the same helpers, but LLVM
     compiles each kernel apart (FMA contraction, the lanes of the exp-sums): seen the
     same bits in most processes, 1-3 ulp apart in some (an empty kernel cache shared by
     two test workers)."""
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=mode)
     finite = ~np.isnan(b)
     gap = np.abs(a[finite] - b[finite])
-    assert np.all(gap <= ulps * np.spacing(np.abs(b[finite]).astype(b.dtype))), (mode, gap.max())
+    assert np.all(gap <= ulps * np.spacing(np.abs(b[finite]).astype(dtype)).astype(np.float64)), (mode, gap.max())
 
 
 CHUNK = 5  # several chunks over 37 rows
@@ -88,9 +89,9 @@ def test_plain_kernels_give_the_general_kernels_bits(dtype, k, special, weights,
             results.append((outs, g))
         (plain_outs, plain_g), (general_outs, general_g) = results
         for a, b in zip(plain_outs, general_outs):
-            _within_ulps(a, b, 4, mode)
+            _within_ulps(a, b, 4, mode, dtype)
         if not loss_only:
-            _within_ulps(plain_g, general_g, 4, mode)
+            _within_ulps(plain_g, general_g, 4, mode, dtype)
             if not in_place:
                 assert not np.any(plain_g == 7.0)  # every row written, ignored ones with zeros
     assert np.isfinite(plain_outs[3]).any()
