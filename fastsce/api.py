@@ -69,6 +69,29 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
     np.dtype(np.float32): (384, 176),
     np.dtype(np.float64): (144, 64),
 }
+# The same bounds for a plain call (no option, float32 / float64 rows), whose row kernels
+# (row_kernels.plain_loss, plain_loss_grad) compile only what it uses and are faster than
+# the general ones: time in the blocks and tiles / in the plain row kernels, one process,
+# 21 interleaved rounds, N * K = 1M, 1 and 2 threads: float32 loss+grad 0.61-0.77 at 128,
+# 1.14-1.15 at 136, 1.10-1.25 at 160-176 (blocks); loss only 0.75-0.88 at 176 (blocks),
+# 1.00-1.20 at 192, 1.2-1.8 at 200-384 (tiles); float64 loss+grad 0.84-0.99 at 48-56,
+# 0.93-1.08 at 64; loss only 0.80-0.91 at 96, 0.97-1.11 at 112-144.
+PLAIN_SMALL_K = {
+    np.dtype(np.float32): (176, 128),
+    np.dtype(np.float64): (96, 56),
+}
+
+
+def _plain(params: tuple, want_lse: bool, half_rows: bool) -> bool:
+    """Whether a call is plain: no label smoothing, z-loss, logit scale, softcap or lse,
+    on float32 / float64 rows, not half ones (the plain row kernels' calls)."""
+    eps, z_loss, _, _, a, c = params
+    return eps == 0 and z_loss == 0 and a == 1 and c == 0 and not want_lse and not half_rows
+
+
+def _small(k: int, compute: np.dtype, grad: bool, plain: bool) -> bool:
+    """Whether rows of K classes go to the blocks and tiles (_small_k_kernels)."""
+    return k <= (PLAIN_SMALL_K if plain else SMALL_K)[compute][grad]
 
 
 # the blocks' logits: float32, and float16 / bfloat16 as the kernels take them (bits_view)
@@ -113,8 +136,7 @@ def _row_kernel(z: np.ndarray, g: np.ndarray | None, params: tuple, want_lse: bo
     rows as their bits), and the arguments it takes after those all kernels take: the
     plain kernels for a call with no option on float rows, which compile in a fraction of
     the general ones' time (see row_kernels.plain_loss), else the general ones."""
-    eps, z_loss, _, _, a, c = params
-    plain = eps == 0 and z_loss == 0 and a == 1 and c == 0 and not want_lse and z.dtype.kind == "f"
+    plain = _plain(params, want_lse, z.dtype.kind != "f")
     if g is None:
         return (row_kernels.plain_loss if plain else row_kernels.hard_loss), ()
     if plain and g.dtype == z.dtype and not long_rows:
@@ -492,7 +514,7 @@ def _fast(
     z_loss = float(z_loss)
     params = (float(label_smoothing), z_loss, scale, scale_z, 1.0 if a is None else a, 0.0 if c is None else c)
     none = reduction == "none"
-    small = k <= SMALL_K[compute][grad]
+    small = _small(k, compute, grad, _plain(params, return_lse, logits.dtype.kind != "f"))
     chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
     n_chunks = -(-m // chunk_rows)
     no_rows = _NO_ROWS[compute]
@@ -702,7 +724,7 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     across = not problem.soft  # rows vectorised across (fastsce._kernels.tiles): class indices
-    small = across and k <= SMALL_K[compute][grad is not None]
+    small = across and _small(k, compute, grad is not None, _plain(params, want_lse, problem.rows.dtype.itemsize == 2))
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
     # only, so the total is the same for any thread count, with O(N / chunk) memory.

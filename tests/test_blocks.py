@@ -18,9 +18,20 @@ from numba.extending import intrinsic
 
 from _cases import Case, assert_close, make_case
 import fastsce
-from fastsce import reference
+from fastsce import api, reference
 from fastsce._kernels import blocks as block_kernels, simd, tiles as tile_kernels
 from fastsce._kernels.jit import jit
+
+DISPATCH = api.PLAIN_SMALL_K  # the bounds plain float32 calls have outside this module
+
+
+@pytest.fixture(autouse=True)
+def plain_calls_in_the_blocks(monkeypatch):
+    """Plain float32 calls take the blocks up to K = MAX_K here, as calls with options
+    and half rows do (outside, the plain row kernels take them from K = 129 with the
+    gradient: api.PLAIN_SMALL_K), so every width is tested through the public API, and
+    half rows against their float32 copy in the same blocks."""
+    monkeypatch.setattr(api, "PLAIN_SMALL_K", api.SMALL_K)
 
 # --- the vector math, lane by lane ---------------------------------------------------------------
 
@@ -166,6 +177,7 @@ def _check(case: Case, in_place: bool = False):
 
 
 def test_the_calls_the_blocks_take(monkeypatch):
+    monkeypatch.setattr(api, "PLAIN_SMALL_K", DISPATCH)
     seen = []
     holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
     holders += [(f"blocks{cols}+", block_kernels.kernels(cols, options=True)) for cols in block_kernels.OPTION_WIDTHS]
@@ -185,14 +197,18 @@ def test_the_calls_the_blocks_take(monkeypatch):
     fastsce.cross_entropy(np.zeros((100, 33), np.float32), y)  # row-wise from here
     fastsce.cross_entropy_with_grad(np.zeros((100, 100), np.float32), y)
     fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K), np.float32), y)
+    fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y)  # plain: the row kernel
+    fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y, label_smoothing=0.1)
+    fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float16), y)
     expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
-    assert seen == expected + ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
+    expected += ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
+    assert seen == expected + ["blocks176+.hard_loss_grad", "blocks176.hard_loss_grad"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: kernels of their own
     fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)
     fastsce.cross_entropy(z, y, softcap=5.0)  # the tiles
     fastsce.cross_entropy(z.astype(np.float64), y)
-    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y)  # K > MAX_K
+    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y, z_loss=1e-4)  # K > MAX_K, an option
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)
