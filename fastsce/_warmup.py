@@ -73,7 +73,9 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn(logits, labels, **_weights(logits))
         if k_of is _small_k:  # float32 and half rows go to the blocks (below) but with a softcap
             fn(logits, labels, softcap=30.0)  # (the tiles)
-        else:  # the calls above take the plain row kernels (float rows), an option the general ones
+        else:  # the calls above take the plain row kernels (float rows); label smoothing the
+            # general kernel, compiled for it alone (each set of options compiles its own on
+            # first use: fastsce._kernels.rows.hard_loss)
             fn(logits, labels, label_smoothing=0.1)
             if grad:  # in place (fastsce.torch's inplace_backward): a plain kernel of its own
                 fn(logits, labels, out=logits)

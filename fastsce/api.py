@@ -138,10 +138,20 @@ def _row_kernel(z: np.ndarray, g: np.ndarray | None, params: tuple, want_lse: bo
     the general ones' time (see row_kernels.plain_loss), else the general ones."""
     plain = _plain(params, want_lse, z.dtype.kind != "f")
     if g is None:
-        return (row_kernels.plain_loss if plain else row_kernels.hard_loss), ()
+        return (row_kernels.plain_loss, ()) if plain else (row_kernels.hard_loss, _options(z, params))
     if plain and g.dtype == z.dtype and not long_rows:
         return row_kernels.plain_loss_grad, (g, True if in_place else None)
-    return row_kernels.hard_loss_grad, (g, in_place, long_rows)
+    return row_kernels.hard_loss_grad, (g, True if in_place else None, True if long_rows else None, *_options(z, params))
+
+
+def _options(z: np.ndarray, params: tuple) -> tuple:
+    """The general row kernels' options (label smoothing, z-loss, logit scale, softcap)
+    and whether rows go through a scratch row (half rows, softcapped ones), each None
+    where the call has none: Numba then compiles a kernel for what a call has, without
+    the others' loops."""
+    eps, z_loss, _, _, a, c = params
+    copy = True if c or z.dtype.kind != "f" else None
+    return (eps or None, z_loss or None, None if a == 1 else a, c or None, copy)
 
 
 CLASS_MAJOR_K = 1 << 16
@@ -535,7 +545,8 @@ def _fast(
     elif small:
         kernel = _small_k_kernels(logits, params, return_lse).hard_loss
     else:
-        kernel = _row_kernel(logits, None, params, return_lse, False, False)[0]
+        kernel, extra = _row_kernel(logits, None, params, return_lse, False, False)
+        args = (*args, *extra)
     if _threads.runs_serial(m * k):
         _threads._serial(kernel)(*args)
     else:

@@ -80,12 +80,13 @@ def test_plain_kernels_give_the_general_kernels_bits(dtype, k, special, weights,
             outs = _outs(dtype, n, CHUNK, per_row=True)
             g = z.copy() if in_place else np.full((n, k), 7.0, dtype)
             args = (g, *shared[1:]) if in_place else shared
+            options = (None,) * 5  # no label smoothing, z-loss, logit scale, softcap; no copied rows
             if loss_only:
-                pick(rows.plain_loss if plain else rows.hard_loss)(*args, outs)
+                pick(rows.plain_loss)(*args, outs) if plain else pick(rows.hard_loss)(*args, outs, *options)
             elif plain:
                 pick(rows.plain_loss_grad)(*args, outs, g, True if in_place else None)
             else:
-                pick(rows.hard_loss_grad)(*args, outs, g, in_place, False)
+                pick(rows.hard_loss_grad)(*args, outs, g, True if in_place else None, None, *options)
             results.append((outs, g))
         (plain_outs, plain_g), (general_outs, general_g) = results
         for a, b in zip(plain_outs, general_outs):
@@ -154,7 +155,7 @@ def test_a_plain_call_compiles_no_option_loops(tmp_path):
         x = z.copy()
         fastsce.cross_entropy_with_grad(x, y, out=x)  # in place: _exp_in_place_block, in a kernel of its own
         names = ("hard_loss", "hard_loss_grad", "_hard_row_grad", "_softcap_row_f32", "_weighted_shift_block",
-                 "_store_exp_shift_block", "_store_exp", "_rescale_blocks", "_scale_minus_weight")
+                 "_store_exp_shift_block", "_rescale_blocks", "_scale_minus_weight")
         def compiled(d):  # a kernel's threaded and serial twins, or a helper
             return len(d.signatures) + (len(d.serial.signatures) if hasattr(d, "serial") else 0)
         print({n: compiled(getattr(rows, n)) for n in names})
@@ -167,3 +168,42 @@ def test_a_plain_call_compiles_no_option_loops(tmp_path):
     compiled, plain = out.strip().splitlines()
     assert set(eval(compiled).values()) == {0}, compiled
     assert plain == "2 1 2 2"  # plain_loss_grad out of place and in place; each block loop with and without the target
+
+
+# The loops each option compiles (helpers of fastsce._kernels.rows), and what a call with
+# only that option must not compile of the others'.
+OPTION_LOOPS = {
+    "label_smoothing": ("_weighted_shift_block", "_store_exp_shift_block", "_scale_minus_weight"),
+    "softcap": ("_softcap_row_f32", "_scale_capped"),
+    "logit_scale": (),
+    "z_loss": (),
+}
+
+
+@pytest.mark.parametrize("option, value", [("label_smoothing", 0.1), ("z_loss", 1e-4), ("softcap", 30.0), ("logit_scale", 0.5)])
+def test_a_call_with_one_option_compiles_no_other_options_loops(option, value, tmp_path):
+    """In a process with an empty kernel cache, a call at K = 1000 with one option
+    compiles the general kernel for that option: none of the other options' loops, nor
+    those of long rows (_rescale_blocks) or in-place rows (_exp_in_place_block)."""
+    others = sorted({loop for name, loops in OPTION_LOOPS.items() if name != option for loop in loops} - set(OPTION_LOOPS[option]))
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        import fastsce
+        from fastsce._kernels import rows
+        z = np.random.default_rng(0).standard_normal((65, 1000)).astype(np.float32)
+        y = np.arange(65) % 1000
+        fastsce.cross_entropy_with_grad(z, y, {option}={value!r})
+        fastsce.cross_entropy(z, y, {option}={value!r})
+        names = {tuple(others) + ("_rescale_blocks", "_exp_in_place_block")!r}
+        print({{n: len(getattr(rows, n).signatures) for n in names}})
+        print(len(rows.hard_loss_grad.serial.signatures), len(rows.hard_loss.serial.signatures))
+        print({{n: len(getattr(rows, n).signatures) for n in {OPTION_LOOPS[option]!r}}})
+        """
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    others_compiled, general, own = out.strip().splitlines()
+    assert set(eval(others_compiled).values()) == {0}, others_compiled
+    assert general == "1 1"  # the general kernels took the call
+    assert all(n > 0 for n in eval(own).values()), own  # (and its own loops were compiled)

@@ -17,7 +17,7 @@ from numba import types
 from numba.extending import overload
 
 from fastsce._kernels.jit import copy_into, vector
-from fastsce._kernels.simd import like, maximum, prefer_512bit, product
+from fastsce._kernels.simd import like, maximum, prefer_512bit, scaled
 from fastsce._kernels.vec import (
     bfloat16_bits_to_float32, float16_bits_to_float32, float32_to_bfloat16_bits, float32_to_float16_bits,
 )
@@ -195,11 +195,11 @@ def _store_grad_row(g, i, scratch):
 @vector
 def load_row_max(src, dst, a):
     """dst = a src as float32, each product rounded (simd.product: the values a scaled
-    float32 row holds); returns max(dst), NaN-propagating."""
+    float32 row holds; a None: src as it is); returns max(dst), NaN-propagating."""
     prefer_512bit()
     m = like(-np.inf, dst)
     for j in range(src.size):
-        x = product(a, as_float(src[j]))
+        x = scaled(as_float(src[j]), a)
         dst[j] = x
         m = maximum(m, x)
     return m

@@ -20,7 +20,9 @@ Arguments shared by the kernels:
   params  (eps, z_loss, scale, scale_z, a, c) as float64: label smoothing; the z-loss
           coefficient; 1 / D and 1 / D_z for "mean" (NaN or 0 when nothing counts), 1
           otherwise; logit scale a and softcap c (0 for none): the loss sees
-          z = c tanh(a x / c), transformed row by row into a scratch row
+          z = c tanh(a x / c), transformed row by row into a scratch row. (hard_loss and
+          hard_loss_grad read scale and scale_z there, and take the options as
+          arguments of their own, None where the call has none.)
   outs    (row_loss, row_z, lse, chunk_loss, chunk_z): per-row loss, z-term and
           logsumexp (each empty when not wanted), and per-chunk float64 sums of the
           cross-entropy and z-terms (kept apart: "mean" divides them by D and D_z)
@@ -54,12 +56,10 @@ BLOCK = 1024
 # read as the rounded a z_j, the value a scaled copy of the row held, with no copy.
 # Assembly with a float32 a (inspect_asm): the same zmm loops, unrolled 4 times, with one
 # vmulps more per 16 logits (no FMA fusing it into the subtraction: simd.product).
-# _PLAIN: hard_loss_grad passes a = None (no product) for unscaled rows. Passing a = 1
-# instead (one compiled variant fewer of each helper) cost them 3-9% per row (1 thread,
+# Unscaled rows pass a = None (no product): a = 1 instead cost 3-9% per row (1 thread,
 # rows in L2, _hard_row_grad with a = 1 against None) and 6-9% on float32 loss+grad
-# kernels (1 thread, CPU time, 3 alternating runs), where the exp pass bounds them; the
-# loss-only rows, bound by memory, measured the same either way (within +-3%), so
-# hard_loss passes a = 1 and compiles one variant (cold: 18.5 s against 23 s before).
+# kernels (1 thread, CPU time, 3 alternating runs), where the exp pass bounds them. The
+# kernels take the scale as None or a number (see hard_loss), so each call compiles one.
 
 
 @vector
@@ -251,11 +251,42 @@ def _soft_block(z, t, w, m, c1, c0, g, store):
 # --- float64 totals of the block sums -------------------------------------------------------
 
 
-@jit
 def _store_exp(z, m, g, in_place, skip, a=None):
     """g[j] = exp(z[j] - m); returns their float64 sum but for j = skip (out of range: none).
-    z is g when in_place."""
-    return _exps(z, m, g, skip, True, a) if in_place else _exps(z, m, g, skip, None, a)
+    z is g when in_place: a runtime bool (both loops compiled), or None / True (_exps)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_store_exp)
+def _store_exp_impl(z, m, g, in_place, skip, a=None):
+    if isinstance(in_place, types.Boolean):
+        return lambda z, m, g, in_place, skip, a=None: _exps(z, m, g, skip, True, a) if in_place else _exps(z, m, g, skip, None, a)
+    return lambda z, m, g, in_place, skip, a=None: _exps(z, m, g, skip, in_place, a)
+
+
+def _or(x, default):
+    """x, or default where x is None (at typing: the options the kernels take as None)."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_or)
+def _or_impl(x, default):
+    if isinstance(x, (types.NoneType, types.Omitted)):
+        return lambda x, default: default
+    return lambda x, default: x
+
+
+def _read_scale(a, c, z):
+    """The logit scale the row helpers apply as they read a row (scaled): a in z's
+    dtype, or None where there is none or a softcap takes it (z = c tanh(a x / c))."""
+    raise NotImplementedError  # only callable from jitted code
+
+
+@overload(_read_scale)
+def _read_scale_impl(a, c, z):
+    if isinstance(a, types.NoneType) or not isinstance(c, types.NoneType):
+        return lambda a, c, z: None
+    return lambda a, c, z: like(a, z)
 
 
 def _exps(z, m, g, skip, in_place, a=None):
@@ -412,16 +443,19 @@ def _hard_row_grad(zi, y, gi, go, k, w, w_sum, eps, scale, zg, in_place, long_ro
     go: gi itself for a float gradient; for a half one the row of half bits that gi's
     float32 row is rounded into, in the last pass that writes gi (_scale_into). zg: the
     z-loss's gradient is zg lse p_j (zg = 2 z_loss scale_z v). long_rows: a row too long
-    to stay in cache between passes. Its max and exp-sum then come from one read
-    (_row_stats), and one more pass rescales the stored exps.
+    to stay in cache between passes (True; None for rows that stay). Its max and exp-sum
+    then come from one read (_row_stats), and one more pass rescales the stored exps.
+    in_place: True when gi is zi, else None. Each option (eps, zg, za, cap_c) is None when
+    the call has none: its branches are pruned before Numba types them, so a call
+    compiles the loops of its own options only.
 
-    za: the logit scale (1 for none), applied as each logit is read: every pass sees
+    za: the logit scale (None for none), applied as each logit is read: every pass sees
     the za zi_j a scaled copy of the row would hold (simd.product: rounded, never fused
     into an FMA), so the results are those of that copy, bit for bit, without writing
     it and reading it again (a 4th pass over the row).
 
     m_known: the row's max, taken by the caller as it converted or softcapped the row
-    into zi, or None (_known_or_max). cap_c > 0: zi is a softcapped row, z = c tanh(cap_a
+    into zi, or None (_known_or_max). cap_c not None: zi is a softcapped row, z = c tanh(cap_a
     x / c), and gi becomes the gradient with respect to x: the chain rule's factor joins the
     pass that scales the stored exps (a pass of its own only for long rows). zc is zi
     then, and an unused scratch row otherwise: passed apart from zi, which may be
@@ -429,17 +463,17 @@ def _hard_row_grad(zi, y, gi, go, k, w, w_sum, eps, scale, zg, in_place, long_ro
     # Sum the non-target classes apart: p_y - 1 = -s_other / s keeps its digits
     # when p_y is close to 1, where 1 - p_y would cancel.
     zy_raw = scaled(zi[y], za)  # read before g (maybe z itself) is overwritten
-    if long_rows:
+    if long_rows is not None:
         block_max = np.empty((k + BLOCK - 1) // BLOCK, zi.dtype)
         m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, gi, block_max, in_place, za)
     else:  # leaves exp(z - m) in g, to be scaled below while the row is in cache
         m = _known_or_max(m_known, zi, za)
-        if eps > 0 and not in_place and k <= BLOCK:  # one block (longer rows: see _store_exp_shift_block)
+        if eps is not None and in_place is None and k <= BLOCK:  # one block (longer rows: see _store_exp_shift_block)
             s_block, shift_block = _store_exp_shift_block(zi, m, gi, y, w, za)
             s_other, w_shift_sum = float(s_block), float(shift_block)
         else:
-            w_shift_sum = _weighted_shift_sum(zi, w, m, za) if eps > 0 else 0.0
-            s_other = _store_exp(zi, m, gi, in_place, y, za)
+            w_shift_sum = _weighted_shift_sum(zi, w, m, za) if eps is not None else 0.0
+            s_other = _exps(zi, m, gi, y, in_place, za)
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
     e_y = math.exp(zy)
     s = s_other + e_y
@@ -447,31 +481,33 @@ def _hard_row_grad(zi, y, gi, go, k, w, w_sum, eps, scale, zg, in_place, long_ro
     w_y = float(w[y])
 
     # g_j = scale [((1 - eps) w_y + eps W / K) p_j - (1 - eps) w_y [j = y] - eps w_j / K] + zg lse p_j
-    hard = (1 - eps) * w_y * scale
-    a = (hard + eps * w_sum / k * scale + zg * lse) / s
-    b = eps / k * scale
-    capped = cap_c > 0
-    ca, cc = like(cap_a, gi), like(cap_c, gi)
-    if long_rows:
+    e0, zg0 = _or(eps, 0.0), _or(zg, 0.0)
+    hard = (1 - e0) * w_y * scale
+    a = (hard + e0 * w_sum / k * scale + zg0 * lse) / s
+    b = e0 / k * scale
+    if cap_c is not None:
+        ca, cc = like(_or(cap_a, 1.0), gi), like(cap_c, gi)
+    if long_rows is not None:
         _rescale_blocks(gi, block_max, m, a, b, w, eps)
-    elif capped and eps > 0:
+    elif cap_c is not None and eps is not None:
         _scale_minus_weight_capped(gi, like(a, gi), like(b, gi), w, zc, ca, cc)
-    elif capped:
+    elif cap_c is not None:
         _scale_capped(gi, like(a, gi), zc, ca, cc)
-    elif eps > 0:
+    elif eps is not None:
         _scale_minus_weight_into(gi, like(a, gi), like(b, gi), w, go)
     else:
         _scale_into(gi, like(a, gi), go)
-    g_y = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y) + zg * lse * (e_y / s)
-    if capped and not long_rows:
+    g_y = -hard * (s_other / s) + b * (w_sum * (e_y / s) - w_y) + zg0 * lse * (e_y / s)
+    if cap_c is not None and long_rows is None:
         g_y *= float(_softcap_slope(zc[y], ca, cc))
     gi[y] = g_y
-    if capped and long_rows:  # the chain rule in a pass of its own (the same loop, f = 1)
+    if cap_c is not None and long_rows is not None:  # the chain rule in a pass of its own (the same loop, f = 1)
         _scale_capped(gi, like(1, gi), zc, ca, cc)
-    if is_half(go) and (long_rows or capped):  # gi's last pass was not _scale_into
-        store_row(gi, go)
-    elif is_half(go):
-        go[y] = as_stored(g_y, go)
+    if is_half(go):
+        if long_rows is not None or cap_c is not None:  # gi's last pass was not _scale_into
+            store_row(gi, go)
+        else:
+            go[y] = as_stored(g_y, go)
     return _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps), lse
 
 
@@ -745,97 +781,106 @@ def _load_or_cap_impl(x, out, a, c, za):
     # Chosen by dtype here rather than by a branch on is_half(x) in one function, which
     # Numba types on both sides: the softcap loops would compile for a read-only and
     # a writeable row each.
+    # c (the softcap) None: no cap, and for float rows not called (they are copied only to be capped).
     if isinstance(x.dtype, types.Integer):  # half bits
+        if isinstance(c, types.NoneType):
+            return lambda x, out, a, c, za: load_row_max(x, out, za)
 
         def load_and_cap(x, out, a, c, za):
-            if c > 0:
-                load_row(x, out)
-                return _softcap_row(out, out, a, c)
-            return load_row_max(x, out, za)
+            load_row(x, out)
+            return _softcap_row(out, out, _or(a, 1.0), c)
 
         return load_and_cap
-    return lambda x, out, a, c, za: _softcap_row(x, out, a, c)
+    if isinstance(c, types.NoneType):
+        return lambda x, out, a, c, za: like(NOT_KNOWN, out)
+    return lambda x, out, a, c, za: _softcap_row(x, out, _or(a, 1.0), c)
+
+
+# The general kernels take each option as an argument of its own, None when the call has
+# none (fastsce.api._row_kernel): eps (label smoothing), zl (the z-loss coefficient), a
+# (the logit scale), c (the softcap); and copy, True when rows are read through a scratch
+# row (half rows, converted; softcapped ones). Numba prunes the branches on ``is None``
+# before it types them, so a call compiles its own options' loops, not every option's (a first call
+# with label smoothing at K = 1000, empty cache: 16.2 s when the kernels compiled them all).
 
 
 @parallel
-def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
-    eps, zl, _, _, a, c = params
+def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, eps, zl, a, c, copy):
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
-    need_lse = want_lse or zl > 0  # else the rows' lse is not computed (a log per row)
+    need_lse = want_lse or zl is not None  # else the rows' lse is not computed (a log per row)
     n, k = z.shape
-    copy = c > 0 or is_half(z)  # rows read through the scratch row zt
     zf = float_rows(z)
+    zl0 = _or(zl, 0.0)
     for ch in prange(chunk_loss.size):
         zb, zfb, tb, wb, vb, ob = borrowed(z), borrowed(zf), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
-        scratch = scratch_row(z, k if copy else 0)
+        scratch = scratch_row(z, k if copy is not None else 0)
         zt = borrowed(scratch)  # the row as the loss sees it
         ztr = read_only_view(zt)  # read as the logits are: the same compiled row helpers
-        za = like(1.0 if c > 0 else a, zt)  # the logit scale outside the cap: applied as rows are read or converted
+        za = _read_scale(a, c, zt)  # the logit scale outside the cap: applied as rows are read or converted
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(zb, i + 1)
             y, vi, live = _counted(tb, vb, i, ignore_index)
             m_row = like(NOT_KNOWN, zt)
-            if copy and (live or want_lse):
+            if copy is not None and (live or want_lse):
                 m_row = _load_or_cap(zb[i], zt, a, c, za)
             ce = lse = 0.0
-            if live and copy:
-                ce, lse = _hard_row(ztr, y, k, wb, w_sum, eps, need_lse, like(1.0, zt), m_row)  # (a = 1: the plain rows' variant)
-            elif live:  # (a = 1 here too: the loss-only rows cost the same with the product)
+            if copy is not None and live:
+                ce, lse = _hard_row(ztr, y, k, wb, w_sum, eps, need_lse, None, m_row)
+            elif live:
                 ce, lse = _hard_row(zfb[i], y, k, wb, w_sum, eps, need_lse, za, m_row)
-            elif want_lse and copy:
+            elif copy is not None and want_lse:
                 lse = _row_lse(ztr)
             elif want_lse:
                 lse = _row_lse(zfb[i], za)
-            totals = _record(i, live, vi, zl, ce, lse, ob, totals)
+            totals = _record(i, live, vi, zl0, ce, lse, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
         keep_alive(scratch)
 
 
 @parallel
-def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place, long_rows):
-    eps, zl, scale, scale_z, a, c = params
+def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, g, in_place, long_rows, eps, zl, a, c, copy):
+    """in_place, long_rows: True or None (each a kernel of its own); the rest as hard_loss's."""
+    scale, scale_z = params[2], params[3]
     chunk_loss, chunk_z = outs[3], outs[4]
     want_lse = outs[2].size > 0
-    need_lse = want_lse or zl > 0  # else the rows' lse is not computed (a log per row)
+    need_lse = want_lse or zl is not None  # else the rows' lse is not computed (a log per row)
     n, k = z.shape
-    copy = c > 0 or is_half(z)
     # dz/dx of a logit_scale alone is one number: it joins the gradient's scale instead
     # of a pass of its own (_chain, for the softcap). 1 for none: exact.
-    dz = a if c == 0 else 1.0
+    dz = 1.0 if c is not None else _or(a, 1.0)
     zf = float_rows(z)
+    zl0 = _or(zl, 0.0)
     for ch in prange(chunk_loss.size):
         zb, zfb, tb, wb, vb, ob = borrowed(z), borrowed(zf), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
         gb = borrowed(g)
-        scratch = (scratch_row(z, k if copy else 0), scratch_row(z, k if is_half(g) else 0))
+        scratch = (scratch_row(z, k if copy is not None else 0), scratch_row(z, k if is_half(g) else 0))
         zt, gt = borrowed(scratch[0]), borrowed(scratch[1])  # gt: a half gradient row, in float32
         ztr = read_only_view(zt)  # read as the logits are: the same compiled row helpers
-        za = like(1.0 if c > 0 else a, zt)
+        za = _read_scale(a, c, zt)
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
             _prefetch_row(zb, i + 1)
             y, vi, live = _counted(tb, vb, i, ignore_index)
             m_row = like(NOT_KNOWN, zt)
-            if copy and (live or want_lse):
+            if copy is not None and (live or want_lse):
                 m_row = _load_or_cap(zb[i], zt, a, c, za)  # before g (maybe z itself) is written
             ce = lse = 0.0
             gi = grad_row(gb, i, gt)
-            sv, zg = scale * vi * dz, 2 * zl * scale_z * vi * dz
-            if live and copy:
-                # (in_place and not copy: False, typed bool, not Literal[bool], which would compile a variant of its own)
-                ce, lse = _hard_row_grad(ztr, y, gi, gb[i], k, wb, w_sum, eps, sv, zg, in_place and not copy, long_rows, need_lse, None, a, c, m_row, zt)
-            elif live and za == 1:  # no product in the loops: see _PLAIN below
-                ce, lse = _hard_row_grad(zfb[i], y, gi, gi, k, wb, w_sum, eps, sv, zg, in_place, long_rows, need_lse, None, a, c, m_row, zt)
+            sv = scale * vi * dz
+            zg = None if zl is None else 2 * zl0 * scale_z * vi * dz
+            if copy is not None and live:  # (the exps go from zt into gi: not in place)
+                ce, lse = _hard_row_grad(ztr, y, gi, gb[i], k, wb, w_sum, eps, sv, zg, None, long_rows, need_lse, None, a, c, m_row, zt)
             elif live:
                 ce, lse = _hard_row_grad(zfb[i], y, gi, gi, k, wb, w_sum, eps, sv, zg, in_place, long_rows, need_lse, za, a, c, m_row, zt)
             else:
-                if want_lse and copy:
+                if copy is not None and want_lse:
                     lse = _row_lse(ztr)
                 elif want_lse:
                     lse = _row_lse(zfb[i], za)
                 gb[i, :] = 0
-            totals = _record(i, live, vi, zl, ce, lse, ob, totals)
+            totals = _record(i, live, vi, zl0, ce, lse, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
         keep_alive(scratch)
 
