@@ -259,7 +259,10 @@ def warmup(
     from the cache.
 
     Later calls, in this or any other process, load the compiled kernels from the cache
-    instead of compiling them (a fraction of a second per path).
+    instead of compiling them (a fraction of a second per path). Rows beyond the
+    few-class kernels with options (label smoothing, z-loss, logit scale, softcap, lse)
+    run in a kernel compiled for each set of options; the warmup compiles the label
+    smoothing one, and any other set compiles on its first call (5-12 s).
     """
     dtype_names = _names(dtypes, DTYPES, "dtypes", ("float32",))
     path_names = _names(paths, tuple(PATHS), "paths", tuple(PATHS))

@@ -12,16 +12,19 @@ from fastsce import _warmup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(fastsce.__file__)))
 
-# Calls of the kinds warmed up below, on other shapes and with options: they must
-# compile nothing once "large-K loss" and "logsumexp" are warm for float64.
+# Calls of the kinds warmed up below, on other shapes and with the warmed-up option (label
+# smoothing; other sets of options compile a general row kernel of their own on first
+# use) and weights: they must compile nothing once "large-K loss" and "logsumexp" are
+# warm for float64.
 PROBE = """
 import numpy as np, fastsce
 from fastsce._kernels import jit
 x = np.random.default_rng(0).standard_normal((500, 3000))
 y = np.random.default_rng(1).integers(0, 3000, 500)
 fastsce.logsumexp(x[:, ::2], axis=0)
-fastsce.cross_entropy(x, y, label_smoothing=0.1, weight=np.ones(3000, np.float32), softcap=3.0,
+fastsce.cross_entropy(x, y, label_smoothing=0.1, weight=np.ones(3000, np.float32),
                       sample_weight=np.ones(500), where=np.ones(500, bool), reduction="sum")
+fastsce.cross_entropy(x, y, reduction="none")
 print(jit.compile_count())
 """
 
