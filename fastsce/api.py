@@ -69,16 +69,21 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
     np.dtype(np.float32): (384, 176),
     np.dtype(np.float64): (144, 64),
 }
-# The same bounds for a plain call (no option, float32 / float64 rows), whose row kernels
-# (row_kernels.plain_loss, plain_loss_grad) compile only what it uses and are faster than
-# the general ones: time in the blocks and tiles / in the plain row kernels, one process,
-# 21 interleaved rounds, N * K = 1M, 1 and 2 threads: float32 loss+grad 0.61-0.77 at 128,
-# 1.14-1.15 at 136, 1.10-1.25 at 160-176 (blocks); loss only 0.75-0.88 at 176 (blocks),
-# 1.00-1.20 at 192, 1.2-1.8 at 200-384 (tiles); float64 loss+grad 0.84-0.99 at 48-56,
-# 0.93-1.08 at 64; loss only 0.80-0.91 at 96, 0.97-1.11 at 112-144.
-PLAIN_SMALL_K = {
-    np.dtype(np.float32): (176, 128),
-    np.dtype(np.float64): (96, 56),
+# The bounds for float32 / float64 rows (half rows keep SMALL_K), by what the call has:
+# the smallest of its options' bounds applies ("plain" for a call with none, "other" for
+# the options not named). Time in the blocks and tiles / in the row kernels, one process,
+# 15-21 interleaved rounds, N * K = 1M, 1 and 2 threads. Plain calls (row_kernels.plain_loss,
+# plain_loss_grad): float32 loss+grad 0.61-0.77 at 128, 1.14-1.15 at 136, 1.10-1.25 at
+# 160-176 (blocks); loss only 0.75-0.88 at 176 (blocks), 1.00-1.20 at 192, 1.2-1.8 at
+# 200-384 (tiles); float64 loss+grad 0.84-0.99 at 48-56, 0.93-1.08 at 64; loss only
+# 0.80-0.91 at 96, 0.97-1.11 at 112-144. With an option (the general row kernel), float32:
+# softcap loss+grad 0.97-1.04 at 112, 1.01-1.12 at 128, 1.02-1.57 at 144-176 (tiles);
+# label smoothing 0.93-1.04 at 144, 1.01-1.20 at 160-176 (blocks); z-loss 0.85-1.10 at
+# 144-176; loss only, softcap, label smoothing, z-loss or lse: 0.67-1.03 at 144-176
+# (blocks, tiles for the softcap), 1.03-1.68 at 200-384 (tiles).
+FLOAT_SMALL_K = {
+    np.dtype(np.float32): {"plain": (176, 128), "softcap": (176, 128), "label_smoothing": (176, 144), "other": (176, 176)},
+    np.dtype(np.float64): {"plain": (96, 56), "other": (144, 64)},
 }
 
 
@@ -89,9 +94,14 @@ def _plain(params: tuple, want_lse: bool, half_rows: bool) -> bool:
     return eps == 0 and z_loss == 0 and a == 1 and c == 0 and not want_lse and not half_rows
 
 
-def _small(k: int, compute: np.dtype, grad: bool, plain: bool) -> bool:
+def _small(k: int, compute: np.dtype, grad: bool, params: tuple, want_lse: bool, half_rows: bool) -> bool:
     """Whether rows of K classes go to the blocks and tiles (_small_k_kernels)."""
-    return k <= (PLAIN_SMALL_K if plain else SMALL_K)[compute][grad]
+    if half_rows:
+        return k <= SMALL_K[compute][grad]
+    bounds = FLOAT_SMALL_K[compute]
+    eps, z_loss, _, _, a, c = params
+    has = [name for name, on in (("softcap", c), ("label_smoothing", eps), ("other", z_loss or a != 1 or want_lse)) if on]
+    return k <= min(bounds.get(name, bounds["other"])[grad] for name in has or ["plain"])
 
 
 # the blocks' logits: float32, and float16 / bfloat16 as the kernels take them (bits_view)
@@ -524,7 +534,7 @@ def _fast(
     z_loss = float(z_loss)
     params = (float(label_smoothing), z_loss, scale, scale_z, 1.0 if a is None else a, 0.0 if c is None else c)
     none = reduction == "none"
-    small = _small(k, compute, grad, _plain(params, return_lse, logits.dtype.kind != "f"))
+    small = _small(k, compute, grad, params, return_lse, logits.dtype.kind != "f")
     chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
     n_chunks = -(-m // chunk_rows)
     no_rows = _NO_ROWS[compute]
@@ -735,7 +745,7 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     params = (problem.label_smoothing, problem.z_loss, scale, scale_z, a, c)
     v = _NO_ROW_WEIGHTS if problem.row_weight is None else problem.row_weight
     across = not problem.soft  # rows vectorised across (fastsce._kernels.tiles): class indices
-    small = across and _small(k, compute, grad is not None, _plain(params, want_lse, problem.rows.dtype.itemsize == 2))
+    small = across and _small(k, compute, grad is not None, params, want_lse, problem.rows.dtype.itemsize == 2)
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
     # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
     # only, so the total is the same for any thread count, with O(N / chunk) memory.

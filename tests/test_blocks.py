@@ -22,16 +22,16 @@ from fastsce import api, reference
 from fastsce._kernels import blocks as block_kernels, simd, tiles as tile_kernels
 from fastsce._kernels.jit import jit
 
-DISPATCH = api.PLAIN_SMALL_K  # the bounds plain float32 calls have outside this module
+DISPATCH = api.FLOAT_SMALL_K  # the bounds float32 calls have outside this module
 
 
 @pytest.fixture(autouse=True)
 def plain_calls_in_the_blocks(monkeypatch):
-    """Plain float32 calls take the blocks up to K = MAX_K here, as calls with options
-    and half rows do (outside, the plain row kernels take them from K = 129 with the
-    gradient: api.PLAIN_SMALL_K), so every width is tested through the public API, and
-    half rows against their float32 copy in the same blocks."""
-    monkeypatch.setattr(api, "PLAIN_SMALL_K", api.SMALL_K)
+    """float32 calls take the blocks up to K = MAX_K here, as half rows do (outside, the
+    row kernels take plain calls from K = 129 with the gradient and some options from 129
+    or 145: api.FLOAT_SMALL_K), so every width is tested through the public API, and half
+    rows against their float32 copy in the same blocks."""
+    monkeypatch.setattr(api, "FLOAT_SMALL_K", {dtype: {"other": bounds} for dtype, bounds in api.SMALL_K.items()})
 
 # --- the vector math, lane by lane ---------------------------------------------------------------
 
@@ -177,7 +177,7 @@ def _check(case: Case, in_place: bool = False):
 
 
 def test_the_calls_the_blocks_take(monkeypatch):
-    monkeypatch.setattr(api, "PLAIN_SMALL_K", DISPATCH)
+    monkeypatch.setattr(api, "FLOAT_SMALL_K", DISPATCH)
     seen = []
     holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
     holders += [(f"blocks{cols}+", block_kernels.kernels(cols, options=True)) for cols in block_kernels.OPTION_WIDTHS]
@@ -199,6 +199,8 @@ def test_the_calls_the_blocks_take(monkeypatch):
     fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K), np.float32), y)
     fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y)  # plain: the row kernel
     fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y, label_smoothing=0.1)
+    fastsce.cross_entropy_with_grad(np.zeros((100, 145), np.float32), y, label_smoothing=0.1)  # the row kernel
+    fastsce.cross_entropy(np.zeros((100, 177), np.float32), y, z_loss=1e-4)  # the row kernel
     fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float16), y)
     expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
     expected += ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
@@ -208,7 +210,7 @@ def test_the_calls_the_blocks_take(monkeypatch):
     fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)
     fastsce.cross_entropy(z, y, softcap=5.0)  # the tiles
     fastsce.cross_entropy(z.astype(np.float64), y)
-    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y, z_loss=1e-4)  # K > MAX_K, an option
+    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float16), y, z_loss=1e-4)  # K > MAX_K, half rows
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)

@@ -26,8 +26,9 @@ KS = (1, 2, 3, 10, 16, 17, 31, 64, 100, 128, 200)
 
 def run_small(case: Case, grad: bool, in_place: bool = False):
     """(loss, gradient or None) through the public API, dispatched to the small-K kernels."""
-    saved = api.SMALL_K, api.PLAIN_SMALL_K
-    api.SMALL_K = api.PLAIN_SMALL_K = {dtype: (1 << 30, 1 << 30) for dtype in saved[0]}  # every K is "small"
+    saved = api.SMALL_K, api.FLOAT_SMALL_K
+    api.SMALL_K = {dtype: (1 << 30, 1 << 30) for dtype in saved[0]}  # every K is "small"
+    api.FLOAT_SMALL_K = {dtype: {"other": bounds} for dtype, bounds in api.SMALL_K.items()}
     try:
         if not grad:
             return case.loss(fastsce), None
@@ -38,7 +39,7 @@ def run_small(case: Case, grad: bool, in_place: bool = False):
             return loss, g
         return case.loss_grad(fastsce)
     finally:
-        api.SMALL_K, api.PLAIN_SMALL_K = saved
+        api.SMALL_K, api.FLOAT_SMALL_K = saved
 
 
 def test_small_k_kernels_are_really_taken(monkeypatch):
