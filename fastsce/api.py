@@ -87,11 +87,17 @@ FLOAT_SMALL_K = {
 }
 
 
-def _plain(params: tuple, want_lse: bool, half_rows: bool) -> bool:
-    """Whether a call is plain: no label smoothing, z-loss, logit scale, softcap or lse,
-    on float32 / float64 rows, not half ones (the plain row kernels' calls)."""
+def _options_of(params: tuple, want_lse: bool) -> list[str]:
+    """The options a call has, as FLOAT_SMALL_K names them: "softcap", "label_smoothing",
+    and "other" for a z-loss, a logit scale or lse; empty for a plain call."""
     eps, z_loss, _, _, a, c = params
-    return eps == 0 and z_loss == 0 and a == 1 and c == 0 and not want_lse and not half_rows
+    return [name for name, on in (("softcap", c), ("label_smoothing", eps), ("other", z_loss or a != 1 or want_lse)) if on]
+
+
+def _plain(params: tuple, want_lse: bool, half_rows: bool) -> bool:
+    """Whether a call is plain: no option, on float32 / float64 rows, not half ones (the
+    plain row kernels' calls)."""
+    return not half_rows and not _options_of(params, want_lse)
 
 
 def _small(k: int, compute: np.dtype, grad: bool, params: tuple, want_lse: bool, half_rows: bool) -> bool:
@@ -99,9 +105,7 @@ def _small(k: int, compute: np.dtype, grad: bool, params: tuple, want_lse: bool,
     if half_rows:
         return k <= SMALL_K[compute][grad]
     bounds = FLOAT_SMALL_K[compute]
-    eps, z_loss, _, _, a, c = params
-    has = [name for name, on in (("softcap", c), ("label_smoothing", eps), ("other", z_loss or a != 1 or want_lse)) if on]
-    return k <= min(bounds.get(name, bounds["other"])[grad] for name in has or ["plain"])
+    return k <= min(bounds.get(name, bounds["other"])[grad] for name in _options_of(params, want_lse) or ["plain"])
 
 
 # the blocks' logits: float32, and float16 / bfloat16 as the kernels take them (bits_view)

@@ -781,7 +781,7 @@ def _load_or_cap_impl(x, out, a, c, za):
     # Chosen by dtype here rather than by a branch on is_half(x) in one function, which
     # Numba types on both sides: the softcap loops would compile for a read-only and
     # a writeable row each.
-    # c (the softcap) None: no cap, and for float rows not called (they are copied only to be capped).
+    # c (the softcap) None: no cap (float rows are read through a scratch row only to be capped).
     if isinstance(x.dtype, types.Integer):  # half bits
         if isinstance(c, types.NoneType):
             return lambda x, out, a, c, za: load_row_max(x, out, za)
@@ -791,8 +791,6 @@ def _load_or_cap_impl(x, out, a, c, za):
             return _softcap_row(out, out, _or(a, 1.0), c)
 
         return load_and_cap
-    if isinstance(c, types.NoneType):
-        return lambda x, out, a, c, za: like(NOT_KNOWN, out)
     return lambda x, out, a, c, za: _softcap_row(x, out, _or(a, 1.0), c)
 
 
@@ -801,7 +799,10 @@ def _load_or_cap_impl(x, out, a, c, za):
 # (the logit scale), c (the softcap); and copy, True when rows are read through a scratch
 # row (half rows, converted; softcapped ones). Numba prunes the branches on ``is None``
 # before it types them, so a call compiles its own options' loops, not every option's (a first call
-# with label smoothing at K = 1000, empty cache: 16.2 s when the kernels compiled them all).
+# with label smoothing at K = 1000, empty cache, serial: 7.1 s, against 18.8 s when the
+# kernels compiled them all). Assembly (inspect_asm, serial hard_loss_grad, float32):
+# 5016 instructions (616 on zmm) with label smoothing, 4158 (492) with a z-loss, 5691
+# (861) with a softcap, against 17640 for the kernel of every option; plain_loss_grad 3145.
 
 
 @parallel
@@ -869,7 +870,7 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
             ce = lse = 0.0
             gi = grad_row(gb, i, gt)
             sv = scale * vi * dz
-            zg = None if zl is None else 2 * zl0 * scale_z * vi * dz
+            zg = None if zl is None else 2 * zl * scale_z * vi * dz
             if copy is not None and live:  # (the exps go from zt into gi: not in place)
                 ce, lse = _hard_row_grad(ztr, y, gi, gb[i], k, wb, w_sum, eps, sv, zg, None, long_rows, need_lse, None, a, c, m_row, zt)
             elif live:
@@ -888,12 +889,13 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 # --- the plain call -----------------------------------------------------------------------------
 #
 # No option (label smoothing, z-loss, lse, logit scale, softcap), float32 or float64 rows
-# short enough to stay in cache between passes, in place or not: most calls.
-# hard_loss and hard_loss_grad compile every option's loops whatever the call (Numba
-# types both sides of a branch on a runtime value), which made a first call at K = 1000
-# take 18.2 s (loss+grad) and 11.8 s (loss) with an empty kernel cache. These two compile
-# the plain rows' helpers only (the options' branches pruned by passing None, or not
-# written), with the same helpers and formulas: the general kernels' results within a
+# short enough to stay in cache between passes, in place or not: most calls. When
+# hard_loss and hard_loss_grad compiled every option's loops whatever the call (Numba
+# types both sides of a branch on a runtime value), a first call at K = 1000 took 18.2 s
+# (loss+grad) and 11.8 s (loss) with an empty kernel cache. These two compile the plain
+# rows' helpers only, without the general kernels' machinery for half, softcapped,
+# long rows and lse (those with every option None still compile in 5.6 s against 4.0 s,
+# serial, K = 1000), with the same helpers and formulas: the general kernels' results within a
 # few ulp (LLVM compiles each kernel apart, FMAs and the exp-sums' lanes included: the
 # same bits in most processes, 1-3 ulp apart in some; tests/test_plain_rows.py).
 # Measured (float32, 1 process per call, empty cache): a first call at K = 1000 3.3 s
