@@ -30,7 +30,8 @@ widths OPTION_WIDTHS), with the tiles' formulas (_option_factors). The tile kern
 and calls with options whose classes are not the last axis (fastsce.api decides).
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
-(NaN-propagating; row-wise a NaN may not reach m, but it reaches the sum or z_y), each
+(vmaxps: a NaN may not reach m, but it reaches the sum or z_y, so the row's results are
+NaN all the same), each
 exp(z_j - m) in float32 as if z_j - m were exact (simd's exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
 z_y - m and e_y = exp(z_y - m) in float64, the loss log1p(s_other / e_y) as
 simd.lse_minus_target takes it, times the class and row weights; the gradient
@@ -331,7 +332,7 @@ def _size(context, builder, ty, value):
     return context.make_array(ty)(context, builder, value).nitems
 
 
-# Assembly (inspect_asm of _chunk, which holds a call's blocks; this Zen 5 machine):
+# Assembly (inspect_asm of _chunk, which holds a call's blocks; this machine):
 # zmm code with no calls inside (the only calls, NRT's, allocate ``losses`` once a chunk);
 # the masked row loads are vblendmps from memory under a k-mask (masked-off lanes are not
 # read), the stores vmovups {k}; vdivpd 3 per 8 rows. Width 4 / 12 / 16 with the
@@ -340,6 +341,14 @@ def _size(context, builder, ty, value):
 # registers); the loss alone, two blocks: 1881 / 2722 / 3153, 250 / 393 / 458. One thread,
 # 2048 rows in cache: 134-250 ns a block of 16 rows before the tree max and the pairs,
 # which took 0.88-0.97x (max) and 0.82-0.91x (pairs, loss alone) of that.
+# Then the max as vmaxps (not llvm.maximum's vmaxps, vcmpunordps and blend) and w_y in
+# one vpermps: the block's loop body at width 12 with the gradient 1290 -> 1182
+# instructions (this AMD EPYC: family 25 model 17, Zen 4, whose FPU runs a zmm op as
+# two 256-bit halves); llvm-mca -mcpu=znver4, 699 -> 663 cycles a block, bound by the
+# two FMA pipes: the 12 zmm exps 46% of their load, the float64 loss and factors of the
+# 16 rows 29%, the selects, max and transposes the rest. One thread, 8192 x K in cache,
+# min of 30 calls, 11 interleaved rounds: 0.94x the time at K = 10 (loss+grad and loss
+# alone), 0.97x at 24, 1.00x at 4.
 #
 # Row-wise (_row_steps, width 112, this machine): the row loop is zmm code with no calls;
 # per step of two rows of 7 zmm, 646 instructions with the gradient (84 fma of the exp
@@ -453,6 +462,18 @@ def _counted(context, builder, vec, sig, values, r0, nrows):
     return live, row_w, y64
 
 
+def _looked_up(builder, tables, index):
+    """table[index & (16 len(tables) - 1)] in each lane: tables one or two vectors of 16
+    float32 (vpermps, vpermt2ps), index a vector of 16 i32."""
+    name = "llvm.x86.avx512.permvar.sf.512" if len(tables) == 1 else "llvm.x86.avx512.vpermi2var.ps.512"
+    vt, it = tables[0].type, index.type
+    if len(tables) == 1:
+        fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, it]))
+        return builder.call(fn, [tables[0], index])
+    fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, it, vt]))
+    return builder.call(fn, [tables[0], index, tables[1]])
+
+
 def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc):
     """Per row, in float64 lanes (two halves of 8): the loss (0 where not counted), and
     the gradient's factors a = v scale w_y / s and gy = -v scale w_y s_other / s. z_y, w_y
@@ -526,11 +547,14 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     z_y, w_y = zero, zero
     for j in range(n_cols):
         z_y = builder.select(is_target[j], col[j], z_y)
-        w_y = builder.select(is_target[j], _splat(builder, w_of[j], W), w_y)
+    # w_y in one vpermps (vpermt2ps past 16 classes) of the class weights, not n_cols
+    # broadcasts and selects. A row not counted gets some class's weight: its loss and
+    # gradient are set to 0 all the same
+    w_y = _looked_up(builder, w_all, y32)
 
     yield
     # the max, the exps, and the float64 sum of the exps but the target's
-    m = vec.tree(vec.maximum, col)
+    m = vec.tree(vec.max_or_nan_somewhere, col)
     w_shift = None
     if opts is not None:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
         terms = []
