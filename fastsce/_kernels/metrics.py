@@ -33,7 +33,7 @@ import numpy as np
 from numba import prange
 
 from fastsce._kernels.jit import borrowed, copy_into, jit, keep_alive, parallel, vector
-from fastsce._kernels.rows import BLOCK, _prefetch_row
+from fastsce._kernels.rows import BLOCK
 from fastsce._kernels.simd import exp_nonpositive, like, log_normal, lse_minus_target, maximum, prefer_512bit, times
 from fastsce._kernels.tiles import _load_tile, tile_rows
 
@@ -235,7 +235,6 @@ def evaluate_rows(z, target, ignore_index, w, v, topk, bins, chunk_rows, acc, pe
         row = np.zeros(acc.shape[1])
         outs = _borrow_rows(per_row)
         for i in range(c * chunk_rows, min(n, (c + 1) * chunk_rows)):
-            _prefetch_row(z, i + 1)  # (as the loss kernels: the next row's reads overlap this row's work)
             y = target[i]
             has_target = y != ignore_index
             loss, entropy, conf, p_y, first, rank, nan_row = _eval_row(z[i], y, has_target)

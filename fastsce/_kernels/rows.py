@@ -42,7 +42,6 @@ from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, paralle
 from fastsce._kernels.simd import (
     exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, scaled, times,
 )
-from fastsce._kernels.vec import prefetch
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
@@ -347,7 +346,7 @@ def _row_stats(z, y, w, eps, g, block_max, in_place, a=None, m_known=None):
         block = z[lo : lo + BLOCK]
         new_max = _known_or_max(m_known, block, a) if z.size <= BLOCK else _row_max(block, a)
         if not new_max <= m:  # a larger max, or NaN (which then spreads to the row)
-            s_other *= math.exp(float(m) - float(new_max))
+            s_other *= exp_nonpositive(float(m) - float(new_max))
             w_shift += times(w_seen, float(m) - float(new_max))
             m = new_max
         if eps is not None and eps > 0:  # before the stores below overwrite an in-place block
@@ -364,10 +363,11 @@ def _row_stats(z, y, w, eps, g, block_max, in_place, a=None, m_known=None):
         t = y - lo  # the target's place in the block (none when out of its range)
         if block_max is not None:
             s_other += _store_exp(block, m, g[lo : lo + BLOCK], in_place, t, a)
-        elif 0 <= t < block.size:  # cut at t: the compare would cost this lighter loop
-            # more than a second loop does (1 thread, rows in L1: 0.48 against 0.44 ns a
-            # logit at K = 1000)
-            s_other += _sum_exp_block(block[:t], m, None, a) + _sum_exp_block(block[t + 1 :], m, None, a)
+        elif 0 <= t < block.size:  # one loop, the target's lane masked out of the sum
+            # (_kept): cut at t into two loops, each left a remainder that LLVM runs
+            # element by element, it took 1.2x the time of a row at K = 300-512 and 1.7x
+            # at 200; 1.03-1.05x at 1000-1024 (one thread, 21 rounds, in cache)
+            s_other += _sum_exp_block(block, m, t, a)
         else:
             s_other += _sum_exp_block(block, m, None, a)
     return m, s_other, w_shift
@@ -379,7 +379,7 @@ def _rescale_blocks(g, block_max, m, a, b, w, eps):
     (eps None: g = a exp(M_b - m) g, and no other variant compiled)."""
     for lo in range(0, g.size, BLOCK):
         hi = lo + BLOCK
-        factor = like(a * math.exp(float(block_max[lo // BLOCK]) - float(m)), g)
+        factor = like(a * exp_nonpositive(float(block_max[lo // BLOCK]) - float(m)), g)
         if eps is not None and eps > 0:
             _scale_minus_weight(g[lo:hi], factor, like(b, g), w[lo:hi])
         else:
@@ -415,7 +415,7 @@ def row_lse(m, log_s):
 @jit
 def _hard_row_loss(k, w_y, zy, s_other, w_sum, w_shift_sum, eps):
     """(1 - eps) w_y (lse - z_y) + (eps / K) sum_j w_j (lse - z_j), lse - z = log s - (z - m)."""
-    e_y = math.exp(zy)
+    e_y = exp_nonpositive(zy)
     loss = times(w_y, lse_minus_target(s_other, e_y, zy))
     if eps is not None and eps > 0:  # (None: not compiled)
         loss = (1 - eps) * loss + eps / k * (w_sum * math.log(s_other + e_y) - w_shift_sum)
@@ -427,7 +427,7 @@ def _hard_row(zi, y, k, w, w_sum, eps, need_lse, za, m_known=None):
     m, s_other, w_shift_sum = _row_stats(zi, y, w, eps, None, None, False, za, m_known)
     zy = float(scaled(zi[y], za)) - float(m)  # exact for float32: the loss keeps its digits
     loss = _hard_row_loss(k, w[y], zy, s_other, w_sum, w_shift_sum, eps)
-    return loss, row_lse(m, math.log(s_other + math.exp(zy))) if need_lse else 0.0
+    return loss, row_lse(m, math.log(s_other + exp_nonpositive(zy))) if need_lse else 0.0
 
 
 @jit
@@ -475,7 +475,7 @@ def _hard_row_grad(zi, y, gi, go, k, w, w_sum, eps, scale, zg, in_place, long_ro
             w_shift_sum = _weighted_shift_sum(zi, w, m, za) if eps is not None else 0.0
             s_other = _exps(zi, m, gi, y, in_place, za)
     zy = float(zy_raw) - float(m)  # exact for float32: e_y and the loss keep their digits
-    e_y = math.exp(zy)
+    e_y = exp_nonpositive(zy)
     s = s_other + e_y
     lse = row_lse(m, math.log(s)) if need_lse else 0.0
     w_y = float(w[y])
@@ -731,19 +731,6 @@ def _chain(g, z, a, c):
 
 
 @jit
-def _prefetch_row(z, i):
-    """Ask for row i's cache lines, if there is a row i: issued for the next row before
-    this one is computed, its memory reads overlap this row's passes (which otherwise
-    wait on memory in the max pass and on arithmetic in the exp pass). Measured, 8M
-    float32 logits, loss+grad, 1 thread, CPU time: K = 1000 10.4-10.6 -> 8.1 ms,
-    K = 32000 9.6-10.3 -> 8.6-8.8 ms. Assembly: prefetcht0 per 64 bytes, unrolled 8 times."""
-    if i < z.shape[0]:
-        row = z[i]
-        for j in range(0, row.size, 64 // row.itemsize):
-            prefetch(row, j)
-
-
-@jit
 def _counted(target, v, i, ignore_index):
     """(y, v_i, live) of row i: its label, its row weight (1 without row weights), and
     whether it counts (not ignored, not weighted 0)."""
@@ -821,7 +808,6 @@ def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs, ep
         za = _read_scale(a, c, zt)  # the logit scale outside the cap: applied as rows are read or converted
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            _prefetch_row(zb, i + 1)
             y, vi, live = _counted(tb, vb, i, ignore_index)
             m_row = like(NOT_KNOWN, zt)
             if copy is not None and (live or want_lse):
@@ -862,7 +848,6 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
         za = _read_scale(a, c, zt)
         totals = (0.0, 0.0)
         for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            _prefetch_row(zb, i + 1)
             y, vi, live = _counted(tb, vb, i, ignore_index)
             m_row = like(NOT_KNOWN, zt)
             if copy is not None and (live or want_lse):
@@ -906,20 +891,42 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 # at 4096 x 500, 16384 x 300 and 8192 x 1000, 0.99x at 1024 x 32000; loss only 0.90-0.95x.
 
 
+# Rows go through the kernels GROUP_ROWS at a time: their passes over the logits row by
+# row, but the float64 arithmetic of each row's loss and gradient factors (an exp, a log,
+# three divisions: a chain of ~200 cycles) as one loop over the group (_row_losses,
+# _row_factors: zmm of 8 rows), between the exp pass and the scaling pass. Row by row,
+# that chain held the next row's passes back (a row's loop is more instructions than the
+# core looks ahead): it cost ~100 ns a row whatever K, half the time of a row at K = 200.
+# (No software prefetch of the next row either: on this machine, Zen 4, the hardware
+# prefetchers stream the rows, and prefetching each next row line by line cost time:
+# without it 0.81-0.96x the time with the gradient at K = 1000-128256, 0.68-0.91x for
+# the loss alone, 2 threads, alternating processes.)
+GROUP_ROWS = 16
+# With the gradient, a group's exps wait in its rows of the gradient for the scaling
+# pass: fewer rows a group where 16 of them would not stay in L2 (1 row at K = 32000)
+GROUP_BYTES = 1 << 16
+
+
 @jit
-def _plain_row_grad(zi, y, gi, w, scale, in_place):
-    """_hard_row_grad of a plain row: its loss, and the gradient into gi (zi itself when
-    in_place)."""
-    m = _row_max(zi)
-    zy = float(zi[y]) - float(m)  # read before the exps overwrite an in-place row
-    s_other = _exps(zi, m, gi, y, in_place)
-    e_y = math.exp(zy)
-    s = s_other + e_y
-    w_y = float(w[y])
-    hard = w_y * scale
-    _scale(gi, like(hard / s, gi))
-    gi[y] = -hard * (s_other / s)
-    return _hard_row_loss(0, w_y, zy, s_other, 0.0, 0.0, None)
+def _row_losses(s_other, zy, w_y, loss, n):
+    """loss[r] = _hard_row_loss of rows r < n of a group, from their exp-sums, z_y - m and w_y."""
+    prefer_512bit()
+    for r in range(n):  # (_hard_row_loss's formula without its options: a call to it left the loop scalar)
+        loss[r] = times(w_y[r], lse_minus_target(s_other[r], exp_nonpositive(zy[r]), zy[r]))
+
+
+@jit
+def _row_factors(s_other, zy, w_y, scale, a, g_y, loss, n):
+    """_row_losses, and each row's gradient factors: a = w_y scale / s (the exps' factor)
+    and g_y = -w_y scale s_other / s (the target's entry), s = s_other + exp(z_y - m)."""
+    prefer_512bit()
+    for r in range(n):
+        e_y = exp_nonpositive(zy[r])
+        s = s_other[r] + e_y
+        hard = w_y[r] * scale[r]
+        a[r] = hard / s
+        g_y[r] = -hard * (s_other[r] / s)
+        loss[r] = times(w_y[r], lse_minus_target(s_other[r], e_y, zy[r]))
 
 
 @parallel
@@ -929,12 +936,30 @@ def plain_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     n, k = z.shape
     for ch in prange(chunk_loss.size):
         zb, tb, wb, vb, ob = borrowed(z), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
+        group = np.empty((4, GROUP_ROWS))
+        s_other, zy, w_y, loss = group[0], group[1], group[2], group[3]
         totals = (0.0, 0.0)
-        for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            _prefetch_row(zb, i + 1)
-            y, vi, live = _counted(tb, vb, i, ignore_index)
-            ce = _hard_row(zb[i], y, k, wb, w_sum, None, False, None)[0] if live else 0.0
-            totals = _record(i, live, vi, 0.0, ce, 0.0, ob, totals)
+        hi = min(n, (ch + 1) * chunk_rows)
+        for g0 in range(ch * chunk_rows, hi, GROUP_ROWS):
+            g1 = min(g0 + GROUP_ROWS, hi)
+            for i in range(g0, g1):
+                r = i - g0
+                y, vi, live = _counted(tb, vb, i, ignore_index)
+                s_other[r], zy[r], w_y[r] = 1.0, 0.0, 0.0  # (a row not counted: its loss is dropped)
+                if live:
+                    zi = zb[i]
+                    if k <= BLOCK:  # the max and the exp-sum, each a pass over the row in L1
+                        m = _row_max(zi)
+                        s_other[r] = float(_sum_exp_block(zi, m, y))
+                    else:
+                        m, s_row, _ = _row_stats(zi, y, wb, None, None, None, False, None)
+                        s_other[r] = s_row
+                    zy[r] = float(zi[y]) - float(m)
+                    w_y[r] = wb[y]
+            _row_losses(s_other, zy, w_y, loss, g1 - g0)
+            for i in range(g0, g1):
+                y, vi, live = _counted(tb, vb, i, ignore_index)
+                totals = _record(i, live, vi, 0.0, loss[i - g0], 0.0, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
 
 
@@ -944,19 +969,38 @@ def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, ou
     True when g is z (a kernel of its own: _exps)."""
     scale = params[2]
     chunk_loss, chunk_z = outs[3], outs[4]
-    n = z.shape[0]
+    n, k = z.shape
+    rows_a_group = min(GROUP_ROWS, max(1, GROUP_BYTES // (k * z.itemsize)))
     for ch in prange(chunk_loss.size):
         zb, tb, wb, vb, ob, gb = borrowed(z), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs), borrowed(g)
+        group = np.empty((7, GROUP_ROWS))
+        s_other, zy, w_y, sv, a, g_y, loss = group[0], group[1], group[2], group[3], group[4], group[5], group[6]
         totals = (0.0, 0.0)
-        for i in range(ch * chunk_rows, min(n, (ch + 1) * chunk_rows)):
-            _prefetch_row(zb, i + 1)
-            y, vi, live = _counted(tb, vb, i, ignore_index)
-            ce = 0.0
-            if live:
-                ce = _plain_row_grad(zb[i], y, gb[i], wb, scale * vi, in_place)
-            else:
-                gb[i, :] = 0
-            totals = _record(i, live, vi, 0.0, ce, 0.0, ob, totals)
+        hi = min(n, (ch + 1) * chunk_rows)
+        for g0 in range(ch * chunk_rows, hi, rows_a_group):
+            g1 = min(g0 + rows_a_group, hi)
+            for i in range(g0, g1):  # the max and the exps (into the gradient's row), row by row
+                r = i - g0
+                y, vi, live = _counted(tb, vb, i, ignore_index)
+                s_other[r], zy[r], w_y[r], sv[r] = 1.0, 0.0, 0.0, 0.0
+                if live:
+                    zi = zb[i]
+                    m = _row_max(zi)
+                    zy[r] = float(zi[y]) - float(m)  # read before the exps overwrite an in-place row
+                    s_other[r] = _exps(zi, m, gb[i], y, in_place)
+                    w_y[r] = float(wb[y])
+                    sv[r] = scale * vi
+                else:
+                    gb[i, :] = 0
+            _row_factors(s_other, zy, w_y, sv, a, g_y, loss, g1 - g0)
+            for i in range(g0, g1):  # the exps scaled into the gradient
+                r = i - g0
+                y, vi, live = _counted(tb, vb, i, ignore_index)
+                if live:
+                    gi = gb[i]
+                    _scale(gi, like(a[r], gi))
+                    gi[y] = g_y[r]
+                totals = _record(i, live, vi, 0.0, loss[r], 0.0, ob, totals)
         chunk_loss[ch], chunk_z[ch] = totals
 
 
