@@ -346,6 +346,18 @@ def test_option_benchmarks_run_and_check_their_output():
 # --- the peers ----------------------------------------------------------------------------
 
 
+def test_floors_script_checks_its_loops_and_prints_a_row_per_shape():
+    """bench/floors.py on two small shapes: the floor loops' exps checked against NumPy's
+    (inside the script) and one row of ratios per shape."""
+    done = _python("bench/floors.py", "--threads", "1", "--rounds", "1", "--shapes", "256x10,64x1000")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "exps + store" in lines[1] and "exps, summed" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert [row[:3] for row in rows] == [["256", "x", "10"], ["64", "x", "1000"]]
+    assert all(float(x) > 0 for row in rows for x in row[3:])
+
+
 @pytest.mark.parametrize("name", PEERS)
 def test_peer_agrees_with_the_reference(name):
     """Each peer's adapter (when its library is installed) computes the mean loss and its
