@@ -55,7 +55,7 @@ COPY_BLOCK_LOGITS = 1 << 20
 # With borrowed views and 16-wide exps in the tiles (2 threads, N * K = 1M, interleaved,
 # two runs): loss+grad across / along rows 2.82x / 3.09x and 2.67x / 2.82x at 128,
 # 3.07x / 3.85x and 2.63x / 3.93x at 160, 3.25x / 3.19x and 3.49x / 2.91x at 200.
-# On this project's current CI machine (AMD Zen 5, AVX-512; 2 threads, N * K = 1M,
+# On this project's current CI machine (AMD Zen 4, AVX-512; 2 threads, N * K = 1M,
 # interleaved, × memcpy): float32 loss+grad across / along rows 4.17 / 5.77 at 300, 5.13 /
 # 4.32 at 400 (and 5.10 / 6.93 at 200, where the old bound of 160 sent rows along);
 # loss only 3.61 / 4.47 at 384, 4.94 / 3.82 at 500; float64 loss+grad 4.27 / 4.77 at 128,

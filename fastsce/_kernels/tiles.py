@@ -96,7 +96,7 @@ def _store_tile(T, gt):
 # The max and the float64 sums take four classes per pass over the lanes: m and total
 # live in memory between passes (LLVM cannot keep 64 lanes in registers across the loop
 # over classes), so each pass is a store-to-load chain; four classes a pass make it a
-# quarter as long. Measured on one tile in L1 (this Zen 5 machine, 1 thread): the max
+# quarter as long. Measured on one tile in L1 (this Zen 4 machine, 1 thread): the max
 # 845 -> 277 ns at K = 100, 79 -> 41 at K = 10; the exp-sum 1400 -> 1130 ns at K = 100.
 # Assembly (float32, K = 100, inspect_asm): zmm loops, llvm.maximum as vmaxps with
 # vcmpunordps for NaN, the sums as vcvtps2pd and a tree of vaddpd; beside them the scalar
