@@ -886,7 +886,10 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 # Measured (float32, 1 process per call, empty cache): a first call at K = 1000 3.3 s
 # (loss+grad) and 3.2 s (loss), at K = 32000 3.0 s; the threaded kernels directly 4.4 s
 # and 3.7 s. Assembly (inspect_asm, serial twins): 3140 instructions against the general
-# kernel's 17640, the same zmm exp loop. They also run faster, with less per row (2
+# kernel's 17640, the same zmm exp loop. Since the groups of rows below (a slower hour
+# of this machine, the version before them alongside): serial 3.7 s (loss+grad) and
+# 4.0-4.5 s (loss; 3.8 before), threaded 5.3 s (6.3) and 5.0 s (4.8); 3608 and 3473
+# instructions, the float64 arithmetic of a group's rows in zmm (vdivpd, vfmadd...pd). They also run faster, with less per row (2
 # threads, 21 interleaved rounds, out=): loss+grad 0.87-0.89x the general kernel's time
 # at 4096 x 500, 16384 x 300 and 8192 x 1000, 0.99x at 1024 x 32000; loss only 0.90-0.95x.
 
@@ -929,38 +932,81 @@ def _row_factors(s_other, zy, w_y, scale, a, g_y, loss, n):
         loss[r] = times(w_y[r], lse_minus_target(s_other[r], e_y, zy[r]))
 
 
+@jit
+def _plain_chunk(z, target, ignore_index, w, v, outs, lo, hi):
+    """plain_loss's rows lo .. hi: their loss and z-term sums (the z-term 0). (A function
+    of its own, so that the threaded kernel's prange body is one call: with these loops
+    inline, parallel=True took 1.7 s more to compile, K = 1000.)"""
+    n, k = z.shape
+    group = np.empty((4, GROUP_ROWS))
+    s_other, zy, w_y, loss = group[0], group[1], group[2], group[3]
+    totals = (0.0, 0.0)
+    for g0 in range(lo, hi, GROUP_ROWS):
+        g1 = min(g0 + GROUP_ROWS, hi)
+        for i in range(g0, g1):
+            r = i - g0
+            y, vi, live = _counted(target, v, i, ignore_index)
+            s_other[r], zy[r], w_y[r] = 1.0, 0.0, 0.0  # (a row not counted: its loss is dropped)
+            if live:
+                zi = z[i]
+                if k <= BLOCK:  # the max and the exp-sum, each a pass over the row in L1
+                    m = _row_max(zi)
+                    s_other[r] = float(_sum_exp_block(zi, m, y))
+                else:
+                    m, s_row, _ = _row_stats(zi, y, w, None, None, None, False, None)
+                    s_other[r] = s_row
+                zy[r] = float(zi[y]) - float(m)
+                w_y[r] = w[y]
+        _row_losses(s_other, zy, w_y, loss, g1 - g0)
+        for i in range(g0, g1):
+            y, vi, live = _counted(target, v, i, ignore_index)
+            totals = _record(i, live, vi, 0.0, loss[i - g0], 0.0, outs, totals)
+    return totals
+
+
+@jit
+def _plain_chunk_grad(z, target, ignore_index, w, v, outs, g, in_place, scale, lo, hi):
+    """plain_loss_grad's rows lo .. hi (see _plain_chunk)."""
+    k = z.shape[1]
+    rows_a_group = min(GROUP_ROWS, max(1, GROUP_BYTES // (k * z.itemsize)))
+    group = np.empty((7, GROUP_ROWS))
+    s_other, zy, w_y, sv, a, g_y, loss = group[0], group[1], group[2], group[3], group[4], group[5], group[6]
+    totals = (0.0, 0.0)
+    for g0 in range(lo, hi, rows_a_group):
+        g1 = min(g0 + rows_a_group, hi)
+        for i in range(g0, g1):  # the max and the exps (into the gradient's row), row by row
+            r = i - g0
+            y, vi, live = _counted(target, v, i, ignore_index)
+            s_other[r], zy[r], w_y[r], sv[r] = 1.0, 0.0, 0.0, 0.0
+            if live:
+                zi = z[i]
+                m = _row_max(zi)
+                zy[r] = float(zi[y]) - float(m)  # read before the exps overwrite an in-place row
+                s_other[r] = _exps(zi, m, g[i], y, in_place)
+                w_y[r] = float(w[y])
+                sv[r] = scale * vi
+            else:
+                g[i, :] = 0
+        _row_factors(s_other, zy, w_y, sv, a, g_y, loss, g1 - g0)
+        for i in range(g0, g1):  # the exps scaled into the gradient
+            r = i - g0
+            y, vi, live = _counted(target, v, i, ignore_index)
+            if live:
+                gi = g[i]
+                _scale(gi, like(a[r], gi))
+                gi[y] = g_y[r]
+            totals = _record(i, live, vi, 0.0, loss[r], 0.0, outs, totals)
+    return totals
+
+
 @parallel
 def plain_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
     """hard_loss of plain rows (any length: _row_stats reads a long row once)."""
     chunk_loss, chunk_z = outs[3], outs[4]
-    n, k = z.shape
+    n = z.shape[0]
     for ch in prange(chunk_loss.size):
-        zb, tb, wb, vb, ob = borrowed(z), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs)
-        group = np.empty((4, GROUP_ROWS))
-        s_other, zy, w_y, loss = group[0], group[1], group[2], group[3]
-        totals = (0.0, 0.0)
-        hi = min(n, (ch + 1) * chunk_rows)
-        for g0 in range(ch * chunk_rows, hi, GROUP_ROWS):
-            g1 = min(g0 + GROUP_ROWS, hi)
-            for i in range(g0, g1):
-                r = i - g0
-                y, vi, live = _counted(tb, vb, i, ignore_index)
-                s_other[r], zy[r], w_y[r] = 1.0, 0.0, 0.0  # (a row not counted: its loss is dropped)
-                if live:
-                    zi = zb[i]
-                    if k <= BLOCK:  # the max and the exp-sum, each a pass over the row in L1
-                        m = _row_max(zi)
-                        s_other[r] = float(_sum_exp_block(zi, m, y))
-                    else:
-                        m, s_row, _ = _row_stats(zi, y, wb, None, None, None, False, None)
-                        s_other[r] = s_row
-                    zy[r] = float(zi[y]) - float(m)
-                    w_y[r] = wb[y]
-            _row_losses(s_other, zy, w_y, loss, g1 - g0)
-            for i in range(g0, g1):
-                y, vi, live = _counted(tb, vb, i, ignore_index)
-                totals = _record(i, live, vi, 0.0, loss[i - g0], 0.0, ob, totals)
-        chunk_loss[ch], chunk_z[ch] = totals
+        lo, hi = ch * chunk_rows, min(n, (ch + 1) * chunk_rows)
+        chunk_loss[ch], chunk_z[ch] = _plain_chunk(borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), borrow_outs(outs), lo, hi)
 
 
 @parallel
@@ -969,39 +1015,12 @@ def plain_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, ou
     True when g is z (a kernel of its own: _exps)."""
     scale = params[2]
     chunk_loss, chunk_z = outs[3], outs[4]
-    n, k = z.shape
-    rows_a_group = min(GROUP_ROWS, max(1, GROUP_BYTES // (k * z.itemsize)))
+    n = z.shape[0]
     for ch in prange(chunk_loss.size):
-        zb, tb, wb, vb, ob, gb = borrowed(z), borrowed(target), borrowed(w), borrowed(v), borrow_outs(outs), borrowed(g)
-        group = np.empty((7, GROUP_ROWS))
-        s_other, zy, w_y, sv, a, g_y, loss = group[0], group[1], group[2], group[3], group[4], group[5], group[6]
-        totals = (0.0, 0.0)
-        hi = min(n, (ch + 1) * chunk_rows)
-        for g0 in range(ch * chunk_rows, hi, rows_a_group):
-            g1 = min(g0 + rows_a_group, hi)
-            for i in range(g0, g1):  # the max and the exps (into the gradient's row), row by row
-                r = i - g0
-                y, vi, live = _counted(tb, vb, i, ignore_index)
-                s_other[r], zy[r], w_y[r], sv[r] = 1.0, 0.0, 0.0, 0.0
-                if live:
-                    zi = zb[i]
-                    m = _row_max(zi)
-                    zy[r] = float(zi[y]) - float(m)  # read before the exps overwrite an in-place row
-                    s_other[r] = _exps(zi, m, gb[i], y, in_place)
-                    w_y[r] = float(wb[y])
-                    sv[r] = scale * vi
-                else:
-                    gb[i, :] = 0
-            _row_factors(s_other, zy, w_y, sv, a, g_y, loss, g1 - g0)
-            for i in range(g0, g1):  # the exps scaled into the gradient
-                r = i - g0
-                y, vi, live = _counted(tb, vb, i, ignore_index)
-                if live:
-                    gi = gb[i]
-                    _scale(gi, like(a[r], gi))
-                    gi[y] = g_y[r]
-                totals = _record(i, live, vi, 0.0, loss[r], 0.0, ob, totals)
-        chunk_loss[ch], chunk_z[ch] = totals
+        lo, hi = ch * chunk_rows, min(n, (ch + 1) * chunk_rows)
+        chunk_loss[ch], chunk_z[ch] = _plain_chunk_grad(
+            borrowed(z), borrowed(target), ignore_index, borrowed(w), borrowed(v), borrow_outs(outs), borrowed(g), in_place, scale, lo, hi
+        )
 
 
 # --- probability targets ----------------------------------------------------------------------
