@@ -886,12 +886,13 @@ def hard_loss_grad(z, target, ignore_index, w, w_sum, v, params, chunk_rows, out
 # Measured (float32, 1 process per call, empty cache): a first call at K = 1000 3.3 s
 # (loss+grad) and 3.2 s (loss), at K = 32000 3.0 s; the threaded kernels directly 4.4 s
 # and 3.7 s. Assembly (inspect_asm, serial twins): 3140 instructions against the general
-# kernel's 17640, the same zmm exp loop. Since the groups of rows below (a slower hour
-# of this machine, the version before them alongside): serial 3.7 s (loss+grad) and
-# 4.0-4.5 s (loss; 3.8 before), threaded 5.3 s (6.3) and 5.0 s (4.8); 3608 and 3473
-# instructions, the float64 arithmetic of a group's rows in zmm (vdivpd, vfmadd...pd). They also run faster, with less per row (2
+# kernel's 17640, the same zmm exp loop. They also ran faster, with less per row (2
 # threads, 21 interleaved rounds, out=): loss+grad 0.87-0.89x the general kernel's time
 # at 4096 x 500, 16384 x 300 and 8192 x 1000, 0.99x at 1024 x 32000; loss only 0.90-0.95x.
+# Since the groups of rows below (a slower hour of this machine, the version before
+# them alongside): serial 3.7 s (loss+grad) and 4.0-4.5 s (loss; 3.8 before), threaded
+# 5.3 s (6.3) and 5.0 s (4.8); 3608 and 3473 instructions, the float64 arithmetic of a
+# group's rows in zmm (vdivpd, vfmadd...pd).
 
 
 # Rows go through the kernels GROUP_ROWS at a time: their passes over the logits row by
