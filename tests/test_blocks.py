@@ -95,6 +95,46 @@ def _scalar(op, x, y, z, out):
             out[i] = simd.lse_minus_target(x[i], y[i], z[i])
 
 
+@intrinsic
+def _lookup(typingctx, table, index, out, tables, permute):
+    """out[:16] = table[index & (16 tables - 1)] lane by lane, by blocks._looked_up."""
+    if not (isinstance(tables, types.IntegerLiteral) and isinstance(permute, types.BooleanLiteral)):
+        return None
+    n_tables, with_permute = tables.literal_value, permute.literal_value
+
+    def codegen(context, builder, sig, args):
+        def load(i, element, first=0):
+            vt = ir.VectorType(element, 16)
+            ptr = builder.gep(context.make_array(sig.args[i])(context, builder, args[i]).data, [ir.Constant(ir.IntType(64), first)])
+            return builder.load(builder.bitcast(ptr, vt.as_pointer()), align=4)
+
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        found = block_kernels._looked_up(builder, [load(0, f32, 16 * t) for t in range(n_tables)], load(1, i32), with_permute)
+        builder.store(found, builder.bitcast(context.make_array(sig.args[2])(context, builder, args[2]).data, found.type.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(table, index, out, tables, permute), codegen
+
+
+@pytest.mark.parametrize("tables", [1, 2])
+@pytest.mark.parametrize("permute", [False, True] if simd._HAS_AVX512 else [False])
+def test_lookup_takes_each_lanes_entry_of_the_class_weights(tables, permute):
+    """blocks._looked_up (w_y of the transposed blocks): the entry at each lane's index,
+    wrapped into the table (an ignored row's -100 too), by vpermps / vpermt2ps and by
+    the selects of targets without AVX-512."""
+    rng = np.random.default_rng(7)
+    table = rng.uniform(0.5, 2.0, 32).astype(np.float32)
+    index = np.concatenate([rng.integers(0, 16 * tables, 14), [-100, 16 * tables - 1]]).astype(np.int32)
+    out = np.zeros(16, np.float32)
+
+    @numba.njit
+    def run(table, index, out):
+        _lookup(table, index, out, tables, permute)
+
+    run(table, index, out)
+    assert out.tobytes() == table[index & (16 * tables - 1)].tobytes()
+
+
 def _ulps(actual, exact, dtype):
     exact = np.asarray(exact, np.longdouble)
     return np.abs((actual - exact) / np.spacing(np.abs(exact.astype(dtype))).astype(np.longdouble))

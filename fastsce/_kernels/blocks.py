@@ -137,13 +137,6 @@ class _Vectors:
         x, y = self._pair(x, y)
         return self.b.select(mask, x, y)
 
-    def maximum(self, x, y):
-        """llvm.maximum: NaN-propagating, as simd.maximum."""
-        vt = x.type
-        name = f"llvm.maximum.v{vt.count}f{32 if vt.element == _F32 else 64}"
-        fn = self.b.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, vt]))
-        return self.b.call(fn, [x, y])
-
     def max_or_nan_somewhere(self, x, y):
         """x > y ? x : y, one vmaxps: a NaN operand gives y, so a NaN among the values
         may not reach their max. The kernels' results stay NaN for such a row all the
@@ -462,16 +455,26 @@ def _counted(context, builder, vec, sig, values, r0, nrows):
     return live, row_w, y64
 
 
-def _looked_up(builder, tables, index):
+def _looked_up(builder, tables, index, permute=None):
     """table[index & (16 len(tables) - 1)] in each lane: tables one or two vectors of 16
-    float32 (vpermps, vpermt2ps), index a vector of 16 i32."""
-    name = "llvm.x86.avx512.permvar.sf.512" if len(tables) == 1 else "llvm.x86.avx512.vpermi2var.ps.512"
+    float32 (one table of 16 or 32), index a vector of 16 i32. With ``permute`` (default:
+    the CPU has AVX-512F, as simd.prefer_512bit asks) one vpermps / vpermt2ps; else a
+    compare and select per entry, which any target compiles. (Each lane extracted at its
+    index in plain IR left LLVM building half the lanes from the stack.)"""
+    n = W * len(tables)
+    wrapped = builder.and_(index, _splat(builder, ir.Constant(_I32, n - 1), W))
+    if not (simd._HAS_AVX512 if permute is None else permute):
+        out = ir.Constant(ir.VectorType(_F32, W), [0.0] * W)
+        for j in range(n):
+            entry = builder.extract_element(tables[j // W], ir.Constant(_I32, j % W))
+            out = builder.select(builder.icmp_signed("==", wrapped, _splat(builder, ir.Constant(_I32, j), W)), _splat(builder, entry, W), out)
+        return out
     vt, it = tables[0].type, index.type
     if len(tables) == 1:
-        fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, it]))
-        return builder.call(fn, [tables[0], index])
-    fn = builder.module.declare_intrinsic(name, fnty=ir.FunctionType(vt, [vt, it, vt]))
-    return builder.call(fn, [tables[0], index, tables[1]])
+        name, fnty, args = "llvm.x86.avx512.permvar.sf.512", ir.FunctionType(vt, [vt, it]), [tables[0], wrapped]
+    else:
+        name, fnty, args = "llvm.x86.avx512.vpermi2var.ps.512", ir.FunctionType(vt, [vt, it, vt]), [tables[0], wrapped, tables[1]]
+    return builder.call(builder.module.declare_intrinsic(name, fnty=fnty), args)
 
 
 def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc):
