@@ -1,6 +1,6 @@
 """How close the kernels are to what their arithmetic allows: at each shape, the time of
 fastsce (float32 loss+grad with out=, and the loss alone) next to two floors, each in
-multiples of memcpy, medians of interleaved rounds in one process.
+multiples of memcpy (the median over interleaved rounds in one process of each round's ratio).
 
     PYTHONPATH=. python bench/floors.py [--threads 2 --rounds 15 --shapes 65536x10,16384x100]
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numba
 import numpy as np
@@ -32,12 +31,11 @@ from numba import prange
 
 import fastsce
 from fastsce import reference
-from fastsce._kernels.jit import parallel
 from fastsce._kernels import rows
+from fastsce._kernels.jit import parallel
+from option_ratios import interleaved, ratio  # (bench/ is the script's directory)
 
 ABOVE = np.float32(8.0)  # above every logit of make_logits (standard normal)
-
-
 CHUNKS = 64  # the flat logits' share of each thread, as prange spreads them
 
 
@@ -94,24 +92,6 @@ def calls(z, y):
     }
 
 
-def interleaved(fns: dict, rounds: int, seconds: float = 0.03) -> dict[str, float]:
-    """Median time per call of each, one batch of each per round, in turn."""
-    batch = {}
-    for name, fn in fns.items():
-        fn()
-        t = time.perf_counter()
-        fn()
-        batch[name] = max(1, int(seconds / max(time.perf_counter() - t, 1e-7)))
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for _ in range(batch[name]):
-                fn()
-            times[name].append((time.perf_counter() - t) / batch[name])
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -123,14 +103,13 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         z, y = make_logits(n, k)
-        medians = interleaved(calls(z, y), args.rounds)
+        times = interleaved(calls(z, y), args.rounds)
         if names is None:
-            names = [name for name in medians if name != "memcpy"]
-            print(f"float32, {args.threads} threads, {args.rounds} interleaved rounds; x memcpy (memcpy in us)")
+            names = [name for name in times if name != "memcpy"]
+            print(f"float32, {args.threads} threads, {args.rounds} interleaved rounds; x memcpy: median of the rounds' ratios (memcpy's median in us)")
             print(f"{'N x K':>14} {'memcpy':>8} " + " ".join(f"{name:>13}" for name in names))
-        copy = medians["memcpy"]
-        row = " ".join(f"{medians[name] / copy:13.2f}" for name in names)
-        print(f"{n:>7} x {k:<6} {copy * 1e6:8.0f} {row}", flush=True)
+        row = " ".join(f"{ratio(times, name, 'memcpy'):13.2f}" for name in names)
+        print(f"{n:>7} x {k:<6} {statistics.median(times['memcpy']) * 1e6:8.0f} {row}", flush=True)
 
 
 if __name__ == "__main__":
