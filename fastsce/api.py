@@ -131,10 +131,9 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
     k = z.shape[1]
     if cap != 0 or z.dtype not in _BLOCK_DTYPES or k > block_kernels.MAX_K:
         return tile_kernels
-    if eps == 0 and z_loss == 0 and logit_scale == 1.0 and not want_lse:
-        return block_kernels.kernels(k)
-    if classes_last:
-        return block_kernels.kernels(k, options=True)
+    options = block_kernels.options_of(eps, z_loss, logit_scale, want_lse)
+    if not options or classes_last:
+        return block_kernels.kernels(k, options)
     return tile_kernels
 
 

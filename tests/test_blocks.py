@@ -220,7 +220,8 @@ def test_the_calls_the_blocks_take(monkeypatch):
     monkeypatch.setattr(api, "FLOAT_SMALL_K", DISPATCH)
     seen = []
     holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
-    holders += [(f"blocks{cols}+", block_kernels.kernels(cols, options=True)) for cols in block_kernels.OPTION_WIDTHS]
+    options = {"smooth": block_kernels.SMOOTH, "lse": block_kernels.LSE}  # the sets of options called below
+    holders += [(f"blocks{cols}+{name}", block_kernels.kernels(cols, bits)) for cols in block_kernels.OPTION_WIDTHS for name, bits in options.items()]
     for tag, holder in holders:
         for name in ("hard_loss", "hard_loss_grad"):
             real = getattr(holder, name)
@@ -244,7 +245,7 @@ def test_the_calls_the_blocks_take(monkeypatch):
     fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float16), y)
     expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
     expected += ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
-    assert seen == expected + ["blocks176+.hard_loss_grad", "blocks176.hard_loss_grad"]
+    assert seen == expected + ["blocks176+smooth.hard_loss_grad", "blocks176.hard_loss_grad"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: kernels of their own
     fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)
@@ -254,7 +255,7 @@ def test_the_calls_the_blocks_take(monkeypatch):
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)
-    assert seen == ["blocks12+.hard_loss_grad", "blocks64+.hard_loss"] + ["tiles.hard_loss"] * 4
+    assert seen == ["blocks12+smooth.hard_loss_grad", "blocks64+lse.hard_loss"] + ["tiles.hard_loss"] * 4
 
 
 def _edges():
@@ -300,14 +301,16 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
         dict(label_smoothing=0.1),
         dict(z_loss=1e-3, return_z_loss=True, return_lse=True),
         dict(logit_scale=0.7),
+        dict(return_lse=True, logit_scale=0.5),
         dict(logit_scale=-1.5, label_smoothing=0.3, z_loss=1e-2, return_lse=True),
     ],
-    ids=["smoothing", "z_loss-lse", "scale", "all"],
+    ids=["smoothing", "z_loss-lse", "scale", "lse-scale", "all"],
 )
 @pytest.mark.parametrize("weighted, reduction, rows", [(False, "mean", None), (True, "none", "sample_weight"), (True, "sum", "where")])
 def test_the_options_blocks_take(k, extra, weighted, reduction, rows):
     """Label smoothing, z-loss, lse and a logit scale, in the blocks' kernels with options
-    (transposed and row-wise, each OPTION_WIDTHS entry's edges): every output against
+    (a kernel per set of them; transposed and row-wise, each OPTION_WIDTHS entry's
+    edges; lse without a z-loss in "lse-scale"): every output against
     the reference, the loss alone the same bits, in place the same bits."""
     n = 203
     case = make_case(n, k, np.float32, weighted=weighted, ignore_index=k // 2, reduction=reduction)

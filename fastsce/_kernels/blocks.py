@@ -25,7 +25,8 @@ to float32 as they are loaded and their gradient rounded once as it is stored (_
 the arithmetic between is a float32 row's, bit for bit.
 
 Label smoothing, z-loss, lse and a logit scale take kernels of their own (``options``,
-widths OPTION_WIDTHS), with the tiles' formulas (_option_factors). The tile kernels
+widths OPTION_WIDTHS), with the tiles' formulas (_option_factors): a kernel per set of
+options a call has (SMOOTH, LSE, SCALE), computing those options' terms only. The tile kernels
 (fastsce._kernels.tiles) keep the rest of the small-K work: a softcap, float64 logits,
 and calls with options whose classes are not the last axis (fastsce.api decides).
 
@@ -65,6 +66,16 @@ MAX_K = WIDTHS[-1]
 # With label smoothing, z-loss, lse or a logit scale fewer widths: each is four kernels
 # more to compile (loss, loss+grad, serial and threaded)
 OPTION_WIDTHS = (8, 12, 16, 32, 64, 128, 176)
+# The options a kernel computes (``options``, their sum; 0: none), each set a kernel of its
+# own, compiled on first use: label smoothing; the rows' lse (returned, or a z-loss's); a
+# logit scale. (One kernel for all computed every option's terms, whichever the call had:
+# 1.35-1.42x the plain call's time at 65536 x 10 with any one of them.)
+SMOOTH, LSE, SCALE = 1, 2, 4
+
+
+def options_of(label_smoothing, z_loss, logit_scale, want_lse) -> int:
+    """The ``options`` of a call's kernel (0 for a plain call)."""
+    return SMOOTH * (label_smoothing != 0) + LSE * (z_loss != 0 or want_lse) + SCALE * (logit_scale != 1)
 
 
 def blocks_per_call(grad):
@@ -369,16 +380,16 @@ def _size(context, builder, ty, value):
 @intrinsic
 def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_sum, lanes, g, cols, grad, options):
     """Rows row0 .. row0 + rows (rows <= 16 blocks_per_call(grad)) of z (N, K <= cols):
-    each row's loss (weighted; 0 where not counted) into lanes[0, ..], with ``options``
-    its z-term into lanes[1] and its lse into lanes[2] (0 past rows); returns the sums
+    each row's loss (weighted; 0 where not counted) into lanes[0, ..], with LSE in
+    ``options`` its z-term into lanes[1] and its lse into lanes[2] (0 past rows); returns the sums
     of the losses and of the z-terms (a fixed order). With ``grad`` (a literal bool), the
     rows' gradient into g (N, K). params: the tiles' (label smoothing, z-loss, scale,
-    scale of the z-term, logit scale, softcap, which must be 0); without ``options`` (a
-    literal bool) only the scale is read. ``cols`` (a literal, one of WIDTHS; with
-    options one of OPTION_WIDTHS): the classes a block computes, K or more. w: the K
+    scale of the z-term, logit scale, softcap, which must be 0), of which only the scale
+    and those of ``options`` (a literal: a sum of SMOOTH, LSE, SCALE) are read. ``cols``
+    (a literal, one of WIDTHS; with options one of OPTION_WIDTHS): the classes a block computes, K or more. w: the K
     class weights (float32), w_sum their float64 sum; v: per-row weights (float64), or
     empty for none."""
-    if not (isinstance(grad, types.BooleanLiteral) and isinstance(options, types.BooleanLiteral)):
+    if not (isinstance(grad, types.BooleanLiteral) and isinstance(options, types.IntegerLiteral) and 0 <= options.literal_value < 2 * SCALE):
         return None
     if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in (OPTION_WIDTHS if options.literal_value else WIDTHS)):
         return None
@@ -389,7 +400,7 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_s
     if not v.dtype == lanes.dtype == types.float64:
         return None
     sig = types.UniTuple(types.float64, 2)(z, target, ignore_index, w, v, row0, rows, params, w_sum, lanes, g, cols, grad, options)
-    n_cols, with_grad, with_options = cols.literal_value, grad.literal_value, options.literal_value
+    n_cols, with_grad, flags = cols.literal_value, grad.literal_value, options.literal_value
 
     def codegen(context, builder, sig, args):
         zv, tv, ignore, wv, vv, r0, nrows, pv, w_sum, lv, gv = args[:11]
@@ -399,9 +410,10 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_s
         ps = [context.cast(builder, builder.extract_value(pv, i), t, types.float64) for i, t in enumerate(sig.args[7])]
         sc = ps[2]
         opts = None
-        if with_options:
+        if flags:
             w_sum = context.cast(builder, w_sum, sig.args[8], types.float64)
-            opts = SimpleNamespace(eps=ps[0], zl=ps[1], scale_z=ps[3], x_scale=ps[4], w_sum=w_sum)
+            on = {name: bool(flags & bit) for name, bit in (("smooth", SMOOTH), ("lse", LSE), ("scale", SCALE))}
+            opts = SimpleNamespace(**on, eps=ps[0], zl=ps[1], scale_z=ps[3], x_scale=ps[4], w_sum=w_sum)
         k = builder.extract_value(context.make_array(z)(context, builder, zv).shape, 1)
         vec = _Vectors(builder)
         # blocks_per_call blocks of 16 rows, their steps interleaved: one block's steps are a chain
@@ -529,7 +541,7 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         addressed = _rows(context, builder, z, zv, r0, k, nrows, group)
         col += transposed(builder, [z_held.load(p, mask, -np.inf) for p, mask in addressed])
     col = col[:n_cols]
-    if opts is not None:  # z = a x, each product rounded to float32 (simd.product); -inf past K
+    if opts is not None and opts.scale:  # z = a x, each product rounded to float32 (simd.product); -inf past K
         a_x = _splat(builder, builder.fptrunc(opts.x_scale, _F32), W)
         col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), builder.fmul(a_x, c, flags=("arcp",)), minus_inf) for j, c in enumerate(col)]
 
@@ -559,7 +571,7 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     # the max, the exps, and the float64 sum of the exps but the target's
     m = vec.tree(vec.max_or_nan_somewhere, col)
     w_shift = None
-    if opts is not None:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
+    if opts is not None and opts.smooth:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
         terms = []
         for j in range(n_cols):
             w_j = _splat(builder, w_of[j], W)
@@ -601,44 +613,60 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
 
 
 def _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k):
-    """_row_factors with label smoothing, z-loss, lse and a logit scale, as
-    tiles._lane_loss, op for op: ({0: losses, 1: z-terms, 2: lse}, a, b, gy), each
-    two float64 halves; the gradient a e_j - b w_j, gy at the target."""
+    """_row_factors with the options ``opts`` has (label smoothing; lse and the z-loss; a
+    logit scale), as tiles._lane_loss, op for op, less the terms of the options it has
+    not (each a 0 added or a factor 1 there: the same results): ({0: losses[, 1:
+    z-terms, 2: lse with LSE]}, a, b (None without SMOOTH), gy), each two float64 halves;
+    the gradient a e_j - b w_j, gy at the target."""
     live_h = [vec.half(live, i) for i in (0, 1)]
     zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
     w_yd = vec.wide(w_y)
     m_d = vec.wide(m)
     eps, zl, scale_z, x_scale, w_sum = opts.eps, opts.zl, opts.scale_z, opts.x_scale, opts.w_sum
-    k_d = builder.sitofp(k, _F64)
-    smooth = builder.fcmp_ordered(">", eps, ir.Constant(_F64, 0.0))
-    has_z = builder.fcmp_ordered(">", zl, ir.Constant(_F64, 0.0))
-    eps_k = builder.fdiv(eps, k_d, flags=_FLAGS)
-    one_eps = builder.fsub(ir.Constant(_F64, 1.0), eps, flags=_FLAGS)
-    eps_w = builder.fdiv(builder.fmul(eps, w_sum, flags=_FLAGS), k_d, flags=_FLAGS)
-    out = {0: [], 1: [], 2: []}
+    if opts.smooth:
+        k_d = builder.sitofp(k, _F64)
+        smooth = builder.fcmp_ordered(">", eps, ir.Constant(_F64, 0.0))
+        eps_k = builder.fdiv(eps, k_d, flags=_FLAGS)
+        one_eps = builder.fsub(ir.Constant(_F64, 1.0), eps, flags=_FLAGS)
+        eps_w = builder.fdiv(builder.fmul(eps, w_sum, flags=_FLAGS), k_d, flags=_FLAGS)
+    if opts.lse:
+        has_z = builder.fcmp_ordered(">", zl, ir.Constant(_F64, 0.0))
+    out = {0: [], 1: [], 2: []} if opts.lse else {0: []}
     a_f, b_f, gy_f = [], [], []
     for i in (0, 1):
         e_y = vec.exp_f64(zy[i])
         inv_s = vec.div(1.0, vec.add(s_other[i], e_y))
         loss = vec.times(w_yd[i], vec.lse_minus_target(s_other[i], e_y, zy[i], inv_s))
-        log_s = vec.log_normal(vec.add(s_other[i], e_y))
-        lse = vec.select(vec.cmp("==", vec.fabs(m_d[i]), np.inf), m_d[i], vec.add(m_d[i], log_s))  # rows.row_lse
-        smoothed = vec.add(vec.mul(one_eps, loss), vec.mul(eps_k, vec.sub(vec.mul(w_sum, log_s), w_shift[i])))
-        loss = vec.select(_splat(builder, smooth, W // 2), smoothed, loss)
+        if opts.smooth or opts.lse:
+            log_s = vec.log_normal(vec.add(s_other[i], e_y))
+            p_y = vec.mul(e_y, inv_s)
+        if opts.smooth:
+            smoothed = vec.add(vec.mul(one_eps, loss), vec.mul(eps_k, vec.sub(vec.mul(w_sum, log_s), w_shift[i])))
+            loss = vec.select(_splat(builder, smooth, W // 2), smoothed, loss)
         out[0].append(vec.select(live_h[i], vec.mul(row_w[i], loss), 0.0))
-        z_live = builder.and_(live_h[i], _splat(builder, has_z, W // 2))
-        out[1].append(vec.select(z_live, vec.mul(vec.mul(vec.mul(row_w[i], zl), lse), lse), 0.0))
-        out[2].append(lse)
-        sv = vec.mul(vec.mul(sc, row_w[i]), x_scale)
-        hard = vec.mul(vec.mul(one_eps, w_yd[i]), sv)
-        zg = vec.mul(vec.mul(vec.mul(vec.mul(vec.like(2.0, sv), zl), scale_z), row_w[i]), x_scale)
-        zg = vec.select(_splat(builder, has_z, W // 2), vec.mul(zg, lse), 0.0)
-        a_f.append(vec.mul(vec.add(vec.add(hard, vec.mul(eps_w, sv)), zg), inv_s))
-        b_f.append(vec.mul(eps_k, sv))
-        p_y = vec.mul(e_y, inv_s)
-        gy = vec.add(vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s)), vec.mul(vec.mul(eps_k, sv), vec.sub(vec.mul(w_sum, p_y), w_yd[i])))
-        gy_f.append(vec.add(gy, vec.mul(zg, p_y)))
-    return out, a_f, b_f, gy_f
+        sv = vec.mul(sc, row_w[i])
+        if opts.scale:
+            sv = vec.mul(sv, x_scale)
+        hard = vec.mul(vec.mul(one_eps, w_yd[i]), sv) if opts.smooth else vec.mul(w_yd[i], sv)
+        a_num = vec.add(hard, vec.mul(eps_w, sv)) if opts.smooth else hard
+        gy = vec.mul(vec.sub(0.0, hard), vec.mul(s_other[i], inv_s))
+        if opts.smooth:
+            b_f.append(vec.mul(eps_k, sv))
+            gy = vec.add(gy, vec.mul(vec.mul(eps_k, sv), vec.sub(vec.mul(w_sum, p_y), w_yd[i])))
+        if opts.lse:
+            lse = vec.select(vec.cmp("==", vec.fabs(m_d[i]), np.inf), m_d[i], vec.add(m_d[i], log_s))  # rows.row_lse
+            z_live = builder.and_(live_h[i], _splat(builder, has_z, W // 2))
+            out[1].append(vec.select(z_live, vec.mul(vec.mul(vec.mul(row_w[i], zl), lse), lse), 0.0))
+            out[2].append(lse)
+            zg = vec.mul(vec.mul(vec.mul(vec.like(2.0, sv), zl), scale_z), row_w[i])
+            if opts.scale:
+                zg = vec.mul(zg, x_scale)
+            zg = vec.select(_splat(builder, has_z, W // 2), vec.mul(zg, lse), 0.0)
+            a_num = vec.add(a_num, zg)
+            gy = vec.add(gy, vec.mul(zg, p_y))
+        a_f.append(vec.mul(a_num, inv_s))
+        gy_f.append(gy)
+    return out, a_f, b_f if opts.smooth else None, gy_f
 
 
 def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
@@ -677,15 +705,15 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         return y, builder.select(inside, y, ir.Constant(_I64, 0))
 
     def is_target(y, row):
-        """The lanes of the row's target, left out of s_other. With options, only in a
+        """The lanes of the row's target, left out of s_other. With LSE, only in a
         counted row: another row's lse needs every class in its sum, as in the
-        transposed blocks (a plain call has no lse, and drops such a row's loss).
+        transposed blocks (without, such a row's loss is dropped).
         (_counted's test, per row: taking _counted's lanes before the loop instead kept
         them live through it, 880 instructions a step with 122 stack operands against
         467 and 60, width 128.)"""
         y_lanes = _splat(builder, builder.trunc(y, _I32), W)
         found = [builder.icmp_signed("==", builder.add(lane, vec.const(W * i, _I32, W)), y_lanes) for i in range(n_vec)]
-        if opts is None:
+        if opts is None or not opts.lse:
             return found
         counted = builder.icmp_signed("!=", y, values[2])
         # the row's weight, or 1 without row weights (v is then empty: read a 1 instead)
@@ -729,9 +757,11 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             return in_scratch
         return builder.select(in_place_exps, builder.gep(g_data, [builder.mul(row, k)]), in_scratch)
 
-    if opts is not None:  # the logit scale, and the class weights' zmm (0 past K)
+    scaling, smoothing = opts is not None and opts.scale, opts is not None and opts.smooth
+    if scaling:  # the logit scale
         a_x = builder.fptrunc(opts.x_scale, _F32)
         a_v = _splat(builder, a_x, W)
+    if smoothing:  # the class weights' zmm (0 past K)
         w_vecs = [f32_held.load(p, mask, 0.0) for p, mask in vectors(w_data)]
         ws_arr, ws_at = lanes_of(_F64)
 
@@ -758,16 +788,16 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         # z_y and w_y before the exps are stored: g may be z (in place)
         for r, base, (_, y_in) in zip(rs, bases, ys):
             zy = z_held.widen(builder.load(builder.gep(base, [y_in])))
-            builder.store(zy if opts is None else scaled(zy, None), zy_at(r))
+            builder.store(scaled(zy, None) if scaling else zy, zy_at(r))
             builder.store(builder.load(builder.gep(w_data, [y_in])), wy_at(r))
         xs = [[z_held.load(p, mask, -np.inf) for p, mask in vectors(base)] for base in bases]
-        if opts is not None:
+        if scaling:
             xs = [[scaled(xi, masks[i]) for i, xi in enumerate(x)] for x in xs]
         ms = [vec.tree(vec.max_or_nan_somewhere, x) for x in xs]
         for step in (8, 4, 2, 1):  # every lane the row's max
             flip = _const_vector(_I32, [i ^ step for i in range(W)])
             ms = [vec.max_or_nan_somewhere(m, builder.shuffle_vector(m, m, flip)) for m in ms]
-        for r, x, m in zip(rs, xs, ms) if opts is not None else ():
+        for r, x, m in zip(rs, xs, ms) if smoothing else ():
             # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
             terms = [vec.select(vec.cmp("!=", wi, 0.0, unordered=True), vec.mul(wi, vec.sub(xi, m)), 0.0) for wi, xi in zip(w_vecs, x)]
             builder.store(vec.lane_sum(vec.tree(vec.add, [h for t in terms for h in vec.wide(t)])), ws_at(r))
@@ -791,7 +821,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
         losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
         rows_out, b_f = {0: losses_out}, None
     else:
-        w_shift = [as_vector(ws_arr, _F64, 8 * i, W // 2) for i in (0, 1)]
+        w_shift = [as_vector(ws_arr, _F64, 8 * i, W // 2) for i in (0, 1)] if smoothing else None
         rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k)
     sums = _store_lanes(context, builder, vec, losses, lv, l_first, rows_out)
     totals = sums[0], sums.get(1, ir.Constant(_F64, 0.0))
@@ -860,13 +890,13 @@ def _chunk(z, target, ignore_index, w, w_sum, v, params, outs, g, lo, hi, grad, 
 
 
 def _kernels(cols, options):
-    """hard_loss and hard_loss_grad for K <= cols (cols and options constants of the
+    """hard_loss and hard_loss_grad for K <= cols and ``options`` (constants of the
     closure, so literals in the kernels' code)."""
 
     @parallel
     def hard_loss(z, target, ignore_index, w, w_sum, v, params, chunk_rows, outs):
         """tiles.hard_loss for float32 or half z of K <= cols and no softcap (fastsce.api
-        checks); without ``options`` also no label smoothing, z-loss, logit scale or lse."""
+        checks), and no label smoothing, z-loss, logit scale or lse but those of ``options``."""
         chunk_loss, chunk_z = outs[3], outs[4]
         no_grad = np.empty((0, z.shape[1]), z.dtype)
         for c in prange(chunk_loss.size):
@@ -887,11 +917,15 @@ def _kernels(cols, options):
     return SimpleNamespace(hard_loss=hard_loss, hard_loss_grad=hard_loss_grad)
 
 
-_BY_WIDTH = {(cols, False): _kernels(cols, False) for cols in WIDTHS}
-_BY_WIDTH.update({(cols, True): _kernels(cols, True) for cols in OPTION_WIDTHS})
+_BY_WIDTH = {}  # (cols, options) -> the kernels, made on first use
 
 
-def kernels(k: int, options: bool = False):
+def kernels(k: int, options: int = 0):
     """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad);
-    ``options``: those that take label smoothing, z-loss, a logit scale and lse."""
-    return _BY_WIDTH[next(cols for cols in (OPTION_WIDTHS if options else WIDTHS) if k <= cols), options]
+    ``options`` (options_of): those that take label smoothing, lse and the z-loss, a
+    logit scale."""
+    cols = next(c for c in (OPTION_WIDTHS if options else WIDTHS) if k <= c)
+    key = cols, options
+    if key not in _BY_WIDTH:
+        _BY_WIDTH.setdefault(key, _kernels(cols, options))  # (one of two threads' wins)
+    return _BY_WIDTH[key]
