@@ -437,3 +437,30 @@ def test_label_stats_shortcut_gives_label_stats_bits(ignored):
                 assert got[0] == want[0]
                 if want[0] < 0:
                     assert np.array(got[1:]).tobytes() == np.array(want[1:]).tobytes(), (n, mask is None)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+def test_label_stats_denominators_against_exact_sums(label_dtype):
+    """label_stats' D = sum v_n w[y_n] and D_z = sum v_n over the counted rows (added in
+    vector lanes) against math.fsum, with and without class and row weights; the first bad
+    label's row."""
+    import math
+
+    from fastsce._kernels import rows
+
+    rng = np.random.default_rng(7)
+    for n in (1, 5, 17, 1000, 65_537):
+        y = rng.integers(0, 10, n).astype(label_dtype)
+        y[rng.random(n) < 0.2] = -100
+        w = rng.uniform(0, 2, 10).astype(np.float32)
+        v = rng.uniform(0, 3, n) ** 4
+        for ww, vv in ((w, v), (np.ones(10, np.float32), v), (w, np.empty(0))):
+            bad_row, d, d_z = rows.label_stats(y, 10, -100, ww, vv)
+            keep = y != -100
+            vk = vv[keep] if vv.size else np.ones(int(keep.sum()))
+            assert bad_row == -1
+            assert d == pytest.approx(math.fsum(vk * ww[y[keep]].astype(np.float64)), rel=1e-13, abs=0)
+            assert d_z == pytest.approx(math.fsum(vk), rel=1e-13, abs=0)
+        bad = y.copy()
+        bad[[n // 2, n - 1]] = 10
+        assert rows.label_stats(bad, 10, -100, w, v)[0] == n // 2

@@ -375,6 +375,12 @@ def _size(context, builder, ty, value):
 # plain), 706 with an operand on the stack (the lse, the smoothing sum and the third
 # factor b keep more values alive than the 32 zmm); width 128 (row-wise), 2537 in all,
 # its longest block (the row step) 467 with 60 such operands; no calls but NRT's.
+# A kernel per set of options (inspect_asm of the serial hard_loss_grad, whole, width 12
+# / 128): plain 3606 / 3636 instructions; the kernel of every option was 4142 / 4018;
+# label smoothing alone 3955 / 3950, lse (or z-loss) 3801 / 3760, logit scale 3771 /
+# 3551. Time against the plain call, 65536 x 10, 2 threads, 11-15 interleaved rounds:
+# logit scale 1.35x -> 0.97-1.00x, z-loss 1.36x -> 1.09-1.18x, lse 1.42x -> 1.19-1.24x,
+# label smoothing 1.35x -> 1.21-1.22x.
 
 
 @intrinsic

@@ -1156,36 +1156,55 @@ def _all_ones(w):
 
 
 @jit
-def label_stats(target, k, ignore_index, w, v):
-    """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
-    denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
-    float64 and row order). v: row weights, or empty for ones."""
-    if v.size == 0 and _all_ones(w):
-        # The common call: both denominators are the count of counted rows. Counting
-        # vectorises (16 us for 65536 labels, call included); the float64 chain below
-        # took 51 us (weighted), on one thread before the threaded kernel.
-        k_u = np.uint64(k)
-        ignored = 0
-        out_of_range = 0
-        for i in range(target.size):
-            y = target[i]
-            skip = y == ignore_index
-            ignored += skip
-            out_of_range += (not skip) & (np.uint64(y) >= k_u)
-        if out_of_range == 0:
-            counted = float(target.size - ignored)
-            return -1, counted, counted
+def _label_counts(target, k, ignore_index):
+    """(rows ignored, rows whose label is outside [0, K) and not ignore_index): a count
+    that vectorises (16 us for 65536 labels, call included)."""
+    k_u = np.uint64(k)
+    ignored = 0
+    out_of_range = 0
+    for i in range(target.size):
+        y = target[i]
+        skip = y == ignore_index
+        ignored += skip
+        out_of_range += (not skip) & (np.uint64(y) >= k_u)
+    return ignored, out_of_range
+
+
+@vector
+def _weighted_counts(target, ignore_index, w, v):
+    """(sum of v_n w[y_n], sum of v_n) over the rows not ignored (labels checked: in
+    [0, K)), v empty for ones; float64, added in vector lanes (a fixed order: the same
+    bits whatever the thread count). As one float64 chain in row order, with a branch a
+    row, this took 148 us for 65536 rows: every call with class or row weights paid it
+    on one thread before its kernel (1.12-1.21x the plain call's time at 65536 x 10).
+    Assembly (int64 labels, float32 w): zmm, vgatherqps of w[y], vfmadd231pd / vaddpd
+    into 4 accumulators of 8 lanes each."""
     d = 0.0
     d_z = 0.0
     for i in range(target.size):
         y = target[i]
-        if y == ignore_index:
-            continue
-        if y < 0 or y >= k:
-            return i, d, d_z
-        vi = v[i] if v.size else 1.0
-        d += vi * w[y]
-        d_z += vi
+        keep = y != ignore_index
+        t = (float(v[i]) if v.size else 1.0) if keep else 0.0
+        d += t * float(w[y if keep else 0])
+        d_z += t
+    return d, d_z
+
+
+@jit
+def label_stats(target, k, ignore_index, w, v):
+    """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
+    denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
+    float64, D and D_z 0 when a label is bad). v: row weights, or empty for ones."""
+    ignored, out_of_range = _label_counts(target, k, ignore_index)
+    if out_of_range:
+        for i in range(target.size):
+            y = target[i]
+            if y != ignore_index and (y < 0 or y >= k):
+                return i, 0.0, 0.0
+    if v.size == 0 and _all_ones(w):  # the common call: both are the count of counted rows
+        counted = float(target.size - ignored)
+        return -1, counted, counted
+    d, d_z = _weighted_counts(target, ignore_index, w, v)
     return -1, d, d_z
 
 
