@@ -116,7 +116,8 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
     """The kernels for rows of a small K (<= SMALL_K): fastsce._kernels.blocks (16 rows at
     a time) for float32 and half rows of K <= blocks.MAX_K in calls without a softcap
     (with label smoothing, z-loss, lse or a logit scale, kernels of their own, when the
-    classes are the last axis); else fastsce._kernels.tiles. (A call with the classes on another axis runs in the
+    classes are the last axis); else fastsce._kernels.tiles (tiles.PLAIN for a call with
+    no option, whose kernels compile none of the options' code). (A call with the classes on another axis runs in the
     tiles whether they read it in place or its rows are copied: with those options the
     two kernels' sums, added in different orders, may differ in entries of the gradient
     that cancel, and the same call should not depend on the memory layout.) Against the
@@ -129,9 +130,9 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
     176."""
     eps, z_loss, _, _, logit_scale, cap = params
     k = z.shape[1]
-    if cap != 0 or z.dtype not in _BLOCK_DTYPES or k > block_kernels.MAX_K:
-        return tile_kernels
     options = block_kernels.options_of(eps, z_loss, logit_scale, want_lse)
+    if cap != 0 or z.dtype not in _BLOCK_DTYPES or k > block_kernels.MAX_K:
+        return tile_kernels if options or cap != 0 else tile_kernels.PLAIN
     if not options or classes_last:
         return block_kernels.kernels(k, options)
     return tile_kernels

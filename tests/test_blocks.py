@@ -219,7 +219,7 @@ def _check(case: Case, in_place: bool = False):
 def test_the_calls_the_blocks_take(monkeypatch):
     monkeypatch.setattr(api, "FLOAT_SMALL_K", DISPATCH)
     seen = []
-    holders = [("tiles", tile_kernels)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
+    holders = [("tiles", tile_kernels), ("tiles-plain", tile_kernels.PLAIN)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
     options = {"smooth": block_kernels.SMOOTH, "lse": block_kernels.LSE}  # the sets of options called below
     holders += [(f"blocks{cols}+{name}", block_kernels.kernels(cols, bits)) for cols in block_kernels.OPTION_WIDTHS for name, bits in options.items()]
     for tag, holder in holders:
@@ -255,7 +255,7 @@ def test_the_calls_the_blocks_take(monkeypatch):
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)
-    assert seen == ["blocks12+smooth.hard_loss_grad", "blocks64+lse.hard_loss"] + ["tiles.hard_loss"] * 4
+    assert seen == ["blocks12+smooth.hard_loss_grad", "blocks64+lse.hard_loss", "tiles.hard_loss", "tiles-plain.hard_loss"] + ["tiles.hard_loss"] * 2
 
 
 def _edges():

@@ -43,14 +43,20 @@ def run_small(case: Case, grad: bool, in_place: bool = False):
 
 
 def test_small_k_kernels_are_really_taken(monkeypatch):
+    """Plain calls in tiles.PLAIN's kernels (no option compiled), calls with an option in
+    the general ones."""
     seen = []
-    for name in ("hard_loss", "hard_loss_grad"):
-        real = getattr(tile_kernels, name)
-        monkeypatch.setattr(tile_kernels, name, lambda *a, real=real, name=name: seen.append(name) or real(*a))
+    for tag, holder in (("plain", tile_kernels.PLAIN), ("general", tile_kernels)):
+        for name in ("hard_loss", "hard_loss_grad"):
+            real = getattr(holder, name)
+            monkeypatch.setattr(holder, name, lambda *a, real=real, tag=f"{tag}.{name}": seen.append(tag) or real(*a))
     case = make_case(5, 300, np.float32)  # beyond the default thresholds
     run_small(case, grad=True)
     run_small(case, grad=False)
-    assert seen == ["hard_loss_grad", "hard_loss"]
+    case.kwargs["label_smoothing"] = 0.1
+    run_small(case, grad=True)
+    run_small(case, grad=False)
+    assert seen == ["plain.hard_loss_grad", "plain.hard_loss", "general.hard_loss_grad", "general.hard_loss"]
 
 
 def check(case: Case, in_place=False):
