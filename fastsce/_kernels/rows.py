@@ -1191,19 +1191,29 @@ def _weighted_counts(target, ignore_index, w, v):
 
 
 @jit
-def label_stats(target, k, ignore_index, w, v):
-    """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
-    denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
-    float64, D and D_z 0 when a label is bad). v: row weights, or empty for ones."""
+def label_counts(target, k, ignore_index):
+    """label_stats without class or row weights: (first row whose label is outside [0, K)
+    and not ignore_index, or -1; D = D_z = the count of counted rows). A function of its
+    own, so that a call without weights does not compile _weighted_counts (0.3-0.7 s of
+    every cold process's first call)."""
     ignored, out_of_range = _label_counts(target, k, ignore_index)
     if out_of_range:
         for i in range(target.size):
             y = target[i]
             if y != ignore_index and (y < 0 or y >= k):
                 return i, 0.0, 0.0
-    if v.size == 0 and _all_ones(w):  # the common call: both are the count of counted rows
-        counted = float(target.size - ignored)
-        return -1, counted, counted
+    counted = float(target.size - ignored)
+    return -1, counted, counted
+
+
+@jit
+def label_stats(target, k, ignore_index, w, v):
+    """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
+    denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
+    float64, D and D_z 0 when a label is bad). v: row weights, or empty for ones."""
+    bad_row, counted, _ = label_counts(target, k, ignore_index)
+    if bad_row >= 0 or (v.size == 0 and _all_ones(w)):  # the count is D and D_z
+        return bad_row, counted, counted
     d, d_z = _weighted_counts(target, ignore_index, w, v)
     return -1, d, d_z
 
