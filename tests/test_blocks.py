@@ -380,6 +380,34 @@ def test_thread_count_and_bits(k):
     assert one[1].tobytes() == many[1].tobytes()
 
 
+@pytest.mark.parametrize("k, grad", [(10, True), (10, False), (29, True), (100, False), (100, True)])
+def test_calls_that_prefetch_give_the_bits_of_calls_that_do_not(k, grad):
+    """Past PREFETCH_ABOVE bytes of logits _chunk prefetches rows ahead (transposed blocks;
+    row-wise, the loss alone): a hint that must change no result. A call on such logits,
+    whose last rows are prefetched up to the array's end, against the same rows in calls
+    below the size, which prefetch nothing: per-row losses and the gradient, the same bits
+    (rows are independent with reduction="none" and "sum"); in place the same bits too."""
+    n = block_kernels.PREFETCH_ABOVE // (4 * k) + 37
+    case = make_case(n, k, np.float32, weighted=True, ignore_index=k // 2, reduction="none")
+    pieces = np.array_split(np.arange(n), 3)
+    assert all(len(p) * k * 4 < block_kernels.PREFETCH_ABOVE for p in pieces) and n * k * 4 > block_kernels.PREFETCH_ABOVE
+    kw = case.kwargs
+    if grad:
+        whole = fastsce.cross_entropy_with_grad(case.logits, case.target, **kw)
+        parts = [fastsce.cross_entropy_with_grad(case.logits[p], case.target[p], **kw) for p in pieces]
+        assert np.concatenate([g for _, g in parts]).tobytes() == whole[1].tobytes()
+        z = case.logits.copy()
+        fastsce.cross_entropy_with_grad(z, case.target, out=z, **kw)
+        assert z.tobytes() == whole[1].tobytes()
+        loss = whole[0]
+        parts = [loss for loss, _ in parts]
+    else:
+        loss = fastsce.cross_entropy(case.logits, case.target, **kw)
+        parts = [fastsce.cross_entropy(case.logits[p], case.target[p], **kw) for p in pieces]
+    assert np.concatenate(parts).tobytes() == loss.tobytes()
+    assert_close(loss, reference.cross_entropy(case.logits, case.target, **kw), np.float32, unit=case.units()[0])
+
+
 # --- float16 / bfloat16 logits -------------------------------------------------------------------
 
 HALF = {"float16": np.float16}
