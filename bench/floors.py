@@ -109,7 +109,7 @@ def main() -> None:
             print(f"float32, {args.threads} threads, {args.rounds} interleaved rounds; x memcpy: median of the rounds' ratios (memcpy's median in us)")
             print(f"{'N x K':>14} {'memcpy':>8} " + " ".join(f"{name:>13}" for name in names))
         row = " ".join(f"{ratio(times, name, 'memcpy'):13.2f}" for name in names)
-        print(f"{n:>7} x {k:<6} {statistics.median(times['memcpy']) * 1e6:8.0f} {row}", flush=True)
+        print(f"{n:>7} x {k:<6} {statistics.median(times['memcpy']) * 1e6:8.1f} {row}", flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,13 @@ def _prefetched(a, i):
     return a[i]
 
 
+@numba.njit
+def _prefetched_both(a, b, i):
+    prefetch(a, i)  # two element types in one function: one declaration of llvm.prefetch
+    prefetch(b, i)
+    return a[i] + b[i]
+
+
 @pytest.mark.parametrize("dtype", FLOATS + [np.int16, np.uint16])
 @pytest.mark.parametrize("rows, cols", [(16, 16), (3, 5), (16, 1), (0, 7), (8, 8), (5, 0)])
 def test_load_and_store_rows_move_only_the_masked_elements(dtype, rows, cols):
@@ -145,6 +152,8 @@ def test_prefetch_changes_nothing():
     a = np.arange(100.0)
     assert _prefetched(a, 50) == 50.0
     np.testing.assert_array_equal(a, np.arange(100.0))
+    b = np.arange(100, dtype=np.uint16)
+    assert _prefetched_both(b, a.astype(np.float32), 7) == 14.0
 
 
 @numba.njit

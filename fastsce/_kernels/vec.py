@@ -186,7 +186,8 @@ def prefetch(typingctx, a, i):
 
     def codegen(context, builder, sig, args):
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.gep(data, [args[1]])
+        # as i8*: the module declares llvm.prefetch.p0 once, for every array's element type
+        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
         fn = builder.module.declare_intrinsic(
             "llvm.prefetch.p0", fnty=ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
         )
