@@ -71,8 +71,10 @@ def _hard(k_of: Callable[[np.dtype], int], grad: bool):
         fn = fastsce.cross_entropy_with_grad if grad else fastsce.cross_entropy
         fn(logits, labels)
         fn(logits, labels, **_weights(logits))
-        if k_of is _small_k:  # float32 and half rows go to the blocks (below) but with a softcap
-            fn(logits, labels, softcap=30.0)  # (the tiles)
+        if k_of is _small_k:  # float32 and half rows go to the blocks (below), and with a
+            # softcap beyond K = 32 to the tiles (up to 32 the blocks' softcap set, compiled
+            # on first use as the other sets of options)
+            fn(*_data(dtype, (130, 40)), softcap=30.0)
         else:  # the calls above take the plain row kernels (float rows); label smoothing the
             # general kernel, compiled for it alone (each set of options compiles its own on
             # first use: fastsce._kernels.rows.hard_loss)

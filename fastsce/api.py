@@ -114,9 +114,9 @@ _BLOCK_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int16))
 
 def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last: bool = True):
     """The kernels for rows of a small K (<= SMALL_K): fastsce._kernels.blocks (16 rows at
-    a time) for float32 and half rows of K <= blocks.MAX_K in calls without a softcap
-    (with label smoothing, z-loss, lse or a logit scale, kernels of their own, when the
-    classes are the last axis); else fastsce._kernels.tiles (tiles.PLAIN for a call with
+    a time) for float32 and half rows of K <= blocks.MAX_K, with a softcap K <=
+    blocks.TRANSPOSED_MAX (with label smoothing, z-loss, lse, a logit scale or a softcap,
+    kernels of their own, when the classes are the last axis); else fastsce._kernels.tiles (tiles.PLAIN for a call with
     no option, whose kernels compile none of the options' code). (A call with the classes on another axis runs in the
     tiles whether they read it in place or its rows are copied: with those options the
     two kernels' sums, added in different orders, may differ in entries of the gradient
@@ -130,9 +130,9 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
     176."""
     eps, z_loss, _, _, logit_scale, cap = params
     k = z.shape[1]
-    options = block_kernels.options_of(eps, z_loss, logit_scale, want_lse)
-    if cap != 0 or z.dtype not in _BLOCK_DTYPES or k > block_kernels.MAX_K:
-        return tile_kernels if options or cap != 0 else tile_kernels.PLAIN
+    options = block_kernels.options_of(eps, z_loss, logit_scale, want_lse, cap)
+    if z.dtype not in _BLOCK_DTYPES or k > (block_kernels.TRANSPOSED_MAX if cap != 0 else block_kernels.MAX_K):
+        return tile_kernels if options else tile_kernels.PLAIN
     if not options or classes_last:
         return block_kernels.kernels(k, options)
     return tile_kernels

@@ -220,8 +220,11 @@ def test_the_calls_the_blocks_take(monkeypatch):
     monkeypatch.setattr(api, "FLOAT_SMALL_K", DISPATCH)
     seen = []
     holders = [("tiles", tile_kernels), ("tiles-plain", tile_kernels.PLAIN)] + [(f"blocks{cols}", block_kernels.kernels(cols)) for cols in block_kernels.WIDTHS]
-    options = {"smooth": block_kernels.SMOOTH, "lse": block_kernels.LSE}  # the sets of options called below
-    holders += [(f"blocks{cols}+{name}", block_kernels.kernels(cols, bits)) for cols in block_kernels.OPTION_WIDTHS for name, bits in options.items()]
+    options = {"smooth": block_kernels.SMOOTH, "lse": block_kernels.LSE, "cap": block_kernels.CAP}  # the sets of options called below
+    holders += [
+        (f"blocks{cols}+{name}", block_kernels.kernels(cols, bits)) for cols in block_kernels.OPTION_WIDTHS for name, bits in options.items()
+        if bits != block_kernels.CAP or cols <= block_kernels.TRANSPOSED_MAX
+    ]
     for tag, holder in holders:
         for name in ("hard_loss", "hard_loss_grad"):
             real = getattr(holder, name)
@@ -249,13 +252,15 @@ def test_the_calls_the_blocks_take(monkeypatch):
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: kernels of their own
     fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)
-    fastsce.cross_entropy(z, y, softcap=5.0)  # the tiles
+    fastsce.cross_entropy(z, y, softcap=5.0)  # transposed blocks with a softcap
+    fastsce.cross_entropy(np.zeros((100, 33), np.float32), y, softcap=5.0)  # row-wise: the tiles
     fastsce.cross_entropy(z.astype(np.float64), y)
     fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float16), y, z_loss=1e-4)  # K > MAX_K, half rows
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)
-    assert seen == ["blocks12+smooth.hard_loss_grad", "blocks64+lse.hard_loss", "tiles.hard_loss", "tiles-plain.hard_loss"] + ["tiles.hard_loss"] * 2
+    expected = ["blocks12+smooth.hard_loss_grad", "blocks64+lse.hard_loss", "blocks12+cap.hard_loss", "tiles.hard_loss", "tiles-plain.hard_loss"]
+    assert seen == expected + ["tiles.hard_loss"] * 2
 
 
 def _edges():
@@ -303,14 +308,18 @@ def test_options(k, weighted, ignore_inside, rows, reduction, in_place):
         dict(logit_scale=0.7),
         dict(return_lse=True, logit_scale=0.5),
         dict(logit_scale=-1.5, label_smoothing=0.3, z_loss=1e-2, return_lse=True),
+        dict(softcap=5.0),
+        dict(softcap=1.5, logit_scale=-1.3, label_smoothing=0.2, z_loss=1e-2, return_lse=True),
     ],
-    ids=["smoothing", "z_loss-lse", "scale", "lse-scale", "all"],
+    ids=["smoothing", "z_loss-lse", "scale", "lse-scale", "all", "softcap", "softcap-all"],
 )
 @pytest.mark.parametrize("weighted, reduction, rows", [(False, "mean", None), (True, "none", "sample_weight"), (True, "sum", "where")])
 def test_the_options_blocks_take(k, extra, weighted, reduction, rows):
-    """Label smoothing, z-loss, lse and a logit scale, in the blocks' kernels with options
-    (a kernel per set of them; transposed and row-wise, each OPTION_WIDTHS entry's
-    edges; lse without a z-loss in "lse-scale"): every output against
+    """Label smoothing, z-loss, lse, a logit scale and a softcap, in the blocks' kernels
+    with options (a kernel per set of them; transposed and row-wise, each OPTION_WIDTHS
+    entry's edges; lse without a z-loss in "lse-scale"; a softcap in the transposed
+    blocks, beyond K = 32 in the tiles; softcap 5 leaves most blocks to the tanh's
+    polynomial alone, 1.5 most to its exp form): every output against
     the reference, the loss alone the same bits, in place the same bits."""
     n = 203
     case = make_case(n, k, np.float32, weighted=weighted, ignore_index=k // 2, reduction=reduction)
@@ -335,6 +344,58 @@ def test_the_options_blocks_take(k, extra, weighted, reduction, rows):
     z = case.logits.copy()
     in_place = fastsce.cross_entropy_with_grad(z, case.target, out=z, **case.kwargs)
     assert in_place[1] is z and z.tobytes() == got[1].tobytes()
+
+
+def test_the_blocks_softcap_is_within_a_few_ulp_of_tanh():
+    """A row of one class has lse = z = c tanh(a x / c): the blocks' softcap, read
+    through return_lse, against float64 tanh within 2.5 ulp, as the rows' (test_options).
+    Blocks of |u| < 1 take the polynomial alone (the first rows), the others the form
+    that any |u| takes, up to saturation; infinities give +-c, NaN stays NaN."""
+    small = np.linspace(-0.99, 0.99, 16 * 4001)
+    big = np.concatenate([np.linspace(-20, 20, 400_001), np.logspace(-40, 1.5, 20_000), -np.logspace(-40, 1.5, 20_000)])
+    x = np.concatenate([small, big, [0.0, -0.0, np.inf, -np.inf, np.nan]]).astype(np.float32)
+    y = np.zeros(x.size, np.int64)
+    for c, a in ((1.0, 1.0), (4.0, -4.0)):
+        *_, lse = fastsce.cross_entropy(x[:, None], y, softcap=c, logit_scale=a, return_lse=True, reduction="none")
+        exact = c * np.tanh(a * x.astype(np.float64) / c)
+        finite = np.isfinite(x)
+        ulp = np.spacing(np.abs(exact[finite]).astype(np.float32)).astype(np.float64)
+        assert np.max(np.abs(lse[finite] - exact[finite]) / ulp) <= 2.5
+        np.testing.assert_array_equal(lse[-5:], np.float32([0.0, -0.0, a * np.inf, -a * np.inf, np.nan]).clip(-c, c))
+
+
+@pytest.mark.parametrize("k", (1, 2, 17, 40))
+def test_the_lse_of_a_row_with_nan_is_nan(k):
+    """The blocks' max (vmaxps) may pass a NaN by: a row of NaN and -inf logits got m =
+    -inf and lse = -inf. Its lse is NaN (the reference's), a row of -inf alone -inf."""
+    x = np.zeros((3, k), np.float32)
+    x[0], x[1, ::2], x[2] = np.nan, np.nan, -np.inf
+    x[1, 1::2] = -np.inf
+    y = np.zeros(3, np.int64)
+    for options in (dict(), dict(z_loss=1e-3, return_z_loss=True), dict(label_smoothing=0.1)):
+        got = fastsce.cross_entropy(x, y, return_lse=True, reduction="none", **options)
+        want = reference.cross_entropy(x, y, return_lse=True, reduction="none", **options)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b.astype(np.float32))
+
+
+@pytest.mark.parametrize("k", (3, 10, 16, 32))
+def test_the_blocks_softcap_bounds_huge_and_masked_logits(k):
+    """tanh(+-inf) = +-1 (and huge |x|): z = +-c exactly, and dz/dx = 0 there, so those
+    gradient entries are exactly 0; a masked (-inf) class becomes -c and takes part in the
+    softmax; NaN stays NaN (as test_options' float64 case, in the blocks)."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((40, k)).astype(np.float32)
+    x[0, 0], x[1, 1 % k], x[2, 2 % k], x[3, 0] = np.inf, -np.inf, 1e30, np.nan
+    y = np.arange(40) % k
+    loss, grad = fastsce.cross_entropy_with_grad(x, y, softcap=2.0, reduction="none")
+    z = 2.0 * np.tanh(x.astype(np.float64) / 2.0)
+    want_loss, want_grad = reference.cross_entropy_with_grad(z, y, reduction="none")
+    rows = np.arange(40) != 3
+    assert_close(loss[rows], want_loss[rows], np.float32, unit=1.0)
+    assert_close(grad[rows], (want_grad * (1 - (z / 2) ** 2))[rows], np.float32, unit=1.0)
+    assert grad[0, 0] == 0 and grad[1, 1 % k] == 0 and grad[2, 2 % k] == 0
+    assert np.isnan(loss[3]) and np.isnan(grad[3]).all()
 
 
 @pytest.mark.parametrize("k", (1, 2, 9, 16, 17, 32, 33, 64, 100, 176))
@@ -380,17 +441,19 @@ def test_thread_count_and_bits(k):
     assert one[1].tobytes() == many[1].tobytes()
 
 
-@pytest.mark.parametrize("k, grad", [(10, True), (10, False), (29, True), (100, False), (100, True)])
-def test_calls_that_prefetch_give_the_bits_of_calls_that_do_not(k, grad):
+@pytest.mark.parametrize("k, grad, dtype", [(10, True, np.float32), (10, False, np.float32), (29, True, np.float32), (100, False, np.float32), (100, True, np.float32), (10, True, np.float16)])
+def test_calls_that_prefetch_give_the_bits_of_calls_that_do_not(k, grad, dtype):
     """Past PREFETCH_ABOVE bytes of logits _chunk prefetches rows ahead (transposed blocks;
     row-wise, the loss alone): a hint that must change no result. A call on such logits,
     whose last rows are prefetched up to the array's end, against the same rows in calls
     below the size, which prefetch nothing: per-row losses and the gradient, the same bits
     (rows are independent with reduction="none" and "sum"); in place the same bits too."""
-    n = block_kernels.PREFETCH_ABOVE // (4 * k) + 37
+    size = np.dtype(dtype).itemsize
+    n = block_kernels.PREFETCH_ABOVE // (size * k) + 37
     case = make_case(n, k, np.float32, weighted=True, ignore_index=k // 2, reduction="none")
+    case.logits = case.logits.astype(dtype)
     pieces = np.array_split(np.arange(n), 3)
-    assert all(len(p) * k * 4 < block_kernels.PREFETCH_ABOVE for p in pieces) and n * k * 4 > block_kernels.PREFETCH_ABOVE
+    assert all(len(p) * k * size < block_kernels.PREFETCH_ABOVE for p in pieces) and n * k * size > block_kernels.PREFETCH_ABOVE
     kw = case.kwargs
     if grad:
         whole = fastsce.cross_entropy_with_grad(case.logits, case.target, **kw)
@@ -405,7 +468,7 @@ def test_calls_that_prefetch_give_the_bits_of_calls_that_do_not(k, grad):
         loss = fastsce.cross_entropy(case.logits, case.target, **kw)
         parts = [fastsce.cross_entropy(case.logits[p], case.target[p], **kw) for p in pieces]
     assert np.concatenate(parts).tobytes() == loss.tobytes()
-    assert_close(loss, reference.cross_entropy(case.logits, case.target, **kw), np.float32, unit=case.units()[0])
+    assert_close(loss, reference.cross_entropy(case.logits.astype(np.float32), case.target, **kw), dtype, unit=case.units()[0])
 
 
 # --- float16 / bfloat16 logits -------------------------------------------------------------------

@@ -24,11 +24,13 @@ float16 and bfloat16 rows (their bits, as fastsce._kernels.half passes them) are
 to float32 as they are loaded and their gradient rounded once as it is stored (_Stored):
 the arithmetic between is a float32 row's, bit for bit.
 
-Label smoothing, z-loss, lse and a logit scale take kernels of their own (``options``,
-widths OPTION_WIDTHS), with the tiles' formulas (_option_factors): a kernel per set of
-options a call has (SMOOTH, LSE, SCALE), computing those options' terms only. The tile kernels
-(fastsce._kernels.tiles) keep the rest of the small-K work: a softcap, float64 logits,
-and calls with options whose classes are not the last axis (fastsce.api decides).
+Label smoothing, z-loss, lse, a logit scale and (up to K = 32) a softcap take kernels of
+their own (``options``, widths OPTION_WIDTHS), with the tiles' formulas (_option_factors;
+the softcap's tanh and dz/dx are the row kernels', _capped and _cap_slope): a kernel per
+set of options a call has (SMOOTH, LSE, SCALE, CAP), computing those options' terms only.
+The tile kernels (fastsce._kernels.tiles) keep the rest of the small-K work: a softcap
+past K = 32, float64 logits, and calls with options whose classes are not the last axis
+(fastsce.api decides).
 
 The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
 (vmaxps: a NaN may not reach m, but it reaches the sum or z_y, so the row's results are
@@ -52,7 +54,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from fastsce._kernels import simd
+from fastsce._kernels import rows as rows_kernels, simd
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
 from fastsce._kernels.vec import (
     _const_vector, _masked, _rows_addressed, _splat, float32_to_half_bits, half_bits_to_float32, prefetch, transposed,
@@ -84,14 +86,16 @@ MAX_K = WIDTHS[-1]
 OPTION_WIDTHS = (8, 12, 16, 32, 64, 128, 176)
 # The options a kernel computes (``options``, their sum; 0: none), each set a kernel of its
 # own, compiled on first use: label smoothing; the rows' lse (returned, or a z-loss's); a
-# logit scale. (One kernel for all computed every option's terms, whichever the call had:
-# 1.35-1.42x the plain call's time at 65536 x 10 with any one of them.)
-SMOOTH, LSE, SCALE = 1, 2, 4
+# logit scale; a softcap (CAP, the logit scale inside it: transposed widths only, K <=
+# TRANSPOSED_MAX). (One kernel for all computed every option's terms, whichever the call
+# had: 1.35-1.42x the plain call's time at 65536 x 10 with any one of them.)
+SMOOTH, LSE, SCALE, CAP = 1, 2, 4, 8
 
 
-def options_of(label_smoothing, z_loss, logit_scale, want_lse) -> int:
+def options_of(label_smoothing, z_loss, logit_scale, want_lse, softcap=0.0) -> int:
     """The ``options`` of a call's kernel (0 for a plain call)."""
-    return SMOOTH * (label_smoothing != 0) + LSE * (z_loss != 0 or want_lse) + SCALE * (logit_scale != 1)
+    transform = CAP if softcap != 0 else SCALE * (logit_scale != 1)
+    return SMOOTH * (label_smoothing != 0) + LSE * (z_loss != 0 or want_lse) + transform
 
 
 def blocks_per_call(grad):
@@ -397,6 +401,11 @@ def _size(context, builder, ty, value):
 # 3551. Time against the plain call, 65536 x 10, 2 threads, 11-15 interleaved rounds:
 # logit scale 1.35x -> 0.97-1.00x, z-loss 1.36x -> 1.09-1.18x, lse 1.42x -> 1.19-1.24x,
 # label smoothing 1.35x -> 1.21-1.22x.
+# With a softcap (CAP; this machine, Zen 5, serial kernels, width 12): loss+grad 5135
+# instructions (the plain kernel 4093, label smoothing 4470), 12 vdivps (the exp form's,
+# in the branch most blocks skip), 452 zmm operands on the stack (smoothing 332); the
+# loss alone, two blocks a call, 6290. The prefetches (_chunk): loops of prefetcht0
+# unrolled 8 times, 36 in the plain loss+grad kernel, outside the block's code.
 
 
 @intrinsic
@@ -406,14 +415,18 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_s
     ``options`` its z-term into lanes[1] and its lse into lanes[2] (0 past rows); returns the sums
     of the losses and of the z-terms (a fixed order). With ``grad`` (a literal bool), the
     rows' gradient into g (N, K). params: the tiles' (label smoothing, z-loss, scale,
-    scale of the z-term, logit scale, softcap, which must be 0), of which only the scale
-    and those of ``options`` (a literal: a sum of SMOOTH, LSE, SCALE) are read. ``cols``
-    (a literal, one of WIDTHS; with options one of OPTION_WIDTHS): the classes a block computes, K or more. w: the K
+    scale of the z-term, logit scale, softcap), of which only the scale and those of
+    ``options`` (a literal: a sum of SMOOTH, LSE, SCALE or CAP) are read (the softcap
+    must be 0 without CAP). ``cols``
+    (a literal, one of WIDTHS; with options one of OPTION_WIDTHS, with CAP at most
+    TRANSPOSED_MAX): the classes a block computes, K or more. w: the K
     class weights (float32), w_sum their float64 sum; v: per-row weights (float64), or
     empty for none."""
-    if not (isinstance(grad, types.BooleanLiteral) and isinstance(options, types.IntegerLiteral) and 0 <= options.literal_value < 2 * SCALE):
+    if not (isinstance(grad, types.BooleanLiteral) and isinstance(options, types.IntegerLiteral) and 0 <= options.literal_value < 2 * CAP):
         return None
     if not (isinstance(cols, types.IntegerLiteral) and cols.literal_value in (OPTION_WIDTHS if options.literal_value else WIDTHS)):
+        return None
+    if options.literal_value & CAP and (options.literal_value & SCALE or cols.literal_value > TRANSPOSED_MAX):
         return None
     if not all(isinstance(a, types.Array) and a.ndim == n for a, n in ((z, 2), (target, 1), (w, 1), (v, 1), (lanes, 2), (g, 2))):
         return None
@@ -434,8 +447,8 @@ def block_loss(typingctx, z, target, ignore_index, w, v, row0, rows, params, w_s
         opts = None
         if flags:
             w_sum = context.cast(builder, w_sum, sig.args[8], types.float64)
-            on = {name: bool(flags & bit) for name, bit in (("smooth", SMOOTH), ("lse", LSE), ("scale", SCALE))}
-            opts = SimpleNamespace(**on, eps=ps[0], zl=ps[1], scale_z=ps[3], x_scale=ps[4], w_sum=w_sum)
+            on = {name: bool(flags & bit) for name, bit in (("smooth", SMOOTH), ("lse", LSE), ("scale", SCALE), ("cap", CAP))}
+            opts = SimpleNamespace(**on, eps=ps[0], zl=ps[1], scale_z=ps[3], x_scale=ps[4], cap_c=ps[5], w_sum=w_sum)
         k = builder.extract_value(context.make_array(z)(context, builder, zv).shape, 1)
         vec = _Vectors(builder)
         # blocks_per_call blocks of 16 rows, their steps interleaved: one block's steps are a chain
@@ -546,6 +559,70 @@ def _store_lanes(context, builder, vec, lanes, lv, l_first, rows_out):
     return sums
 
 
+def _tanh_small(vec, u):
+    """rows._softcap_small_block_f32's tanh(u) for |u| < 1: u P(u^2), degree 7."""
+    q = vec.mul(u, u)
+    p = vec.add(vec.mul(q, float(rows_kernels._S7)), float(rows_kernels._S6))
+    for c in (rows_kernels._S5, rows_kernels._S4, rows_kernels._S3, rows_kernels._S2, rows_kernels._S1, rows_kernels._S0):
+        p = vec.add(vec.mul(q, p), float(c))
+    return vec.mul(u, p)
+
+
+def _tanh_any(builder, vec, u):
+    """rows._softcap_block_f32's tanh(u): u P(u^2) (degree 5) below |u| = 0.55, beyond
+    sign(u) (1 - e) / (1 + e), e = exp(-2 |u|)."""
+    q = vec.mul(u, u)
+    p = vec.add(vec.mul(q, float(rows_kernels._T5)), float(rows_kernels._T4))
+    for c in (rows_kernels._T3, rows_kernels._T2, rows_kernels._T1, rows_kernels._T0):
+        p = vec.add(vec.mul(q, p), float(c))
+    abs_u = vec.fabs(u)
+    e = vec.exp_f32(vec.mul(abs_u, -2.0), vec.const(0.0, _F32, W))
+    t = vec.div(vec.sub(1.0, e), vec.add(1.0, e))
+    t = vec.select(vec.cmp("<", u, 0.0), vec.sub(0.0, t), t)
+    return vec.select(vec.cmp("<", abs_u, 0.55), vec.mul(u, p), t)
+
+
+def _capped(builder, vec, col, opts, nrows, k):
+    """The softcap of a block's classes: z = c tanh(u), u = x a / c (a / c rounded to
+    float32), as rows._softcap_row_f32: the degree-7 polynomial alone where every |u| of
+    the block's rows and classes is below 1 (one branch a block), else _tanh_any."""
+    r = _splat(builder, builder.fptrunc(builder.fdiv(opts.x_scale, opts.cap_c), _F32), W)
+    c32 = _splat(builder, builder.fptrunc(opts.cap_c, _F32), W)
+    us = [vec.mul(x, r) for x in col]
+    outside = builder.icmp_signed(">=", _const_vector(_I64, range(W)), _splat(builder, nrows, W))
+    small = None
+    for j, u in enumerate(us):  # |u| < 1 (not NaN) or a lane that is no row and class of the block
+        past_k = _splat(builder, builder.icmp_signed(">=", ir.Constant(_I64, j), k), W)
+        ok = builder.or_(vec.cmp("<", vec.fabs(u), 1.0), builder.or_(outside, past_k))
+        small = ok if small is None else builder.and_(small, ok)
+    every = builder.icmp_unsigned("==", builder.bitcast(small, ir.IntType(W)), ir.Constant(ir.IntType(W), (1 << W) - 1))
+    with builder.if_else(every, likely=True) as (then, otherwise):
+        with then:
+            z_small = [vec.mul(c32, _tanh_small(vec, u)) for u in us]
+            from_small = builder.block
+        with otherwise:
+            z_any = [vec.mul(c32, _tanh_any(builder, vec, u)) for u in us]
+            from_any = builder.block
+    out = []
+    for a, b in zip(z_small, z_any):
+        phi = builder.phi(a.type)
+        phi.add_incoming(a, from_small)
+        phi.add_incoming(b, from_any)
+        out.append(phi)
+    return out
+
+
+def _cap_slope(builder, vec, z, opts):
+    """dz/dx of the softcap at z (float32 lanes), as rows._softcap_slope: a (1 - q)(1 + q),
+    q = z (1 / c), exactly 0 where z = +-c (saturated)."""
+    c32 = builder.fptrunc(opts.cap_c, _F32)
+    inv_c = builder.fdiv(ir.Constant(_F32, 1.0), c32)
+    a32 = builder.fptrunc(opts.x_scale, _F32)
+    q = vec.mul(z, _splat(builder, inv_c, W))
+    slope = vec.mul(_splat(builder, a32, W), vec.mul(vec.sub(1.0, q), vec.add(1.0, q)))
+    return vec.select(vec.cmp("==", vec.fabs(z), _splat(builder, c32, W)), 0.0, slope)
+
+
 def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
     """The IR of one block of 16 rows (block_loss), a generator: it yields between steps
     so that block_loss can interleave its blocks; returns the block's sums of the losses
@@ -566,6 +643,8 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     if opts is not None and opts.scale:  # z = a x, each product rounded to float32 (simd.product); -inf past K
         a_x = _splat(builder, builder.fptrunc(opts.x_scale, _F32), W)
         col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), builder.fmul(a_x, c, flags=("arcp",)), minus_inf) for j, c in enumerate(col)]
+    if opts is not None and opts.cap:  # z = c tanh(a x / c); -inf past K
+        col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), c, minus_inf) for j, c in enumerate(_capped(builder, vec, col, opts, nrows, k))]
 
     yield
     live, row_w, y64 = _counted(context, builder, vec, sig, values, r0, nrows)
@@ -592,6 +671,9 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     yield
     # the max, the exps, and the float64 sum of the exps but the target's
     m = vec.tree(vec.max_or_nan_somewhere, col)
+    m_rows = m
+    if opts is not None and opts.lse:  # a NaN may not reach m (vmaxps), but the row's lse must be NaN: of a row of NaN and -inf, m = -inf gave lse = -inf
+        m_rows = vec.select(vec.tree(builder.or_, [vec.cmp("!=", c, c, unordered=True) for c in col]), np.nan, m)
     w_shift = None
     if opts is not None and opts.smooth:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
         terms = []
@@ -610,7 +692,7 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
         rows_out, b_f = {0: losses_out}, None
     else:
-        rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k)
+        rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m_rows, s_other, w_shift, sc, opts, k)
     yield
     sums = _store_lanes(context, builder, vec, lanes, lv, l_first, rows_out)
     totals = sums[0], sums.get(1, ir.Constant(_F64, 0.0))
@@ -625,6 +707,8 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
             if b32 is not None:  # a e_j - b w_j
                 gj = vec.sub(gj, vec.mul(b32, w_of[j]))
             gj = builder.select(is_target[j], gy32, gj)
+            if opts is not None and opts.cap:
+                gj = vec.mul(gj, _cap_slope(builder, vec, col[j], opts))
             out.append(builder.select(live, gj, zero))
         out += [zero] * (-n_cols % W)
         for group in range(len(out) // W):
@@ -824,11 +908,15 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             terms = [vec.select(vec.cmp("!=", wi, 0.0, unordered=True), vec.mul(wi, vec.sub(xi, m)), 0.0) for wi, xi in zip(w_vecs, x)]
             builder.store(vec.lane_sum(vec.tree(vec.add, [h for t in terms for h in vec.wide(t)])), ws_at(r))
         es = [[vec.exp_shifted_f32(xi, m) for xi in x] for x, m in zip(xs, ms)]
-        for r, row, e, m, (y, _) in zip(rs, rows, es, ms, ys):
+        for r, row, e, m, (y, _), x in zip(rs, rows, es, ms, ys, xs):
             kept = [builder.select(t, zero, ei) for t, ei in zip(is_target(y, row), e)]
             halves = [h for ki in kept for h in vec.wide(ki)]
             builder.store(vec.lane_sum(vec.tree(vec.add, halves)), s_at(r))
-            builder.store(builder.extract_element(m, ir.Constant(_I32, 0)), m_at(r))
+            m_row = builder.extract_element(m, ir.Constant(_I32, 0))
+            if opts is not None and opts.lse:  # a row with a NaN: lse NaN (as _block_steps' m_rows)
+                nan = builder.bitcast(vec.tree(builder.or_, [vec.cmp("!=", xi, xi, unordered=True) for xi in x]), ir.IntType(W))
+                m_row = builder.select(builder.icmp_unsigned("!=", nan, ir.Constant(ir.IntType(W), 0)), ir.Constant(_F32, np.nan), m_row)
+            builder.store(m_row, m_at(r))
         if with_grad:
             for r, row, e in zip(rs, rows, es):
                 for ei, (p, mask) in zip(e, vectors(exps_row(r, row))):
@@ -955,7 +1043,9 @@ _BY_WIDTH = {}  # (cols, options) -> the kernels, made on first use
 def kernels(k: int, options: int = 0):
     """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad);
     ``options`` (options_of): those that take label smoothing, lse and the z-loss, a
-    logit scale."""
+    logit scale, a softcap (K <= TRANSPOSED_MAX)."""
+    if options & CAP and k > TRANSPOSED_MAX:
+        raise ValueError(f"a softcap's blocks take K <= {TRANSPOSED_MAX}, not {k}")
     cols = next(c for c in (OPTION_WIDTHS if options else WIDTHS) if k <= c)
     key = cols, options
     if key not in _BY_WIDTH:
