@@ -73,10 +73,12 @@ W = 16  # rows per block, and classes per zmm of a row
 # alone 0.69-0.89x at K = 50-176; with the gradient prefetching cost time (1.13-1.5x at
 # K = 50-64 with g's rows too, 1.12-1.15x with z's alone, 1.0-1.1x at K = 100-176), so
 # those calls prefetch nothing. Nor do calls on less than PREFETCH_ABOVE bytes of logits,
-# likely in cache, where the prefetches were only instructions more: 1M logits (4 MB)
-# 0.96-1.05x the time at K = 2-100 with the gradient, 0.98-1.10x for the loss alone.
+# likely in cache (with the gradient's as many, in this machine's 32 MB L3), where the
+# prefetches were only instructions more: 1M logits (4 MB) 0.96-1.05x the time at K =
+# 2-100 with the gradient, 0.98-1.10x for the loss alone; 16384 x 100 (6.5 MB) the loss
+# alone 1.03-1.05x; from 10 MB (262144 x 10) on they gained.
 PREFETCH_BYTES = 4096
-PREFETCH_ABOVE = 1 << 22
+PREFETCH_ABOVE = 1 << 23
 ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
 WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176)  # classes a block computes: K or more
