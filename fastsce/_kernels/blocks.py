@@ -176,6 +176,10 @@ class _Vectors:
         same: its NaN logit gives a NaN exp, in the sum (or, at the target, in z_y)."""
         return self.b.select(self.cmp(">", x, y), x, y)
 
+    def any_nan(self, xs):
+        """The lanes where any of the vectors xs is NaN."""
+        return self.tree(self.b.or_, [self.cmp("!=", x, x, unordered=True) for x in xs])
+
     def fabs(self, x):
         vt = x.type
         name = f"llvm.fabs.v{vt.count}f{32 if vt.element == _F32 else 64}"
@@ -584,13 +588,21 @@ def _tanh_any(builder, vec, u):
     return vec.select(vec.cmp("<", abs_u, 0.55), vec.mul(u, p), t)
 
 
-def _capped(builder, vec, col, opts, nrows, k):
-    """The softcap of a block's classes: z = c tanh(u), u = x a / c (a / c rounded to
-    float32), as rows._softcap_row_f32: the degree-7 polynomial alone where every |u| of
-    the block's rows and classes is below 1 (one branch a block), else _tanh_any."""
-    r = _splat(builder, builder.fptrunc(builder.fdiv(opts.x_scale, opts.cap_c), _F32), W)
-    c32 = _splat(builder, builder.fptrunc(opts.cap_c, _F32), W)
-    us = [vec.mul(x, r) for x in col]
+def _cap_constants(builder, opts):
+    """The softcap's float32 splats, once a block: r = a / c (rounded to float32), c, 1 / c
+    and a (the logit scale)."""
+    c32 = builder.fptrunc(opts.cap_c, _F32)
+    r = builder.fptrunc(builder.fdiv(opts.x_scale, opts.cap_c), _F32)
+    inv_c = builder.fdiv(ir.Constant(_F32, 1.0), c32)
+    a32 = builder.fptrunc(opts.x_scale, _F32)
+    return SimpleNamespace(**{name: _splat(builder, x, W) for name, x in (("r", r), ("c", c32), ("inv_c", inv_c), ("a", a32))})
+
+
+def _capped(builder, vec, col, cap, nrows, k):
+    """The softcap of a block's classes: z = c tanh(u), u = x a / c (cap: _cap_constants),
+    as rows._softcap_row_f32: the degree-7 polynomial alone where every |u| of the block's
+    rows and classes is below 1 (one branch a block), else _tanh_any."""
+    us = [vec.mul(x, cap.r) for x in col]
     outside = builder.icmp_signed(">=", _const_vector(_I64, range(W)), _splat(builder, nrows, W))
     small = None
     for j, u in enumerate(us):  # |u| < 1 (not NaN) or a lane that is no row and class of the block
@@ -600,10 +612,10 @@ def _capped(builder, vec, col, opts, nrows, k):
     every = builder.icmp_unsigned("==", builder.bitcast(small, ir.IntType(W)), ir.Constant(ir.IntType(W), (1 << W) - 1))
     with builder.if_else(every, likely=True) as (then, otherwise):
         with then:
-            z_small = [vec.mul(c32, _tanh_small(vec, u)) for u in us]
+            z_small = [vec.mul(cap.c, _tanh_small(vec, u)) for u in us]
             from_small = builder.block
         with otherwise:
-            z_any = [vec.mul(c32, _tanh_any(builder, vec, u)) for u in us]
+            z_any = [vec.mul(cap.c, _tanh_any(builder, vec, u)) for u in us]
             from_any = builder.block
     out = []
     for a, b in zip(z_small, z_any):
@@ -614,15 +626,12 @@ def _capped(builder, vec, col, opts, nrows, k):
     return out
 
 
-def _cap_slope(builder, vec, z, opts):
+def _cap_slope(vec, z, cap):
     """dz/dx of the softcap at z (float32 lanes), as rows._softcap_slope: a (1 - q)(1 + q),
     q = z (1 / c), exactly 0 where z = +-c (saturated)."""
-    c32 = builder.fptrunc(opts.cap_c, _F32)
-    inv_c = builder.fdiv(ir.Constant(_F32, 1.0), c32)
-    a32 = builder.fptrunc(opts.x_scale, _F32)
-    q = vec.mul(z, _splat(builder, inv_c, W))
-    slope = vec.mul(_splat(builder, a32, W), vec.mul(vec.sub(1.0, q), vec.add(1.0, q)))
-    return vec.select(vec.cmp("==", vec.fabs(z), _splat(builder, c32, W)), 0.0, slope)
+    q = vec.mul(z, cap.inv_c)
+    slope = vec.mul(cap.a, vec.mul(vec.sub(1.0, q), vec.add(1.0, q)))
+    return vec.select(vec.cmp("==", vec.fabs(z), cap.c), 0.0, slope)
 
 
 def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
@@ -645,8 +654,9 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     if opts is not None and opts.scale:  # z = a x, each product rounded to float32 (simd.product); -inf past K
         a_x = _splat(builder, builder.fptrunc(opts.x_scale, _F32), W)
         col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), builder.fmul(a_x, c, flags=("arcp",)), minus_inf) for j, c in enumerate(col)]
-    if opts is not None and opts.cap:  # z = c tanh(a x / c); -inf past K
-        col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), c, minus_inf) for j, c in enumerate(_capped(builder, vec, col, opts, nrows, k))]
+    cap = _cap_constants(builder, opts) if opts is not None and opts.cap else None
+    if cap is not None:  # z = c tanh(a x / c); -inf past K
+        col = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), k), c, minus_inf) for j, c in enumerate(_capped(builder, vec, col, cap, nrows, k))]
 
     yield
     live, row_w, y64 = _counted(context, builder, vec, sig, values, r0, nrows)
@@ -675,7 +685,7 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     m = vec.tree(vec.max_or_nan_somewhere, col)
     m_rows = m
     if opts is not None and opts.lse:  # a NaN may not reach m (vmaxps), but the row's lse must be NaN: of a row of NaN and -inf, m = -inf gave lse = -inf
-        m_rows = vec.select(vec.tree(builder.or_, [vec.cmp("!=", c, c, unordered=True) for c in col]), np.nan, m)
+        m_rows = vec.select(vec.any_nan(col), np.nan, m)
     w_shift = None
     if opts is not None and opts.smooth:  # sum_j w_j (z_j - m), each term in float32, summed in float64 (a zero weight adds 0)
         terms = []
@@ -709,8 +719,8 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
             if b32 is not None:  # a e_j - b w_j
                 gj = vec.sub(gj, vec.mul(b32, w_of[j]))
             gj = builder.select(is_target[j], gy32, gj)
-            if opts is not None and opts.cap:
-                gj = vec.mul(gj, _cap_slope(builder, vec, col[j], opts))
+            if cap is not None:
+                gj = vec.mul(gj, _cap_slope(vec, col[j], cap))
             out.append(builder.select(live, gj, zero))
         out += [zero] * (-n_cols % W)
         for group in range(len(out) // W):
@@ -916,7 +926,7 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
             builder.store(vec.lane_sum(vec.tree(vec.add, halves)), s_at(r))
             m_row = builder.extract_element(m, ir.Constant(_I32, 0))
             if opts is not None and opts.lse:  # a row with a NaN: lse NaN (as _block_steps' m_rows)
-                nan = builder.bitcast(vec.tree(builder.or_, [vec.cmp("!=", xi, xi, unordered=True) for xi in x]), ir.IntType(W))
+                nan = builder.bitcast(vec.any_nan(x), ir.IntType(W))
                 m_row = builder.select(builder.icmp_unsigned("!=", nan, ir.Constant(ir.IntType(W), 0)), ir.Constant(_F32, np.nan), m_row)
             builder.store(m_row, m_at(r))
         if with_grad:
