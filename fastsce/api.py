@@ -81,8 +81,15 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 # label smoothing 0.93-1.04 at 144, 1.01-1.20 at 160-176 (blocks); z-loss 0.85-1.10 at
 # 144-176; loss only, softcap, label smoothing, z-loss or lse: 0.67-1.03 at 144-176
 # (blocks, tiles for the softcap), 1.03-1.68 at 200-384 (tiles).
+# On the Zen 5 CI machine, after the blocks' chunks of about ROW_CHUNK_LOGITS logits
+# (api._chunk_rows) and their widths up to 384 (2 threads, N * K = 1M, 9 interleaved
+# rounds): plain float32 loss+grad in the blocks / in the row kernel 0.66 at 136, 0.55
+# at 176, 0.72 at 200, 0.61 at 224, 0.65 at 240, 0.69 at 256, 0.72 at 300, 0.74 at 320,
+# 0.82 at 352, 0.76 at 384, but 1.08 at 448 and 1.01 at 512 (a width of 512); the loss
+# alone in the blocks / the tiles 0.85 at 200, 0.69 at 224, 0.78 at 256, 0.81 at 300,
+# 0.83 at 384: plain calls take the blocks up to their widest, 384.
 FLOAT_SMALL_K = {
-    np.dtype(np.float32): {"plain": (176, 128), "softcap": (176, 128), "label_smoothing": (176, 144), "other": (176, 176)},
+    np.dtype(np.float32): {"plain": (384, 384), "softcap": (176, 128), "label_smoothing": (176, 144), "other": (176, 176)},
     np.dtype(np.float64): {"plain": (96, 56), "other": (144, 64)},
 }
 
@@ -102,10 +109,11 @@ def _plain(params: tuple, want_lse: bool, half_rows: bool) -> bool:
 
 def _small(k: int, compute: np.dtype, grad: bool, params: tuple, want_lse: bool, half_rows: bool) -> bool:
     """Whether rows of K classes go to the blocks and tiles (_small_k_kernels)."""
-    if half_rows:
-        return k <= SMALL_K[compute][grad]
+    options = _options_of(params, want_lse)
+    if half_rows:  # plain ones: the blocks, as far as they go
+        return k <= (SMALL_K[compute][grad] if options else block_kernels.MAX_K)
     bounds = FLOAT_SMALL_K[compute]
-    return k <= min(bounds.get(name, bounds["other"])[grad] for name in _options_of(params, want_lse) or ["plain"])
+    return k <= min(bounds.get(name, bounds["other"])[grad] for name in options or ["plain"])
 
 
 # the blocks' logits: float32, and float16 / bfloat16 as the kernels take them (bits_view)
@@ -131,7 +139,7 @@ def _small_k_kernels(z: np.ndarray, params: tuple, want_lse: bool, classes_last:
     eps, z_loss, _, _, logit_scale, cap = params
     k = z.shape[1]
     options = block_kernels.options_of(eps, z_loss, logit_scale, want_lse, cap)
-    if z.dtype not in _BLOCK_DTYPES or k > (block_kernels.TRANSPOSED_MAX if cap != 0 else block_kernels.MAX_K):
+    if z.dtype not in _BLOCK_DTYPES or k > block_kernels.max_k(options):
         return tile_kernels if options else tile_kernels.PLAIN
     if not options or classes_last:
         return block_kernels.kernels(k, options)
@@ -539,7 +547,7 @@ def _fast(
     params = (float(label_smoothing), z_loss, scale, scale_z, 1.0 if a is None else a, 0.0 if c is None else c)
     none = reduction == "none"
     small = _small(k, compute, grad, params, return_lse, logits.dtype.kind != "f")
-    chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
+    chunk_rows = _chunk_rows(k, small)
     n_chunks = -(-m // chunk_rows)
     no_rows = _NO_ROWS[compute]
     row_loss = np.empty(m, compute) if none else no_rows
@@ -581,6 +589,17 @@ def _fast(
     if return_z_loss or return_lse:
         return _pack(loss, g, z_term, lse, (return_z_loss, return_lse))
     return (loss, g) if grad else loss
+
+
+def _chunk_rows(k: int, small: bool) -> int:
+    """Rows per prange chunk: fixed chunks whose float64 loss sums are added up in order,
+    a function of K only, so the total is the same for any thread count (with O(N /
+    chunk) memory). About ROW_CHUNK_LOGITS logits; for the blocks and tiles whole tiles
+    of 64 rows, at most tiles.CHUNK_ROWS. (The blocks took 2048 rows a chunk at every K:
+    at K = 176, 5957 rows were 3 chunks for 2 threads, one thread doing two.)"""
+    if not small:
+        return max(1, ROW_CHUNK_LOGITS // k)
+    return min(tile_kernels.CHUNK_ROWS, max(64, ROW_CHUNK_LOGITS // k // 64 * 64))
 
 
 def _pack(loss, grad, z_term, lse, returns):
@@ -741,9 +760,7 @@ def _fused(problem: Problem, grad, returns, w, w_sum, scale: float, scale_z: flo
     across = not problem.soft  # rows vectorised across (fastsce._kernels.tiles): class indices
     small = across and _small(k, compute, grad is not None, params, want_lse, problem.rows.dtype.itemsize == 2)
     long_rows = k * compute.itemsize > LONG_ROW_BYTES
-    # Fixed chunks of rows, whose float64 loss sums are added up here: a function of K
-    # only, so the total is the same for any thread count, with O(N / chunk) memory.
-    chunk_rows = tile_kernels.CHUNK_ROWS if small else max(1, ROW_CHUNK_LOGITS // k)
+    chunk_rows = _chunk_rows(k, small)
 
     no_rows = _NO_ROWS[compute]  # (shared: never written)
     row_loss = np.empty(m, compute) if none else no_rows

@@ -27,11 +27,13 @@ DISPATCH = api.FLOAT_SMALL_K  # the bounds float32 calls have outside this modul
 
 @pytest.fixture(autouse=True)
 def plain_calls_in_the_blocks(monkeypatch):
-    """float32 calls take the blocks up to K = MAX_K here, as half rows do (outside, the
-    row kernels take plain calls from K = 129 with the gradient and some options from 129
-    or 145: api.FLOAT_SMALL_K), so every width is tested through the public API, and half
-    rows against their float32 copy in the same blocks."""
-    monkeypatch.setattr(api, "FLOAT_SMALL_K", {dtype: {"other": bounds} for dtype, bounds in api.SMALL_K.items()})
+    """float32 calls take the blocks as half rows do: plain ones up to K = MAX_K, those
+    with options up to api.SMALL_K (outside, the row kernels take some options from K =
+    129 or 145: api.FLOAT_SMALL_K), so every width is tested through the public API, and
+    half rows against their float32 copy in the same blocks."""
+    bounds = {dtype: {"other": small} for dtype, small in api.SMALL_K.items()}
+    bounds[np.dtype(np.float32)]["plain"] = (block_kernels.MAX_K, block_kernels.MAX_K)
+    monkeypatch.setattr(api, "FLOAT_SMALL_K", bounds)
 
 # --- the vector math, lane by lane ---------------------------------------------------------------
 
@@ -241,21 +243,25 @@ def test_the_calls_the_blocks_take(monkeypatch):
     fastsce.cross_entropy(np.zeros((100, 33), np.float32), y)  # row-wise from here
     fastsce.cross_entropy_with_grad(np.zeros((100, 100), np.float32), y)
     fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K), np.float32), y)
-    fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y)  # plain: the row kernel
+    fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y)  # plain: the blocks up to MAX_K
+    fastsce.cross_entropy_with_grad(np.zeros((100, 300), np.float32), y)
+    fastsce.cross_entropy_with_grad(np.zeros((100, block_kernels.MAX_K + 1), np.float32), y)  # the row kernel
     fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float32), y, label_smoothing=0.1)
     fastsce.cross_entropy_with_grad(np.zeros((100, 145), np.float32), y, label_smoothing=0.1)  # the row kernel
     fastsce.cross_entropy(np.zeros((100, 177), np.float32), y, z_loss=1e-4)  # the row kernel
     fastsce.cross_entropy_with_grad(np.zeros((100, 129), np.float16), y)
+    fastsce.cross_entropy_with_grad(np.zeros((100, 300), np.float16), y)
     expected = ["blocks12.hard_loss_grad", "blocks12.hard_loss", "blocks4.hard_loss", "blocks8.hard_loss", "blocks16.hard_loss"]
     expected += ["blocks32.hard_loss", "blocks48.hard_loss", "blocks112.hard_loss_grad", f"blocks{block_kernels.MAX_K}.hard_loss"]
-    assert seen == expected + ["blocks176+smooth.hard_loss_grad", "blocks176.hard_loss_grad"]
+    expected += ["blocks176.hard_loss_grad", "blocks320.hard_loss_grad", "blocks176+smooth.hard_loss_grad"]
+    assert seen == expected + ["blocks176.hard_loss_grad", "blocks320.hard_loss_grad"]
     seen.clear()
     fastsce.cross_entropy_with_grad(z, y, label_smoothing=0.1)  # options: kernels of their own
     fastsce.cross_entropy(np.zeros((100, 40), np.float32), y, return_lse=True)
     fastsce.cross_entropy(z, y, softcap=5.0)  # transposed blocks with a softcap
     fastsce.cross_entropy(np.zeros((100, 33), np.float32), y, softcap=5.0)  # row-wise: the tiles
     fastsce.cross_entropy(z.astype(np.float64), y)
-    fastsce.cross_entropy(np.zeros((100, block_kernels.MAX_K + 1), np.float16), y, z_loss=1e-4)  # K > MAX_K, half rows
+    fastsce.cross_entropy(np.zeros((100, block_kernels.max_k(block_kernels.LSE) + 1), np.float16), y, z_loss=1e-4)  # half rows beyond the blocks' options
     # classes not last, with an option: the tiles, read in place (class_major_loss) or copied
     fastsce.cross_entropy(np.zeros((4, 10, 40), np.float32), y[:4, None].repeat(40, 1), axis=1, z_loss=1e-4)
     fastsce.cross_entropy(np.zeros((4, 10, 8), np.float32), y[:4, None].repeat(8, 1), axis=1, z_loss=1e-4)

@@ -1,9 +1,9 @@
 """fastsce._kernels.tiles (tiles of rows, SIMD lanes across rows) against the NumPy reference.
 
 The public API is called with its small-K thresholds raised so that every K here goes
-to these kernels, except float32 calls of K <= 16 without label smoothing, which the
-API sends to fastsce._kernels.blocks (so these cases check it too; tests/test_blocks.py
-has its own). N runs over sizes that are not multiples of the tile (the last N % R rows
+to these kernels, except float32 calls of K <= blocks.MAX_K, which the API sends to
+fastsce._kernels.blocks (with options up to its widths: so these cases check it too;
+tests/test_blocks.py has its own). N runs over sizes that are not multiples of the tile (the last N % R rows
 go through a zero-padded tile).
 """
 
@@ -16,7 +16,7 @@ import pytest
 from _cases import DTYPES, REDUCTIONS, Case, assert_close, make_case, short
 import fastsce
 from fastsce import api, reference
-from fastsce._kernels import tiles as tile_kernels
+from fastsce._kernels import blocks as block_kernels, tiles as tile_kernels
 from fastsce._kernels.jit import jit
 from fastsce._kernels.simd import log_normal
 
@@ -50,7 +50,7 @@ def test_small_k_kernels_are_really_taken(monkeypatch):
         for name in ("hard_loss", "hard_loss_grad"):
             real = getattr(holder, name)
             monkeypatch.setattr(holder, name, lambda *a, real=real, tag=f"{tag}.{name}": seen.append(tag) or real(*a))
-    case = make_case(5, 300, np.float32)  # beyond the default thresholds
+    case = make_case(5, block_kernels.MAX_K + 1, np.float32)  # beyond the blocks and the default thresholds
     run_small(case, grad=True)
     run_small(case, grad=False)
     case.kwargs["label_smoothing"] = 0.1

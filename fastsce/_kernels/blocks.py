@@ -1,5 +1,6 @@
-"""Integer-target kernels for float32, float16 and bfloat16 rows of K <= 176 classes:
-16 rows at a time.
+"""Integer-target kernels for float32, float16 and bfloat16 rows of K <= 384 classes
+(176 with label smoothing, z-loss, lse or a logit scale; 32 with a softcap): 16 rows at
+a time.
 
 Up to K = 32 (TRANSPOSED_MAX) a block is held in registers. Sixteen float32 logits of a
 row fit one zmm. A block of 16 rows is read 16 classes at a time with 16 masked loads
@@ -13,8 +14,9 @@ the time), at 64 slower (1.13x): the exps wait for the gradient in registers tha
 spill.
 
 From K = 33 a block is row-wise (_row_steps): each row in cols / 16 zmm along its
-classes (a width per 16 classes up to 128, then 176), the max across its lanes, the
-exps and their float64 sum, two rows a loop step; the 16 rows' m, z_y and sums go to
+classes (a width per 16 classes up to 128, then 176, 192, 224, 256, 288, 320 and 384),
+the max across its lanes, the exps and their float64 sum, two rows a loop step (one
+beyond 176 classes); the 16 rows' m, z_y and sums go to
 small stack arrays, and their float64 arithmetic (the loss, the gradient's factors) is
 done as 16 lanes, as in the transposed blocks. With the gradient the exps are stored
 (into the gradient's rows, or a float32 scratch of the 16 rows) and a second loop scales
@@ -36,9 +38,10 @@ The arithmetic is the tiles' (and the row kernels'), lane by lane: m = max_j z_j
 (vmaxps: a NaN may not reach m, but it reaches the sum or z_y, so the row's results are
 NaN all the same), each
 exp(z_j - m) in float32 as if z_j - m were exact (simd's exp_shifted), s_other = sum_{j != y} exp(z_j - m) in float64 (in a fixed tree order),
-e_y = exp(z_y - m) the float32 exp the other classes get, widened (a float64 exp of
-z_y - m had cost the 16 rows 0.3-1.0 ns a row: 0.84-0.93x the time without it at K = 4-32,
-one thread), the loss log1p(s_other / e_y) in float64 as simd.lse_minus_target takes it, times the class and row weights; the gradient
+e_y = exp(z_y - m) in the transposed blocks the target's float32 exp, widened (a float64
+exp of z_y - m of their own was one more chain of latencies a block), in the row-wise
+ones in float64, the loss log1p(s_other / e_y) in float64 as
+simd.lse_minus_target takes it, times the class and row weights; the gradient
 a e_j with a = v scale w_y / s, and at the target -v scale w_y s_other / s. Rows not
 counted (ignored, or of weight 0) get loss 0 and a zero gradient row.
 
@@ -80,9 +83,11 @@ W = 16  # rows per block, and classes per zmm of a row
 # alone 1.03-1.05x; from 10 MB (262144 x 10) on they gained.
 PREFETCH_BYTES = 4096
 PREFETCH_ABOVE = 1 << 23
-ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves
+ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves (_rows_per_step)
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
-WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176)  # classes a block computes: K or more
+# the classes a block computes: K or more. The widest row-wise blocks hold a row in 24 zmm
+# (K = 384); at 448-512 they were no faster than the row kernels (1.0-1.1x the time)
+WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176, 192, 224, 256, 288, 320, 384)
 MAX_K = WIDTHS[-1]
 # With label smoothing, z-loss, lse or a logit scale fewer widths: each is four kernels
 # more to compile (loss, loss+grad, serial and threaded)
@@ -352,7 +357,8 @@ def _rows(context, builder, ty, value, r0, k, nrows, group):
     repeats its last row in the lanes past nrows: every row's loads and stores then take
     the same mask, and a repeated row stores the values of its original again (the block
     loads all rows before it stores any, so in place too). (Against a mask per row, each
-    the class mask and the row's liveness: 0.75-0.93x the time at K = 4-32, one thread.)"""
+    the class mask and the row's liveness: 0.88-0.93x the time with the gradient at K =
+    4-32, one thread, rows in cache; the K = 10 block's mask moves 79 -> 34.)"""
     first = ir.Constant(_I64, W * group)
     class_mask = builder.icmp_signed("<", _const_vector(_I64, range(W)), _splat(builder, builder.sub(k, first), W))
     data = _data(context, builder, ty, value)
@@ -556,14 +562,15 @@ def _looked_up(builder, tables, index, permute=None):
     return builder.call(builder.module.declare_intrinsic(name, fnty=fnty), args)
 
 
-def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc):
+def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc, e_y32=None):
     """Per row, in float64 lanes (two halves of 8): the loss (0 where not counted), and
     the gradient's factors a = v scale w_y / s and gy = -v scale w_y s_other / s. z_y, w_y
-    and m: float32 vectors of the 16 rows; s_other: two float64 halves."""
+    and m: float32 vectors of the 16 rows; s_other: two float64 halves; e_y32: the rows'
+    float32 exp(z_y - m), or None (_target_exps)."""
     live_h = [vec.half(live, i) for i in (0, 1)]
     zy = [vec.select(live_h[i], vec.sub(a, b), -np.inf) for i, (a, b) in enumerate(zip(vec.wide(z_y), vec.wide(m)))]
     w_yd = vec.wide(w_y)
-    e_yd = _target_exps(vec, live, z_y, m)
+    e_yd = _target_exps(vec, live, zy, e_y32)
     losses_out, a_f, gy_f = [], [], []
     for i in (0, 1):
         e_y = e_yd[i]
@@ -576,10 +583,14 @@ def _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc):
     return losses_out, a_f, gy_f
 
 
-def _target_exps(vec, live, z_y, m):
-    """e_y = exp(z_y - m) of the 16 rows as two float64 halves (0 where not counted): the
-    float32 exp the row's other classes get (exp_shifted_f32), widened."""
-    return vec.wide(vec.select(live, vec.exp_shifted_f32(z_y, m), 0.0))
+def _target_exps(vec, live, zy, e_y32):
+    """e_y = exp(z_y - m) of the 16 rows, two float64 halves: e_y32 (the float32 exp the
+    transposed blocks have of every class) widened, 0 where not counted; or, without it
+    (the row-wise blocks), the float64 exp of zy (-inf where not counted). (There a
+    float32 exp of the 16 rows' z_y - m took 1.06-1.10x the time at K = 60-64.)"""
+    if e_y32 is None:
+        return [vec.exp_f64(x) for x in zy]
+    return vec.wide(vec.select(live, e_y32, 0.0))
 
 
 def _in_block_only(vec, in_block, rows_out):
@@ -734,15 +745,18 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
         w_shift = [vec.tree(vec.add, (t[i] for t in terms)) for i in (0, 1)]
     e = [vec.exp_shifted_f32(col[j], m) for j in range(n_cols)]
     kept = [builder.select(is_target[j], zero, e[j]) for j in range(n_cols)]
+    e_y = zero  # the target's exp, taken here: without the gradient the exps die here (2 blocks a call)
+    for j in range(n_cols):
+        e_y = builder.select(is_target[j], e[j], e_y)
     halves = [vec.wide(x) for x in kept]
     s_other = [vec.tree(vec.add, (h[i] for h in halves)) for i in (0, 1)]
 
     yield
     if opts is None:
-        losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc)
+        losses_out, a_f, gy_f = _row_factors(vec, live, row_w, z_y, w_y, m, s_other, sc, e_y)
         rows_out, b_f = {0: losses_out}, None
     else:
-        rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m_rows, s_other, w_shift, sc, opts, k)
+        rows_out, a_f, b_f, gy_f = _option_factors(builder, vec, live, row_w, z_y, w_y, m_rows, s_other, w_shift, sc, opts, k, e_y)
     yield
     sums = _store_lanes(context, builder, vec, lanes, lv, l_first, _in_block_only(vec, in_block, rows_out))
     totals = sums[0], sums.get(1, ir.Constant(_F64, 0.0))
@@ -768,7 +782,7 @@ def _block_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_co
     return totals
 
 
-def _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k):
+def _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc, opts, k, e_y32=None):
     """_row_factors with the options ``opts`` has (label smoothing; lse and the z-loss; a
     logit scale), as tiles._lane_loss, op for op, less the terms of the options it has
     not (each a 0 added or a factor 1 there: the same results): ({0: losses[, 1:
@@ -788,7 +802,7 @@ def _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc
     if opts.lse:
         has_z = builder.fcmp_ordered(">", zl, ir.Constant(_F64, 0.0))
     out = {0: [], 1: [], 2: []} if opts.lse else {0: []}
-    e_yd = _target_exps(vec, live, z_y, m)
+    e_yd = _target_exps(vec, live, zy, e_y32)
     a_f, b_f, gy_f = [], [], []
     for i in (0, 1):
         e_y = e_yd[i]
@@ -824,6 +838,13 @@ def _option_factors(builder, vec, live, row_w, z_y, w_y, m, s_other, w_shift, sc
         a_f.append(vec.mul(a_num, inv_s))
         gy_f.append(gy)
     return out, a_f, b_f if opts.smooth else None, gy_f
+
+
+def _rows_per_step(n_cols):
+    """Rows a loop step of _row_steps interleaves: ROWS_PER_STEP up to 176 classes; one
+    beyond, where two rows' zmm would outnumber the 32 registers (one thread, rows in
+    cache, K = 300 / 384: 0.93 / 0.88x the time of two rows a step)."""
+    return ROWS_PER_STEP if n_cols <= 176 else 1
 
 
 def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols, with_grad):
@@ -933,11 +954,12 @@ def _row_steps(context, builder, vec, sig, values, r0, nrows, l_first, k, n_cols
     # last row, which stores the same values again (in place too: every copy loads the
     # row before any stores).
     last = builder.sub(nrows, ir.Constant(_I64, 1))
-    steps = builder.sdiv(builder.add(nrows, ir.Constant(_I64, ROWS_PER_STEP - 1)), ir.Constant(_I64, ROWS_PER_STEP))
+    per_step = _rows_per_step(n_cols)
+    steps = builder.sdiv(builder.add(nrows, ir.Constant(_I64, per_step - 1)), ir.Constant(_I64, per_step))
     with cgutils.for_range(builder, steps) as loop:
         rs = []
-        for q in range(ROWS_PER_STEP):
-            r = builder.add(builder.mul(loop.index, ir.Constant(_I64, ROWS_PER_STEP)), ir.Constant(_I64, q))
+        for q in range(per_step):
+            r = builder.add(builder.mul(loop.index, ir.Constant(_I64, per_step)), ir.Constant(_I64, q))
             rs.append(builder.select(builder.icmp_signed(">", r, last), last, r))
         rows = [builder.add(r0, r) for r in rs]
         bases = [builder.gep(z_data, [builder.mul(row, k)]) for row in rows]
@@ -1091,12 +1113,17 @@ def _kernels(cols, options):
 _BY_WIDTH = {}  # (cols, options) -> the kernels, made on first use
 
 
+def max_k(options: int = 0) -> int:
+    """The most classes the blocks take with ``options``."""
+    return TRANSPOSED_MAX if options & CAP else (OPTION_WIDTHS if options else WIDTHS)[-1]
+
+
 def kernels(k: int, options: int = 0):
     """The kernels for rows of k <= MAX_K classes (attributes hard_loss, hard_loss_grad);
     ``options`` (options_of): those that take label smoothing, lse and the z-loss, a
     logit scale, a softcap (K <= TRANSPOSED_MAX)."""
-    if options & CAP and k > TRANSPOSED_MAX:
-        raise ValueError(f"a softcap's blocks take K <= {TRANSPOSED_MAX}, not {k}")
+    if k > max_k(options):
+        raise ValueError(f"the blocks take K <= {max_k(options)} with options {options}, not {k}")
     cols = next(c for c in (OPTION_WIDTHS if options else WIDTHS) if k <= c)
     key = cols, options
     if key not in _BY_WIDTH:
