@@ -82,14 +82,14 @@ SMALL_K = {  # compute dtype: (loss only, loss and gradient)
 # 144-176; loss only, softcap, label smoothing, z-loss or lse: 0.67-1.03 at 144-176
 # (blocks, tiles for the softcap), 1.03-1.68 at 200-384 (tiles).
 # On the Zen 5 CI machine, after the blocks' chunks of about ROW_CHUNK_LOGITS logits
-# (api._chunk_rows) and their widths up to 384 (2 threads, N * K = 1M, 9 interleaved
-# rounds): plain float32 loss+grad in the blocks / in the row kernel 0.66 at 136, 0.55
-# at 176, 0.72 at 200, 0.61 at 224, 0.65 at 240, 0.69 at 256, 0.72 at 300, 0.74 at 320,
-# 0.82 at 352, 0.76 at 384, but 1.08 at 448 and 1.01 at 512 (a width of 512); the loss
-# alone in the blocks / the tiles 0.85 at 200, 0.69 at 224, 0.78 at 256, 0.81 at 300,
-# 0.83 at 384: plain calls take the blocks up to their widest, 384.
+# (api._chunk_rows) and their row-wise widths past 176 (2 threads, N * K = 1M, 9
+# interleaved rounds): plain float32 loss+grad in the blocks / in the row kernel 0.66 at
+# 136, 0.55 at 176, 0.72 at 200, 0.61 at 224, 0.65 at 240, 0.69 at 256, 0.72 at 288-300,
+# 0.74-0.89 at 320, and at 352-384 (a width of 384) 0.76-0.82 in one run, 1.01-1.09 in
+# another, where the loss alone took 1.16-1.20 (0.81 at 288, 0.95 at 320): plain calls
+# take the blocks up to their widest, 320.
 FLOAT_SMALL_K = {
-    np.dtype(np.float32): {"plain": (384, 384), "softcap": (176, 128), "label_smoothing": (176, 144), "other": (176, 176)},
+    np.dtype(np.float32): {"plain": (320, 320), "softcap": (176, 128), "label_smoothing": (176, 144), "other": (176, 176)},
     np.dtype(np.float64): {"plain": (96, 56), "other": (144, 64)},
 }
 

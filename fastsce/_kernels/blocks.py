@@ -1,4 +1,4 @@
-"""Integer-target kernels for float32, float16 and bfloat16 rows of K <= 384 classes
+"""Integer-target kernels for float32, float16 and bfloat16 rows of K <= 320 classes
 (176 with label smoothing, z-loss, lse or a logit scale; 32 with a softcap): 16 rows at
 a time.
 
@@ -14,7 +14,7 @@ the time), at 64 slower (1.13x): the exps wait for the gradient in registers tha
 spill.
 
 From K = 33 a block is row-wise (_row_steps): each row in cols / 16 zmm along its
-classes (a width per 16 classes up to 128, then 176, 192, 224, 256, 288, 320 and 384),
+classes (a width per 16 classes up to 128, then 176, 192, 224, 256, 288 and 320),
 the max across its lanes, the exps and their float64 sum, two rows a loop step (one
 beyond 176 classes); the 16 rows' m, z_y and sums go to
 small stack arrays, and their float64 arithmetic (the loss, the gradient's factors) is
@@ -85,9 +85,11 @@ PREFETCH_BYTES = 4096
 PREFETCH_ABOVE = 1 << 23
 ROWS_PER_STEP = 2  # rows a loop step of _row_steps interleaves (_rows_per_step)
 TRANSPOSED_MAX = 32  # up to this K the blocks are transposed (_block_steps), beyond row-wise (_row_steps)
-# the classes a block computes: K or more. The widest row-wise blocks hold a row in 24 zmm
-# (K = 384); at 448-512 they were no faster than the row kernels (1.0-1.1x the time)
-WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176, 192, 224, 256, 288, 320, 384)
+# the classes a block computes: K or more. The widest row-wise blocks hold a row in 20 zmm
+# (K = 320); against the row kernels (2 threads, N * K = 1M) a width of 384 took 1.01-1.09x
+# the time with the gradient at K = 352-384 and 1.16-1.20x for the loss alone in one run
+# (0.76-0.86x with the gradient in others), 512 1.0-1.1x at 448-512
+WIDTHS = (4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 176, 192, 224, 256, 288, 320)
 MAX_K = WIDTHS[-1]
 # With label smoothing, z-loss, lse or a logit scale fewer widths: each is four kernels
 # more to compile (loss, loss+grad, serial and threaded)
