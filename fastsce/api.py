@@ -110,8 +110,9 @@ def _plain(params: tuple, want_lse: bool, half_rows: bool) -> bool:
 def _small(k: int, compute: np.dtype, grad: bool, params: tuple, want_lse: bool, half_rows: bool) -> bool:
     """Whether rows of K classes go to the blocks and tiles (_small_k_kernels)."""
     options = _options_of(params, want_lse)
-    if half_rows:  # plain ones: the blocks, as far as they go
-        return k <= (SMALL_K[compute][grad] if options else block_kernels.MAX_K)
+    if half_rows:  # plain ones: the blocks as far as they go (and the tiles' bounds beyond)
+        bound = SMALL_K[compute][grad]
+        return k <= (bound if options else max(bound, block_kernels.MAX_K))
     bounds = FLOAT_SMALL_K[compute]
     return k <= min(bounds.get(name, bounds["other"])[grad] for name in options or ["plain"])
 
