@@ -61,7 +61,7 @@ from numba.extending import intrinsic, overload
 from fastsce._kernels import rows as rows_kernels, simd
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, parallel
 from fastsce._kernels.vec import (
-    _const_vector, _masked, _rows_addressed, _splat, float32_to_half_bits, half_bits_to_float32, prefetch, transposed,
+    _const_vector, _masked, _splat, float32_to_half_bits, half_bits_to_float32, prefetch, transposed,
 )
 
 W = 16  # rows per block, and classes per zmm of a row
