@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 import fastsce
-from fastsce import _threads, api
-from fastsce._kernels import rows
+from _cases import assert_close
+from fastsce import _threads, api, reference
+from fastsce._kernels import blocks, rows
 
 NO_ROWS = np.empty(0)
 
@@ -207,3 +208,42 @@ def test_a_call_with_one_option_compiles_no_other_options_loops(option, value, t
     assert set(eval(others_compiled).values()) == {0}, others_compiled
     assert general == "1 1"  # the general kernels took the call
     assert all(n > 0 for n in eval(own).values()), own  # (and its own loops were compiled)
+
+
+SPECIAL_ROWS = ("NaN at the target", "NaN elsewhere", "NaN and -inf", "+inf and NaN", "+inf", "-inf", "NaN last")
+
+
+def _special_rows(dtype, k):
+    """A row of each of SPECIAL_ROWS among finite ones: the row kernels' max passes a NaN
+    by unless the max is infinite (rows._row_max); every such row's results must still
+    be the reference's."""
+    rng = np.random.default_rng(k)
+    z = (3 * rng.standard_normal((len(SPECIAL_ROWS) + 3, k))).astype(dtype)
+    y = rng.integers(0, k, z.shape[0])
+    z[0, y[0]] = np.nan
+    z[1, (y[1] + 1) % k] = np.nan
+    z[2], z[2, 1::3] = -np.inf, np.nan
+    z[3, 0], z[3, 2] = np.inf, np.nan
+    z[4, k // 2] = np.inf
+    z[5] = -np.inf
+    z[6, k - 1] = np.nan
+    y[6] = 0
+    return z, y
+
+
+@pytest.mark.parametrize("options", [{}, {"return_lse": True}, {"label_smoothing": 0.1, "z_loss": 1e-3, "return_lse": True}], ids=["plain", "lse", "eps+z+lse"])
+@pytest.mark.parametrize("k", (400, 1024, 1500))  # the plain rows (one block, two) and the general kernels'
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_rows_with_nan_and_infinities_are_the_references(dtype, k, options):
+    z, y = _special_rows(dtype, k)
+    assert k > blocks.MAX_K  # the row kernels
+    for with_grad in (False, True):
+        fn = "cross_entropy_with_grad" if with_grad else "cross_entropy"
+        got = getattr(fastsce, fn)(z, y, reduction="none", **options)
+        want = getattr(reference, fn)(z, y, reduction="none", **options)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for name, a, b in zip(("loss", "grad" if with_grad else "lse", "lse"), got, want):
+            assert_close(a, b, dtype)
+            if a.ndim == 1:  # each special row NaN / infinite as the reference's
+                assert not np.isfinite(b[: len(SPECIAL_ROWS)]).any()
+                np.testing.assert_array_equal(a[: len(SPECIAL_ROWS)], b[: len(SPECIAL_ROWS)].astype(dtype), err_msg=name)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from numba.core.unsafe.refcount import get_refcount
 
+from fastsce._kernels import rows
 from fastsce._kernels.half import bits_view
 from fastsce._kernels.jit import borrowed, keep_alive
 from fastsce._kernels.simd import product, scaled
@@ -251,3 +252,28 @@ def test_product_is_rounded_before_a_subtraction(dtype):
     _times_minus(a, x, m, fused)
     assert np.any(fused != want)
     assert _scaled_or_not(dtype(1.5), dtype(3.0)) == (4.5, 1.5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_a_rows_max_is_numpys_or_passes_a_nan_by_only_when_finite(dtype):
+    """rows._row_max (maximum_of_numbers' vmaxps loop): NumPy's max of rows of numbers,
+    at every length about a vector loop's steps and remainders; with a NaN in the row,
+    NaN or one of the row's finite values (vmaxps gives its second operand for a NaN,
+    so a lane's max starts again past it: the NaN reaches the row's sums all the same,
+    test_plain_rows), and NaN where that value would be infinite (a row of NaN and
+    -inf, or of NaN and +inf)."""
+    rng = np.random.default_rng(1)
+    for k in (*range(1, 70), 255, 1000, 1024):
+        x = (3 * rng.standard_normal(k)).astype(dtype)
+        assert rows._row_max(x) == x.max()
+        x[rng.integers(k)] = -np.inf
+        assert rows._row_max(x) == x.max()
+        x[rng.integers(k)] = np.nan
+        m = rows._row_max(x)
+        assert np.isnan(m) or (np.isfinite(m) and m in x)
+        for fill in (-np.inf, np.inf):
+            y = np.full(k + 1, fill, dtype)
+            y[rng.integers(k + 1)] = np.nan
+            assert np.isnan(rows._row_max(y))
+            assert rows._row_max(y[y == fill]) == fill if k > 1 else True
+    assert rows._row_max(np.float32([2.0, 3.0]), np.float32(-1.0)) == -2.0  # the logit scale's products
