@@ -461,6 +461,8 @@ def test_label_stats_denominators_against_exact_sums(label_dtype):
             assert bad_row == -1
             assert d == pytest.approx(math.fsum(vk * ww[y[keep]].astype(np.float64)), rel=1e-13, abs=0)
             assert d_z == pytest.approx(math.fsum(vk), rel=1e-13, abs=0)
-        bad = y.copy()
-        bad[[n // 2, n - 1]] = 10
-        assert rows.label_stats(bad, 10, -100, w, v)[0] == n // 2
+        for first in (10, -1, -101):  # past K, negative, next to ignore_index
+            bad = y.copy()
+            bad[[n // 2, n - 1]] = first
+            for ww, vv in ((w, v), (np.ones(10, np.float32), v), (w, np.empty(0)), (np.ones(10, np.float32), np.empty(0))):
+                assert rows.label_stats(bad, 10, -100, ww, vv) == (n // 2, 0.0, 0.0)

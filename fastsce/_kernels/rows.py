@@ -1207,6 +1207,34 @@ def _weighted_counts(target, ignore_index, w, v):
     return d, d_z
 
 
+@vector
+def _row_weight_counts(target, k, ignore_index, v):
+    """_label_counts' counts and D = D_z = the sum of v_n over the rows not ignored (the
+    class weights all 1), in one pass: 7-10 us for 65536 rows against 30 for the count's
+    pass and _weighted_counts' lookup of w[y_n] (one thread), the same bits. (With class
+    weights too, one such pass took longer than the two.)"""
+    k_u = np.uint64(k)
+    ignored = 0
+    out_of_range = 0
+    d = 0.0
+    for i in range(target.size):
+        y = target[i]
+        skip = y == ignore_index
+        ignored += skip
+        out_of_range += (not skip) & (np.uint64(y) >= k_u)
+        d += 0.0 if skip else float(v[i])
+    return ignored, out_of_range, d, d
+
+
+@jit
+def _first_bad_label(target, k, ignore_index):
+    for i in range(target.size):
+        y = target[i]
+        if y != ignore_index and (y < 0 or y >= k):
+            return i
+    return -1
+
+
 @jit
 def label_counts(target, k, ignore_index):
     """label_stats without class or row weights: (first row whose label is outside [0, K)
@@ -1215,10 +1243,7 @@ def label_counts(target, k, ignore_index):
     every cold process's first call)."""
     ignored, out_of_range = _label_counts(target, k, ignore_index)
     if out_of_range:
-        for i in range(target.size):
-            y = target[i]
-            if y != ignore_index and (y < 0 or y >= k):
-                return i, 0.0, 0.0
+        return _first_bad_label(target, k, ignore_index), 0.0, 0.0
     counted = float(target.size - ignored)
     return -1, counted, counted
 
@@ -1228,8 +1253,14 @@ def label_stats(target, k, ignore_index, w, v):
     """(first row whose label is outside [0, K) and not ignore_index, or -1; the "mean"
     denominators D = sum of v_n w[y_n] and D_z = sum of v_n over the counted rows, in
     float64, D and D_z 0 when a label is bad). v: row weights, or empty for ones."""
+    ones = _all_ones(w)
+    if v.size and ones:
+        ignored, out_of_range, d, d_z = _row_weight_counts(target, k, ignore_index, v)
+        if out_of_range:
+            return _first_bad_label(target, k, ignore_index), 0.0, 0.0
+        return -1, d, d_z
     bad_row, counted, _ = label_counts(target, k, ignore_index)
-    if bad_row >= 0 or (v.size == 0 and _all_ones(w)):  # the count is D and D_z
+    if bad_row >= 0 or ones:  # the count is D and D_z
         return bad_row, counted, counted
     d, d_z = _weighted_counts(target, ignore_index, w, v)
     return -1, d, d_z
