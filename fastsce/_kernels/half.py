@@ -12,14 +12,12 @@ The overloads below let one driver serve float and half rows: for float arrays t
 fold away at compile time.
 """
 
-import math
-
 import numpy as np
 from numba import types
 from numba.extending import overload
 
 from fastsce._kernels.jit import copy_into, vector
-from fastsce._kernels.simd import like, maximum_of_numbers, prefer_512bit, scaled
+from fastsce._kernels.simd import like, maximum, prefer_512bit, scaled
 from fastsce._kernels.vec import (
     bfloat16_bits_to_float32, float16_bits_to_float32, float32_to_bfloat16_bits, float32_to_float16_bits,
 )
@@ -197,17 +195,14 @@ def _store_grad_row(g, i, scratch):
 @vector
 def load_row_max(src, dst, a):
     """dst = a src as float32, each product rounded (simd.product: the values a scaled
-    float32 row holds; a None: src as it is); returns max(dst) where that is finite and
-    no NaN is among the values (vmaxps: a NaN may give one of the row's values instead,
-    as rows._row_max's first loop), else NaN, for the caller to take it again
-    (rows._known_or_max)."""
+    float32 row holds; a None: src as it is); returns max(dst), NaN-propagating."""
     prefer_512bit()
     m = like(-np.inf, dst)
     for j in range(src.size):
         x = scaled(as_float(src[j]), a)
         dst[j] = x
-        m = maximum_of_numbers(m, x)
-    return m if not math.isinf(m) else like(np.nan, dst)
+        m = maximum(m, x)
+    return m
 
 
 @vector

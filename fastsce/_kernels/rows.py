@@ -40,9 +40,9 @@ from fastsce._kernels.half import (
 )
 from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, parallel, read_only_view, vector
 from fastsce._kernels.simd import (
-    exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, maximum_of_numbers, prefer_512bit, scaled,
-    times,
+    exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, scaled, times,
 )
+from fastsce._kernels.vec import max_of_numbers
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
@@ -62,23 +62,27 @@ BLOCK = 1024
 # kernels take the scale as None or a number (see hard_loss), so each call compiles one.
 
 
-@vector
+@jit
 def _row_max(z, a=None):
-    """max(z) of a row of numbers. With a NaN logit: NaN, or one of the row's finite
-    values (vmaxps gives its second operand for a NaN, and a lane's max starts again
-    past it); the NaN then reaches the row's exp-sum (or, at the target, z_y - m), and
-    the row's results are NaN all the same. Only an infinite result, which the kernels
+    """max(z) (of a z, a the logit scale), NaN when a logit is NaN; for a row of numbers
+    it is the largest, and with a NaN logit in an unscaled row it may also be the
+    largest of the row's other values (vec.max_of_numbers, one vmaxps a vector: 17 ns
+    for 1000 float32 against 52 for llvm.maximum's compare and blend on each
+    accumulator): the NaN then reaches the row's exp-sum (or, at the target, z_y - m),
+    and the row's results are NaN all the same. Only an infinite max, which the kernels
     return as the row's lse without a sum (and which skips a block of -inf), is taken
-    again with every NaN counted (a row of NaN and -inf gave lse -inf). The first loop,
-    vmaxps alone: 17 ns for 1000 float32 against 52 (one thread, in L1; llvm.maximum's
-    compare and blend a register); the plain row kernels 0.83-0.97x the time of a row
-    at K = 336-4000 (one thread, rows in L2, 11 interleaved rounds)."""
+    again with every NaN counted (a row of NaN and -inf must give lse NaN). The plain
+    row kernels: 0.83-0.97x the time of a row at K = 336-4000 (one thread, in cache)."""
+    if a is None:
+        m = max_of_numbers(z)
+        if not math.isinf(m):
+            return m
+    return _nan_propagating_max(z, a)
+
+
+@vector
+def _nan_propagating_max(z, a=None):
     prefer_512bit()
-    m = scaled(z[0], a)
-    for j in range(1, z.size):
-        m = maximum_of_numbers(m, scaled(z[j], a))
-    if not math.isinf(m):
-        return m
     m = scaled(z[0], a)
     for j in range(1, z.size):
         m = maximum(m, scaled(z[j], a))  # NaN-propagating
@@ -561,9 +565,7 @@ _S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7 = _TANH_F32_BELOW_1
 
 
 def _softcap_row(x, out, a, c):
-    """out = c tanh(a x / c); returns max(out), which lies in [-c, c]: with a NaN among
-    the values NaN or one of them (maximum_of_numbers: the NaN reaches the row's sums,
-    as rows._row_max's). No vector tanh in this Numba build: float32 rows use a
+    """out = c tanh(a x / c); returns max(out) (NaN-propagating). No vector tanh in this Numba build: float32 rows use a
     float32 polynomial / exp form (within 2.5 ulp of tanh, checked in the tests), float64
     rows sign(u) (1 - e) / (1 + e), e = exp(-2|u|), in float64."""
     raise NotImplementedError  # only callable from jitted code
@@ -598,7 +600,7 @@ def _abs_max(x):
     prefer_512bit()
     m = abs(x[0])
     for j in range(1, x.size):
-        m = maximum_of_numbers(m, abs(x[j]))  # (a NaN x may pass by: it is NaN in either form)
+        m = maximum(m, abs(x[j]))  # NaN-propagating
     return m
 
 
@@ -619,7 +621,7 @@ def _softcap_small_block_f32(x, out, r, c):
         p = _S0 + q * p
         z = c * (u * p)
         out[j] = z
-        m = maximum_of_numbers(m, z)  # here, not a pass over out: 0.08 ns per element less
+        m = maximum(m, z)  # here, not a pass over out: 0.08 ns per element less
     return m
 
 
@@ -640,7 +642,7 @@ def _softcap_block_f32(x, out, r, c):
         t = u * p if abs(u) < small else math.copysign((one - e) / (one + e), u)
         z = c * t
         out[j] = z
-        m = maximum_of_numbers(m, z)
+        m = maximum(m, z)
     return m
 
 
@@ -654,7 +656,7 @@ def _softcap_row_f64(x, out, a, c):
         e = exp_nonpositive(-2.0 * abs(u))
         z = like(c * math.copysign((1.0 - e) / (1.0 + e), u), out)
         out[j] = z
-        m = maximum_of_numbers(m, z)
+        m = maximum(m, z)
     return m
 
 

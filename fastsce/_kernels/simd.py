@@ -57,24 +57,6 @@ def maximum(typingctx, a, b):
 
 
 @intrinsic
-def maximum_of_numbers(typingctx, a, b):
-    """max(a, b) for numbers: llvm.maxnum under "nnan nsz", one vmaxps in a vectorised
-    reduction (llvm.maximum's NaN fix-ups, a compare and a blend a register, made the
-    same loop 3.1x slower: 52 against 17 ns for 1000 float32, one thread, in L1). A
-    NaN operand, or the sign of a zero, gives either operand: callers see to NaNs."""
-    if not (isinstance(a, types.Float) and a == b):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ty = args[0].type
-        name = "llvm.maxnum.f32" if ty == ir.FloatType() else "llvm.maxnum.f64"
-        fn = builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(ty, [ty, ty]), name)
-        return builder.call(fn, args, fastmath=("nnan", "nsz"))
-
-    return a(a, b), codegen
-
-
-@intrinsic
 def product(typingctx, a, x):
     """a * x rounded to the type of both, as if stored and reloaded: never fused with a
     following add or subtract into one FMA rounding. Numba gives every float operation
