@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from numba.core.unsafe.refcount import get_refcount
 
-from fastsce._kernels import rows
 from fastsce._kernels.half import bits_view
 from fastsce._kernels.jit import borrowed, keep_alive
 from fastsce._kernels.simd import product, scaled
@@ -16,7 +15,6 @@ from fastsce._kernels.vec import (
     float32_to_float16_bits,
     lanes,
     load_rows,
-    max_of_numbers,
     narrow,
     prefetch,
     store_rows,
@@ -253,55 +251,3 @@ def test_product_is_rounded_before_a_subtraction(dtype):
     _times_minus(a, x, m, fused)
     assert np.any(fused != want)
     assert _scaled_or_not(dtype(1.5), dtype(3.0)) == (4.5, 1.5)
-
-
-@numba.njit
-def _max_of_numbers(a):
-    return max_of_numbers(a)
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_max_of_numbers_is_numpys_nanmax(dtype):
-    """vec.max_of_numbers: np.nanmax (-inf for no numbers) at every length about its
-    four-vector steps, one-vector steps and masked tail, from any start; infinities."""
-    rng = np.random.default_rng(2)
-    for n in (*range(1, 140), 1000, 1024, 4097):
-        x = rng.standard_normal(n + 3).astype(dtype)
-        for start in (0, 1, 3):
-            a = x[start : start + n]
-            assert _max_of_numbers(a) == a.max()
-        y = x[:n].copy()
-        y[rng.integers(n, size=1 + n // 10)] = np.nan
-        assert _max_of_numbers(y) == (np.nanmax(y) if not np.isnan(y).all() else -np.inf)
-        assert _max_of_numbers(np.full(n, np.nan, dtype)) == -np.inf
-        z = np.full(n, -np.inf, dtype)
-        assert _max_of_numbers(z) == -np.inf
-        z[rng.integers(n)] = np.inf
-        assert _max_of_numbers(z) == np.inf
-
-
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_a_rows_max_is_numpys_or_passes_a_nan_by_only_when_finite(dtype):
-    """rows._row_max (vec.max_of_numbers): NumPy's max of rows of numbers; with a NaN
-    in the row, the max of its other values where that is finite (the NaN reaches the
-    row's sums all the same: test_plain_rows), else NaN (a row of NaN and -inf, or of
-    NaN and +inf); with a logit scale, NaN-propagating."""
-    rng = np.random.default_rng(1)
-    for k in (*range(1, 70), 255, 1000, 1024):
-        x = (3 * rng.standard_normal(k)).astype(dtype)
-        assert rows._row_max(x) == x.max()
-        x[rng.integers(k)] = -np.inf
-        assert rows._row_max(x) == x.max()
-        x[rng.integers(k)] = np.nan
-        m = rows._row_max(x)
-        numbers = x[~np.isnan(x)]
-        if numbers.size and np.isfinite(numbers.max()):
-            assert m == numbers.max()
-        else:
-            assert np.isnan(m)
-        for fill in (-np.inf, np.inf):
-            y = np.full(k + 1, fill, dtype)
-            y[rng.integers(k + 1)] = np.nan
-            assert np.isnan(rows._row_max(y))
-            assert rows._row_max(y[y == fill]) == fill if k > 1 else True
-    assert rows._row_max(np.float32([2.0, 3.0]), np.float32(-1.0)) == -2.0  # the logit scale's products

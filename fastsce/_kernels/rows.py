@@ -42,7 +42,6 @@ from fastsce._kernels.jit import borrow_outs, borrowed, jit, keep_alive, paralle
 from fastsce._kernels.simd import (
     exp_nonpositive, exp_shifted, like, lse_minus_target, maximum, prefer_512bit, scaled, times,
 )
-from fastsce._kernels.vec import max_of_numbers
 
 # Terms summed in the logits' dtype before the total moves to float64: float32 lanes
 # over 1024 terms keep ~1e-7 relative error; a float64 accumulator throughout would
@@ -62,30 +61,21 @@ BLOCK = 1024
 # kernels take the scale as None or a number (see hard_loss), so each call compiles one.
 
 
-@jit
-def _row_max(z, a=None):
-    """max(z) (of a z, a the logit scale), NaN when a logit is NaN; for a row of numbers
-    it is the largest, and with a NaN logit in an unscaled row it may also be the
-    largest of the row's other values (vec.max_of_numbers, one vmaxps a vector: 17 ns
-    for 1000 float32 against 52 for llvm.maximum's compare and blend on each
-    accumulator): the NaN then reaches the row's exp-sum (or, at the target, z_y - m),
-    and the row's results are NaN all the same. Only an infinite max, which the kernels
-    return as the row's lse without a sum (and which skips a block of -inf), is taken
-    again with every NaN counted (a row of NaN and -inf must give lse NaN). The plain
-    row kernels: 0.83-0.97x the time of a row at K = 336-4000 (one thread, in cache)."""
-    if a is None:
-        m = max_of_numbers(z)
-        if not math.isinf(m):
-            return m
-    return _nan_propagating_max(z, a)
-
-
 @vector
-def _nan_propagating_max(z, a=None):
+def _row_max(z, a=None):
+    # llvm.maximum: vmaxps, and a compare and a blend on each accumulator (3.4 cycles a
+    # zmm, 52 ns for 1000 float32 in L1). Explicit zmm code with vmaxps alone (17 ns;
+    # NaNs passed by, an infinite max taken again) made the plain row kernels 0.82-0.87x
+    # the time of a row in cache, but 1.19-1.25x at K = 1000 and 1.06-1.63x at K = 2000
+    # on rows from memory, and whole calls 1.16-1.46x for the loss alone (one and two
+    # threads). Likely: while this slower loop reads a row, the hardware prefetchers get
+    # ahead and stream the next rows in during the exp pass; racing through it, the max
+    # left the memory idle there. (llvm.maxnum under "nnan", also one vmaxps, makes the
+    # result poison for a NaN operand: it miscompiled a softcapped row's max.)
     prefer_512bit()
     m = scaled(z[0], a)
     for j in range(1, z.size):
-        m = maximum(m, scaled(z[j], a))  # NaN-propagating
+        m = maximum(m, scaled(z[j], a))  # NaN-propagating: a NaN logit makes the row NaN
     return m
 
 

@@ -18,7 +18,6 @@ by one against NumPy in tests/test_simd.py:
     widen(v)                                   -> float16 / bfloat16 bits as float32 (floats as they are)
     narrow(v, a)                               -> float32 rounded to a's element type (nearest even)
     prefetch(a, i)                                hint: bring a.flat[i]'s cache line in
-    max_of_numbers(a)                          -> the max of a 1-D array's non-NaN elements
     float16_bits_to_float32(h), float32_to_float16_bits(x)
                                                   one element (fpext / fptrunc): in a loop
                                                   LLVM makes them vcvtph2ps / vcvtps2ph
@@ -196,71 +195,6 @@ def prefetch(typingctx, a, i):
         return context.get_dummy_value()
 
     return types.none(a, i), codegen
-
-
-# --- reductions -----------------------------------------------------------------------------
-
-_MAX_ACCUMULATORS = 4  # independent vmaxps chains: a zmm a cycle, not one per vmaxps latency
-
-
-@intrinsic
-def max_of_numbers(typingctx, a):
-    """The largest of a's elements that are not NaN (-inf when there are none), a 1-D
-    C-contiguous float array: one vmaxps a vector. Written here, not as a loop for LLVM
-    to vectorise: llvm.maximum (NaN-propagating) costs a compare and a blend on each
-    accumulator (3.4 cycles a zmm, a latency chain), and llvm.maxnum is plain vmaxps
-    only under "nnan", where a NaN operand makes the result poison (a kernel using it
-    was miscompiled on NaN logits). Here each step is x > acc ? x : acc (vmaxps'
-    own rule: a NaN x leaves acc), four accumulators over the row, the tail a masked
-    load of -inf past the end. Assembly (float32): the main loop vmovups and vmaxps on
-    zmm, unrolled to eight a step, no compare or blend; 1.08 cycles a zmm (1000
-    float32 in 17 ns, one thread, in L1)."""
-    if not (isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and isinstance(a.dtype, types.Float)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        et = context.get_value_type(a.dtype)
-        width = lanes(a.dtype)
-        vt = ir.VectorType(et, width)
-        arr = context.make_array(sig.args[0])(context, builder, args[0])
-        n = builder.extract_value(arr.shape, 0)
-        data = arr.data
-        minus_inf = ir.Constant(vt, [float("-inf")] * width)
-        align = a.dtype.bitwidth // 8
-
-        def step(acc, x):
-            return builder.select(builder.fcmp_ordered(">", x, acc), x, acc)
-
-        def load(i):
-            return builder.load(builder.bitcast(builder.gep(data, [i]), vt.as_pointer()), align=align)
-
-        accs = [cgutils.alloca_once_value(builder, minus_inf) for _ in range(_MAX_ACCUMULATORS)]
-        i64 = ir.IntType(64)
-        stride = ir.Constant(i64, width * _MAX_ACCUMULATORS)
-        n_wide = builder.mul(builder.udiv(n, stride), stride)
-        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), n_wide, stride, inc=True) as (i, _):
-            for u, acc in enumerate(accs):
-                x = load(builder.add(i, ir.Constant(i64, width * u)))
-                builder.store(step(builder.load(acc), x), acc)
-        one = ir.Constant(i64, width)
-        n_vectors = builder.mul(builder.udiv(n, one), one)
-        with cgutils.for_range_slice(builder, n_wide, n_vectors, one, inc=True) as (i, _):
-            builder.store(step(builder.load(accs[0]), load(i)), accs[0])
-        rest = builder.sub(n, n_vectors)
-        mask = builder.icmp_signed("<", _const_vector(i64, range(width)), _splat(builder, rest, width))
-        p = builder.gep(data, [n_vectors])
-        tail = builder.call(_masked(builder, "load", vt, p), [p, ir.Constant(_I32, align), mask, minus_inf])
-        acc = step(builder.load(accs[0]), tail)
-        for other in accs[1:]:
-            acc = step(acc, builder.load(other))
-        while width > 1:  # halves, pairwise
-            width //= 2
-            lo = builder.shuffle_vector(acc, acc, _const_vector(_I32, range(width)))
-            hi = builder.shuffle_vector(acc, acc, _const_vector(_I32, range(width, 2 * width)))
-            acc = step(lo, hi)
-        return builder.extract_element(acc, ir.Constant(_I32, 0))
-
-    return a.dtype(a), codegen
 
 
 # --- shuffles -------------------------------------------------------------------------------
